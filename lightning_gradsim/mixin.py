@@ -1,0 +1,273 @@
+"""``GradSimMixin``: gradient-similarity training for a LightningModule, with no loop to write."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
+
+from .gate import MAIN_TASK, GateStats, GradientGate
+
+__all__ = ["GradSimMixin", "NonFiniteLossError"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when a task's loss or gradient is NaN/inf and ``gradsim_on_nonfinite == "raise"``."""
+
+
+class GradSimMixin:
+    """Mix into a ``LightningModule`` to train a main task with gated auxiliary tasks.
+
+    Define ``self.gradsim`` (a :class:`~lightning_gradsim.GradientGate`), :meth:`shared_parameters`
+    (the backbone the tasks share) and :meth:`task_losses` (a dict with a ``"main"`` loss and one
+    loss per auxiliary task). The mixin switches on manual optimization and provides
+    ``training_step``: it runs the gate over the shared parameters, steps the optimizer(s) and the
+    LR schedulers as their config asks (interval and frequency), clips the combined gradient if
+    asked, skips steps with a non-finite loss or gradient, and logs the losses.
+
+    Settings (class or instance attributes):
+        gradsim_clip_val: clip the combined gradient to this norm (or value); ``None`` for no
+            clipping. ``Trainer(gradient_clip_val=...)`` is refused in manual optimization.
+        gradsim_clip_algorithm: ``"norm"`` or ``"value"``.
+        gradsim_on_nonfinite: ``"skip"`` (warn once per task, count, skip the step) or ``"raise"``.
+        gradsim_log_losses: log ``train/loss/<task>`` and ``train/loss`` every step.
+
+    Example::
+
+        class Net(GradSimMixin, L.LightningModule):
+            def __init__(self):
+                super().__init__()
+                self.trunk = nn.Sequential(nn.Linear(64, 100), nn.ReLU())
+                self.main_head, self.aux_head = nn.Linear(100, 10), nn.Linear(100, 10)
+                self.gradsim = GradientGate(rule="unweighted")
+
+            def shared_parameters(self):
+                return self.trunk.parameters()
+
+            def task_losses(self, batch, batch_idx):
+                x, y, x_aux, y_aux = batch
+                return {"main": F.cross_entropy(self.main_head(self.trunk(x)), y),
+                        "rotated": F.cross_entropy(self.aux_head(self.trunk(x_aux)), y_aux)}
+
+            def configure_optimizers(self):
+                return torch.optim.Adam(self.parameters())
+    """
+
+    gradsim_clip_val: float | None = None
+    gradsim_clip_algorithm: str = "norm"
+    gradsim_on_nonfinite: str = "skip"
+    gradsim_log_losses: bool = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        mro = cls.__mro__
+        mixin_index = mro.index(GradSimMixin)
+        if LightningModule in mro and mro.index(LightningModule) < mixin_index:
+            raise TypeError(
+                f"{cls.__name__}: put GradSimMixin before LightningModule in the bases, "
+                f"e.g. `class {cls.__name__}(GradSimMixin, L.LightningModule)`."
+            )
+        for klass in mro[:mixin_index]:
+            if "training_step" in vars(klass):
+                raise TypeError(
+                    f"{klass.__name__} defines training_step, but GradSimMixin provides it. Remove it and "
+                    "return the per-task losses from task_losses(batch, batch_idx) instead."
+                )
+
+    # ------------------------------------------------------------------ user hooks
+    def shared_parameters(self) -> Iterable[Tensor]:
+        """The parameters every task shares (the backbone). Override this."""
+        raise NotImplementedError(
+            f"{type(self).__name__} must define shared_parameters(), returning the backbone's parameters, "
+            "e.g. `return self.trunk.parameters()`."
+        )
+
+    def task_losses(self, batch: Any, batch_idx: int) -> Mapping[str, Tensor]:
+        """Return ``{"main": main_loss, "<aux name>": aux_loss, ...}`` for this batch. Override this."""
+        raise NotImplementedError(
+            f"{type(self).__name__} must define task_losses(batch, batch_idx) returning a dict with a "
+            "'main' loss and one loss per auxiliary task."
+        )
+
+    # ------------------------------------------------------------------ Lightning plumbing
+    @property
+    def automatic_optimization(self) -> bool:
+        return False
+
+    @automatic_optimization.setter
+    def automatic_optimization(self, value: bool) -> None:
+        if value:
+            raise ValueError("GradSimMixin needs manual optimization; automatic_optimization cannot be True.")
+
+    def configure_callbacks(self) -> list[Callback]:
+        trainer = self._trainer_or_none()
+        if trainer is not None:
+            if trainer.gradient_clip_val is not None and trainer.gradient_clip_val > 0:
+                raise MisconfigurationException(
+                    f"GradSimMixin clips the combined gradient itself: remove "
+                    f"`Trainer(gradient_clip_val={trainer.gradient_clip_val})` and set "
+                    f"`self.gradsim_clip_val = {trainer.gradient_clip_val}` in your module instead."
+                )
+            if trainer.accumulate_grad_batches != 1:
+                raise MisconfigurationException(
+                    f"Lightning refuses `Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches})` "
+                    "in manual optimization; remove it and set "
+                    f"`self.gradsim_accumulate_grad_batches = {trainer.accumulate_grad_batches}` in your module."
+                )
+        return []
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        gate = self._gradsim_gate()
+        losses = self._checked_losses(self.task_losses(batch, batch_idx))
+        optimizers = self._gradsim_optimizers()
+        for opt in optimizers:
+            opt.zero_grad()
+        main_loss = losses[MAIN_TASK]
+        aux_losses = {k: v for k, v in losses.items() if k != MAIN_TASK}
+        stats = self.gradsim_backward(gate, main_loss, aux_losses)
+        self._gradsim_last_stats = stats
+        finite = self._finite_step(losses, stats)
+        if finite:
+            self._clip_combined_gradient(optimizers)
+            for opt in optimizers:
+                opt.step()
+            self._step_schedulers("step", batch_idx)
+        else:
+            for opt in optimizers:
+                opt.zero_grad()
+        total = sum(v.detach() for v in losses.values())
+        if self.gradsim_log_losses:
+            log = self.log  # type: ignore[attr-defined]
+            for name, value in losses.items():
+                log(f"train/loss/{name}", value.detach(), on_step=True, on_epoch=False)
+            log("train/loss", total, on_step=True, on_epoch=False, prog_bar=True)
+        return total
+
+    def gradsim_backward(self, gate: GradientGate, main_loss: Tensor, aux_losses: Mapping[str, Tensor]) -> GateStats:
+        """Run the gate and fill ``.grad``; override to customise how gradients are obtained."""
+        shared = [p for p in self.shared_parameters() if p.requires_grad]
+        if not shared:
+            raise ValueError(
+                f"{type(self).__name__}.shared_parameters() returned no trainable parameter: return the "
+                "backbone's parameters, e.g. `return self.trunk.parameters()`."
+            )
+        shared_ids = {id(p) for p in shared}
+        others = [p for p in self.parameters() if p.requires_grad and id(p) not in shared_ids]  # type: ignore[attr-defined]
+        return gate.backward(main_loss, aux_losses, shared, other_params=others)
+
+    # ------------------------------------------------------------------ helpers
+    def _trainer_or_none(self) -> Trainer | None:
+        try:
+            return self.trainer  # type: ignore[attr-defined]
+        except RuntimeError:
+            return None
+
+    def _gradsim_gate(self) -> GradientGate:
+        gate = getattr(self, "gradsim", None)
+        if not isinstance(gate, GradientGate):
+            raise AttributeError(
+                f"{type(self).__name__} has no GradientGate at self.gradsim"
+                + ("" if gate is None else f" (found {type(gate).__name__})")
+                + ": add `self.gradsim = GradientGate(rule=\"unweighted\")` to __init__."
+            )
+        return gate
+
+    def _gradsim_optimizers(self) -> list[Any]:
+        optimizers = self.optimizers()  # type: ignore[attr-defined]
+        if not isinstance(optimizers, list):
+            optimizers = [optimizers]
+        return optimizers
+
+    def _checked_losses(self, losses: Any) -> dict[str, Tensor]:
+        if not isinstance(losses, Mapping):
+            raise TypeError(
+                f"task_losses() must return a dict of losses by task name, got {type(losses).__name__}."
+            )
+        losses = dict(losses)
+        if MAIN_TASK not in losses:
+            raise KeyError(
+                f"task_losses() returned tasks {sorted(losses)} but no {MAIN_TASK!r}: the main task's loss "
+                f"must be under the key {MAIN_TASK!r}."
+            )
+        if len(losses) < 2:
+            raise ValueError(
+                "task_losses() returned only the main loss: add at least one auxiliary task, or train "
+                "without GradSimMixin (plain automatic optimization)."
+            )
+        return losses
+
+    def _finite_step(self, losses: Mapping[str, Tensor], stats: GateStats) -> bool:
+        # One host sync per step: the decision to step the optimizer needs it.
+        loss_finite = torch.stack([torch.isfinite(v.detach()).all() for v in losses.values()])
+        if bool(loss_finite.all()) and bool(stats.finite.all()):
+            return True
+        names = list(losses)
+        grad_finite = torch.cat([stats.main_norm.reshape(1), stats.aux_norm.reshape(-1)]).isfinite()
+        bad = [n for n, lf, gf in zip(names, loss_finite.tolist(), grad_finite.tolist()) if not (lf and gf)]
+        bad = bad or names
+        if self.gradsim_on_nonfinite == "raise":
+            raise NonFiniteLossError(
+                f"Non-finite loss or gradient in task(s) {bad} at step {self.global_step}. "  # type: ignore[attr-defined]
+                "Set gradsim_on_nonfinite='skip' to skip such steps instead."
+            )
+        warned: set[str] = self.__dict__.setdefault("_gradsim_warned_tasks", set())
+        new = [n for n in bad if n not in warned]
+        if new:
+            warned.update(new)
+            warnings.warn(
+                f"Skipping a training step: non-finite loss or gradient in task(s) {new} "
+                f"(step {self.global_step}; warned once per task, counted in gradsim/skipped_steps).",  # type: ignore[attr-defined]
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return False
+
+    def _clip_combined_gradient(self, optimizers: list[Any]) -> None:
+        if self.gradsim_clip_val is None or self.gradsim_clip_val <= 0:
+            return
+        params = [p for opt in optimizers for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        if self.gradsim_clip_algorithm == "norm":
+            torch.nn.utils.clip_grad_norm_(params, self.gradsim_clip_val)
+        elif self.gradsim_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, self.gradsim_clip_val)
+        else:
+            raise ValueError(f"gradsim_clip_algorithm must be 'norm' or 'value', got {self.gradsim_clip_algorithm!r}.")
+
+    def _step_schedulers(self, interval: str, batch_idx: int | None = None) -> None:
+        trainer = self.trainer  # type: ignore[attr-defined]
+        self._ensure_epoch_scheduler_callback(trainer)
+        for config in trainer.lr_scheduler_configs:
+            if config.interval != interval:
+                continue
+            index = (batch_idx if interval == "step" else trainer.current_epoch) + 1
+            if index % config.frequency != 0:
+                continue
+            if config.reduce_on_plateau:
+                value = trainer.callback_metrics.get(config.monitor)
+                if value is None:
+                    if config.strict:
+                        raise MisconfigurationException(
+                            f"ReduceLROnPlateau conditioned on metric {config.monitor} which is not available. "
+                            f"Available metrics are: {list(trainer.callback_metrics)}."
+                        )
+                    continue
+                config.scheduler.step(value)
+            else:
+                config.scheduler.step()
+
+    def _ensure_epoch_scheduler_callback(self, trainer: Trainer) -> None:
+        if not any(isinstance(cb, _EpochSchedulerStepper) for cb in trainer.callbacks):
+            trainer.callbacks.append(_EpochSchedulerStepper())
+
+
+class _EpochSchedulerStepper(Callback):
+    """Steps epoch-interval LR schedulers of a GradSimMixin module (Lightning skips them in manual mode)."""
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if isinstance(pl_module, GradSimMixin):
+            pl_module._step_schedulers("epoch")

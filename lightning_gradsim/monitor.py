@@ -1,0 +1,153 @@
+"""``GradSimMonitor``: log and draw the gate's cosine and state during training."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_only
+
+from .gate import GateStats, GradientGate
+
+__all__ = ["GradSimMonitor"]
+
+
+class GradSimMonitor(Callback):
+    """Log the gate's per-step statistics to every Lightning logger, and optionally plot them.
+
+    Metric names (``<task>`` is each auxiliary task's name):
+
+    ==================================  ===================================================
+    ``gradsim/cos/<task>``              this step's cosine with the main gradient
+    ``gradsim/cos_smoothed/<task>``     the cosine the rule used (EMA when ``cosine_ema``)
+    ``gradsim/weight/<task>``           coefficient applied to the auxiliary gradient
+    ``gradsim/gate_open/<task>``        1 if the auxiliary gradient was used, else 0
+    ``gradsim/open_fraction/<task>``    fraction of measured steps with the gate open
+    ``gradsim/grad_norm/main``          norm of the main gradient on the shared parameters
+    ``gradsim/grad_norm/<task>``        norm of the auxiliary gradient
+    ``gradsim/skipped_steps``           steps skipped for a non-finite loss or gradient
+    ==================================  ===================================================
+
+    With several gates in one module, names get the gate's module path: ``gradsim/<path>/cos/...``.
+
+    Args:
+        logging_interval: log every this many training steps (reading the values costs one
+            host-device sync per logged step, none in between).
+        plot: ``False``; ``True`` to save ``gradsim.png`` in the trainer's log directory at the end
+            of fit; or a file path for the PNG.
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[GradSimMonitor(logging_interval=10, plot=True)])
+    """
+
+    def __init__(self, logging_interval: int = 1, plot: bool | str | os.PathLike = False) -> None:
+        if logging_interval < 1:
+            raise ValueError(f"logging_interval must be >= 1, got {logging_interval}.")
+        self.logging_interval = int(logging_interval)
+        self.plot = plot
+        self.history: dict[str, list[float]] = {}
+        self._last_logged: dict[str, int] = {}
+        self._batches_seen = 0
+        self.plot_path: str | None = None
+
+    # ------------------------------------------------------------------ hooks
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._batches_seen += 1
+        if (self._batches_seen - 1) % self.logging_interval != 0:
+            return
+        step = trainer.global_step
+        gates = self._gates(pl_module)
+        metrics: dict[str, float] = {}
+        for prefix, gate in gates.items():
+            stats = gate.last_stats
+            if stats is None or gate.aux_names is None or id(stats) == self._last_logged.get(prefix):
+                continue
+            self._last_logged[prefix] = id(stats)
+            metrics.update(self.metrics_from(stats, gate, prefix))
+        if not metrics:
+            return
+        for name, value in metrics.items():
+            self.history.setdefault(name, []).append(value)
+        self.history.setdefault("step", []).append(float(step))
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.plot:
+            path = self.plot if isinstance(self.plot, (str, os.PathLike)) else os.path.join(trainer.log_dir or trainer.default_root_dir, "gradsim.png")
+            self.plot_path = str(path)
+            self._save_plot(self.plot_path)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": {k: list(v) for k, v in self.history.items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = {k: list(v) for k, v in state_dict.get("history", {}).items()}
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def metrics_from(stats: GateStats, gate: GradientGate, prefix: str = "gradsim") -> dict[str, float]:
+        """The logged metrics of one step, as Python floats (one host sync)."""
+        names = gate.aux_names or []
+        values = torch.cat(
+            [
+                stats.cosine.reshape(-1).float(),
+                stats.smoothed_cosine.reshape(-1).float(),
+                stats.weight.reshape(-1).float(),
+                stats.gate_open.reshape(-1).float(),
+                gate.open_fraction().reshape(-1).float().to(stats.cosine.device),
+                stats.aux_norm.reshape(-1).float(),
+                stats.main_norm.reshape(1).float(),
+                gate.skipped_steps.reshape(1).float().to(stats.cosine.device),
+            ]
+        ).tolist()
+        k = len(names)
+        out: dict[str, float] = {}
+        for block, key in enumerate(["cos", "cos_smoothed", "weight", "gate_open", "open_fraction", "grad_norm"]):
+            for i, name in enumerate(names):
+                out[f"{prefix}/{key}/{name}"] = values[block * k + i]
+        out[f"{prefix}/grad_norm/main"] = values[6 * k]
+        out[f"{prefix}/skipped_steps"] = values[6 * k + 1]
+        return out
+
+    @staticmethod
+    def _gates(pl_module: LightningModule) -> dict[str, GradientGate]:
+        found = [(name, m) for name, m in pl_module.named_modules() if isinstance(m, GradientGate)]
+        if len(found) <= 1:
+            return {"gradsim": m for _, m in found}
+        return {f"gradsim/{name}": m for name, m in found}
+
+    @rank_zero_only
+    def _save_plot(self, path: str) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        steps = self.history.get("step", [])
+        cos_keys = sorted(k for k in self.history if "/cos/" in k)
+        fig, (ax_cos, ax_gate) = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True)
+        for key in cos_keys:
+            task = key.rsplit("/cos/", 1)[1]
+            prefix = key.rsplit("/cos/", 1)[0]
+            line = ax_cos.plot(steps, self.history[key], alpha=0.35, lw=0.8)[0]
+            smooth = self.history.get(f"{prefix}/cos_smoothed/{task}")
+            if smooth is not None:
+                ax_cos.plot(steps, smooth, color=line.get_color(), lw=1.5, label=task)
+            weight = self.history.get(f"{prefix}/weight/{task}")
+            if weight is not None:
+                ax_gate.step(steps, weight, where="post", color=line.get_color(), label=task)
+        ax_cos.axhline(0.0, color="grey", lw=0.6, ls=":")
+        ax_cos.set_ylabel("cosine with main gradient")
+        ax_cos.set_ylim(-1.05, 1.05)
+        ax_gate.set_ylabel("applied aux weight")
+        ax_gate.set_xlabel("training step")
+        if cos_keys:
+            ax_cos.legend(loc="best", fontsize="small")
+        fig.tight_layout()
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
