@@ -6,5 +6,5 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
-.venv/bin/python -m pip install --quiet -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -m pip install --quiet -e '.[dev]' 2> >(grep -v "^WARNING: Location" >&2)
 .venv/bin/python -c "import lightning_gradsim, torch, lightning; print('lightning_gradsim', lightning_gradsim.__version__, '| torch', torch.__version__, '| lightning', lightning.__version__)"
