@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from .gate import MAIN_TASK, GateStats, GradientGate
 
@@ -72,6 +74,9 @@ class GradSimMixin:
                 f"{cls.__name__}: put GradSimMixin before LightningModule in the bases, "
                 f"e.g. `class {cls.__name__}(GradSimMixin, L.LightningModule)`."
             )
+        own_configure = vars(cls).get("configure_optimizers")
+        if own_configure is not None and not getattr(own_configure, "_gradsim_wrapped", False):
+            cls.configure_optimizers = _keep_scheduler_monitors(own_configure)  # type: ignore[attr-defined]
         for klass in mro[:mixin_index]:
             if "training_step" in vars(klass):
                 raise TypeError(
@@ -247,12 +252,19 @@ class GradSimMixin:
             index = (batch_idx if interval == "step" else trainer.current_epoch) + 1
             if index % config.frequency != 0:
                 continue
-            if config.reduce_on_plateau:
-                value = trainer.callback_metrics.get(config.monitor)
+            if isinstance(config.scheduler, ReduceLROnPlateau):
+                monitor, strict = self.__dict__.get("_gradsim_scheduler_monitors", {}).get(id(config.scheduler), (None, True))
+                if monitor is None:
+                    raise MisconfigurationException(
+                        "A ReduceLROnPlateau scheduler needs the metric to watch: return "
+                        '{"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val_loss"}} '
+                        "from configure_optimizers()."
+                    )
+                value = trainer.callback_metrics.get(monitor)
                 if value is None:
-                    if config.strict:
+                    if strict:
                         raise MisconfigurationException(
-                            f"ReduceLROnPlateau conditioned on metric {config.monitor} which is not available. "
+                            f"ReduceLROnPlateau conditioned on metric {monitor} which is not available. "
                             f"Available metrics are: {list(trainer.callback_metrics)}."
                         )
                     continue
@@ -263,6 +275,49 @@ class GradSimMixin:
     def _ensure_epoch_scheduler_callback(self, trainer: Trainer) -> None:
         if not any(isinstance(cb, _EpochSchedulerStepper) for cb in trainer.callbacks):
             trainer.callbacks.append(_EpochSchedulerStepper())
+
+
+def _keep_scheduler_monitors(configure: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap ``configure_optimizers`` to keep each scheduler's ``monitor``/``strict`` for the mixin.
+
+    Lightning drops (and warns about) these keys in manual optimization; the mixin steps
+    ``ReduceLROnPlateau`` itself and needs them.
+    """
+
+    @functools.wraps(configure)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        config = configure(self, *args, **kwargs)
+        monitors: dict[int, tuple[str | None, bool]] = self.__dict__.setdefault("_gradsim_scheduler_monitors", {})
+
+        def strip(entry: Any, default_monitor: str | None = None) -> Any:
+            if isinstance(entry, Mapping) and "scheduler" in entry:
+                entry = dict(entry)
+                monitor = entry.pop("monitor", default_monitor)
+                strict = entry.pop("strict", True)
+                entry.pop("reduce_on_plateau", None)
+                monitors[id(entry["scheduler"])] = (monitor, strict)
+                return entry
+            if isinstance(entry, ReduceLROnPlateau):
+                monitors[id(entry)] = (default_monitor, True)
+            return entry
+
+        def visit(conf: Any) -> Any:
+            if isinstance(conf, Mapping) and "optimizer" in conf:
+                conf = dict(conf)
+                monitor = conf.pop("monitor", None)
+                if "lr_scheduler" in conf:
+                    conf["lr_scheduler"] = strip(conf["lr_scheduler"], monitor)
+                return conf
+            if isinstance(conf, tuple) and len(conf) == 2 and all(isinstance(c, (list, tuple)) for c in conf):
+                return list(conf[0]), [strip(s) for s in conf[1]]
+            if isinstance(conf, (list, tuple)):
+                return type(conf)(visit(c) for c in conf)
+            return conf
+
+        return visit(config)
+
+    wrapper._gradsim_wrapped = True  # type: ignore[attr-defined]
+    return wrapper
 
 
 class _EpochSchedulerStepper(Callback):

@@ -28,6 +28,9 @@ class GradSimMonitor(Callback):
     ``gradsim/grad_norm/main``          norm of the main gradient on the shared parameters
     ``gradsim/grad_norm/<task>``        norm of the auxiliary gradient
     ``gradsim/skipped_steps``           steps skipped for a non-finite loss or gradient
+    ``gradsim/task_weight/<task>``      loss weight of each task, main included (``uncertainty``,
+                                        ``gradnorm``; see ``GradientGate.extra_metrics``)
+    ``gradsim/log_var/<task>``          learned log-variance ``s`` of each task (``uncertainty``)
     ==================================  ===================================================
 
     With several gates in one module, names get the gate's module path: ``gradsim/<path>/cos/...``.
@@ -49,7 +52,7 @@ class GradSimMonitor(Callback):
         self.logging_interval = int(logging_interval)
         self.plot = plot
         self.history: dict[str, list[float]] = {}
-        self._last_logged: dict[str, int] = {}
+        self._last_logged: dict[str, GateStats] = {}
         self._batches_seen = 0
         self.plot_path: str | None = None
 
@@ -63,9 +66,9 @@ class GradSimMonitor(Callback):
         metrics: dict[str, float] = {}
         for prefix, gate in gates.items():
             stats = gate.last_stats
-            if stats is None or gate.aux_names is None or id(stats) == self._last_logged.get(prefix):
+            if stats is None or gate.aux_names is None or stats is self._last_logged.get(prefix):
                 continue
-            self._last_logged[prefix] = id(stats)
+            self._last_logged[prefix] = stats  # a reference, so a new step's stats are never mistaken for it
             metrics.update(self.metrics_from(stats, gate, prefix))
         if not metrics:
             return
@@ -111,6 +114,10 @@ class GradSimMonitor(Callback):
                 out[f"{prefix}/{key}/{name}"] = values[block * k + i]
         out[f"{prefix}/grad_norm/main"] = values[6 * k]
         out[f"{prefix}/skipped_steps"] = values[6 * k + 1]
+        extra = gate.extra_metrics()
+        if extra:
+            extra_values = torch.stack([v.detach().reshape(()).float().cpu() for v in extra.values()]).tolist()
+            out.update({f"{prefix}/{name}": value for name, value in zip(extra, extra_values)})
         return out
 
     @staticmethod

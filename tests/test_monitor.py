@@ -1,0 +1,93 @@
+"""GradSimMonitor with real Lightning loggers."""
+
+import csv
+import glob
+import os
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from lightning_gradsim import GradientGate, GradSimMonitor
+
+from .test_mixin import GatedNet, make_loader
+
+
+class TwoAux(GatedNet):
+    def __init__(self):
+        super().__init__(rule="unweighted", cosine_ema=0.5)
+        self.aux2 = torch.nn.Linear(16, 2)
+
+    def task_losses(self, batch, batch_idx):
+        losses = super().task_losses(batch, batch_idx)
+        x, y, _ = batch
+        losses["flipped"] = torch.nn.functional.cross_entropy(self.aux2(self.trunk(x)), 1 - y)
+        return losses
+
+
+def run(tmp_path, logger, **monitor_kwargs):
+    monitor = GradSimMonitor(**monitor_kwargs)
+    model = TwoAux()
+    trainer = L.Trainer(
+        max_epochs=1, logger=logger, callbacks=[monitor], enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, log_every_n_steps=1,
+    )
+    trainer.fit(model, make_loader())
+    return monitor, model, trainer
+
+
+def test_csv_logger_gets_every_metric_with_stable_names(tmp_path):
+    monitor, model, trainer = run(tmp_path, CSVLogger(tmp_path), plot=True)
+    path = os.path.join(trainer.logger.log_dir, "metrics.csv")
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    names = set(rows[0])
+    for task in ["parity", "flipped"]:
+        for key in ["cos", "cos_smoothed", "weight", "gate_open", "open_fraction", "grad_norm"]:
+            assert f"gradsim/{key}/{task}" in names
+    assert {"gradsim/grad_norm/main", "gradsim/skipped_steps"} <= names
+    gated_rows = [r for r in rows if r.get("gradsim/cos/parity")]
+    assert len(gated_rows) == 6  # one per step
+    # logged values agree with the gate's own state at the end
+    last = gated_rows[-1]
+    assert float(last["gradsim/open_fraction/parity"]) == pytest.approx(model.gradsim.open_fraction()[0].item())
+    for r in gated_rows:
+        w, o, c = float(r["gradsim/weight/parity"]), float(r["gradsim/gate_open/parity"]), float(r["gradsim/cos_smoothed/parity"])
+        assert o == float(c >= 0.0) and w == o  # unweighted, lambda 1
+    assert os.path.exists(monitor.plot_path) and os.path.getsize(monitor.plot_path) > 10_000
+    assert monitor.plot_path.endswith("gradsim.png")
+
+
+def test_tensorboard_logger_and_logging_interval(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monitor, _, trainer = run(tmp_path, TensorBoardLogger(tmp_path), logging_interval=4, plot=str(tmp_path / "p.png"))
+    events = glob.glob(os.path.join(trainer.logger.log_dir, "events.*"))
+    acc = EventAccumulator(events[0])
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("gradsim/cos/parity")]
+    assert steps == [1, 5]  # batches 1 and 5 of 6, each after its optimizer step
+    assert len(monitor.history["gradsim/cos/flipped"]) == 2
+    assert os.path.exists(tmp_path / "p.png")
+
+
+def test_monitor_state_survives_a_checkpoint_round_trip():
+    m = GradSimMonitor()
+    m.history = {"step": [1.0, 2.0], "gradsim/cos/a": [0.1, -0.2]}
+    m2 = GradSimMonitor()
+    m2.load_state_dict(m.state_dict())
+    assert m2.history == m.history
+
+
+def test_bad_logging_interval():
+    with pytest.raises(ValueError, match="logging_interval"):
+        GradSimMonitor(logging_interval=0)
+
+
+def test_metrics_from_a_gate_used_outside_the_mixin():
+    gate = GradientGate(rule="weighted")
+    _, stats = gate.combine(torch.tensor([1.0, 0.0]), {"a": torch.tensor([1.0, 1.0])})
+    metrics = GradSimMonitor.metrics_from(stats, gate)
+    assert metrics["gradsim/weight/a"] == pytest.approx(2**-0.5)
+    assert metrics["gradsim/gate_open/a"] == 1.0
