@@ -150,6 +150,7 @@ class GradientGate(nn.Module):
         else:
             others = [p for p in _unique(other_params) if p.requires_grad and id(p) not in shared_ids]
         grads = task_gradients(losses, shared, others)
+        grads = self._reduce_task_gradients(grads, shared, others)
         present = [i for i, g in enumerate(grads.shared) if g is not None]
         if not grads.reached[0]:
             raise ValueError(
@@ -213,6 +214,11 @@ class GradientGate(nn.Module):
         """Fraction of measured steps on which each auxiliary task's gate was open."""
         return self.open_steps.to(torch.float32) / self.measured_steps.clamp(min=1).to(torch.float32)
 
+    def extra_metrics(self) -> dict[str, Tensor]:
+        """Extra scalar state to log, ``{name: 0-d tensor}``; :class:`GradSimMonitor` logs each as
+        ``gradsim/<name>``. Empty here; loss weightings return e.g. ``task_weight/<task>``."""
+        return {}
+
     def reset_state(self) -> None:
         """Forget the smoothed cosine, the main-gradient EMA and the counters."""
         self.cosine_state = torch.zeros(0, device=self.step.device)
@@ -256,6 +262,15 @@ class GradientGate(nn.Module):
             self.register_buffer(f"main_grad_ema_{i}", torch.empty_like(src, device=self.step.device))
         self._num_direction_buffers = n
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def _reduce_task_gradients(self, grads: Any, shared: list[Tensor], others: list[Tensor]) -> Any:
+        """Seam between computing the per-task gradients and combining them: a no-op by default.
+
+        ``GradSimMixin`` installs ``self._task_gradient_hook`` for the duration of a step to
+        accumulate micro-batches, unscale (AMP) and all-reduce (DDP) the per-task gradients.
+        """
+        hook = self.__dict__.get("_task_gradient_hook")
+        return grads if hook is None else hook(grads, shared, others)
 
     def _direction_buffer_names(self) -> Iterable[str]:
         return [f"main_grad_ema_{i}" for i in range(self._num_direction_buffers)]

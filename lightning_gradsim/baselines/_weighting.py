@@ -1,0 +1,123 @@
+"""Shared machinery of the loss-weighting baselines (uncertainty weighting, GradNorm)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from ..gate import MAIN_TASK, GateStats, GradientGate, _accumulate_grad, _unique
+from ..gradients import reachable_parameters, task_gradients
+
+__all__ = ["LossWeightingGate"]
+
+
+class LossWeightingGate(GradientGate):
+    """A :class:`GradientGate` whose update is ``sum_i w_i * lambda_i * grad L_i`` with learned/adapted ``w``.
+
+    Subclasses implement :meth:`loss_weights` (``(K,)`` weights on [main, aux...], may carry
+    autograd history for terms that train parameters) and optionally :meth:`extra_loss` and
+    :meth:`_after_step`. The gate still measures the per-task gradients on the shared
+    parameters, so ``GateStats`` (cosines, norms) are comparable with the gate rules; the
+    ``weight`` field is the coefficient applied to each raw auxiliary gradient (``w_aux *
+    lambda_aux``) and the norms are those of the *weighted* task gradients. Heads (other
+    parameters) get the gradient of the weighted loss of their task, as plain backward of
+    ``sum_i w_i lambda_i L_i`` would give them.
+    """
+
+    def __init__(self, aux_weight: float | Mapping[str, float] = 1.0, seed: int = 0) -> None:
+        super().__init__(rule="sum", aux_weight=aux_weight, seed=seed)
+
+    # ------------------------------------------------------------------ subclass hooks
+    def loss_weights(self, num_tasks: int, like: Tensor) -> Tensor:
+        """``(K,)`` weights ``w`` on [main, aux...] for this step."""
+        raise NotImplementedError
+
+    def extra_loss(self, like: Tensor) -> Tensor | None:
+        """A term added to the total loss that reaches no model parameter (e.g. regularisers)."""
+        return None
+
+    def own_parameters(self) -> list[Tensor]:
+        """Parameters of the weighting itself that the user's optimizer trains."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def _after_step(self, losses: Tensor, stacked: list[Tensor | None], shared: list[Tensor], weights: Tensor, finite: Tensor) -> None:
+        """Called after the gradients are written (``losses``: ``(K,)`` raw, detached)."""
+
+    # ------------------------------------------------------------------ gate API
+    def lambdas(self, names: Sequence[str], like: Tensor) -> Tensor:
+        """``(K,)`` fixed prior weights: 1 for the main task, ``aux_weight`` for the others."""
+        if isinstance(self.aux_weight, dict):
+            values = [self.aux_weight[n] for n in names]
+        else:
+            values = [self.aux_weight] * len(names)
+        return torch.tensor([1.0] + values, dtype=like.dtype, device=like.device)
+
+    def backward(
+        self,
+        main_loss: Tensor,
+        aux_losses: Sequence[Tensor] | Mapping[str, Tensor],
+        shared_params: Iterable[Tensor],
+        other_params: Iterable[Tensor] | None = None,
+    ) -> GateStats:
+        """Weight the task losses, accumulate the weighted gradients into ``.grad``, update the weights.
+
+        Same contract as :meth:`GradientGate.backward`; the weighting's own parameters (e.g.
+        log-variances) always get their gradient too.
+
+        Example::
+
+            stats = gate.backward(main_loss, {"rotated": aux_loss}, model.trunk.parameters())
+        """
+        names, losses = self._named_losses(main_loss, aux_losses)
+        like = losses[0].detach()
+        if not like.is_floating_point():
+            like = like.float()
+        weights = self.loss_weights(len(losses), like)
+        lam = self.lambdas(names, weights)
+        weighted = [w * l * loss for w, l, loss in zip(weights.unbind(0), lam.unbind(0), losses)]
+        extra = self.extra_loss(weights)
+        if extra is not None:
+            weighted[0] = weighted[0] + extra  # regulariser: reaches only the weighting's parameters
+        shared = self._shared_list(shared_params)
+        shared_ids = {id(p) for p in shared}
+        if other_params is None:
+            candidates = list(reachable_parameters(weighted))
+        else:
+            candidates = list(other_params) + self.own_parameters()
+        others = [p for p in _unique(candidates) if p.requires_grad and id(p) not in shared_ids]
+        grads = task_gradients(weighted, shared, others)
+        if not grads.reached[0]:
+            raise ValueError(
+                "The main loss does not depend on any shared parameter: shared_params (the mixin's "
+                "shared_parameters()) must be the backbone parameters that the main head reads from."
+            )
+        present = [i for i, g in enumerate(grads.shared) if g is not None]
+        stacked = [grads.shared[i] for i in present]
+        raw = torch.stack([loss.detach() for loss in losses])
+        losses_finite = torch.isfinite(raw).all() & torch.isfinite(weights.detach()).all()
+        combined, stats = self._combine_stacked(stacked, names, batch_dims=0, extra_finite=losses_finite)
+        for i, c in zip(present, combined):
+            _accumulate_grad(shared[i], c)
+        for p, g in zip(others, grads.others):
+            if g is not None:
+                _accumulate_grad(p, g)
+        applied = (weights.detach() * lam)[1:]
+        stats = stats._replace(weight=applied, gate_open=applied > 0)
+        self.last_stats = stats
+        self._after_step(raw, list(grads.shared), shared, weights.detach(), stats.finite)
+        return stats
+
+    def combine(self, main, aux, batch_dims: int = 0):  # type: ignore[override]
+        raise NotImplementedError(
+            f"{type(self).__name__} weights task *losses*; it has no combine() on given vectors. "
+            "Call gate.backward(main_loss, aux_losses, shared_params) (the mixin does)."
+        )
+
+    def _aux_weight_tensor(self, names: list[str], like: Tensor) -> Tensor:
+        # The weights (and lambda) are already in the weighted losses: the rule just sums.
+        return torch.ones(len(names), dtype=like.dtype, device=like.device)
+
+    def _task_names(self) -> list[str]:
+        return [MAIN_TASK] + list(self.aux_names or [])
