@@ -18,12 +18,12 @@ exactly these; the layers after the last unit are task-specific.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CrossStitchUnit", "CrossStitchNet", "cross_stitch_mlp", "cross_stitch_resnet"]
+__all__ = ["CrossStitchUnit", "CrossStitchNet", "CrossStitchMultiHeadNet", "cross_stitch_mlp", "cross_stitch_resnet"]
 
 
 class CrossStitchUnit(nn.Module):
@@ -157,6 +157,39 @@ class CrossStitchNet(nn.Module):
         return [p for s in list(stages)[start:] for p in s.parameters()]
 
 
+class CrossStitchMultiHeadNet(nn.Module):
+    """A :class:`CrossStitchNet` with one linear head per task, interchangeable with ``models.MultiHeadNet``.
+
+    ``forward(x, task)`` runs both columns on ``x`` (each task has its own batch) and reads the
+    ``"main"`` head from column A and every other task's head from column B.
+    :meth:`shared_parameters` is :meth:`CrossStitchNet.shared_parameters` (units + stitched stages).
+
+    Example::
+
+        net = CrossStitchMultiHeadNet(cross_stitch_mlp(64), 100, tasks={"main": 10, "rotated": 10})
+        logits = net(x, task="rotated")
+    """
+
+    def __init__(self, net: CrossStitchNet, feature_dim: int, tasks: Mapping[str, int]) -> None:
+        super().__init__()
+        if "main" not in tasks or len(tasks) < 2:
+            raise ValueError(f"tasks must contain 'main' and at least one auxiliary task, got {sorted(tasks)}.")
+        self.net = net
+        self.heads = nn.ModuleDict({str(name): nn.Linear(feature_dim, int(n)) for name, n in tasks.items()})
+
+    def features(self, x: Tensor, task: str = "main") -> Tensor:
+        feat_a, feat_b = self.net(x)
+        return feat_a if task == "main" else feat_b
+
+    def forward(self, x: Tensor, task: str = "main") -> Tensor:
+        if task not in self.heads:
+            raise KeyError(f"No head for task {task!r}; heads: {sorted(self.heads)}.")
+        return self.heads[task](self.features(x, task))
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return self.net.shared_parameters()
+
+
 def cross_stitch_mlp(
     in_features: int,
     hidden: Sequence[int] = (100, 100),
@@ -176,7 +209,9 @@ def cross_stitch_mlp(
 
     def column() -> list[nn.Module]:
         sizes = [in_features] + list(hidden)
-        return [nn.Sequential(nn.Linear(sizes[i], sizes[i + 1]), nn.ReLU()) for i in range(len(hidden))]
+        stages: list[nn.Module] = [nn.Sequential(nn.Linear(sizes[i], sizes[i + 1]), nn.ReLU()) for i in range(len(hidden))]
+        stages[0] = nn.Sequential(nn.Flatten(), *stages[0])  # accept (N, 8, 8) digits as well as (N, 64)
+        return stages
 
     idx = list(range(len(hidden))) if stitch_after is None else sorted(set(int(i) for i in stitch_after))
     bad = [i for i in idx if not 0 <= i < len(hidden)]
