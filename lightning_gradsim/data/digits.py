@@ -1,0 +1,152 @@
+"""Rotated digits (paper section 4.2, Table 1): main task = digits, auxiliary = rotated digits.
+
+Sources: ``"digits"`` -- scikit-learn's bundled 8x8 digits (1797 images, no download) -- and
+``"mnist"`` -- torchvision's MNIST files in a local folder (never downloaded; by default
+``$GRADSIM_MNIST_ROOT`` or ``<repo>/../shared/data/mnist``, which holds the real 10k test split).
+
+Protocol: the images are split once (``split_seed``) into train / val / test; the training images
+are split again into two disjoint halves, the main task's (as they are) and the auxiliary task's
+(rotated by ``angle`` degrees counter-clockwise, same 10 labels). Validation and test are the main
+task's, unrotated. Training batches are ``{"main": (x, y), "rotated": (x, y)}``.
+
+Example::
+
+    dm = RotatedDigitsDataModule(angle=90, batch_size=32)
+    model = MultiTaskClassifier(tasks=dm.tasks, backbone="mlp", input_dim=dm.input_dim)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import TensorDataset
+
+from ._common import default_mnist_root, eval_loader, seeded_split, task_loaders
+
+__all__ = ["RotatedDigitsDataModule", "rotate_images", "load_digits_source"]
+
+AUX_TASK = "rotated"
+
+
+def rotate_images(images: Tensor, angle: float) -> Tensor:
+    """Rotate ``(N, C, H, W)`` images by ``angle`` degrees counter-clockwise (exact for multiples of 90)."""
+    if angle % 90 == 0:
+        return torch.rot90(images, k=int(angle // 90) % 4, dims=(-2, -1)).contiguous()
+    from torchvision.transforms.functional import InterpolationMode, rotate
+
+    return rotate(images, float(angle), interpolation=InterpolationMode.BILINEAR)
+
+
+def load_digits_source(source: str = "digits", root: str | Path | None = None, mnist_train: bool = False) -> tuple[Tensor, Tensor]:
+    """Images ``(N, 1, H, W)`` in [0, 1] and labels ``(N,)`` of ``"digits"`` or ``"mnist"``."""
+    if source == "digits":
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        x = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+        return x, torch.as_tensor(bunch.target, dtype=torch.long)
+    if source == "mnist":
+        from torchvision.datasets import MNIST
+
+        path = Path(root) if root is not None else default_mnist_root()
+        split = "train" if mnist_train else "t10k"
+        if not (path / "MNIST" / "raw").is_dir():
+            raise FileNotFoundError(
+                f"No MNIST files under {path} (expected {path}/MNIST/raw/{split}-images-idx3-ubyte[.gz]). "
+                "Point root= (or $GRADSIM_MNIST_ROOT) at the folder holding MNIST/raw; nothing is downloaded."
+            )
+        try:
+            ds = MNIST(str(path), train=mnist_train, download=False)
+        except RuntimeError as err:
+            raise FileNotFoundError(
+                f"Could not read the MNIST {split} split under {path}: {err}. Only the test split may be present; "
+                "use mnist_train=False, or add the training files."
+            ) from err
+        return ds.data.unsqueeze(1).float() / 255.0, ds.targets.long()
+    raise ValueError(f"Unknown digits source {source!r}; choose 'digits' (bundled, 8x8) or 'mnist' (local 28x28 files).")
+
+
+class RotatedDigitsDataModule(L.LightningDataModule):
+    """Digits as the main task and digits rotated by ``angle`` as the auxiliary task.
+
+    Args:
+        angle: rotation of the auxiliary task's images, in degrees (the paper uses 0, 45, 90, 135, 180).
+        source: ``"digits"`` (scikit-learn, bundled) or ``"mnist"`` (local files under ``root``).
+        root: MNIST folder (contains ``MNIST/raw``); default ``$GRADSIM_MNIST_ROOT`` or
+            ``<repo>/../shared/data/mnist``.
+        mnist_train: use MNIST's training split file instead of the 10k test split file.
+        val_fraction, test_fraction: parts of the images held out for validation and test.
+        main_fraction: part of the remaining training images given to the main task; the rest,
+            rotated, is the auxiliary task's (disjoint images).
+        max_images: use only this many images of the source (after a seeded shuffle); ``None`` for all.
+        batch_size: per task (each step sees ``batch_size`` main and ``batch_size`` auxiliary images).
+        split_seed: seed of the splits (fixed across training seeds); seed: seed of the shuffling.
+    """
+
+    def __init__(
+        self,
+        angle: float = 90.0,
+        source: str = "digits",
+        root: str | None = None,
+        mnist_train: bool = False,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        main_fraction: float = 0.5,
+        max_images: int | None = None,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        split_seed: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not 0.0 < main_fraction < 1.0:
+            raise ValueError(f"main_fraction must be in (0, 1) so both tasks get images, got {main_fraction}.")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        self.save_hyperparameters()
+        self.angle = float(angle)
+        self.source, self.root, self.mnist_train = source, root, mnist_train
+        self.val_fraction, self.test_fraction, self.main_fraction = val_fraction, test_fraction, main_fraction
+        self.max_images = max_images
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.split_seed, self.seed = split_seed, seed
+        self.datasets: dict[str, TensorDataset] = {}
+
+    @property
+    def tasks(self) -> dict[str, int]:
+        """Task name -> number of classes, for :class:`~lightning_gradsim.experiments.MultiTaskClassifier`."""
+        return {"main": 10, AUX_TASK: 10}
+
+    @property
+    def input_dim(self) -> int:
+        return 64 if self.source == "digits" else 784
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        x, y = load_digits_source(self.source, self.root, self.mnist_train)
+        if self.max_images is not None:
+            keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.split_seed))[: self.max_images]
+            x, y = x[keep], y[keep]
+        test_idx, val_idx, train_idx = seeded_split(len(y), [self.test_fraction, self.val_fraction, 1.0 - self.test_fraction - self.val_fraction], self.split_seed)
+        n_main = int(round(self.main_fraction * len(train_idx)))
+        main_idx, aux_idx = train_idx[:n_main], train_idx[n_main:]
+        self.datasets = {
+            "main": TensorDataset(x[main_idx], y[main_idx]),
+            AUX_TASK: TensorDataset(rotate_images(x[aux_idx], self.angle), y[aux_idx]),
+            "val": TensorDataset(x[val_idx], y[val_idx]),
+            "test": TensorDataset(x[test_idx], y[test_idx]),
+        }
+        self.split_indices = {"main": main_idx, AUX_TASK: aux_idx, "val": val_idx, "test": test_idx}
+
+    def train_dataloader(self):  # type: ignore[override]
+        return task_loaders({k: self.datasets[k] for k in ("main", AUX_TASK)}, self.batch_size, self.num_workers, self.seed)
+
+    def val_dataloader(self):  # type: ignore[override]
+        return eval_loader(self.datasets["val"], 256, self.num_workers)
+
+    def test_dataloader(self):  # type: ignore[override]
+        return eval_loader(self.datasets["test"], 256, self.num_workers)
