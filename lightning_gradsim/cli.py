@@ -10,7 +10,14 @@ import importlib
 import sys
 
 #: sub-command -> ("module:function", one-line help). Each function takes argv (list[str]).
-COMMANDS: dict[str, tuple[str, str]] = {}
+COMMANDS: dict[str, tuple[str, str]] = {
+    "fit": ("lightning_gradsim.experiments.cli:fit", "train one run from a YAML config (LightningCLI)"),
+    "validate": ("lightning_gradsim.experiments.cli:validate", "validate a config/checkpoint (LightningCLI)"),
+    "test": ("lightning_gradsim.experiments.cli:test", "test a config/checkpoint (LightningCLI)"),
+    "compare": ("lightning_gradsim.experiments.compare:main", "methods x seeds on one setup: error table, plots"),
+    "distances": ("lightning_gradsim.experiments.distances:main", "LCA level vs Frechet distance of class pairs"),
+    "toy": ("lightning_gradsim.experiments.toys:main", "2-D toy problems: trajectories per rule as a PNG"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
