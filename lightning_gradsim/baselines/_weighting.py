@@ -7,8 +7,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from ..gate import MAIN_TASK, GateStats, GradientGate, _accumulate_grad, _unique
-from ..gradients import reachable_parameters, task_gradients
+from ..gate import MAIN_TASK, GateStats, GradientGate
 
 __all__ = ["LossWeightingGate"]
 
@@ -42,7 +41,7 @@ class LossWeightingGate(GradientGate):
         """Parameters of the weighting itself that the user's optimizer trains."""
         return [p for p in self.parameters() if p.requires_grad]
 
-    def _after_step(self, losses: Tensor, stacked: list[Tensor | None], shared: list[Tensor], weights: Tensor, finite: Tensor) -> None:
+    def _after_step(self, losses: Tensor, weights: Tensor, finite: Tensor) -> None:
         """Called after the gradients are written (``losses``: ``(K,)`` raw, detached)."""
 
     # ------------------------------------------------------------------ gate API
@@ -79,34 +78,18 @@ class LossWeightingGate(GradientGate):
         weighted = [w * l * loss for w, l, loss in zip(weights.unbind(0), lam.unbind(0), losses)]
         extra = self.extra_loss(weights)
         if extra is not None:
-            weighted[0] = weighted[0] + extra  # regulariser: reaches only the weighting's parameters
-        shared = self._shared_list(shared_params)
-        shared_ids = {id(p) for p in shared}
-        if other_params is None:
-            candidates = list(reachable_parameters(weighted))
-        else:
-            candidates = list(other_params) + self.own_parameters()
-        others = [p for p in _unique(candidates) if p.requires_grad and id(p) not in shared_ids]
-        grads = task_gradients(weighted, shared, others)
-        if not grads.reached[0]:
-            raise ValueError(
-                "The main loss does not depend on any shared parameter: shared_params (the mixin's "
-                "shared_parameters()) must be the backbone parameters that the main head reads from."
-            )
-        present = [i for i, g in enumerate(grads.shared) if g is not None]
-        stacked = [grads.shared[i] for i in present]
+            weighted[0] = weighted[0] + extra  # regulariser: reaches only the weighting's own parameters
+        if other_params is not None:
+            other_params = list(other_params) + self.own_parameters()
         raw = torch.stack([loss.detach() for loss in losses])
-        losses_finite = torch.isfinite(raw).all() & torch.isfinite(weights.detach()).all()
-        combined, stats = self._combine_stacked(stacked, names, batch_dims=0, extra_finite=losses_finite)
-        for i, c in zip(present, combined):
-            _accumulate_grad(shared[i], c)
-        for p, g in zip(others, grads.others):
-            if g is not None:
-                _accumulate_grad(p, g)
+        # The gate with the "sum" rule and unit weights does the rest (per-task statistics, DDP and
+        # accumulation hooks, heads): the weights are inside the losses.
+        stats = super().backward(weighted[0], dict(zip(names, weighted[1:])), shared_params, other_params)
         applied = (weights.detach() * lam)[1:]
         stats = stats._replace(weight=applied, gate_open=applied > 0)
         self.last_stats = stats
-        self._after_step(raw, list(grads.shared), shared, weights.detach(), stats.finite)
+        finite = stats.finite & torch.isfinite(raw).all() & torch.isfinite(weights.detach()).all()
+        self._after_step(raw, weights.detach(), finite)
         return stats
 
     def combine(self, main, aux, batch_dims: int = 0):  # type: ignore[override]

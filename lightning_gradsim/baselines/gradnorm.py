@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor
 
+from ..gate import GateStats
 from ..methods import register_method
 from ._weighting import LossWeightingGate
 
@@ -97,30 +98,68 @@ class GradNorm(LossWeightingGate):
             self.initial_losses = torch.ones(num_tasks, dtype=like.dtype, device=like.device)
         return self.task_weights.clone()
 
-    def _after_step(self, losses: Tensor, stacked: list[Tensor | None], shared: list[Tensor], weights: Tensor, finite: Tensor) -> None:
-        if self._last_layer is None:
-            idx = default_last_shared_layer(shared)
-        else:
-            pos = {id(p): i for i, p in enumerate(shared)}
-            missing = [tuple(p.shape) for p in self._last_layer if id(p) not in pos]
-            if missing:
-                raise ValueError(
-                    f"last_shared_layer has tensors of shapes {missing} that are not among the shared parameters; "
-                    "pass parameters of the last *shared* layer (or None for the default)."
-                )
-            idx = [pos[id(p)] for p in self._last_layer]
-        k = weights.shape[0]
-        sq = torch.zeros(k, dtype=weights.dtype, device=weights.device)
+    def backward(self, main_loss, aux_losses, shared_params, other_params=None) -> GateStats:  # type: ignore[override]
+        """Train on ``sum_i w_i lambda_i L_i``, then update ``w`` (see the module docstring).
+
+        Example::
+
+            stats = gate.backward(main_loss, {"rotated": aux_loss}, model.trunk.parameters())
+        """
+        self._measured_norms: Tensor | None = None
+        return super().backward(main_loss, aux_losses, shared_params, other_params)
+
+    def _reduce_task_gradients(self, grads, shared, others):  # type: ignore[override]
+        # The gate's hook between "per-task gradients computed" and "combined": read the weighted
+        # per-task gradient norms on the last shared layer here, at no extra backward.
+        grads = super()._reduce_task_gradients(grads, shared, others)
+        idx = self._last_layer_indices(shared)
+        k = grads.num_tasks
+        terms: list[Tensor] = []
         for i in idx:
-            g = stacked[i]
-            if g is not None:
-                sq = sq + g.reshape(k, -1).pow(2).sum(-1).to(weights.dtype)
-        norms = sq.sqrt()  # G_i = |grad_W w_i lambda_i L_i|
+            if grads.stacked is not None:
+                g = grads.stacked[i]
+                if g is not None:
+                    terms.append(g.reshape(k, -1).pow(2).sum(-1))
+            else:
+                ref = next((r[i] for r in grads.rows if r[i] is not None), None)
+                if ref is not None:
+                    zero = torch.zeros((), dtype=ref.dtype, device=ref.device)
+                    terms.append(torch.stack([zero if r[i] is None else r[i].pow(2).sum() for r in grads.rows]))
+        if not terms:
+            raise ValueError(
+                "No task reaches the last shared layer GradNorm measures: pass last_shared_layer= the parameters "
+                "of the last layer the task heads read from."
+            )
+        self._measured_norms = torch.stack([t.to(terms[0].dtype) for t in terms]).sum(0).sqrt()
+        return grads
+
+    def _last_layer_indices(self, shared: list[Tensor]) -> list[int]:
+        if self._last_layer is None:
+            return default_last_shared_layer(shared)
+        pos = {id(p): i for i, p in enumerate(shared)}
+        missing = [tuple(p.shape) for p in self._last_layer if id(p) not in pos]
+        if missing:
+            raise ValueError(
+                f"last_shared_layer has tensors of shapes {missing} that are not among the shared parameters; "
+                "pass parameters of the last *shared* layer (or None for the default)."
+            )
+        return [pos[id(p)] for p in self._last_layer]
+
+    def _after_step(self, losses: Tensor, weights: Tensor, finite: Tensor) -> None:
+        norms = getattr(self, "_measured_norms", None)
+        if norms is None:
+            raise RuntimeError(
+                "GradNorm did not see the per-task gradients this step (the gate took a path without them); "
+                "use the default gate options."
+            )
+        norms = norms.to(weights.dtype)  # G_i = |grad_W w_i lambda_i L_i|
         names = self._task_names()
         lam = self.lambdas(names[1:], weights)
         scale = weights * lam
         raw_norms = torch.where(scale > 0, norms / torch.where(scale > 0, scale, torch.ones_like(scale)), torch.zeros_like(norms))
-        new, initial = gradnorm_update(weights, norms, raw_norms, losses.to(weights.dtype), self.initial_losses, self.weight_updates == 0, self.alpha, self.lr)
+        new, initial = gradnorm_update(
+            weights, norms, raw_norms, losses.to(weights.dtype), self.initial_losses, self.weight_updates == 0, self.alpha, self.lr
+        )
         ok = finite.all()
         self.initial_losses.copy_(torch.where(ok, initial, self.initial_losses))
         self.task_weights.copy_(torch.where(ok, new, self.task_weights))
