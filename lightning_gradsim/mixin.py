@@ -13,6 +13,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
+from .distributed import AccumulateOnly, TaskGradientAccumulator, TaskGradientHook, all_reduce_mean, check_sync_mode
+from .distributed import world_size as _world_size
 from .gate import MAIN_TASK, GateStats, GradientGate
 
 __all__ = ["GradSimMixin", "NonFiniteLossError"]
@@ -64,6 +66,8 @@ class GradSimMixin:
     gradsim_clip_algorithm: str = "norm"
     gradsim_on_nonfinite: str = "skip"
     gradsim_log_losses: bool = True
+    gradsim_accumulate_grad_batches: int = 1
+    gradsim_sync: str = "global"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -130,21 +134,28 @@ class GradSimMixin:
         gate = self._gradsim_gate()
         losses = self._checked_losses(self.task_losses(batch, batch_idx))
         optimizers = self._gradsim_optimizers()
-        for opt in optimizers:
-            opt.zero_grad()
-        main_loss = losses[MAIN_TASK]
-        aux_losses = {k: v for k, v in losses.items() if k != MAIN_TASK}
-        stats = self.gradsim_backward(gate, main_loss, aux_losses)
-        self._gradsim_last_stats = stats
-        finite = self._finite_step(losses, stats)
-        if finite:
-            self._clip_combined_gradient(optimizers)
-            for opt in optimizers:
-                opt.step()
-            self._step_schedulers("step", batch_idx)
-        else:
+        final = self._gradsim_is_step_batch(batch_idx)
+        if final:
             for opt in optimizers:
                 opt.zero_grad()
+        stats, hook, scaler = self._gradsim_run_gate(gate, losses, final)
+        if stats is not None:
+            self._gradsim_last_stats = stats
+            nonfinite = bool(hook.nonfinite) if hook.nonfinite is not None else False
+            if self._gradsim_world_size() > 1 and check_sync_mode(self.gradsim_sync) == "local":
+                nonfinite = self._gradsim_all_reduce_grads(optimizers, nonfinite)
+            finite = self._finite_step(losses, stats, nonfinite, overflow_ok=scaler is not None)
+            if finite:
+                self._clip_combined_gradient(optimizers)
+                with _scaler_detached(self.trainer.precision_plugin if scaler is not None else None):  # type: ignore[attr-defined]
+                    for opt in optimizers:
+                        opt.step()
+                self._step_schedulers("step", batch_idx)
+            else:
+                for opt in optimizers:
+                    opt.zero_grad()
+            if scaler is not None:
+                _update_scaler(scaler, found_inf=not finite)
         total = sum(v.detach() for v in losses.values())
         if self.gradsim_log_losses:
             log = self.log  # type: ignore[attr-defined]
@@ -164,6 +175,107 @@ class GradSimMixin:
         shared_ids = {id(p) for p in shared}
         others = [p for p in self.parameters() if p.requires_grad and id(p) not in shared_ids]  # type: ignore[attr-defined]
         return gate.backward(main_loss, aux_losses, shared, other_params=others)
+
+    # ------------------------------------------------------------------ scaling out
+    def _gradsim_run_gate(
+        self, gate: GradientGate, losses: dict[str, Tensor], final: bool
+    ) -> tuple[GateStats | None, TaskGradientHook, Any]:
+        """Run ``gradsim_backward`` with the step's gradient hook installed on the gate.
+
+        Returns ``(stats, hook, scaler)``; ``stats`` is ``None`` on a micro-batch that only
+        accumulated. Under a GradScaler (``16-mixed``) the losses are scaled here and the per-task
+        gradients unscaled in the hook, before the gate sees them.
+        """
+        sync = check_sync_mode(self.gradsim_sync)
+        scaler = self._gradsim_scaler()
+        inv_scale = None
+        backward_losses = losses
+        if scaler is not None:
+            backward_losses = {name: scaler.scale(loss) for name, loss in losses.items()}
+            inv_scale = 1.0 / float(scaler.get_scale())
+        loss_nonfinite = ~torch.stack([torch.isfinite(v.detach()).all() for v in losses.values()]).all()
+        accumulator: TaskGradientAccumulator = self.__dict__.setdefault(
+            "_gradsim_accumulator", TaskGradientAccumulator()
+        )
+        hook = TaskGradientHook(
+            accumulator,
+            final=final,
+            inv_scale=inv_scale,
+            sync_global=sync == "global" and self._gradsim_world_size() > 1,
+            loss_nonfinite=loss_nonfinite,
+        )
+        main_loss = backward_losses[MAIN_TASK]
+        aux_losses = {name: v for name, v in backward_losses.items() if name != MAIN_TASK}
+        gate.__dict__["_task_gradient_hook"] = hook
+        try:
+            stats: GateStats | None = self.gradsim_backward(gate, main_loss, aux_losses)
+        except AccumulateOnly:
+            stats = None
+        finally:
+            gate.__dict__.pop("_task_gradient_hook", None)
+        if hook.calls == 0 and (not final or hook.sync_global or scaler is not None):
+            raise RuntimeError(
+                f"{type(self).__name__}.gradsim_backward() did not call gate.backward(): with "
+                "gradsim_accumulate_grad_batches > 1, DDP or 16-mixed precision the mixin needs the per-task "
+                "gradients to pass through gate.backward(...)."
+            )
+        return stats, hook, scaler
+
+    def _gradsim_is_step_batch(self, batch_idx: int) -> bool:
+        """Whether this batch ends an accumulation window (or the epoch), so the optimizer steps."""
+        k = self.gradsim_accumulate_grad_batches
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"gradsim_accumulate_grad_batches must be an integer >= 1, got {k!r}.")
+        if (batch_idx + 1) % k == 0:
+            return True
+        trainer = self._trainer_or_none()
+        total = getattr(trainer, "num_training_batches", float("inf")) if trainer is not None else float("inf")
+        return total != float("inf") and batch_idx + 1 >= total
+
+    def _gradsim_world_size(self) -> int:
+        trainer = self._trainer_or_none()
+        if trainer is None:
+            return 1
+        strategy = type(trainer.strategy).__name__
+        if any(name in strategy for name in ("FSDP", "DeepSpeed", "ModelParallel", "XLA")):
+            raise MisconfigurationException(
+                f"GradSimMixin supports single-device and DDP strategies (ddp, ddp_spawn, ddp_fork, multi-node "
+                f"ddp), not {strategy}: sharded parameters have no whole per-task gradient to compare."
+            )
+        return _world_size() if trainer.world_size > 1 else 1
+
+    def _gradsim_scaler(self) -> Any:
+        trainer = self._trainer_or_none()
+        scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+        if scaler is None or not scaler.is_enabled():
+            return None
+        return scaler
+
+    def _gradsim_all_reduce_grads(self, optimizers: list[Any], nonfinite: bool) -> bool:
+        """``gradsim_sync="local"``: average the combined ``.grad`` over the ranks (one all-reduce)."""
+        params = [
+            p for opt in optimizers for group in opt.param_groups for p in group["params"] if p.requires_grad
+        ]
+        params = list({id(p): p for p in params}.values())
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        averaged, bad = all_reduce_mean(grads, nonfinite=torch.tensor(nonfinite, device=grads[0].device))
+        for p, g in zip(params, averaged):
+            p.grad = g
+        return bool(bad)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep a half-accumulated window (``gradsim_accumulate_grad_batches > 1``) in the checkpoint."""
+        super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
+        accumulator = self.__dict__.get("_gradsim_accumulator")
+        if accumulator is not None and accumulator.count > 0:
+            checkpoint["gradsim_accumulator"] = accumulator.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
+        accumulator = TaskGradientAccumulator()
+        if "gradsim_accumulator" in checkpoint:
+            accumulator.load_state_dict(checkpoint["gradsim_accumulator"])
+        self.__dict__["_gradsim_accumulator"] = accumulator
 
     # ------------------------------------------------------------------ helpers
     def _trainer_or_none(self) -> Trainer | None:
@@ -206,11 +318,16 @@ class GradSimMixin:
             )
         return losses
 
-    def _finite_step(self, losses: Mapping[str, Tensor], stats: GateStats) -> bool:
-        # One host sync per step: the decision to step the optimizer needs it.
+    def _finite_step(
+        self, losses: Mapping[str, Tensor], stats: GateStats, nonfinite: bool = False, overflow_ok: bool = False
+    ) -> bool:
+        # One host sync per step: the decision to step the optimizer needs it. ``nonfinite``: the
+        # gradient hook (or the local-sync all-reduce) saw a NaN/inf here or on another rank.
         loss_finite = torch.stack([torch.isfinite(v.detach()).all() for v in losses.values()])
-        if bool(loss_finite.all()) and bool(stats.finite.all()):
+        if not nonfinite and bool(loss_finite.all()) and bool(stats.finite.all()):
             return True
+        if overflow_ok and bool(loss_finite.all()):
+            return False  # a 16-mixed overflow: the GradScaler backs off, as in plain AMP training
         names = list(losses)
         grad_finite = torch.cat([stats.main_norm.reshape(1), stats.aux_norm.reshape(-1)]).isfinite()
         bad = [n for n, lf, gf in zip(names, loss_finite.tolist(), grad_finite.tolist()) if not (lf and gf)]
@@ -326,3 +443,30 @@ class _EpochSchedulerStepper(Callback):
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if isinstance(pl_module, GradSimMixin):
             pl_module._step_schedulers("epoch")
+
+
+class _scaler_detached:
+    """Step the optimizers through Lightning without its GradScaler: the mixin unscaled the
+    per-task gradients itself and steps/updates the scaler once per step (never ``unscale_`` twice)."""
+
+    def __init__(self, plugin: Any) -> None:
+        self.plugin = plugin
+        self.scaler = None
+
+    def __enter__(self) -> None:
+        if self.plugin is not None:
+            self.scaler, self.plugin.scaler = self.plugin.scaler, None
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.plugin is not None:
+            self.plugin.scaler = self.scaler
+
+
+def _update_scaler(scaler: Any, found_inf: bool) -> None:
+    """``scaler.update()`` with this step's overflow flag (grow after clean steps, back off on inf)."""
+    scale = scaler._scale
+    if scale is None:  # nothing was scaled yet
+        return
+    state = scaler._per_optimizer_states[0]
+    state["found_inf_per_device"] = {scale.device: torch.full((), float(found_inf), device=scale.device)}
+    scaler.update()
