@@ -153,3 +153,15 @@ def test_generator_state_is_checkpointed():
 def test_bad_orders_shape_is_refused():
     with pytest.raises(ValueError, match="orders"):
         pcgrad_coefficients(torch.eye(3), torch.zeros(2, 2, dtype=torch.long))
+
+
+def test_cpu_fast_path_matches_tensor_path():
+    gen = torch.Generator().manual_seed(2)
+    for k in (2, 3, 6):
+        g = torch.randn(k, 9, generator=gen, dtype=torch.float64)
+        gram = g @ g.T
+        orders = draw_pcgrad_orders((), k, gen)
+        fast = pcgrad_coefficients(gram, orders)  # one CPU problem: Python-float path
+        batched = pcgrad_coefficients(gram.unsqueeze(0), orders.unsqueeze(0))[0]  # tensor path
+        torch.testing.assert_close(fast, batched)
+        torch.testing.assert_close(fast.sum(0) @ g, reference_pcgrad(list(g), orders))

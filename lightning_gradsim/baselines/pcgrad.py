@@ -52,19 +52,40 @@ def pcgrad_coefficients(gramian: Tensor, orders: Tensor) -> Tensor:
         raise ValueError(
             f"gramian must be (..., K, K) and orders (..., K, K); got {tuple(gramian.shape)} and {tuple(orders.shape)}."
         )
+    if gramian.dim() == 2 and gramian.device.type == "cpu" and not gramian.requires_grad:
+        return _coefficients_cpu(gramian, orders)  # same result, far fewer tiny tensor ops
     orders = orders.to(gramian.device)
     batch_shape = gramian.shape[:-2]
-    coef = torch.eye(k, dtype=gramian.dtype, device=gramian.device).expand(batch_shape + (k, k)).clone()
+    coef = torch.eye(k, dtype=gramian.dtype, device=gramian.device).expand(batch_shape + (k, k))
+    # one_hot[..., i, p, :] selects the task that row i projects against at position p.
+    tasks = torch.arange(k, device=gramian.device)
+    one_hot = (orders.unsqueeze(-1) == tasks).to(gramian.dtype)  # (..., K, K, K)
     sq_norms = torch.diagonal(gramian, dim1=-2, dim2=-1)  # (..., K)
-    rows = torch.arange(k, device=gramian.device)
+    g_jj = one_hot @ sq_norms.unsqueeze(-2).unsqueeze(-1)  # (..., K, K, 1): |g_j|^2 per (row, position)
+    not_self = (orders != tasks.unsqueeze(-1)).unsqueeze(-1)  # skip j == i
+    inv = torch.where((g_jj > 0) & not_self, 1.0 / torch.where(g_jj > 0, g_jj, torch.ones_like(g_jj)), torch.zeros_like(g_jj))
     for position in range(k):
-        j = orders[..., position]  # (..., K): the task each row projects against now
-        dots = (coef @ gramian).gather(-1, j.unsqueeze(-1)).squeeze(-1)  # (..., K): v_i . g_j
-        g_jj = sq_norms.gather(-1, j)
-        conflict = (dots < 0) & (g_jj > 0) & (j != rows)
-        scale = torch.where(conflict, dots / torch.where(g_jj > 0, g_jj, torch.ones_like(g_jj)), torch.zeros_like(dots))
-        coef = coef - scale.unsqueeze(-1) * torch.nn.functional.one_hot(j, k).to(coef.dtype)
+        pick = one_hot[..., position, :]  # (..., K, K)
+        dots = (coef * (pick @ gramian)).sum(-1, keepdim=True)  # (..., K, 1): v_i . g_j
+        coef = coef - (dots.clamp(max=0.0) * inv[..., position, :]) * pick
     return coef
+
+
+def _coefficients_cpu(gramian: Tensor, orders: Tensor) -> Tensor:
+    """:func:`pcgrad_coefficients` for one CPU problem, in Python floats (K is small)."""
+    k = gramian.shape[-1]
+    gram = gramian.tolist()
+    order = orders.tolist()
+    coef = [[1.0 if a == b else 0.0 for b in range(k)] for a in range(k)]
+    for i in range(k):
+        row = coef[i]
+        for j in order[i]:
+            if j == i or not gram[j][j] > 0:
+                continue
+            dot = sum(row[m] * gram[m][j] for m in range(k))
+            if dot < 0:
+                row[j] -= dot / gram[j][j]
+    return torch.tensor(coef, dtype=gramian.dtype)
 
 
 @register_rule("pcgrad")
