@@ -5,6 +5,21 @@ Example::
     from lightning_gradsim.data import ClassPairDataModule, ImageNetHierarchy, RotatedDigitsDataModule
 """
 
-from .digits import RotatedDigitsDataModule
+from .class_pair import BinaryTaskDataset, ClassPairDataModule, balanced_negatives
+from .digits import RotatedDigitsDataModule, rotate_images
+from .hierarchy import ImageNetHierarchy
+from .imagenet import PAIR_PRESETS, DownsampledImageNet, read_label_map, resolve_class, scan_image_folder
 
-__all__ = ["RotatedDigitsDataModule"]
+__all__ = [
+    "ClassPairDataModule",
+    "ImageNetHierarchy",
+    "RotatedDigitsDataModule",
+    "DownsampledImageNet",
+    "BinaryTaskDataset",
+    "PAIR_PRESETS",
+    "balanced_negatives",
+    "read_label_map",
+    "resolve_class",
+    "rotate_images",
+    "scan_image_folder",
+]

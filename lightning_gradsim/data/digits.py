@@ -1,7 +1,7 @@
 """Rotated digits (paper section 4.2, Table 1): main task = digits, auxiliary = rotated digits.
 
 Sources: ``"digits"`` -- scikit-learn's bundled 8x8 digits (1797 images, no download) -- and
-``"mnist"`` -- torchvision's MNIST files in a local folder (never downloaded; by default
+``"mnist"`` -- MNIST's IDX files (torchvision layout ``MNIST/raw``, gzipped or not) in a local folder (never downloaded; by default
 ``$GRADSIM_MNIST_ROOT`` or ``<repo>/../shared/data/mnist``, which holds the real 10k test split).
 
 Protocol: the images are split once (``split_seed``) into train / val / test; the training images
@@ -49,24 +49,44 @@ def load_digits_source(source: str = "digits", root: str | Path | None = None, m
         x = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
         return x, torch.as_tensor(bunch.target, dtype=torch.long)
     if source == "mnist":
-        from torchvision.datasets import MNIST
-
         path = Path(root) if root is not None else default_mnist_root()
         split = "train" if mnist_train else "t10k"
-        if not (path / "MNIST" / "raw").is_dir():
+        raw = path / "MNIST" / "raw"
+        images, labels = _find_idx(raw, f"{split}-images-idx3-ubyte"), _find_idx(raw, f"{split}-labels-idx1-ubyte")
+        if images is None or labels is None:
             raise FileNotFoundError(
-                f"No MNIST files under {path} (expected {path}/MNIST/raw/{split}-images-idx3-ubyte[.gz]). "
-                "Point root= (or $GRADSIM_MNIST_ROOT) at the folder holding MNIST/raw; nothing is downloaded."
+                f"No MNIST {split} files under {raw} (expected {split}-images-idx3-ubyte[.gz] and "
+                f"{split}-labels-idx1-ubyte[.gz]). Point root= (or $GRADSIM_MNIST_ROOT) at the folder holding "
+                "MNIST/raw; nothing is downloaded."
             )
-        try:
-            ds = MNIST(str(path), train=mnist_train, download=False)
-        except RuntimeError as err:
-            raise FileNotFoundError(
-                f"Could not read the MNIST {split} split under {path}: {err}. Only the test split may be present; "
-                "use mnist_train=False, or add the training files."
-            ) from err
-        return ds.data.unsqueeze(1).float() / 255.0, ds.targets.long()
+        x = _read_idx(images)
+        return torch.from_numpy(x).unsqueeze(1).float() / 255.0, torch.from_numpy(_read_idx(labels)).long()
     raise ValueError(f"Unknown digits source {source!r}; choose 'digits' (bundled, 8x8) or 'mnist' (local 28x28 files).")
+
+
+def _find_idx(folder: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _read_idx(path: Path) -> "np.ndarray":
+    """Read an IDX file (MNIST's format), gzipped or not. torchvision's MNIST class insists on all four
+    unpacked files, so a read-only folder with only the gzipped test split needs this."""
+    import gzip
+
+    import numpy as np
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    magic = int.from_bytes(data[0:4], "big")
+    if magic >> 8 != 0x08:  # 0x08: unsigned byte
+        raise ValueError(f"{path} is not an unsigned-byte IDX file (magic {magic:#x}).")
+    ndim = magic & 0xFF
+    shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape).copy()
 
 
 class RotatedDigitsDataModule(L.LightningDataModule):

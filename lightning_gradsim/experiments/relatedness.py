@@ -38,7 +38,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -211,6 +211,18 @@ class _BatchedNet:
             t.requires_grad_(True)
         self.depth = len(self.weights) - 2
 
+    @classmethod
+    def from_tensors(cls, params: Sequence[Tensor]) -> "_BatchedNet":
+        """Build from ``params()``-ordered tensors (copied into new leaves)."""
+        net = cls.__new__(cls)
+        n = len(params) // 2
+        net.depth = n - 2
+        leaves = [p.detach().clone().requires_grad_(True) for p in params]
+        trunk, heads = leaves[: 2 * net.depth], leaves[2 * net.depth :]
+        net.weights = trunk[0::2] + heads[0::2]
+        net.biases = trunk[1::2] + heads[1::2]
+        return net
+
     def trunk_params(self) -> list[Tensor]:
         return [t for i in range(self.depth) for t in (self.weights[i], self.biases[i])]
 
@@ -254,7 +266,7 @@ class SweepConfig:
     input_dim: int = 250
     output_dim: int = 100
     progress: bool = True
-    extra: dict = field(default_factory=dict)
+    compact: bool = True  #: drop early-stopped runs from the batch (same results, less compute)
 
     @classmethod
     def full(cls, **overrides: object) -> "SweepConfig":
@@ -303,7 +315,7 @@ def _plan(cfg: SweepConfig) -> list[_Run]:
     for method in cfg.methods:  # runs of a method are contiguous: one gate per method
         spec = METHODS[method]
         lams = (0.0,) if spec.single_task else cfg.lambdas
-        for rel in cfg.relatedness:
+        for rel in cfg.relatedness[:1] if spec.single_task else cfg.relatedness:
             for lam in lams:
                 for seed in cfg.seeds:
                     runs.append(_Run(rel, method, float(lam), int(seed)))
@@ -346,8 +358,10 @@ def train_reference(
 def run_sweep(cfg: SweepConfig, max_steps: int | None = None, return_net: bool = False):  # type: ignore[no-untyped-def]
     """Train every run of the sweep (batched) and return one :class:`RunResult` per run.
 
+    Runs whose early stopping has fired are dropped from the batch (with their optimizer and gate
+    state) once they are a quarter of it, unless ``cfg.compact`` is false; their results are kept.
     ``max_steps`` stops after that many optimizer steps (for tests); with ``return_net`` the
-    batched network (after training, before restoring the best epoch) is returned as well.
+    batched network of the runs still training is returned as well.
     """
     cfg.validate()
     runs = _plan(cfg)
@@ -365,35 +379,33 @@ def run_sweep(cfg: SweepConfig, max_steps: int | None = None, return_net: bool =
     ym = torch.stack([first[s].main_train[1] for s in seeds])
     xa = torch.stack([datasets[c].aux_train[0] for c in combos])
     ya = torch.stack([datasets[c].aux_train[1] for c in combos])
-    seed_idx = torch.tensor([seeds.index(r.seed) for r in runs])
-    combo_idx = torch.tensor([combos.index((r.seed, r.relatedness)) for r in runs])
+    seed_of = torch.tensor([seeds.index(r.seed) for r in runs])
+    combo_of = torch.tensor([combos.index((r.seed, r.relatedness)) for r in runs])
+    method_of = [r.method for r in runs]
+    # lambda is applied by scaling each run's auxiliary gradient: every rule here is positively
+    # homogeneous in g_aux and the cosine is scale-invariant, so this equals aux_weight=lambda.
+    lam_of = torch.tensor([r.lam for r in runs])
 
     inits = {s: _init_net(s, cfg.input_dim, cfg.output_dim, cfg.width, cfg.depth) for s in seeds}
     net = _BatchedNet([inits[r.seed] for r in runs])
-    opt = torch.optim.Adam(net.params(), lr=cfg.lr)
-
-    groups: list[tuple[str, slice]] = []
-    start = 0
-    for method in cfg.methods:
-        n = sum(1 for r in runs if r.method == method)
-        groups.append((method, slice(start, start + n)))
-        start += n
-    gates = {m: make_gate(METHODS[m].rule, aux_weight=1.0, main_grad_ema=METHODS[m].main_grad_ema) for m, _ in groups}
-    # lambda is applied by scaling each run's auxiliary gradient: every rule here is positively
-    # homogeneous in g_aux and the cosine is scale-invariant, so this equals aux_weight=lambda.
-    lam = torch.tensor([r.lam for r in runs])
+    opt = _adam(net.params(), cfg.lr)
+    gates = {m: make_gate(METHODS[m].rule, aux_weight=1.0, main_grad_ema=METHODS[m].main_grad_ema) for m in cfg.methods}
+    alive = torch.arange(num_runs)  # original index of each run still in the batch
 
     best_val = torch.full((num_runs,), math.inf)
     best_epoch = torch.zeros(num_runs, dtype=torch.long)
     bad_epochs = torch.zeros(num_runs, dtype=torch.long)
     stopped = torch.zeros(num_runs, dtype=torch.bool)
-    best_params = [p.detach().clone() for p in net.params()]
+    best_params = [p.detach().clone() for p in net.params()]  # indexed by original run
 
     per_epoch = cfg.n_train // cfg.batch_size
-    trunk, head_main, head_aux = net.trunk_params(), net.head_params(0), net.head_params(1)
     step = 0
     bar = _progress(cfg.max_epochs, cfg.progress and max_steps is None, desc=f"relatedness ({num_runs} runs)")
     for epoch in range(cfg.max_epochs):
+        seed_idx, combo_idx, lam = seed_of[alive], combo_of[alive], lam_of[alive]
+        groups = _groups([method_of[i] for i in alive.tolist()])
+        trunk, head_main, head_aux = net.trunk_params(), net.head_params(0), net.head_params(1)
+        n_trunk = len(trunk)
         perms = [_epoch_permutations(s, epoch, cfg.n_train) for s in seeds]
         pm = torch.stack([p[0] for p in perms])[seed_idx]  # (R, n)
         pa = torch.stack([p[1] for p in perms])[seed_idx]
@@ -408,7 +420,6 @@ def run_sweep(cfg: SweepConfig, max_steps: int | None = None, return_net: bool =
             loss_aux = _mse_per_run(net.forward(x_aux, 1), y_aux)
             g_main = torch.autograd.grad(loss_main.sum(), trunk + head_main)
             g_aux = torch.autograd.grad(loss_aux.sum(), trunk + head_aux)
-            n_trunk = len(trunk)
             combined = [torch.empty_like(p) for p in trunk]
             for method, sl in groups:
                 scale = lam[sl]
@@ -416,44 +427,84 @@ def run_sweep(cfg: SweepConfig, max_steps: int | None = None, return_net: bool =
                 out, _ = gates[method].combine([g[sl] for g in g_main[:n_trunk]], {"aux": aux_vec}, batch_dims=1)
                 for c, o in zip(combined, out):
                     c[sl] = o
-            for p, g in zip(trunk, combined):
-                p.grad = g
-            for p, g in zip(head_main, g_main[n_trunk:]):
-                p.grad = g
-            for p, g in zip(head_aux, g_aux[n_trunk:]):
+            for p, g in zip(trunk + head_main + head_aux, combined + list(g_main[n_trunk:]) + list(g_aux[n_trunk:])):
                 p.grad = g
             opt.step()
             step += 1
         if max_steps is not None and step >= max_steps:
             break
         val = _evaluate(net, [first[s].main_val for s in seeds], seed_idx)
-        improved = (val < best_val) & ~stopped
-        best_val = torch.where(improved, val, best_val)
-        best_epoch = torch.where(improved, torch.full_like(best_epoch, epoch + 1), best_epoch)
+        improved = (val < best_val[alive]) & ~stopped[alive]  # a stopped run's result is final
+        best_val[alive] = torch.where(improved, val, best_val[alive])
+        best_epoch[alive[improved]] = epoch + 1
         for bp, p in zip(best_params, net.params()):
-            mask = improved.reshape((-1,) + (1,) * (p.dim() - 1))
-            bp.copy_(torch.where(mask, p.detach(), bp))
-        bad_epochs = torch.where(improved, torch.zeros_like(bad_epochs), bad_epochs + 1)
-        stopped |= bad_epochs >= cfg.patience
+            bp[alive[improved]] = p.detach()[improved]
+        bad_epochs[alive] = torch.where(improved, torch.zeros_like(improved, dtype=torch.long), bad_epochs[alive] + 1)
+        stopped[alive] |= bad_epochs[alive] >= cfg.patience
         bar.update(1)
         bar.set_postfix(active=int((~stopped).sum()), best_val=f"{float(best_val.median()):.4f}")
         if bool(stopped.all()):
             break
+        keep = ~stopped[alive]
+        if cfg.compact and int(keep.sum()) <= 0.75 * len(alive):
+            net, opt = _compact(net, opt, gates, [method_of[i] for i in alive.tolist()], keep, cfg.lr)
+            alive = alive[keep]
     bar.close()
-    if step == 0 or not torch.isfinite(best_val).any():
-        best_params = [p.detach().clone() for p in net.params()]
     final_net = net
+    test_net = _BatchedNet.from_tensors(best_params)
+    if step == 0:
+        test_net = net
     with torch.no_grad():
-        for p, bp in zip(net.params(), best_params):
-            p.copy_(bp)
-        test = _evaluate(net, [first[s].main_test for s in seeds], seed_idx)
+        test = _evaluate(test_net, [first[s].main_test for s in seeds], seed_of)
     results = [
         RunResult(r.relatedness, r.method, r.lam, r.seed, int(best_epoch[i]), float(best_val[i]), float(test[i]))
         for i, r in enumerate(runs)
     ]
+    # Single-task runs do not depend on the auxiliary task: trained once, reported in every panel.
+    for r in list(results):
+        if METHODS[r.method].single_task:
+            results += [replace(r, relatedness=rel) for rel in cfg.relatedness if rel != r.relatedness]
     if return_net:
         return results, final_net
     return results
+
+
+def _adam(params: list[Tensor], lr: float) -> torch.optim.Adam:
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, TypeError):  # pragma: no cover - older torch without fused CPU Adam
+        return torch.optim.Adam(params, lr=lr)
+
+
+def _groups(methods: Sequence[str]) -> list[tuple[str, slice]]:
+    """Contiguous ``(method, slice)`` blocks of the batch."""
+    groups: list[tuple[str, slice]] = []
+    start = 0
+    for i in range(1, len(methods) + 1):
+        if i == len(methods) or methods[i] != methods[start]:
+            groups.append((methods[start], slice(start, i)))
+            start = i
+    return groups
+
+
+def _compact(net: _BatchedNet, opt: torch.optim.Adam, gates: dict, methods: list[str], keep: Tensor, lr: float):  # type: ignore[no-untyped-def]
+    """Drop the runs where ``keep`` is false from the network, the optimizer state and the gates' state."""
+    old = net.params()
+    new_net = _BatchedNet.from_tensors([p.detach()[keep] for p in old])
+    new_opt = _adam(new_net.params(), lr)
+    for p_old, p_new in zip(old, new_net.params()):
+        state = opt.state.get(p_old)
+        if state:
+            new_opt.state[p_new] = {k: (v[keep].clone() if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in state.items()}
+    for method, sl in _groups(methods):
+        gate = gates[method]
+        local = keep[sl]
+        if gate.cosine_state.dim() > 0 and gate.cosine_state.shape[0] == len(local):
+            gate.cosine_state = gate.cosine_state[local]
+            gate.open_steps = gate.open_steps[local]
+        for name in gate._direction_buffer_names():
+            setattr(gate, name, getattr(gate, name)[local].clone())
+    return new_net, new_opt
 
 
 @torch.no_grad()
