@@ -137,3 +137,27 @@ def test_resnet_columns():
     n_shared = sum(p.numel() for p in net.shared_parameters())
     expected = sum(p.numel() for col in (net.column_a, net.column_b) for s in list(col)[:3] for p in s.parameters())
     assert n_shared == expected + (64 + 128) * 4
+
+
+@pytest.mark.filterwarnings("ignore:You defined a `validation_step`")
+def test_cross_stitch_classifier_fits_with_a_loss_weighting():
+    import lightning as L
+
+    from lightning_gradsim.baselines.experiments import CrossStitchClassifier
+    from lightning_gradsim.experiments.compare import list_setups
+
+    assert "rotated_digits_cross_stitch" in list_setups()
+    torch.manual_seed(0)
+    model = CrossStitchClassifier(tasks={"main": 3, "aux": 3}, input_dim=6, hidden=5, depth=2, method="uncertainty", stitch_lr=0.5)
+    groups = model.configure_optimizers().param_groups
+    assert [g["lr"] for g in groups] == [1e-3, 0.5]
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in model.net.net.stitch_parameters()}
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
+    batch = {"main": (x, y), "aux": (x.flip(1), (y + 1) % 3)}
+    loader = torch.utils.data.DataLoader([batch] * 3, batch_size=None)
+    alpha0 = model.net.net.units["0"].alpha.detach().clone()
+    L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, accelerator="cpu").fit(model, loader)
+    assert not torch.equal(model.net.net.units["0"].alpha.detach(), alpha0)
+    assert model.gradsim.log_vars.grad is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
@@ -9,7 +10,22 @@ from torch import Tensor
 
 from ..gate import MAIN_TASK, GateStats, GradientGate
 
-__all__ = ["LossWeightingGate"]
+__all__ = ["LossWeightingGate", "drop_cosine_options"]
+
+#: Options of the cosine gate that a loss weighting has no use for.
+COSINE_OPTIONS = ("threshold", "cosine_ema", "main_grad_ema", "per_layer")
+
+
+def drop_cosine_options(method: str, kwargs: dict) -> dict:
+    """Remove the cosine gate's options from ``kwargs`` with a warning (for ``make_gate`` factories).
+
+    ``gradsim compare --gate threshold=0.1`` passes the same gate options to every method; a loss
+    weighting has no cosine threshold, so it ignores them instead of failing the comparison.
+    """
+    dropped = {k: kwargs.pop(k) for k in list(kwargs) if k in COSINE_OPTIONS}
+    if dropped:
+        warnings.warn(f"{method!r} ignores the cosine-gate option(s) {dropped} (it weights losses).", UserWarning, stacklevel=3)
+    return kwargs
 
 
 class LossWeightingGate(GradientGate):

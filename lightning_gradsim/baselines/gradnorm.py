@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..gate import GateStats
 from ..methods import register_method
-from ._weighting import LossWeightingGate
+from ._weighting import LossWeightingGate, drop_cosine_options
 
 __all__ = ["GradNorm", "default_last_shared_layer"]
 
@@ -221,4 +221,4 @@ def gradnorm_update(
 @register_method("gradnorm")
 def _make_gradnorm(**kwargs) -> GradNorm:
     """``make_gate("gradnorm", alpha=1.5, lr=0.025, last_shared_layer=None, aux_weight=1.0)``."""
-    return GradNorm(**kwargs)
+    return GradNorm(**drop_cosine_options("gradnorm", kwargs))

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..methods import register_method
-from ._weighting import LossWeightingGate
+from ._weighting import LossWeightingGate, drop_cosine_options
 
 __all__ = ["UncertaintyWeighting"]
 
@@ -113,5 +113,5 @@ class UncertaintyWeighting(LossWeightingGate):
 @register_method("uncertainty")
 def _make_uncertainty(**kwargs) -> UncertaintyWeighting:
     """``make_gate("uncertainty", aux_tasks=..., aux_weight=..., init_log_var=...)``."""
-    return UncertaintyWeighting(**kwargs)
+    return UncertaintyWeighting(**drop_cosine_options("uncertainty", kwargs))
 
