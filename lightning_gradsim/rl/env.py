@@ -26,6 +26,7 @@ from .world import EMPTY, GOAL, MOVES, NUM_CODES, WALL, GridSpec, sample_layouts
 __all__ = ["GridworldEnv", "ENV_ID"]
 
 ENV_ID = "lightning_gradsim/Gridworld-v0"
+_TERMINAL_CODES = frozenset(int(i) for i in GridSpec.terminal_table().nonzero().flatten())
 
 #: RGB colour of each cell code in ``render()``: empty, wall, goal, gem, pit, mud.
 COLOURS = np.array(
@@ -83,6 +84,8 @@ class GridworldEnv(gym.Env):
         if task == "transformed":
             grid = np.where(grid == GOAL, EMPTY, grid)
         self.grid = grid.astype(np.int64)
+        rad = self.spec_.view_radius
+        self._padded = np.pad(self.grid, rad, mode="constant", constant_values=WALL)
         self.start = int(start)
         self.task = task
         self.render_mode = render_mode
@@ -96,15 +99,9 @@ class GridworldEnv(gym.Env):
     def observe(self, position: int | None = None) -> np.ndarray:
         """The egocentric window at ``position`` (the agent's by default)."""
         position = self.position if position is None else position
-        r0, c0 = divmod(position, self.spec_.width)
-        rad = self.spec_.view_radius
-        obs = np.full((2 * rad + 1, 2 * rad + 1), WALL, dtype=np.int64)
-        for i in range(2 * rad + 1):
-            for j in range(2 * rad + 1):
-                r, c = r0 + i - rad, c0 + j - rad
-                if 0 <= r < self.spec_.height and 0 <= c < self.spec_.width:
-                    obs[i, j] = self.grid[r, c]
-        return obs
+        r, c = divmod(position, self.spec_.width)
+        size = self.spec_.view_size
+        return self._padded[r : r + size, c : c + size].copy()
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
         super().reset(seed=seed)
@@ -125,7 +122,7 @@ class GridworldEnv(gym.Env):
             self.position = nr * spec.width + nc
         code = int(self.grid.flat[self.position])
         reward = float(spec.rewards[code])
-        terminated = bool(GridSpec.terminal_table()[code])
+        terminated = code in _TERMINAL_CODES
         if not terminated and self.np_random.random() < spec.drop:
             terminated = True
         self.steps += 1
