@@ -223,3 +223,13 @@ def test_gradnorm_bad_arguments():
         GradNorm(lr=0.0)
     with pytest.raises(ValueError, match="empty"):
         GradNorm(last_shared_layer=[])
+
+
+def test_factories_ignore_cosine_gate_options_with_a_warning():
+    with pytest.warns(UserWarning, match="threshold"):
+        gate = make_gate("uncertainty", threshold=0.1, aux_weight=0.5)
+    assert gate.aux_weight == 0.5
+    with pytest.warns(UserWarning, match="cosine_ema"):
+        make_gate("gradnorm", cosine_ema=0.9)
+    with pytest.raises(TypeError):
+        make_gate("gradnorm", not_an_option=1)
