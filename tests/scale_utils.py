@@ -124,9 +124,13 @@ class TinyNet(GradSimMixin, L.LightningModule):
             "aux": F.cross_entropy(self.aux_head(h_aux).float(), y_aux),
         }
 
+    def on_train_start(self):
+        self._logged_step = int(self.gradsim.step)  # after a checkpoint is restored
+
     def on_train_batch_end(self, outputs, batch, batch_idx):
         stats = self.gradsim.last_stats
-        if stats is not None and int(self.gradsim.step) > len(self.gate_log):
+        if stats is not None and int(self.gradsim.step) != self._logged_step:
+            self._logged_step = int(self.gradsim.step)
             self.gate_log.append((stats.cosine.tolist(), stats.gate_open.tolist(), not bool(stats.finite.all())))
 
     def configure_optimizers(self):
@@ -155,10 +159,10 @@ def trainer(**kwargs: Any) -> L.Trainer:
     return L.Trainer(**defaults)
 
 
-def fit(model: TinyNet, batches, **trainer_kwargs: Any) -> TinyNet:
+def fit(model: TinyNet, batches, ckpt_path: str | None = None, **trainer_kwargs: Any) -> TinyNet:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer(**trainer_kwargs).fit(model, train_dataloaders=BatchList(list(batches)))
+        trainer(**trainer_kwargs).fit(model, train_dataloaders=BatchList(list(batches)), ckpt_path=ckpt_path)
     return model
 
 
@@ -181,6 +185,8 @@ def ddp_worker(rank: int, world: int, port: int, out_dir: str, scenarios: list[d
     )
     for sc in scenarios:
         model = TinyNet(**sc["model"])
+        if sc.get("inject_rank", rank) != rank:
+            model.inject_inf_at = set()
         batches = rank_slice(make_batches(sc["num_batches"], sc["batch_size"]), rank, world)
         kwargs = dict(sc.get("trainer", {}))
         callbacks = []

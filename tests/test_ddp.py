@@ -1,0 +1,153 @@
+"""Real 2-process CPU DDP (gloo) runs against single-process runs on the concatenated batches.
+
+All DDP scenarios run in ONE pair of spawned processes (module fixture) to pay the process and
+import start-up once; each test then checks its scenario's saved weights and gate logs. The
+workers are started like ``torchrun`` does (rank in the environment) and use Lightning's
+``strategy="ddp"``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from lightning_gradsim.distributed import all_reduce_mean, world_size
+
+from .scale_utils import TinyNet, ddp_worker, fit, make_batches, merge_pairs, params, rank_slice
+
+pytestmark = [pytest.mark.ddp, pytest.mark.slow, pytest.mark.timeout(300)]
+
+WORLD = 2
+NUM_BATCHES, BATCH = 10, 8  # global batch 8 = 4 per rank
+
+SCENARIOS = [
+    {"name": "unweighted", "model": {"rule": "unweighted", "gate": {"cosine_ema": 0.5}}},
+    {"name": "projection", "model": {"rule": "projection", "optimizer": "sgd", "gate": {"main_grad_ema": 0.5}}},
+    {"name": "accumulate", "model": {"rule": "unweighted", "accumulate": 2}},
+    {"name": "local", "model": {"rule": "unweighted", "sync": "local"}},
+    # Resume: the full run checkpoints mid-epoch at step 4; a second run resumes from it.
+    {
+        "name": "full",
+        "model": {"rule": "projection", "gate": {"main_grad_ema": 0.5, "cosine_ema": 0.5}, "scheduler": True},
+        "checkpoint_every": 4,
+        "trainer": {"max_epochs": 2},
+    },
+    {
+        "name": "resumed",
+        "model": {"rule": "projection", "gate": {"main_grad_ema": 0.5, "cosine_ema": 0.5}, "scheduler": True},
+        "trainer": {"max_epochs": 2},
+        "resume_from": "full/step=4.ckpt",
+    },
+    # 16-mixed with a CPU GradScaler; rank 1 alone overflows on its 3rd batch (see worker).
+    {"name": "scaler", "model": {"rule": "unweighted", "inject_inf_at": (2,)}, "inject_rank": 1, "scaler": {"init_scale": 2.0**8}},
+]
+for sc in SCENARIOS:
+    sc.setdefault("num_batches", NUM_BATCHES)
+    sc.setdefault("batch_size", BATCH)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    mp.spawn(ddp_worker, args=(WORLD, _free_port(), str(out), SCENARIOS), nprocs=WORLD, join=True)
+    return {
+        sc["name"]: [torch.load(os.path.join(out, f"{sc['name']}_rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+        for sc in SCENARIOS
+    }
+
+
+def _single(name: str, batches=None, **overrides):
+    sc = next(s for s in SCENARIOS if s["name"] == name)
+    batches = batches if batches is not None else make_batches(sc["num_batches"], sc["batch_size"])
+    model_kwargs = {**sc["model"], **overrides}
+    return fit(TinyNet(**model_kwargs), batches, **sc.get("trainer", {}))
+
+
+def _assert_same_log(a, b, atol=1e-5):
+    assert len(a) == len(b), (len(a), len(b))
+    for step, ((ca, oa, sa), (cb, ob, sb)) in enumerate(zip(a, b)):
+        assert oa == ob and sa == sb, f"gate decision differs at step {step}: {oa, sa} vs {ob, sb}"
+        torch.testing.assert_close(torch.tensor(ca), torch.tensor(cb), atol=atol, rtol=1e-4)
+
+
+def _assert_same_params(a, b, atol=1e-5):
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=1e-4, msg=f"parameter {name}")
+
+
+@pytest.mark.parametrize("name", ["unweighted", "projection"])
+def test_ddp_equals_single_process_on_the_concatenated_batch(ddp_results, name):
+    ref = _single(name)
+    ranks = ddp_results[name]
+    for r in range(WORLD):
+        _assert_same_params(ranks[r]["params"], params(ref))
+        _assert_same_log(ranks[r]["gate_log"], ref.gate_log)
+    assert ranks[0]["gate_log"] == ranks[1]["gate_log"]  # bit-identical decisions on every rank
+    assert len(ref.gate_log) == NUM_BATCHES
+    if name == "unweighted":
+        opened = [o for _, opens, _ in ref.gate_log for o in opens]
+        assert any(opened) and not all(opened), "the data should both open and close the gate"
+
+
+def test_ddp_reference_is_discriminative():
+    """Guard for the test above: one rank's half batch alone trains to other weights and gates."""
+    full = _single("unweighted")
+    half = _single("unweighted", batches=rank_slice(make_batches(NUM_BATCHES, BATCH), 0, WORLD))
+    assert not torch.allclose(full.trunk[0].weight, half.trunk[0].weight, atol=1e-3)
+
+
+def test_ddp_accumulation_equals_single_process_large_batch(ddp_results):
+    batches = merge_pairs(make_batches(NUM_BATCHES, BATCH), 2)
+    ref = _single("accumulate", batches=batches, accumulate=1)
+    for r in range(WORLD):
+        _assert_same_params(ddp_results["accumulate"][r]["params"], params(ref))
+        _assert_same_log(ddp_results["accumulate"][r]["gate_log"], ref.gate_log)
+
+
+def test_ddp_local_sync_keeps_ranks_in_step_and_averages_updates(ddp_results):
+    ranks = ddp_results["local"]
+    # Weights stay identical on every rank (the combined gradient is all-reduced) ...
+    _assert_same_params(ranks[0]["params"], ranks[1]["params"], atol=0)
+    # ... but each rank gated on its own cosine, so this is not the exact run.
+    exact = _single("unweighted", gate={})
+    assert ranks[0]["gate_log"] != ranks[1]["gate_log"]
+    assert not all(torch.allclose(ranks[0]["params"][n], p, atol=1e-5) for n, p in params(exact).items())
+
+
+def test_ddp_resume_mid_epoch_is_exact(ddp_results):
+    full, resumed = ddp_results["full"], ddp_results["resumed"]
+    ref = _single("full")
+    for r in range(WORLD):
+        _assert_same_params(full[r]["params"], params(ref))
+        _assert_same_params(resumed[r]["params"], full[r]["params"], atol=1e-6)
+        for key, value in full[r]["gate"].items():
+            torch.testing.assert_close(resumed[r]["gate"][key], value, atol=1e-6, rtol=1e-6, msg=key)
+        # The resumed run logged the steps after the checkpoint, identical to the full run's.
+        _assert_same_log(resumed[r]["gate_log"], full[r]["gate_log"][4:], atol=1e-6)
+
+
+def test_ddp_scaler_overflow_on_one_rank_skips_everywhere(ddp_results):
+    ranks = ddp_results["scaler"]
+    for r in range(WORLD):
+        skipped = [s for _, _, s in ranks[r]["gate_log"]]
+        assert skipped == [False, False, True] + [False] * (NUM_BATCHES - 3), skipped
+        assert int(ranks[r]["gate"]["skipped_steps"]) == 1
+        assert ranks[r]["scale"] == 2.0**7  # backed off once, no growth within 2000 steps
+    _assert_same_params(ranks[0]["params"], ranks[1]["params"], atol=0)
+
+
+def test_all_reduce_mean_is_identity_without_a_process_group():
+    assert world_size() == 1
+    t = [torch.ones(3), torch.zeros(2, dtype=torch.float64)]
+    out, bad = all_reduce_mean(t, nonfinite=torch.tensor(True))
+    assert out[0] is t[0] and bool(bad)
