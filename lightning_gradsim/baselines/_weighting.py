@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ..gate import MAIN_TASK, GateStats, GradientGate
+from ..rules import Rule, RuleInput
 
 __all__ = ["LossWeightingGate", "drop_cosine_options"]
 
@@ -28,6 +29,17 @@ def drop_cosine_options(method: str, kwargs: dict) -> dict:
     return kwargs
 
 
+class _UnitSum(Rule):
+    """Sum of the (already weighted) task gradients; measures statistics so per-task gradients exist."""
+
+    name = "loss_weighting"
+    keeps_main_descent = False
+    needs_statistics = True
+
+    def weights(self, inp: RuleInput) -> Tensor:
+        return inp.with_main(torch.ones_like(inp.cosine))
+
+
 class LossWeightingGate(GradientGate):
     """A :class:`GradientGate` whose update is ``sum_i w_i * lambda_i * grad L_i`` with learned/adapted ``w``.
 
@@ -42,7 +54,7 @@ class LossWeightingGate(GradientGate):
     """
 
     def __init__(self, aux_weight: float | Mapping[str, float] = 1.0, seed: int = 0) -> None:
-        super().__init__(rule="sum", aux_weight=aux_weight, seed=seed)
+        super().__init__(rule=_UnitSum(), aux_weight=aux_weight, seed=seed)
 
     # ------------------------------------------------------------------ subclass hooks
     def loss_weights(self, num_tasks: int, like: Tensor) -> Tensor:
@@ -98,7 +110,7 @@ class LossWeightingGate(GradientGate):
         if other_params is not None:
             other_params = list(other_params) + self.own_parameters()
         raw = torch.stack([loss.detach() for loss in losses])
-        # The gate with the "sum" rule and unit weights does the rest (per-task statistics, DDP and
+        # The gate with a unit-weight sum rule does the rest (per-task statistics, DDP and
         # accumulation hooks, heads): the weights are inside the losses.
         stats = super().backward(weighted[0], dict(zip(names, weighted[1:])), shared_params, other_params)
         applied = (weights.detach() * lam)[1:]
@@ -113,10 +125,6 @@ class LossWeightingGate(GradientGate):
             f"{type(self).__name__} weights task *losses*; it has no combine() on given vectors. "
             "Call gate.backward(main_loss, aux_losses, shared_params) (the mixin does)."
         )
-
-    def _aux_weight_tensor(self, names: list[str], like: Tensor) -> Tensor:
-        # The weights (and lambda) are already in the weighted losses: the rule just sums.
-        return torch.ones(len(names), dtype=like.dtype, device=like.device)
 
     def _task_names(self) -> list[str]:
         return [MAIN_TASK] + list(self.aux_names or [])
