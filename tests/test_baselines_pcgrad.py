@@ -165,3 +165,11 @@ def test_cpu_fast_path_matches_tensor_path():
         batched = pcgrad_coefficients(gram.unsqueeze(0), orders.unsqueeze(0))[0]  # tensor path
         torch.testing.assert_close(fast, batched)
         torch.testing.assert_close(fast.sum(0) @ g, reference_pcgrad(list(g), orders))
+
+
+def test_coefficients_under_vmap_match_batched():
+    gen = torch.Generator().manual_seed(4)
+    g = torch.randn(5, 3, 6, generator=gen, dtype=torch.float64)
+    gram = g @ g.transpose(-1, -2)
+    orders = draw_pcgrad_orders((5,), 3, gen)
+    torch.testing.assert_close(torch.func.vmap(pcgrad_coefficients)(gram, orders), pcgrad_coefficients(gram, orders))

@@ -52,7 +52,7 @@ def pcgrad_coefficients(gramian: Tensor, orders: Tensor) -> Tensor:
         raise ValueError(
             f"gramian must be (..., K, K) and orders (..., K, K); got {tuple(gramian.shape)} and {tuple(orders.shape)}."
         )
-    if gramian.dim() == 2 and gramian.device.type == "cpu" and not gramian.requires_grad:
+    if gramian.dim() == 2 and gramian.device.type == "cpu" and not gramian.requires_grad and not _is_functorch(gramian):
         return _coefficients_cpu(gramian, orders)  # same result, far fewer tiny tensor ops
     orders = orders.to(gramian.device)
     batch_shape = gramian.shape[:-2]
@@ -69,6 +69,13 @@ def pcgrad_coefficients(gramian: Tensor, orders: Tensor) -> Tensor:
         dots = (coef * (pick @ gramian)).sum(-1, keepdim=True)  # (..., K, 1): v_i . g_j
         coef = coef - (dots.clamp(max=0.0) * inv[..., position, :]) * pick
     return coef
+
+
+def _is_functorch(t: Tensor) -> bool:
+    try:
+        return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
+    except AttributeError:  # pragma: no cover - older torch
+        return False
 
 
 def _coefficients_cpu(gramian: Tensor, orders: Tensor) -> Tensor:
