@@ -661,6 +661,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patience", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--n-train", type=int, default=None, help="training vectors per task (default 1000)")
+    parser.add_argument("--n-val", type=int, default=None, help="main-task validation vectors (default 1000)")
+    parser.add_argument("--n-test", type=int, default=None, help="main-task test vectors (default 10000)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--out", default="relatedness_out", help="output folder")
     parser.add_argument("--no-progress", action="store_true")
@@ -673,7 +676,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.seeds < 1:
             parser.error(f"--seeds must be at least 1, got {args.seeds}")
         overrides["seeds"] = tuple(range(args.seeds))
-    for name in ("lambdas", "methods", "relatedness", "max_epochs", "patience", "lr", "batch_size"):
+    for name in ("lambdas", "methods", "relatedness", "max_epochs", "patience", "lr", "batch_size", "n_train", "n_val",
+                 "n_test"):
         value = getattr(args, name)
         if value is not None:
             overrides[name] = value
