@@ -147,6 +147,7 @@ def test_noise_rate_statistically():
     assert abs(wrong / m - expected) < 4.5 * np.sqrt(expected * (1 - expected) / m)
 
 
+@pytest.mark.slow
 def test_termination_rate_statistically():
     drop, n = 0.01, 50_000
     layouts, spec = _open_grid(dict(noise=0.0, drop=drop))
@@ -199,6 +200,7 @@ def _batched_episodes(layouts: Layouts, episodes: int, seed: int) -> tuple[np.nd
     return returns.numpy(), lengths.numpy()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("index", [0, 1])
 def test_batched_matches_gym_in_distribution(index):
     """Same layout seeds: equal layouts, equal observations, and random-policy returns and lengths

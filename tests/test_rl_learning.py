@@ -58,6 +58,7 @@ def test_value_iteration_hand_checked_cell():
     assert abs(float(q[7, 0]) - float(expected_up)) < 1e-8
 
 
+@pytest.mark.slow
 def test_q_learning_converges_to_value_iteration():
     layouts = _small_layout()
     copies = 64
@@ -199,6 +200,7 @@ def _tiny(seed: int = 0, **kw) -> ExperimentConfig:
     return ExperimentConfig(**base)
 
 
+@pytest.mark.slow
 def test_experiment_deterministic_by_seed():
     a = run_experiment(_tiny(0))
     b = run_experiment(_tiny(0))
@@ -213,6 +215,7 @@ def test_experiment_deterministic_by_seed():
     assert sorted({s for _, _, s, _, _ in a.curves}) == [0, 60, 120]
 
 
+@pytest.mark.slow
 def test_gated_methods_with_zero_lambda_equal_reward():
     """Wiring check: with lambda = 0 the gated students follow exactly the 'reward' students
     (one block of rows each, so they draw the same random numbers)."""
@@ -231,6 +234,7 @@ def test_config_errors():
         ExperimentConfig(temperatures=(-1.0,))
 
 
+@pytest.mark.slow
 def test_gridworld_command_writes_files(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     from lightning_gradsim.cli import main
