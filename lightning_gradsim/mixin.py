@@ -40,6 +40,12 @@ class GradSimMixin:
         gradsim_clip_algorithm: ``"norm"`` or ``"value"``.
         gradsim_on_nonfinite: ``"skip"`` (warn once per task, count, skip the step) or ``"raise"``.
         gradsim_log_losses: log ``train/loss/<task>`` and ``train/loss`` every step.
+        gradsim_accumulate_grad_batches: accumulate each task's gradients over this many
+            micro-batches and run the gate once on the sums (``Trainer(accumulate_grad_batches)``
+            is refused in manual optimization).
+        gradsim_sync: under DDP, ``"global"`` (exact: one all-reduce of the per-task gradients,
+            every rank gates on the global cosine) or ``"local"`` (each rank gates on its own
+            cosine; only the combined gradient is all-reduced). See ``docs/scaling.md``.
 
     Example::
 
