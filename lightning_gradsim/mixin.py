@@ -212,6 +212,9 @@ class GradSimMixin:
         )
         main_loss = backward_losses[MAIN_TASK]
         aux_losses = {name: v for name, v in backward_losses.items() if name != MAIN_TASK}
+        if self.gradsim_accumulate_grad_batches == 1 and inv_scale is None and not hook.sync_global:
+            # Nothing to do between the per-task backward and the gate: keep the gate's fast path.
+            return self.gradsim_backward(gate, main_loss, aux_losses), hook, scaler
         gate.__dict__["_task_gradient_hook"] = hook
         try:
             stats: GateStats | None = self.gradsim_backward(gate, main_loss, aux_losses)
