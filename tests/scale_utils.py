@@ -198,6 +198,14 @@ def ddp_worker(rank: int, world: int, port: int, out_dir: str, scenarios: list[d
 
             plugins.append(MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", **sc["scaler"])))
         ckpt = sc.get("resume_from")
+        sizes: list[int] = []
+        real_all_reduce = torch.distributed.all_reduce
+
+        def counting_all_reduce(tensor, *args, **kwargs):
+            sizes.append(tensor.numel())
+            return real_all_reduce(tensor, *args, **kwargs)
+
+        torch.distributed.all_reduce = counting_all_reduce
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             t = L.Trainer(
@@ -207,7 +215,8 @@ def ddp_worker(rank: int, world: int, port: int, out_dir: str, scenarios: list[d
                 **{"max_epochs": 1, **kwargs},
             )
             t.fit(model, train_dataloaders=BatchList(batches), ckpt_path=os.path.join(out_dir, ckpt) if ckpt else None)
-        result = {"params": params(model), "gate_log": model.gate_log, "gate": {k: v.clone() for k, v in model.gradsim.state_dict().items() if isinstance(v, torch.Tensor)}}
+        torch.distributed.all_reduce = real_all_reduce
+        result = {"all_reduce_sizes": sizes, "params": params(model), "gate_log": model.gate_log, "gate": {k: v.clone() for k, v in model.gradsim.state_dict().items() if isinstance(v, torch.Tensor)}}
         if sc.get("scaler"):
             result["scale"] = t.precision_plugin.scaler.get_scale()
         torch.save(result, os.path.join(out_dir, f"{sc['name']}_rank{rank}.pt"))

@@ -99,6 +99,19 @@ def test_ddp_equals_single_process_on_the_concatenated_batch(ddp_results, name):
         assert any(opened) and not all(opened), "the data should both open and close the gate"
 
 
+def test_ddp_sync_is_one_bucketed_all_reduce_per_step(ddp_results):
+    model = TinyNet()
+    shared = sum(p.numel() for p in model.trunk.parameters())
+    heads = sum(p.numel() for p in model.main_head.parameters()) + sum(p.numel() for p in model.aux_head.parameters())
+    expected = 2 * shared + heads + 1  # K=2 stacked task gradients, summed head gradients, the non-finite flag
+    for name, calls in (("unweighted", NUM_BATCHES), ("accumulate", NUM_BATCHES // 2)):
+        sizes = ddp_results[name][0]["all_reduce_sizes"]
+        assert sizes.count(expected) == calls, sizes
+        assert all(n == expected or n <= 1 for n in sizes), sizes  # others: Lightning's scalar bookkeeping
+    local = ddp_results["local"][0]["all_reduce_sizes"]
+    assert local.count(shared + heads + 1) == NUM_BATCHES, local
+
+
 def test_ddp_reference_is_discriminative():
     """Guard for the test above: one rank's half batch alone trains to other weights and gates."""
     full = _single("unweighted")
