@@ -70,3 +70,13 @@ def test_bad_accumulate_value_and_trainer_flag_are_refused():
         fit(model, make_batches(2, 4))
     with pytest.raises(MisconfigurationException, match="gradsim_accumulate_grad_batches = 2"):
         trainer(accumulate_grad_batches=2).fit(TinyNet(), train_dataloaders=BatchList(make_batches(2, 4)))
+
+
+def test_custom_gradsim_backward_must_go_through_the_gate_when_accumulating():
+    class OwnBackward(TinyNet):
+        def gradsim_backward(self, gate, main_loss, aux_losses):
+            (main_loss + sum(aux_losses.values())).backward()
+            return None
+
+    with pytest.raises(RuntimeError, match="did not call gate.backward"):
+        fit(OwnBackward(accumulate=2), make_batches(2, 4))

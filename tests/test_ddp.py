@@ -164,3 +164,20 @@ def test_all_reduce_mean_is_identity_without_a_process_group():
     t = [torch.ones(3), torch.zeros(2, dtype=torch.float64)]
     out, bad = all_reduce_mean(t, nonfinite=torch.tensor(True))
     assert out[0] is t[0] and bool(bad)
+
+
+def test_sharded_strategies_and_bad_sync_mode_are_refused():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    class FSDPStrategy:  # stands in for Lightning's, by name
+        pass
+
+    model = TinyNet()
+    model._trainer = SimpleNamespace(strategy=FSDPStrategy(), world_size=2)
+    with pytest.raises(MisconfigurationException, match="not FSDPStrategy"):
+        model._gradsim_world_size()
+    model.gradsim_sync = "ring"
+    with pytest.raises(ValueError, match="gradsim_sync must be 'global'.*or 'local'.*got 'ring'"):
+        fit(model, make_batches(2, 4))
