@@ -3,13 +3,13 @@
 Per-task gradients come from ``torch.autograd.grad``, which never passes through DDP's reducer,
 so :class:`~lightning_gradsim.GradSimMixin` averages them over the ranks itself:
 
-* ``sync="global"`` (default, exact): the stacked per-task gradients on the shared parameters
+* ``gradsim_sync = "global"`` (default, exact): the stacked per-task gradients on the shared parameters
   and the task heads' gradients are flattened into one buffer per dtype and averaged with a
   single ``all_reduce``. Every rank then gates on the *global* per-task gradients and takes the
   same decision; the run equals a single process on the concatenated batch. Volume per step:
   ``K * S + H`` elements (``K`` tasks, ``S`` shared and ``H`` other parameter elements), against
   ``S + H`` for plain DDP.
-* ``sync="local"`` (cheaper): each rank gates on its own local cosine, and only the combined
+* ``gradsim_sync = "local"`` (cheaper): each rank gates on its own local cosine, and only the combined
   gradient is averaged (``S + H`` elements, like plain DDP). Ranks may take different gate
   decisions and keep different gate state; the update is the average of the per-rank updates.
 
