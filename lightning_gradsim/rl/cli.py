@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=d.lr, help="students' learning rate (default %(default)s)")
     p.add_argument("--aux-weight", type=float, default=d.aux_weight, help="lambda of the distillation update")
     p.add_argument("--teacher-steps", type=int, default=d.teacher_steps, help="Q-learning steps per gridworld")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default %(default)s: the per-step tensors are small; 0 leaves torch's default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
