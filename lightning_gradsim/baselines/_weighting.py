@@ -57,8 +57,12 @@ class LossWeightingGate(GradientGate):
         super().__init__(rule=_UnitSum(), aux_weight=aux_weight, seed=seed)
 
     # ------------------------------------------------------------------ subclass hooks
-    def loss_weights(self, num_tasks: int, like: Tensor) -> Tensor:
-        """``(K,)`` weights ``w`` on [main, aux...] for this step."""
+    def loss_weights(self, num_tasks: int, like: Tensor) -> list[Tensor]:
+        """The ``K`` weights ``w`` on [main, aux...] for this step, as 0-d tensors.
+
+        Compute each from its own graph nodes (e.g. ``exp(-s[i])`` per task, not one ``exp(-s)``
+        unbound): tasks that share autograd nodes make the gate take its slower shared-graph path.
+        """
         raise NotImplementedError
 
     def extra_loss(self, like: Tensor) -> Tensor | None:
@@ -73,13 +77,15 @@ class LossWeightingGate(GradientGate):
         """Called after the gradients are written (``losses``: ``(K,)`` raw, detached)."""
 
     # ------------------------------------------------------------------ gate API
-    def lambdas(self, names: Sequence[str], like: Tensor) -> Tensor:
-        """``(K,)`` fixed prior weights: 1 for the main task, ``aux_weight`` for the others."""
+    def lambda_values(self, names: Sequence[str]) -> list[float]:
+        """The ``K`` fixed prior weights: 1 for the main task, ``aux_weight`` for the auxiliary ``names``."""
         if isinstance(self.aux_weight, dict):
-            values = [self.aux_weight[n] for n in names]
-        else:
-            values = [self.aux_weight] * len(names)
-        return torch.tensor([1.0] + values, dtype=like.dtype, device=like.device)
+            return [1.0] + [float(self.aux_weight[n]) for n in names]
+        return [1.0] + [float(self.aux_weight)] * len(names)
+
+    def lambdas(self, names: Sequence[str], like: Tensor) -> Tensor:
+        """:meth:`lambda_values` as a ``(K,)`` tensor like ``like``."""
+        return torch.tensor(self.lambda_values(names), dtype=like.dtype, device=like.device)
 
     def backward(
         self,
@@ -101,9 +107,10 @@ class LossWeightingGate(GradientGate):
         like = losses[0].detach()
         if not like.is_floating_point():
             like = like.float()
-        weights = self.loss_weights(len(losses), like)
+        weight_terms = self.loss_weights(len(losses), like)
+        weights = torch.stack([w.detach() for w in weight_terms])
         lam = self.lambdas(names, weights)
-        weighted = [w * l * loss for w, l, loss in zip(weights.unbind(0), lam.unbind(0), losses)]
+        weighted = [w * l * loss for w, l, loss in zip(weight_terms, self.lambda_values(names), losses)]
         extra = self.extra_loss(weights)
         if extra is not None:
             weighted[0] = weighted[0] + extra  # regulariser: reaches only the weighting's own parameters
@@ -113,11 +120,11 @@ class LossWeightingGate(GradientGate):
         # The gate with a unit-weight sum rule does the rest (per-task statistics, DDP and
         # accumulation hooks, heads): the weights are inside the losses.
         stats = super().backward(weighted[0], dict(zip(names, weighted[1:])), shared_params, other_params)
-        applied = (weights.detach() * lam)[1:]
+        applied = (weights * lam)[1:]
         stats = stats._replace(weight=applied, gate_open=applied > 0)
         self.last_stats = stats
-        finite = stats.finite & torch.isfinite(raw).all() & torch.isfinite(weights.detach()).all()
-        self._after_step(raw, weights.detach(), finite)
+        finite = stats.finite & torch.isfinite(raw).all() & torch.isfinite(weights).all()
+        self._after_step(raw, weights, finite)
         return stats
 
     def combine(self, main, aux, batch_dims: int = 0):  # type: ignore[override]

@@ -87,7 +87,7 @@ class GradNorm(LossWeightingGate):
         self.register_buffer("initial_losses", torch.zeros(0))
         self.register_buffer("weight_updates", torch.zeros((), dtype=torch.long))
 
-    def loss_weights(self, num_tasks: int, like: Tensor) -> Tensor:
+    def loss_weights(self, num_tasks: int, like: Tensor) -> list[Tensor]:
         if self.task_weights.numel() != num_tasks:
             if self.weight_updates > 0:
                 raise ValueError(
@@ -96,7 +96,7 @@ class GradNorm(LossWeightingGate):
                 )
             self.task_weights = torch.ones(num_tasks, dtype=like.dtype, device=like.device)
             self.initial_losses = torch.ones(num_tasks, dtype=like.dtype, device=like.device)
-        return self.task_weights.clone()
+        return list(self.task_weights.clone().unbind(0))
 
     def backward(self, main_loss, aux_losses, shared_params, other_params=None) -> GateStats:  # type: ignore[override]
         """Train on ``sum_i w_i lambda_i L_i``, then update ``w`` (see the module docstring).

@@ -76,7 +76,7 @@ class UncertaintyWeighting(LossWeightingGate):
         self.expected_aux_names = names
         self.log_vars = nn.Parameter(torch.full((1 + num_aux,), float(init_log_var)))
 
-    def loss_weights(self, num_tasks: int, like: Tensor) -> Tensor:
+    def loss_weights(self, num_tasks: int, like: Tensor) -> list[Tensor]:
         if num_tasks != self.log_vars.numel():
             raise ValueError(
                 f"UncertaintyWeighting was built for {self.log_vars.numel() - 1} auxiliary task(s) but got "
@@ -87,7 +87,7 @@ class UncertaintyWeighting(LossWeightingGate):
                 f"UncertaintyWeighting was built for auxiliary tasks {self.expected_aux_names} but got "
                 f"{self.aux_names}; pass the same names in the same order."
             )
-        return torch.exp(-self.log_vars)
+        return [torch.exp(-self.log_vars[i]) for i in range(num_tasks)]  # one graph per task
 
     def extra_loss(self, like: Tensor) -> Tensor:
         return self.log_vars.sum()
