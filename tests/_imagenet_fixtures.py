@@ -10,18 +10,20 @@ import numpy as np
 # six real ImageNet classes; each image's red channel encodes its class: 20 * (position in CLASSES + 1)
 CLASSES = ["n04483307", "n02981792", "n02110185", "n02110063", "n06874185", "n01744401"]
 TRIMARAN, CATAMARAN = CLASSES[0], CLASSES[1]
+#: every class of the paper's pair presets
+PRESET_CLASSES = CLASSES + ["n02107574", "n02108000", "n07590611", "n04243546", "n01695060"]
 
 
 def red_code(wnid: str) -> int:
-    return 20 * (CLASSES.index(wnid) + 1)
+    return 20 * (PRESET_CLASSES.index(wnid) + 1)
 
 
-def make_image_folder(root: Path, n_train: int = 10, n_val: int = 4, size: int = 20) -> Path:
+def make_image_folder(root: Path, n_train: int = 10, n_val: int = 4, size: int = 20, classes: list[str] = CLASSES) -> Path:
     from PIL import Image
 
     rng = np.random.default_rng(0)
     for split, n in (("train", n_train), ("val", n_val)):
-        for wnid in CLASSES:
+        for wnid in classes:
             folder = root / split / wnid
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(n):

@@ -37,10 +37,16 @@ class GradSimCLI(LightningCLI):
 
 def run_cli(subcommand: str, argv: list[str]) -> int:
     """Run ``subcommand`` (``fit``, ``validate``, ``test``, ``predict``) with LightningCLI arguments."""
+    import sys
+
+    saved = sys.argv
+    sys.argv = saved[:1]  # LightningCLI reads only `args`; don't let it see the outer command line
     try:
         GradSimCLI([subcommand, *argv])
     except SystemExit as exit_:
         return int(exit_.code or 0)
+    finally:
+        sys.argv = saved
     return 0
 
 
