@@ -259,3 +259,19 @@ def test_gridworld_command_writes_files(tmp_path, capsys):
     assert "steps to reach" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["gridworld", "--methods", "nope"])
+
+
+def test_rl_package_works_without_gymnasium():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['gymnasium'] = None\n"
+        "import lightning_gradsim.rl as rl\n"
+        "r = rl.run_experiment(rl.ExperimentConfig(envs=2, steps=4, eval_every=2, teacher_steps=4, temperatures=(0.0,)))\n"
+        "assert len(r.curves) == 5 * 3\n"
+        "try:\n    import lightning_gradsim.rl.env\nexcept ImportError:\n    print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"

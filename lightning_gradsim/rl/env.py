@@ -21,17 +21,14 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from .world import EMPTY, GOAL, MOVES, NUM_CODES, WALL, GridSpec, sample_layouts
+from .world import CODE_COLOURS, EMPTY, GOAL, MOVES, NUM_CODES, WALL, GridSpec, sample_layouts
 
 __all__ = ["GridworldEnv", "ENV_ID"]
 
 ENV_ID = "lightning_gradsim/Gridworld-v0"
 _TERMINAL_CODES = frozenset(int(i) for i in GridSpec.terminal_table().nonzero().flatten())
 
-#: RGB colour of each cell code in ``render()``: empty, wall, goal, gem, pit, mud.
-COLOURS = np.array(
-    [[235, 235, 235], [60, 60, 60], [40, 170, 60], [60, 120, 230], [200, 40, 40], [150, 100, 50]], dtype=np.uint8
-)
+COLOURS = np.array(CODE_COLOURS, dtype=np.uint8)
 
 
 class GridworldEnv(gym.Env):

@@ -343,7 +343,9 @@ def _plot_layout(result: ExperimentResult, path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from .env import COLOURS
+    from .world import CODE_COLOURS
+
+    colours = np.array(CODE_COLOURS, dtype=np.uint8)
 
     spec = result.config.spec
     original = result.layouts.index(0)
@@ -359,7 +361,7 @@ def _plot_layout(result: ExperimentResult, path: Path) -> None:
     fig, axes = plt.subplots(1, 4, figsize=(13, 3.6))
     for ax, (title, lay, pol) in zip(axes, panels):
         grid = lay.cells[0].numpy()
-        ax.imshow(COLOURS[grid])
+        ax.imshow(colours[grid])
         r0, c0 = divmod(int(lay.start[0]), spec.width)
         ax.plot(c0, r0, "o", color="gold", markersize=10, markeredgecolor="k")
         if pol is not None:
