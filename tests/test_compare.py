@@ -106,3 +106,15 @@ def test_compare_command_with_config_and_parallel_jobs(tmp_path, capsys):
     bad.write_text("setupp: rotated_digits\n")
     with pytest.raises(SystemExit):
         gradsim(["compare", "--config", str(bad)])
+
+
+@pytest.mark.slow
+def test_class_pair_setup(tmp_path):
+    from ._imagenet_fixtures import CATAMARAN, TRIMARAN, make_image_folder
+
+    root = make_image_folder(tmp_path / "imagenet", n_train=6, n_val=3, size=16)
+    result = compare("class_pair", methods=["unweighted"], seeds=[0], max_steps=3, eval_every=3, out_dir=None, progress=False,
+                     options={"root": str(root), "main_class": TRIMARAN, "aux_class": CATAMARAN, "image_size": 16,
+                              "batch_size": 4, "backbone": "tiny_cnn"})
+    row = result.rows[0]
+    assert row["steps"] == 3 and 0.0 <= row["test_error"] <= 1.0 and 0.0 <= row["test_auroc"] <= 1.0
