@@ -173,3 +173,25 @@ def test_coefficients_under_vmap_match_batched():
     gram = g @ g.transpose(-1, -2)
     orders = draw_pcgrad_orders((5,), 3, gen)
     torch.testing.assert_close(torch.func.vmap(pcgrad_coefficients)(gram, orders), pcgrad_coefficients(gram, orders))
+
+
+def test_agrees_with_torchjd_pcgrad():
+    """torchjd's PCGrad aggregator (an independent implementation), when installed."""
+    import itertools
+
+    aggregation = pytest.importorskip("torchjd.aggregation")
+    gen = torch.Generator().manual_seed(8)
+    for _ in range(5):  # two tasks: the order does not matter, results must be equal
+        g = torch.randn(2, 6, generator=gen, dtype=torch.float64)
+        ours, _ = GradientGate(rule="pcgrad").combine(g[0], [g[1]])
+        torch.testing.assert_close(ours, aggregation.PCGrad()(g))
+    # three tasks: torchjd's random orders give one of ours over all orders
+    g = torch.randn(3, 5, generator=gen, dtype=torch.float64)
+    gram = g @ g.T
+    rows = [[[j for j in perm] for perm in itertools.permutations(range(3))] for _ in range(3)]
+    candidates = [
+        pcgrad_coefficients(gram, torch.tensor([r0, r1, r2])).sum(0) @ g
+        for r0, r1, r2 in itertools.product(*rows)
+    ]
+    theirs = aggregation.PCGrad()(g)
+    assert any(torch.allclose(theirs, c, atol=1e-9) for c in candidates)
