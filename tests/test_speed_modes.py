@@ -286,3 +286,36 @@ def test_non_finite_aux_loss_leaves_the_main_gradient_finite():
     stats = gate.backward(losses[0], [losses[1] * float("inf")], net.shared(), net.others())
     assert bool(torch.isfinite(stats.main_norm)) and not bool(stats.finite)
     assert gate.measured_steps.item() == 0 and gate.skipped_steps.item() == 1
+
+
+def test_features_mode_and_every_n_steps_in_the_mixin():
+    import lightning as L
+
+    from lightning_gradsim import GradSimMixin
+
+    class Module(GradSimMixin, L.LightningModule):
+        def __init__(self, **kw):
+            super().__init__()
+            self.net = Net()
+            self.gradsim = GradientGate(aux_weight=LAM, **kw)
+
+        def shared_parameters(self):
+            return self.net.shared()
+
+        def task_losses(self, batch, batch_idx):
+            (x,) = batch
+            h = self.gradsim.mark_features(self.net.body(self.net.stem(x)))
+            return {"main": (self.net.heads[0](h) ** 2).mean(), "aux": ((self.net.heads[1](h) - 1) ** 2).mean()}
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(24, 5)), batch_size=4)
+    for kw, measured in ((dict(similarity="features"), 6), (dict(similarity="features", every_n_steps=4), 2)):
+        model = Module(**kw)
+        used = model.net.shared() + list(model.net.heads[0].parameters()) + list(model.net.heads[1].parameters())
+        before = [p.detach().clone() for p in used]
+        L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False).fit(model, data)
+        assert model.gradsim.step.item() == 6 and model.gradsim.measured_steps.item() == measured
+        assert all(not torch.equal(b, p) for b, p in zip(before, used))
