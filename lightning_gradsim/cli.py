@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "toy": ("lightning_gradsim.experiments.toys:main", "2-D toy problems: trajectories per rule as a PNG"),
     "gridworld": ("lightning_gradsim.rl.cli:main", "RL distillation from a teacher in gridworlds: curves + figures"),
     "relatedness": ("lightning_gradsim.experiments.relatedness:main", "blog's synthetic task-relatedness sweep: table + plot"),
+    "figures": ("lightning_gradsim.experiments.figures:main", "paper's Appendix B, Proposition 3, cosine-vs-dimension PNGs"),
 }
 
 
