@@ -100,7 +100,7 @@ def test_compare_command_with_config_and_parallel_jobs(tmp_path, capsys):
     assert (tmp_path / "out" / "table.md").read_text().count("| main_only |") == 1
     assert gradsim(["compare", "--methods", "nope", "--out-dir", str(tmp_path / "x")]) == 2
     assert "Unknown method" in capsys.readouterr().out
-    assert gradsim(["compare", "--list"]) == 0
+    assert gradsim(["compare", "--list", "--import", "json"]) == 0
     assert "rotated_digits" in capsys.readouterr().out
     bad = tmp_path / "bad.yaml"
     bad.write_text("setupp: rotated_digits\n")

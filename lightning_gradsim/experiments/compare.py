@@ -8,6 +8,8 @@ The Python API, stable for plug-ins:
   :class:`~lightning_gradsim.GradSimMixin`, and log the main task's accuracy as ``val/acc`` in
   validation and ``test/acc`` in test (``test/error = 1 - test/acc`` is what the table reports).
   Built in: ``rotated_digits`` (:mod:`lightning_gradsim.experiments.setups`) and ``class_pair``.
+  Modules named in :data:`SETUP_MODULES` are imported before a lookup (add one line for yours), and
+  ``gradsim compare --import my.module`` imports any other.
 * **Methods** -- any name from :func:`lightning_gradsim.methods.list_methods` (rules and factories
   registered with :func:`lightning_gradsim.methods.register_method`).
 * :func:`compare` runs ``methods x seeds x variants`` (``variants={"angle": [0, 90]}`` sweeps one
@@ -56,6 +58,7 @@ __all__ = [
     "RunSpec",
     "run_one",
     "DEFAULT_METHODS",
+    "SETUP_MODULES",
     "main",
 ]
 
@@ -79,8 +82,18 @@ def register_setup(name: str, description: str = "") -> Callable[[SetupFactory],
     return decorator
 
 
+#: modules imported before setups are looked up; each registers setups when imported. Add your
+#: module here with one line (or import it yourself, or pass ``gradsim compare --import MODULE``).
+SETUP_MODULES: list[str] = [
+    "lightning_gradsim.experiments.setups",
+]
+
+
 def _load_builtin_setups() -> None:
-    from . import setups  # noqa: F401  (registers the built-in setups)
+    import importlib
+
+    for module in SETUP_MODULES:
+        importlib.import_module(module)
 
 
 def list_setups() -> dict[str, str]:
@@ -446,7 +459,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", help="output folder (default runs/compare/<setup>)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--list", action="store_true", help="list setups and methods, then exit")
+    parser.add_argument("--import", dest="imports", action="append", metavar="MODULE",
+                        help="import a module first (one that registers setups or methods)")
     args = parser.parse_args(argv)
+    if args.imports:
+        import importlib
+
+        for module in args.imports:
+            importlib.import_module(module)
     if args.list:
         print("setups:")
         for name, desc in list_setups().items():
