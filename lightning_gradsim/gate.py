@@ -379,7 +379,7 @@ class GradientGate(nn.Module):
                 else:
                     grad.view(-1).addmv_(f.mT, wf)
                 if wd is not None and direction is not None:
-                    p.grad.view(-1).add_(direction[b].to(p.grad.dtype) * wd.to(p.grad.dtype))  # type: ignore[union-attr]
+                    p.grad.add_((direction[b] * wd.to(direction[b].dtype)).view(p.shape).to(p.grad.dtype))  # type: ignore[union-attr]
             self._reuse = (weights.detach(), stats, present) if self.every_n_steps > 1 else None
             return stats
         assert grads.rows is not None
@@ -501,6 +501,8 @@ class GradientGate(nn.Module):
         self._num_direction_buffers = 0
         for b in (self.measured_steps, self.skipped_steps, self.step):
             b.zero_()
+        self._reuse = None
+        self._calls = 0
 
     def extra_repr(self) -> str:
         return (

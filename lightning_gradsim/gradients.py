@@ -206,6 +206,9 @@ def per_task_gradients(
         if info is None:
             info = inspect_graph(losses, shared)
         strategy = "batched" if info.shares_work else "separate"
+        if strategy == "separate":
+            # Disjoint graphs: nothing needs retaining, each task's graph is freed as it goes.
+            return _per_task(losses, shared, others, strategy, retain_graph, disjoint=True)
     if strategy == "batched":
         out = _batched(losses, shared, others, info, retain_graph, {} if state is None else state)
         if out is not None:
@@ -215,7 +218,12 @@ def per_task_gradients(
 
 
 def _per_task(
-    losses: Sequence[Tensor], shared: Sequence[Tensor], others: Sequence[Tensor], strategy: str, retain_graph: bool
+    losses: Sequence[Tensor],
+    shared: Sequence[Tensor],
+    others: Sequence[Tensor],
+    strategy: str,
+    retain_graph: bool,
+    disjoint: bool = False,
 ) -> PerTaskGradients:
     n_shared = len(shared)
     inputs = list(shared) + list(others)
@@ -227,9 +235,9 @@ def _per_task(
         if loss.grad_fn is None:
             rows.append([None] * n_shared)
             continue
-        # With disjoint graphs nothing needs retaining; with shared work the graph must survive
-        # until the last task. Retaining a disjoint graph costs nothing extra.
-        g = torch.autograd.grad(loss, inputs, retain_graph=retain_graph or k != last, allow_unused=True)
+        # With shared work the graph must survive until the last task; disjoint graphs need not.
+        keep = retain_graph or (k != last and not disjoint)
+        g = torch.autograd.grad(loss, inputs, retain_graph=keep, allow_unused=True)
         rows.append(list(g[:n_shared]))
         for j, r in enumerate(g[n_shared:]):
             if r is not None:
