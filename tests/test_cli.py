@@ -82,3 +82,23 @@ def test_fit_bad_config_is_a_clear_error(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  class_path: lightning_gradsim.experiments.MultiTaskClassifier\n  init_args:\n    methodd: sum\n")
     assert gradsim(["fit", "--config", str(bad)]) != 0
+
+
+def test_models_used_by_the_configs():
+    import torch
+
+    from lightning_gradsim.models import MultiHeadNet, build_trunk, mlp_trunk
+
+    net = MultiHeadNet(*mlp_trunk(64), tasks={"main": 10, "rotated": 10})
+    # 3x100 MLP by hand: 64*100+100 + 2*(100*100+100) trunk, 2*(100*10+10) heads
+    assert sum(p.numel() for p in net.shared_parameters()) == 26_700
+    assert sum(p.numel() for p in net.parameters()) == 26_700 + 2_020
+    assert net(torch.zeros(3, 1, 8, 8), task="rotated").shape == (3, 10)
+    trunk, dim = build_trunk("resnetv2_18", in_chans=3)  # random init, nothing downloaded
+    assert dim == 512 and trunk(torch.zeros(2, 3, 32, 32)).shape == (2, 512)
+    with pytest.raises(ValueError, match="Unknown timm backbone"):
+        build_trunk("no_such_net")
+    with pytest.raises(ValueError, match="input_dim"):
+        build_trunk("mlp")
+    with pytest.raises(KeyError, match="No head for task"):
+        net(torch.zeros(1, 64), task="aux")
