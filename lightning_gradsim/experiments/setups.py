@@ -49,3 +49,11 @@ def class_pair(method: str, seed: int, gate: dict[str, Any], **options: Any):
     datamodule = ClassPairDataModule(seed=seed, **data_kw)
     module = MultiTaskClassifier(tasks=datamodule.tasks, input_dim=None, method=method, gate=gate, **model_kw)
     return module, datamodule
+
+
+@register_setup("celeba", "CelebA: 'Attractive' main, 5 facial landmarks auxiliary, TCDCN-style CNN, Adam (blog)")
+def celeba(method: str, seed: int, gate: dict[str, Any], **options: Any):
+    """CelebA attractiveness with landmarks (the projection blog); options: ``lam``, ``root``, ``subset``..."""
+    from ..models_tcdcn import celeba_setup
+
+    return celeba_setup(method, seed, gate, **options)
