@@ -147,9 +147,10 @@ def test_reinforce_and_distillation_match_autograd_of_surrogates():
     (g_pg,) = torch.autograd.grad(surrogate, w, retain_graph=True)
     (g_v,) = torch.autograd.grad(value_loss, wv, retain_graph=True)
     (g_ce,) = torch.autograd.grad(ce, w)
-    assert torch.allclose(torch.einsum("bsa,bsd->bad", pg, feats), g_pg, atol=1e-4)
-    assert torch.allclose(torch.einsum("bs,bsd->bd", vg, feats), -g_v, atol=1e-4)
-    assert torch.allclose(torch.einsum("bsa,bsd->bad", dg, feats), -g_ce, atol=1e-4)
+    steps = len(traj)  # the accumulator returns means over the episode's steps
+    assert torch.allclose(torch.einsum("bsa,bsd->bad", pg, feats) * steps, g_pg, atol=1e-4)
+    assert torch.allclose(torch.einsum("bs,bsd->bd", vg, feats) * steps, -g_v, atol=1e-4)
+    assert torch.allclose(torch.einsum("bsa,bsd->bad", dg, feats) * steps, -g_ce, atol=1e-4)
     assert float(g_pg.abs().max()) > 1e-3  # a non-trivial check
     # taken rows start afresh
     assert float(acc.policy_update.abs().max()) == 0.0 and float(acc.trace_score.abs().max()) == 0.0

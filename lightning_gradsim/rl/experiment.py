@@ -67,7 +67,7 @@ class ExperimentConfig:
     temperatures: tuple[float, ...] = (0.0, 0.1, 1.0)
     methods: tuple[str, ...] = METHODS
     eval_every: int = 500
-    lr: float = 0.002
+    lr: float = 0.01
     aux_weight: float = 1.0
     teacher_steps: int = 20_000
     spec: GridSpec = field(default_factory=GridSpec)
@@ -194,6 +194,11 @@ def run_experiment(
     gate_rows: list[tuple[str, float, int, float, float]] = []
 
     def evaluate(step: int) -> None:
+        if not bool(torch.isfinite(student.policy).all() & torch.isfinite(student.value_coef).all()):
+            raise RuntimeError(
+                f"The students' weights became non-finite by step {step} (lr={cfg.lr} is too large for "
+                "these settings); lower --lr."
+            )
         for gi, (m, t) in enumerate(groups):
             rows = slice(gi * n, (gi + 1) * n)
             mean, se = _mean_stderr(_start_returns(main_task, torch.softmax(student.all_logits(rows), -1)))

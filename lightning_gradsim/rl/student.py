@@ -18,7 +18,8 @@ Per episode (parameters fixed while it runs) the accumulator builds, online:
 * the value update ``sum_t (G_t - V(s_t)) grad V(s_t)`` (minus the gradient of ``0.5 sum (G_t - V_t)^2``);
 * the distillation update ``-grad sum_t CE(pi_teacher(s_t), pi(s_t))``.
 
-All three are *ascent* directions (``params += lr * update``).
+All three are summed over the episode's steps and divided by its length (a mean over the states
+visited), and all three are *ascent* directions (``params += lr * update``).
 
 Example::
 
@@ -160,9 +161,16 @@ class EpisodeAccumulator:
 
     def take(self, mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(rows, policy_update, value_update, distill_update)`` of the finished episodes (``rows``:
-        the indices where ``mask``), in dual form, and a fresh start for those rows."""
+        the indices where ``mask``), in dual form and divided by the episode's length (means over its
+        steps, so that a long episode does not make a step too large), and a fresh start for those rows."""
         rows = mask.nonzero().squeeze(1)
-        out = (rows, self.policy_update[rows], self.value_update[rows], self.distill_update[rows])
+        length = self.trace_visits[rows].sum(-1).clamp(min=1.0)  # steps in the episode
+        out = (
+            rows,
+            self.policy_update[rows] / length.view(-1, 1, 1),
+            self.value_update[rows] / length.view(-1, 1),
+            self.distill_update[rows] / length.view(-1, 1, 1),
+        )
         for buf in (self.trace_score, self.policy_update, self.distill_update, self.trace_visits, self.value_update):
             buf.index_fill_(0, rows, 0.0)
         return out
