@@ -389,13 +389,21 @@ class GradientGate(nn.Module):
         # Per task, one multi-tensor pass: grad += w_k * g_k (the first term initialises .grad).
         targets: list[list[Tensor]] = [[] for _ in range(num_tasks + 1)]
         sources: list[list[Tensor]] = [[] for _ in range(num_tasks + 1)]
+        cast: dict[tuple[int, torch.dtype], Tensor] = {}
+
+        def coef(k: int, dtype: torch.dtype) -> Tensor:
+            c = cast.get((k, dtype))
+            if c is None:
+                c = cast[(k, dtype)] = (w[k] if k < num_tasks else wd).to(dtype)  # type: ignore[union-attr]
+            return c
+
         for b, i in enumerate(present):
             p = shared[i]
             col = [(k, rows[k][i]) for k in range(num_tasks) if rows[k][i] is not None]
             start = 0
             if p.grad is None:
                 k0, g0 = col[0]
-                p.grad = torch.mul(g0, w[k0].to(g0.dtype)).to(p.dtype)
+                p.grad = torch.mul(g0, coef(k0, g0.dtype)).to(p.dtype)
                 start = 1
             for k, g in col[start:]:
                 targets[k].append(p.grad)
@@ -403,10 +411,9 @@ class GradientGate(nn.Module):
             if wd is not None and direction is not None:
                 targets[num_tasks].append(p.grad)
                 sources[num_tasks].append(direction[b].view(p.shape).to(p.grad.dtype))
-        coefficients = list(w) + ([wd] if wd is not None else [])
         for k, (t, src) in enumerate(zip(targets, sources)):
             if t:
-                torch._foreach_addcmul_(t, src, [coefficients[k].to(x.dtype) for x in t])
+                torch._foreach_addcmul_(t, src, [coef(k, x.dtype) for x in t])
         self._reuse = (weights.detach(), stats, present) if self.every_n_steps > 1 else None
         return stats
 
@@ -819,6 +826,10 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
 def _rows_gram(col: list[Tensor | None], zero: Tensor) -> Tensor:
     """(K, K) Gramian of one parameter's per-task gradients (``None``: the task does not reach it)."""
     k = len(col)
+    if all(c is not None for c in col) and len({c.dtype for c in col}) == 1:  # type: ignore[union-attr]
+        # Two kernels: a (K, P) temporary of this one parameter, and its Gramian.
+        f = torch.stack([c.reshape(-1) for c in col])  # type: ignore[union-attr]
+        return (f @ f.mT).to(zero.dtype)
     entries: list[list[Tensor]] = [[zero] * k for _ in range(k)]
     for i in range(k):
         a = col[i]
