@@ -30,7 +30,7 @@ def test_proposition3_line_integrals_match_hand_computation():
 
 
 def test_negative_example_gate_slows_convergence():
-    paths = figures.negative_example_trajectories(rules=("main_only", "unweighted", "sum"))
+    paths = figures.negative_example_trajectories(rules=("main_only", "unweighted", "sum"), steps=250)
     main_steps = figures.steps_to_reach(paths["main_only"])
     gated_steps = figures.steps_to_reach(paths["unweighted"])
     assert main_steps is not None and gated_steps is not None
