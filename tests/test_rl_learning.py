@@ -262,6 +262,7 @@ def test_gridworld_command_writes_files(tmp_path, capsys):
         main(["gridworld", "--methods", "nope"])
 
 
+@pytest.mark.slow
 def test_rl_package_works_without_gymnasium():
     import subprocess
     import sys
