@@ -586,6 +586,7 @@ def plot_sweep(summary: Sequence[dict], path: str) -> str:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     rels = [r for r in RELATEDNESS if any(s["relatedness"] == r for s in summary)]
     fig, axes = plt.subplots(1, len(rels), figsize=(5 * len(rels), 4), squeeze=False)
@@ -607,6 +608,7 @@ def plot_sweep(summary: Sequence[dict], path: str) -> str:
                         label=METHODS[method].label)
         ax.set_xscale("log")
         ax.set_xticks(lams, [f"{v:g}" for v in lams])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("lambda (auxiliary weight)")
         ax.set_title(f"auxiliary task: {rel}")
         ax.grid(alpha=0.3)
