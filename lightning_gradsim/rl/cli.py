@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import torch
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             teacher_steps=args.teacher_steps,
         )
     except ValueError as err:
-        print(f"gradsim gridworld: {err}")
+        print(f"gradsim gridworld: {err}", file=sys.stderr)
         return 2
     start = time.perf_counter()
     bar = None
