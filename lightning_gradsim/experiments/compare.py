@@ -86,6 +86,7 @@ def register_setup(name: str, description: str = "") -> Callable[[SetupFactory],
 #: module here with one line (or import it yourself, or pass ``gradsim compare --import MODULE``).
 SETUP_MODULES: list[str] = [
     "lightning_gradsim.experiments.setups",
+    "lightning_gradsim.baselines.experiments",
 ]
 
 
