@@ -5,13 +5,14 @@ from __future__ import annotations
 import math
 import runpy
 import sys
+from pathlib import Path
 
 import pytest
-import torch
 
 from lightning_gradsim.experiments import figures
 
 PNG = b"\x89PNG\r\n\x1a\n"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "figures"
 
 
 def test_proposition3_line_integrals_match_hand_computation():
@@ -66,7 +67,7 @@ def test_each_example_script_writes_its_png(tmp_path, monkeypatch, name):
         monkeypatch.setattr(figures, "negative_example_trajectories",
                             lambda **kw: original_paths(rules=("main_only", "unweighted"), steps=120, lr=kw["lr"]))
     monkeypatch.setattr(sys, "argv", [f"{name}.py", str(out)])
-    runpy.run_path(f"examples/figures/{name}.py", run_name="__main__")
+    runpy.run_path(str(EXAMPLES / f"{name}.py"), run_name="__main__")
     assert out.read_bytes()[:8] == PNG
     assert out.stat().st_size > 10_000
 
