@@ -134,8 +134,10 @@ def plain_step(s: Setup) -> Callable[[], None]:
     return step
 
 
-def gate_step(s: Setup, **gate_kwargs: Any) -> Callable[[], None]:
+def gate_step(s: Setup, grad_strategy: str | None = None, **gate_kwargs: Any) -> Callable[[], None]:
     gate = GradientGate(**gate_kwargs).to(s.device)
+    if grad_strategy is not None:
+        gate.grad_strategy = grad_strategy
 
     def step() -> None:
         losses, _ = s.forward(gate)
@@ -201,6 +203,7 @@ def configurations(s: Setup, rules: tuple[str, ...]) -> list[tuple[str, Callable
     for rule in rules:
         configs.append((f"gate {rule}", gate_step(s, rule=rule)))
     if not s.separate:
+        configs.append(("gate unweighted, sequential", gate_step(s, rule="unweighted", grad_strategy="sequential")))
         configs.append(("gate unweighted, features", gate_step(s, rule="unweighted", similarity="features")))
     configs.append(("gate unweighted, every 10", gate_step(s, rule="unweighted", every_n_steps=10)))
     jd = torchjd_step(s)

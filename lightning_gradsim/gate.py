@@ -204,10 +204,6 @@ class GradientGate(nn.Module):
         strategy = self.grad_strategy
         if strategy not in STRATEGIES:
             raise ValueError(f"gate.grad_strategy must be one of {STRATEGIES}, got {strategy!r}.")
-        if strategy == "auto" and info.shares_work and losses_finite.device.type == "cpu" and not bool(losses_finite):
-            # In a batched backward, 0 * inf from a non-finite task poisons every task's gradient;
-            # one backward per task keeps the finite ones clean (checked only where it is free).
-            strategy = "sequential"
         grads = per_task_gradients(losses, shared, others, strategy=strategy, info=info, state=self._grad_state)
         grads = self._reduce_task_gradients(grads, shared, others)
         stats = self._combine_into_grad(grads, shared, names, losses_finite)
