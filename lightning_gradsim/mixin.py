@@ -333,7 +333,7 @@ class GradSimMixin:
         # One host sync per step: the decision to step the optimizer needs it. ``nonfinite``: the
         # gradient hook (or the local-sync all-reduce) saw a NaN/inf here or on another rank.
         loss_finite = torch.stack([torch.isfinite(v.detach()).all() for v in losses.values()])
-        if not nonfinite and bool(loss_finite.all()) and bool(stats.finite.all()):
+        if not nonfinite and bool(loss_finite.all() & stats.finite.all()):  # one sync, not two
             return True
         if overflow_ok and bool(loss_finite.all()):
             return False  # a 16-mixed overflow: the GradScaler backs off, as in plain AMP training
