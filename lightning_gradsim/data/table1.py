@@ -134,18 +134,22 @@ def rotated_views(images: Tensor, angles: Sequence[float]) -> Tensor:
     return torch.stack([rotate_images(images, float(a)).reshape(n, -1) for a in angles])
 
 
-def task_batch(views: Tensor, labels: Tensor, task_view: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+def task_batch(views: Tensor, labels: Tensor, task_view: Tensor, idx: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Every run's batch of every task: ``x`` ``(R, T, B, D)`` and ``y`` ``(R, T, B)``.
 
     ``views``: ``(V, N, D)`` from :func:`rotated_views`; ``task_view``: ``(R, T)`` which view each
     run's task reads; ``idx``: ``(R, B)`` each run's image indices. Every task of a run sees the
-    same images (and labels), each in its own view.
+    same images (and labels), each in its own view. ``out``: an ``(R, T, B, D)`` buffer to fill.
 
     >>> views = torch.arange(12.0).view(2, 3, 2)            # 2 views of 3 images
     >>> x, y = task_batch(views, torch.tensor([7, 8, 9]), torch.tensor([[0, 1]]), torch.tensor([[2, 0]]))
     >>> x[0, 0].tolist(), x[0, 1].tolist(), y.tolist()
     ([[4.0, 5.0], [0.0, 1.0]], [[10.0, 11.0], [6.0, 7.0]], [[[9, 7], [9, 7]]])
     """
-    x = views[task_view.unsqueeze(-1), idx.unsqueeze(1)]
-    y = labels[idx].unsqueeze(1).expand(-1, task_view.shape[1], -1)
-    return x, y
+    num_views, n, d = views.shape
+    r, t = task_view.shape
+    flat = (task_view.unsqueeze(-1) * n + idx.unsqueeze(1)).reshape(-1)
+    target = None if out is None else out.view(-1, d)
+    x = torch.index_select(views.reshape(num_views * n, d), 0, flat, out=target) if target is not None else views.reshape(num_views * n, d)[flat]
+    y = labels[idx].unsqueeze(1).expand(-1, t, -1)
+    return x.view(r, t, idx.shape[1], d), y

@@ -114,45 +114,63 @@ class StackedMLP:
         self.heads: list[Tensor] = [hw.to(device, dtype).contiguous(), hb.to(device, dtype).contiguous()]
         for p in self.parameters():
             p.requires_grad_(True)
+        self._workspace: dict[tuple[str, tuple[int, ...]], Tensor] = {}
 
     def parameters(self) -> list[Tensor]:
         """Trunk then head tensors (give them to one optimizer)."""
         return self.trunk + self.heads
 
+    def _buffer(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """A work buffer reused across steps (fresh large allocations cost page faults on the CPU)."""
+        key = (name, tuple(shape))
+        out = self._workspace.get(key)
+        if out is None or out.dtype != like.dtype or out.device != like.device:
+            out = self._workspace[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return out
+
     @torch.no_grad()
     def task_gradients(self, x: Tensor, y: Tensor) -> TaskGradients:
-        """Every run's per-task gradients for inputs ``x`` ``(R, T, B, D)`` and labels ``y`` ``(R, T, B)``."""
+        """Every run's per-task gradients for inputs ``x`` ``(R, T, B, D)`` and labels ``y`` ``(R, T, B)``.
+
+        The returned tensors are work buffers that the next call overwrites: use (or copy) them first.
+        """
         r, t, b, d = x.shape
         if (r, t, d) != (self.num_runs, self.num_tasks, self.input_dim) or tuple(y.shape) != (r, t, b):
             raise ValueError(
                 f"x must be (runs={self.num_runs}, tasks={self.num_tasks}, batch, {self.input_dim}) and y (runs, tasks, batch); "
                 f"got {tuple(x.shape)} and {tuple(y.shape)}."
             )
-        rt = r * t
+        rt, hid = r * t, self.hidden
+        buf = self._buffer
         acts = [x.reshape(r, t * b, d)]
         for layer in range(self.depth):
             w, bias = self.trunk[2 * layer], self.trunk[2 * layer + 1]
-            acts.append(torch.baddbmm(bias.unsqueeze(1), acts[-1], w).clamp_min_(0.0))
-        hw, hb = self.heads
-        feats = acts[-1].view(rt, b, self.hidden)
-        logits = torch.baddbmm(hb.reshape(rt, 1, -1), feats, hw.reshape(rt, self.hidden, -1))
-        logp = logits.log_softmax(-1)
+            z = torch.bmm(acts[-1], w, out=buf(f"act{layer}", (r, t * b, w.shape[-1]), x))
+            acts.append(z.add_(bias.unsqueeze(1)).clamp_min_(0.0))  # bmm + add_: cheaper than baddbmm on CPU
+        hw, hb = self.heads[0].reshape(rt, hid, -1), self.heads[1].reshape(rt, 1, -1)
+        feats = acts[-1].view(rt, b, hid)
+        logits = torch.bmm(feats, hw, out=buf("logits", (rt, b, hw.shape[-1]), x)).add_(hb)
+        logp = logits.sub_(logits.logsumexp(-1, keepdim=True))  # log-softmax in place
         target = y.reshape(rt, b, 1)
         loss = -logp.gather(-1, target).mean((1, 2)).view(r, t)
         # d(mean CE)/d logits = (softmax - onehot) / B
         dlogits = logp.exp_().scatter_add_(-1, target, torch.full_like(target, -1, dtype=logp.dtype)).div_(b)
-        heads = [torch.bmm(feats.transpose(1, 2), dlogits).view(r, t, self.hidden, -1), dlogits.sum(1).view(r, t, -1)]
-        dh = torch.bmm(dlogits, hw.reshape(rt, self.hidden, -1).transpose(1, 2)).view(r, t * b, self.hidden)
+        heads = [
+            torch.bmm(feats.transpose(1, 2), dlogits, out=buf("head_w", (rt, hid, hw.shape[-1]), x)).view(r, t, hid, -1),
+            torch.sum(dlogits, 1, out=buf("head_b", (rt, hw.shape[-1]), x)).view(r, t, -1),
+        ]
+        dh = torch.bmm(dlogits, hw.transpose(1, 2), out=buf(f"dh{self.depth}", (rt, b, hid), x)).view(r, t * b, hid)
         trunk: list[Tensor] = [torch.empty(0)] * (2 * self.depth)
         for layer in reversed(range(self.depth)):
-            dz = torch.ops.aten.threshold_backward(dh, acts[layer + 1], 0.0)  # dh * (relu output > 0)
+            # dz = dh * (relu output > 0), written over dh
+            dz = torch.ops.aten.threshold_backward.grad_input(dh, acts[layer + 1], 0.0, grad_input=dh)
             prev = acts[layer]
-            width = prev.shape[-1]
-            out = dz.shape[-1]
-            trunk[2 * layer] = torch.bmm(prev.view(rt, b, width).transpose(1, 2), dz.view(rt, b, out)).view(r, t, width, out)
-            trunk[2 * layer + 1] = dz.view(r, t, b, out).sum(2)
+            width, out = prev.shape[-1], dz.shape[-1]
+            gw = buf(f"grad_w{layer}", (rt, width, out), x)
+            trunk[2 * layer] = torch.bmm(prev.view(rt, b, width).transpose(1, 2), dz.view(rt, b, out), out=gw).view(r, t, width, out)
+            trunk[2 * layer + 1] = torch.sum(dz.view(r, t, b, out), 2, out=buf(f"grad_b{layer}", (r, t, out), x))
             if layer > 0:
-                dh = torch.bmm(dz, self.trunk[2 * layer].transpose(1, 2))
+                dh = torch.bmm(dz, self.trunk[2 * layer].transpose(1, 2), out=buf(f"dh{layer}", (r, t * b, width), x))
         return TaskGradients(trunk, heads, loss)
 
     @torch.no_grad()

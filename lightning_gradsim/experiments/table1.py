@@ -191,8 +191,13 @@ class StackedProtocol:
         steps = math.ceil(n / b)
         cos = torch.zeros(len(self.runs), device=idx.device)
         loss = torch.zeros(len(self.runs), 2, device=idx.device)
+        buffers: dict[int, torch.Tensor] = {}
         for k in range(steps):
-            x, y = task_batch(self.views, self.train_y, self.task_view, idx[:, k * b : (k + 1) * b])
+            batch = idx[:, k * b : (k + 1) * b]
+            size = batch.shape[1]
+            if size not in buffers:
+                buffers[size] = self.views.new_empty(len(self.runs), 2, size, self.views.shape[-1])
+            x, y = task_batch(self.views, self.train_y, self.task_view, batch, out=buffers[size])
             record = self.trainer.step(x, y)  # x: (R, 2, B, D), the same images, rotated for task 1
             cos += record.cosine[:, 0]
             loss += record.loss
