@@ -91,7 +91,8 @@ def paired_table(rows: list[dict[str, Any]], methods: Sequence[str], angles: Seq
                 continue
             res = paired_t_test(x, y)
             p = "n/a" if math.isnan(res.p_value) else (f"{res.p_value:.3f}" if res.p_value >= 0.001 else "<0.001")
-            cells.append(f"{100 * res.mean_diff:+.2f} (p {p})")
+            diff = round(100 * res.mean_diff, 2) + 0.0  # no "-0.00"
+            cells.append(f"{diff:+.2f} (p {p})")
         lines.append(f"| {_angle(a)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
