@@ -211,9 +211,12 @@ def _plot(result: Any, error_path: Path, cosine_path: Path) -> None:
     methods = _ordered([s.label for s in result.specs])
     angles = [float(a) for a in result.config.angles]
     fig, ax = plt.subplots(figsize=(5.2, 3.6))
-    for m in methods:
+    span = (max(angles) - min(angles)) or 1.0
+    for i, m in enumerate(methods):
         stats = [_mean_std(_values(result.rows, m, a, "test_error")) for a in angles]
-        ax.errorbar(angles, [100 * s[0] for s in stats], yerr=[100 * s[1] for s in stats], label=m, marker="o", capsize=3, lw=1.2)
+        shift = 0.012 * span * (i - (len(methods) - 1) / 2)  # side by side, so the error bars stay readable
+        ax.errorbar([a + shift for a in angles], [100 * s[0] for s in stats], yerr=[100 * s[1] for s in stats],
+                    label=m, marker="o", ms=4, capsize=2, lw=1.1)
     ax.set_xlabel("rotation of the auxiliary task's images (degrees)")
     ax.set_ylabel("main-task test error (%)")
     ax.set_xticks(angles)
