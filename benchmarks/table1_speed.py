@@ -37,7 +37,9 @@ def _process_age() -> float:
         return float(f.read().split()[0]) - start_ticks / os.sysconf("SC_CLK_TCK")
 
 
-def unit_step_times(data, runs: int, batch: int, hidden: int, depth: int, repeats: int = 5, steps: int = 10) -> tuple[float, float]:
+def unit_step_times(
+    data, runs: int, batch: int, hidden: int, depth: int, repeats: int = 5, steps: int = 10
+) -> tuple[float, float]:
     """Median (wall, cpu) seconds of one stacked single-task step of ``runs`` runs."""
     import torch
 
@@ -75,7 +77,9 @@ def main() -> int:
     parser.add_argument("--root", default=None)
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--seeds", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: $OMP_NUM_THREADS or torch's)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: $OMP_NUM_THREADS or torch's)"
+    )
     parser.add_argument("--out", default=None, help="keep the command's outputs here (default: a temporary folder)")
     parser.add_argument("rest", nargs="*", help="more gradsim table1 flags, after --")
     args = parser.parse_args()
@@ -118,11 +122,17 @@ def main() -> int:
     unit_wall, unit_cpu = unit_step_times(data, len(res.rows), cfg.batch_size, cfg.hidden, cfg.depth)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"gradsim table1 {' '.join(argv)}" + (f" --out {args.out}" if args.out else ""))
-    print(f"  runs stacked: {len(res.rows)}  steps: {res.steps}  threads: {torch.get_num_threads()}  load average (1 min): {load:.1f}")
+    print(
+        f"  runs stacked: {len(res.rows)}  steps: {res.steps}  threads: {torch.get_num_threads()}  load average (1 min): {load:.1f}"
+    )
     print(f"  command: wall {wall_cmd:.1f} s (training {res.seconds:.1f} s), CPU {cpu_cmd:.1f} s")
-    print(f"  unit (stacked single-task step, {len(res.rows)} runs): wall {1e3 * unit_wall:.1f} ms, CPU {1e3 * unit_cpu:.1f} ms")
-    print(f"  ratio (command / (steps x unit)): wall {wall_cmd / (res.steps * unit_wall):.2f}, CPU {cpu_cmd / (res.steps * unit_cpu):.2f}"
-          "   (target <= 2.5; a gated step is two tasks' work, floor ~1.7-2)")
+    print(
+        f"  unit (stacked single-task step, {len(res.rows)} runs): wall {1e3 * unit_wall:.1f} ms, CPU {1e3 * unit_cpu:.1f} ms"
+    )
+    print(
+        f"  ratio (command / (steps x unit)): wall {wall_cmd / (res.steps * unit_wall):.2f}, CPU {cpu_cmd / (res.steps * unit_cpu):.2f}"
+        "   (target <= 2.5; a gated step is two tasks' work, floor ~1.7-2)"
+    )
     return 0
 
 

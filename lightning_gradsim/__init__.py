@@ -5,11 +5,11 @@ Example::
     from lightning_gradsim import GradientGate, GradSimMixin, GradSimMonitor
 """
 
+from . import baselines
 from .gate import GateStats, GradientGate
 from .mixin import GradSimMixin, NonFiniteLossError
 from .monitor import GradSimMonitor
 from .rules import Rule, RuleInput, get_rule, list_rules, register_rule
-from . import baselines  # noqa: E402,F401  (registers pcgrad, uncertainty, gradnorm)
 
 __version__ = "0.1.0"
 

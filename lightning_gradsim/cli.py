@@ -18,9 +18,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "distances": ("lightning_gradsim.experiments.distances:main", "LCA level vs Frechet distance of class pairs"),
     "toy": ("lightning_gradsim.experiments.toys:main", "2-D toy problems: trajectories per rule as a PNG"),
     "gridworld": ("lightning_gradsim.rl.cli:main", "RL distillation from a teacher in gridworlds: curves + figures"),
-    "table1": ("lightning_gradsim.experiments.table1:main", "paper Table 1 (rotated MNIST): all runs stacked, table + paired tests + plots"),
-    "relatedness": ("lightning_gradsim.experiments.relatedness:main", "blog's synthetic task-relatedness sweep: table + plot"),
-    "figures": ("lightning_gradsim.experiments.figures:main", "paper's Appendix B, Proposition 3, cosine-vs-dimension PNGs"),
+    "table1": (
+        "lightning_gradsim.experiments.table1:main",
+        "paper Table 1 (rotated MNIST): all runs stacked, table + paired tests + plots",
+    ),
+    "relatedness": (
+        "lightning_gradsim.experiments.relatedness:main",
+        "blog's synthetic task-relatedness sweep: table + plot",
+    ),
+    "figures": (
+        "lightning_gradsim.experiments.figures:main",
+        "paper's Appendix B, Proposition 3, cosine-vs-dimension PNGs",
+    ),
 }
 
 

@@ -153,8 +153,13 @@ class TaskGradientAccumulator:
         return out
 
     def state_dict(self) -> dict[str, object]:
-        return {"shared": self.shared, "others": self.others, "reached": self.reached, "count": self.count,
-                "nonfinite": self.nonfinite}
+        return {
+            "shared": self.shared,
+            "others": self.others,
+            "reached": self.reached,
+            "count": self.count,
+            "nonfinite": self.nonfinite,
+        }
 
     def load_state_dict(self, state: dict[str, object]) -> None:
         self.shared = state["shared"]  # type: ignore[assignment]

@@ -249,14 +249,20 @@ class GradientGate(nn.Module):
         hook = self.__dict__.get("_task_gradient_hook")
         if hook is None:
             return
-        if not getattr(hook, "final", True) or getattr(hook, "sync_global", False) or getattr(hook, "inv_scale", None) is not None:
+        if (
+            not getattr(hook, "final", True)
+            or getattr(hook, "sync_global", False)
+            or getattr(hook, "inv_scale", None) is not None
+        ):
             raise ValueError(
                 f"{what} does not support gradient accumulation, DDP with gradsim_sync='global' or 16-mixed "
                 "precision yet: use similarity='parameters' and every_n_steps=1 there."
             )
 
     # ------------------------------------------------------------------ fast paths
-    def _reuse_step(self, losses: list[Tensor], shared: list[Tensor], others: list[Tensor], losses_finite: Tensor) -> GateStats:
+    def _reuse_step(
+        self, losses: list[Tensor], shared: list[Tensor], others: list[Tensor], losses_finite: Tensor
+    ) -> GateStats:
         """``every_n_steps``: one weighted backward with the last measured weights."""
         self._check_no_hook_work("every_n_steps > 1")
         assert self._reuse is not None
@@ -264,9 +270,7 @@ class GradientGate(nn.Module):
         num_tasks = len(losses)
         if others:
             # The heads get their own tasks' gradients (a backward through the heads only).
-            head_grads = torch.autograd.grad(
-                _sum(losses), others, retain_graph=True, allow_unused=True
-            )
+            head_grads = torch.autograd.grad(_sum(losses), others, retain_graph=True, allow_unused=True)
             for p, g in zip(others, head_grads):
                 if g is not None:
                     _accumulate_grad(p, g)
@@ -525,7 +529,9 @@ class GradientGate(nn.Module):
         if state.get("generator") is not None:
             self._rng().set_state(state["generator"])
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):  # type: ignore[override]
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):  # type: ignore[override]
         # Lazily shaped buffers take the shape of the checkpoint's.
         for name in ("cosine_state", "open_steps"):
             key = prefix + name
@@ -540,7 +546,9 @@ class GradientGate(nn.Module):
             src = state_dict[prefix + f"main_grad_ema_{i}"]
             self.register_buffer(f"main_grad_ema_{i}", torch.empty_like(src, device=self.step.device))
         self._num_direction_buffers = n
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def _direction_buffer_names(self) -> Iterable[str]:
         return [f"main_grad_ema_{i}" for i in range(self._num_direction_buffers)]
@@ -552,7 +560,9 @@ class GradientGate(nn.Module):
         return self._generator
 
     # ------------------------------------------------------------------ internals
-    def _named_losses(self, main_loss: Tensor, aux_losses: Sequence[Tensor] | Mapping[str, Tensor]) -> tuple[list[str], list[Tensor]]:
+    def _named_losses(
+        self, main_loss: Tensor, aux_losses: Sequence[Tensor] | Mapping[str, Tensor]
+    ) -> tuple[list[str], list[Tensor]]:
         if isinstance(aux_losses, Mapping):
             names = [str(n) for n in aux_losses.keys()]
             aux = list(aux_losses.values())
@@ -622,7 +632,8 @@ class GradientGate(nn.Module):
         trainable = [p for p in params if p.requires_grad]
         if not trainable:
             raise ValueError(
-                "shared_params is empty" + (" (all of them have requires_grad=False)" if params else "")
+                "shared_params is empty"
+                + (" (all of them have requires_grad=False)" if params else "")
                 + ": pass the parameters of the backbone the tasks share, e.g. model.trunk.parameters()."
             )
         return trainable
@@ -680,7 +691,9 @@ class GradientGate(nn.Module):
         self._ensure_state(tuple(batch_shape) + (num_tasks - 1,), ref)
         first = self.measured_steps == 0
         if self.cosine_ema > 0:
-            smoothed = torch.where(first, raw_cos, self.cosine_ema * self.cosine_state + (1 - self.cosine_ema) * raw_cos)
+            smoothed = torch.where(
+                first, raw_cos, self.cosine_ema * self.cosine_state + (1 - self.cosine_ema) * raw_cos
+            )
         else:
             smoothed = raw_cos
         direction: list[Tensor] | None = None

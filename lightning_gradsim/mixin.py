@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Iterable, Mapping
-from typing import Any, Callable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -262,9 +262,7 @@ class GradSimMixin:
 
     def _gradsim_all_reduce_grads(self, optimizers: list[Any], nonfinite: bool) -> bool:
         """``gradsim_sync="local"``: average the combined ``.grad`` over the ranks (one all-reduce)."""
-        params = [
-            p for opt in optimizers for group in opt.param_groups for p in group["params"] if p.requires_grad
-        ]
+        params = [p for opt in optimizers for group in opt.param_groups for p in group["params"] if p.requires_grad]
         params = list({id(p): p for p in params}.values())
         grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
         averaged, bad = all_reduce_mean(grads, nonfinite=torch.tensor(nonfinite, device=grads[0].device))
@@ -299,7 +297,7 @@ class GradSimMixin:
             raise AttributeError(
                 f"{type(self).__name__} has no GradientGate at self.gradsim"
                 + ("" if gate is None else f" (found {type(gate).__name__})")
-                + ": add `self.gradsim = GradientGate(rule=\"unweighted\")` to __init__."
+                + ': add `self.gradsim = GradientGate(rule="unweighted")` to __init__.'
             )
         return gate
 
@@ -311,9 +309,7 @@ class GradSimMixin:
 
     def _checked_losses(self, losses: Any) -> dict[str, Tensor]:
         if not isinstance(losses, Mapping):
-            raise TypeError(
-                f"task_losses() must return a dict of losses by task name, got {type(losses).__name__}."
-            )
+            raise TypeError(f"task_losses() must return a dict of losses by task name, got {type(losses).__name__}.")
         losses = dict(losses)
         if MAIN_TASK not in losses:
             raise KeyError(
@@ -379,7 +375,9 @@ class GradSimMixin:
             if index % config.frequency != 0:
                 continue
             if isinstance(config.scheduler, ReduceLROnPlateau):
-                monitor, strict = self.__dict__.get("_gradsim_scheduler_monitors", {}).get(id(config.scheduler), (None, True))
+                monitor, strict = self.__dict__.get("_gradsim_scheduler_monitors", {}).get(
+                    id(config.scheduler), (None, True)
+                )
                 if monitor is None:
                     raise MisconfigurationException(
                         "A ReduceLROnPlateau scheduler needs the metric to watch: return "

@@ -57,7 +57,9 @@ class GradSimMonitor(Callback):
         self.plot_path: str | None = None
 
     # ------------------------------------------------------------------ hooks
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self._batches_seen += 1
         if (self._batches_seen - 1) % self.logging_interval != 0:
             return
@@ -80,7 +82,11 @@ class GradSimMonitor(Callback):
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.plot:
-            path = self.plot if isinstance(self.plot, (str, os.PathLike)) else os.path.join(trainer.log_dir or trainer.default_root_dir, "gradsim.png")
+            path = (
+                self.plot
+                if isinstance(self.plot, (str, os.PathLike))
+                else os.path.join(trainer.log_dir or trainer.default_root_dir, "gradsim.png")
+            )
             self.plot_path = str(path)
             self._save_plot(self.plot_path)
 

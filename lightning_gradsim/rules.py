@@ -25,8 +25,9 @@ Add your own rule without editing the library::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import torch
 from torch import Tensor

@@ -130,8 +130,13 @@ def _fit(gate, steps=3):
     model = _Net(gate)
     monitor = GradSimMonitor()
     trainer = L.Trainer(
-        max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[monitor], accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[monitor],
+        accelerator="cpu",
     )
     trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=8))
     return model, monitor
@@ -203,14 +208,18 @@ def test_gradnorm_uses_only_the_last_shared_layer():
     torch.testing.assert_close(explicit.task_weights, 2 * w / w.sum())
     torch.testing.assert_close(default.task_weights, explicit.task_weights)
     with pytest.raises(ValueError, match="not among the shared"):
-        GradNorm(last_shared_layer=[nn.Parameter(torch.ones(2, 2))]).backward(l1.detach() + trunk(x).sum(), [trunk(x).mean()], trunk.parameters())
+        GradNorm(last_shared_layer=[nn.Parameter(torch.ones(2, 2))]).backward(
+            l1.detach() + trunk(x).sum(), [trunk(x).mean()], trunk.parameters()
+        )
 
 
 def test_gradnorm_state_dict_roundtrip_and_monitor():
     gate = GradNorm(lr=0.1)
     model, monitor = _fit(gate, steps=3)
     assert len(monitor.history["gradsim/task_weight/main"]) == 3
-    assert monitor.history["gradsim/task_weight/main"][-1] + monitor.history["gradsim/task_weight/aux"][-1] == pytest.approx(2.0)
+    assert monitor.history["gradsim/task_weight/main"][-1] + monitor.history["gradsim/task_weight/aux"][
+        -1
+    ] == pytest.approx(2.0)
     fresh = GradNorm()
     fresh.load_state_dict(gate.state_dict())
     torch.testing.assert_close(fresh.task_weights, gate.task_weights)

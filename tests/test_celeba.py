@@ -14,9 +14,18 @@ from lightning_gradsim.models_tcdcn import CelebATCDCN
 ATTRS = ["5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Young"]
 # image index -> (partition, Attractive as +-1, RGB colour)
 IMAGES = {
-    1: (0, 1, (200, 100, 50)), 2: (0, -1, (10, 20, 30)), 3: (0, 1, (255, 255, 255)), 4: (0, -1, (0, 0, 0)),
-    5: (0, 1, (90, 160, 220)), 6: (0, -1, (128, 64, 32)), 7: (1, 1, (50, 50, 50)), 8: (1, -1, (70, 80, 90)),
-    9: (2, -1, (30, 30, 200)), 10: (2, 1, (220, 30, 30)), 11: (2, -1, (100, 200, 100)), 12: (1, 1, (5, 250, 5)),
+    1: (0, 1, (200, 100, 50)),
+    2: (0, -1, (10, 20, 30)),
+    3: (0, 1, (255, 255, 255)),
+    4: (0, -1, (0, 0, 0)),
+    5: (0, 1, (90, 160, 220)),
+    6: (0, -1, (128, 64, 32)),
+    7: (1, 1, (50, 50, 50)),
+    8: (1, -1, (70, 80, 90)),
+    9: (2, -1, (30, 30, 200)),
+    10: (2, 1, (220, 30, 30)),
+    11: (2, -1, (100, 200, 100)),
+    12: (1, 1, (5, 250, 5)),
 }
 WIDTH, HEIGHT = 178, 218
 
@@ -31,8 +40,10 @@ def write_celeba(folder) -> None:
     img_dir = folder / "img_align_celeba"
     img_dir.mkdir(parents=True)
     attr_lines = [str(len(IMAGES)), " ".join(ATTRS)]
-    lm_lines = [str(len(IMAGES)), "lefteye_x lefteye_y righteye_x righteye_y nose_x nose_y leftmouth_x leftmouth_y "
-                "rightmouth_x rightmouth_y"]
+    lm_lines = [
+        str(len(IMAGES)),
+        "lefteye_x lefteye_y righteye_x righteye_y nose_x nose_y leftmouth_x leftmouth_y rightmouth_x rightmouth_y",
+    ]
     part_lines = []
     for i, (part, attractive, colour) in IMAGES.items():
         name = f"{i:06d}.jpg"
@@ -120,9 +131,16 @@ def test_tcdcn_shapes_and_gate():
 def test_compare_setup_runs_on_the_tiny_folder(celeba_root, tmp_path):
     from lightning_gradsim.experiments.compare import RunSpec, run_one
 
-    spec = RunSpec(setup="celeba", method="projection", seed=0, gate={},
-                   options={"root": str(celeba_root), "lam": 2.0, "batch_size": 3, "subset": None},
-                   variant="lam=2.0", max_steps=4, eval_every=2)
+    spec = RunSpec(
+        setup="celeba",
+        method="projection",
+        seed=0,
+        gate={},
+        options={"root": str(celeba_root), "lam": 2.0, "batch_size": 3, "subset": None},
+        variant="lam=2.0",
+        max_steps=4,
+        eval_every=2,
+    )
     out = run_one(spec)
     row = out["row"]
     assert row["steps"] == 4
@@ -134,8 +152,21 @@ def test_example_config_is_a_valid_compare_config():
     path = os.path.join(os.path.dirname(__file__), "..", "examples", "celeba", "compare.yaml")
     with open(path) as f:
         cfg = yaml.safe_load(f)
-    allowed = {"setup", "methods", "seeds", "variants", "options", "gate", "max_steps", "eval_every", "log_every",
-               "jobs", "out_dir", "trainer", "progress"}
+    allowed = {
+        "setup",
+        "methods",
+        "seeds",
+        "variants",
+        "options",
+        "gate",
+        "max_steps",
+        "eval_every",
+        "log_every",
+        "jobs",
+        "out_dir",
+        "trainer",
+        "progress",
+    }
     assert set(cfg) <= allowed
     assert cfg["setup"] == "celeba" and len(cfg["variants"]["lam"]) >= 3
     from lightning_gradsim.methods import list_methods

@@ -33,8 +33,14 @@ def test_commands_registered(capsys):
 def test_example_configs_exist():
     assert len(DIGIT_CONFIGS) == 5
     names = {p.stem for p in PAIR_CONFIGS}
-    for pair in ("near_trimaran_catamaran", "near_husky_malamute", "near_swissdog_entlebucher",
-                 "far_trafficlight_rockpython", "far_hotpot_slot", "far_komodo_trafficlight"):
+    for pair in (
+        "near_trimaran_catamaran",
+        "near_husky_malamute",
+        "near_swissdog_entlebucher",
+        "far_trafficlight_rockpython",
+        "far_hotpot_slot",
+        "far_komodo_trafficlight",
+    ):
         assert {pair, pair + "_ddp"} <= names
     for path in PAIR_CONFIGS:
         trainer = yaml.safe_load(path.read_text())["trainer"]
@@ -47,8 +53,19 @@ def test_example_configs_exist():
 @pytest.mark.slow
 @pytest.mark.parametrize("config", DIGIT_CONFIGS, ids=lambda p: p.stem)
 def test_fit_digits_config(config, tmp_path):
-    code = gradsim(["fit", "--config", str(config), "--trainer.fast_dev_run", "true",
-                    "--trainer.default_root_dir", str(tmp_path), "--trainer.callbacks.init_args.plot", "false"])
+    code = gradsim(
+        [
+            "fit",
+            "--config",
+            str(config),
+            "--trainer.fast_dev_run",
+            "true",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.callbacks.init_args.plot",
+            "false",
+        ]
+    )
     assert code == 0
 
 
@@ -57,21 +74,68 @@ def test_fit_digits_config(config, tmp_path):
 def test_fit_pair_config(config, tiny_imagenet, tmp_path):
     # the paper's ResNetV2-18 once (at 32x32), a tiny CNN for the others; one CPU process each
     backbone = "resnetv2_18" if config.stem == "near_trimaran_catamaran" else "tiny_cnn"
-    code = gradsim([
-        "fit", "--config", str(config), "--trainer.fast_dev_run", "true", "--trainer.default_root_dir", str(tmp_path),
-        "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto", "--trainer.precision", "32-true",
-        "--data.root", str(tiny_imagenet), "--data.image_size", "32" if backbone == "resnetv2_18" else "16",
-        "--data.batch_size", "2", "--data.num_workers", "0", "--model.backbone", backbone,
-    ])
+    code = gradsim(
+        [
+            "fit",
+            "--config",
+            str(config),
+            "--trainer.fast_dev_run",
+            "true",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.devices",
+            "1",
+            "--trainer.strategy",
+            "auto",
+            "--trainer.precision",
+            "32-true",
+            "--data.root",
+            str(tiny_imagenet),
+            "--data.image_size",
+            "32" if backbone == "resnetv2_18" else "16",
+            "--data.batch_size",
+            "2",
+            "--data.num_workers",
+            "0",
+            "--model.backbone",
+            backbone,
+        ]
+    )
     assert code == 0
 
 
 @pytest.mark.slow
 def test_fit_then_test_with_workers(tmp_path, tiny_imagenet):
-    args = ["--config", str(EXAMPLES / "imagenet_pairs" / "far_hotpot_slot.yaml"), "--trainer.default_root_dir", str(tmp_path),
-            "--trainer.accelerator", "cpu", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
-            "--data.root", str(tiny_imagenet), "--data.pair", "null", "--data.main_class", "trimaran", "--data.aux_class", "catamaran",
-            "--data.image_size", "16", "--data.batch_size", "2", "--data.num_workers", "1", "--model.backbone", "tiny_cnn"]
+    args = [
+        "--config",
+        str(EXAMPLES / "imagenet_pairs" / "far_hotpot_slot.yaml"),
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.max_steps",
+        "2",
+        "--trainer.val_check_interval",
+        "2",
+        "--data.root",
+        str(tiny_imagenet),
+        "--data.pair",
+        "null",
+        "--data.main_class",
+        "trimaran",
+        "--data.aux_class",
+        "catamaran",
+        "--data.image_size",
+        "16",
+        "--data.batch_size",
+        "2",
+        "--data.num_workers",
+        "1",
+        "--model.backbone",
+        "tiny_cnn",
+    ]
     assert gradsim(["fit", *args]) == 0
     ckpts = list(tmp_path.rglob("*.ckpt"))
     assert ckpts, "ModelCheckpoint should have saved the best val/auroc model"
@@ -80,7 +144,9 @@ def test_fit_then_test_with_workers(tmp_path, tiny_imagenet):
 
 def test_fit_bad_config_is_a_clear_error(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("model:\n  class_path: lightning_gradsim.experiments.MultiTaskClassifier\n  init_args:\n    methodd: sum\n")
+    bad.write_text(
+        "model:\n  class_path: lightning_gradsim.experiments.MultiTaskClassifier\n  init_args:\n    methodd: sum\n"
+    )
     assert gradsim(["fit", "--config", str(bad)]) != 0
 
 

@@ -43,7 +43,12 @@ SCENARIOS = [
         "resume_from": "full/step=4.ckpt",
     },
     # 16-mixed with a CPU GradScaler; rank 1 alone overflows on its 3rd batch (see worker).
-    {"name": "scaler", "model": {"rule": "unweighted", "inject_inf_at": (2,)}, "inject_rank": 1, "scaler": {"init_scale": 2.0**8}},
+    {
+        "name": "scaler",
+        "model": {"rule": "unweighted", "inject_inf_at": (2,)},
+        "inject_rank": 1,
+        "scaler": {"init_scale": 2.0**8},
+    },
 ]
 for sc in SCENARIOS:
     sc.setdefault("num_batches", NUM_BATCHES)
@@ -61,7 +66,9 @@ def ddp_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     mp.spawn(ddp_worker, args=(WORLD, _free_port(), str(out), SCENARIOS), nprocs=WORLD, join=True)
     return {
-        sc["name"]: [torch.load(os.path.join(out, f"{sc['name']}_rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+        sc["name"]: [
+            torch.load(os.path.join(out, f"{sc['name']}_rank{r}.pt"), weights_only=False) for r in range(WORLD)
+        ]
         for sc in SCENARIOS
     }
 

@@ -15,7 +15,9 @@ from ._imagenet_fixtures import make_image_folder, make_is_a
 
 def test_gaussian_frechet_closed_forms():
     # 1-D: (m1 - m2)^2 + (s1 - s2)^2
-    fd = gaussian_frechet_distance(torch.tensor([1.0]), torch.tensor([[4.0]]), torch.tensor([-2.0]), torch.tensor([[1.0]]))
+    fd = gaussian_frechet_distance(
+        torch.tensor([1.0]), torch.tensor([[4.0]]), torch.tensor([-2.0]), torch.tensor([[1.0]])
+    )
     assert fd == pytest.approx(9.0 + 1.0)
     # diagonal covariances: sum over dimensions of the 1-D formula
     mu_a, mu_b = torch.tensor([0.0, 1.0, 2.0]), torch.tensor([1.0, 1.0, 0.0])
@@ -25,7 +27,9 @@ def test_gaussian_frechet_closed_forms():
     assert fd == pytest.approx(float(expected))
     # rotation-invariant: rotate both Gaussians by the same orthogonal matrix
     q, _ = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64))
-    fd_rot = gaussian_frechet_distance(q @ mu_a.double(), q @ torch.diag(var_a).double() @ q.T, q @ mu_b.double(), q @ torch.diag(var_b).double() @ q.T)
+    fd_rot = gaussian_frechet_distance(
+        q @ mu_a.double(), q @ torch.diag(var_a).double() @ q.T, q @ mu_b.double(), q @ torch.diag(var_b).double() @ q.T
+    )
     assert fd_rot == pytest.approx(float(expected))
 
 
@@ -52,15 +56,40 @@ def test_distances_command(tmp_path, capsys):
     root = make_image_folder(tmp_path / "imagenet", n_train=4, n_val=1, size=16)
     is_a = make_is_a(tmp_path / "wordnet.is_a.txt")
     out = tmp_path / "out"
-    code = gradsim(["distances", "--root", str(root), "--hierarchy", str(is_a), "--backbone", "tiny_cnn", "--per-level", "2",
-                    "--images-per-class", "4", "--image-size", "16", "--out-dir", str(out)])
+    code = gradsim(
+        [
+            "distances",
+            "--root",
+            str(root),
+            "--hierarchy",
+            str(is_a),
+            "--backbone",
+            "tiny_cnn",
+            "--per-level",
+            "2",
+            "--images-per-class",
+            "4",
+            "--image-size",
+            "16",
+            "--out-dir",
+            str(out),
+        ]
+    )
     assert code == 0, capsys.readouterr().out
     with open(out / "distances.csv") as f:
         rows = list(csv.DictReader(f))
     # 5 of the 6 folder classes are in the hierarchy (rock python is not): levels 1, 2, 3 exist
     assert sorted({int(r["lca_level"]) for r in rows}) == [1, 2, 3]
     assert all(float(r["frechet_distance"]) >= 0 for r in rows)
-    assert {r["wnid_a"] for r in rows} | {r["wnid_b"] for r in rows} <= {"n04483307", "n02981792", "n02110185", "n02110063", "n06874185"}
+    assert {r["wnid_a"] for r in rows} | {r["wnid_b"] for r in rows} <= {
+        "n04483307",
+        "n02981792",
+        "n02110185",
+        "n02110063",
+        "n06874185",
+    }
     assert (out / "lca_vs_fid.png").stat().st_size > 1000
     assert "random backbone weights" in capsys.readouterr().out
-    assert gradsim(["distances", "--root", str(tmp_path / "none"), "--hierarchy", str(is_a), "--out-dir", str(out)]) == 2
+    assert (
+        gradsim(["distances", "--root", str(tmp_path / "none"), "--hierarchy", str(is_a), "--out-dir", str(out)]) == 2
+    )

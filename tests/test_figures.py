@@ -64,8 +64,11 @@ def test_each_example_script_writes_its_png(tmp_path, monkeypatch, name):
         monkeypatch.setattr(figures, "cosine_curves", lambda **kw: original(dims=(2, 50, 2000), trials=20))
     if name == "negative_example":  # fewer steps and rules keep the test quick
         original_paths = figures.negative_example_trajectories
-        monkeypatch.setattr(figures, "negative_example_trajectories",
-                            lambda **kw: original_paths(rules=("main_only", "unweighted"), steps=120, lr=kw["lr"]))
+        monkeypatch.setattr(
+            figures,
+            "negative_example_trajectories",
+            lambda **kw: original_paths(rules=("main_only", "unweighted"), steps=120, lr=kw["lr"]),
+        )
     monkeypatch.setattr(sys, "argv", [f"{name}.py", str(out)])
     runpy.run_path(str(EXAMPLES / f"{name}.py"), run_name="__main__")
     assert out.read_bytes()[:8] == PNG

@@ -30,8 +30,14 @@ def run(tmp_path, logger, **monitor_kwargs):
     monitor = GradSimMonitor(**monitor_kwargs)
     model = TwoAux()
     trainer = L.Trainer(
-        max_epochs=1, logger=logger, callbacks=[monitor], enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, log_every_n_steps=1,
+        max_epochs=1,
+        logger=logger,
+        callbacks=[monitor],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        log_every_n_steps=1,
     )
     trainer.fit(model, make_loader())
     return monitor, model, trainer
@@ -53,7 +59,11 @@ def test_csv_logger_gets_every_metric_with_stable_names(tmp_path):
     last = gated_rows[-1]
     assert float(last["gradsim/open_fraction/parity"]) == pytest.approx(model.gradsim.open_fraction()[0].item())
     for r in gated_rows:
-        w, o, c = float(r["gradsim/weight/parity"]), float(r["gradsim/gate_open/parity"]), float(r["gradsim/cos_smoothed/parity"])
+        w, o, c = (
+            float(r["gradsim/weight/parity"]),
+            float(r["gradsim/gate_open/parity"]),
+            float(r["gradsim/cos_smoothed/parity"]),
+        )
         assert o == float(c >= 0.0) and w == o  # unweighted, lambda 1
     assert os.path.exists(monitor.plot_path) and os.path.getsize(monitor.plot_path) > 10_000
     assert monitor.plot_path.endswith("gradsim.png")

@@ -38,7 +38,9 @@ class Recorder(Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        self.grad_norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+        self.grad_norms.append(
+            torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+        )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.weights.append(params(pl_module))
@@ -101,4 +103,3 @@ def test_bf16_mixed_trains_like_fp32(precision):
     for name, p in params(ref).items():
         torch.testing.assert_close(params(model)[name], p, atol=5e-2, rtol=0, msg=name)
     assert any(not torch.equal(params(model)[n], p) for n, p in params(ref).items())  # bf16 did run
-

@@ -241,8 +241,27 @@ def test_gridworld_command_writes_files(tmp_path, capsys):
     from lightning_gradsim.cli import main
 
     out = tmp_path / "gw"
-    code = main(["gridworld", "--envs", "4", "--steps", "60", "--eval-every", "30", "--teacher-steps", "200",
-                 "--temperatures", "0", "0.5", "--seed", "2", "--out", str(out), "--no-progress"])
+    code = main(
+        [
+            "gridworld",
+            "--envs",
+            "4",
+            "--steps",
+            "60",
+            "--eval-every",
+            "30",
+            "--teacher-steps",
+            "200",
+            "--temperatures",
+            "0",
+            "0.5",
+            "--seed",
+            "2",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     for name in ("curves.csv", "gate.csv", "summary.csv", "curves.png", "layout.png", "config.json"):
         assert (out / name).stat().st_size > 0, name

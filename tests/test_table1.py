@@ -158,8 +158,18 @@ def test_stacked_runs_equal_separate_runs(digits, methods, gate_kwargs):
     x, y = digits.train_x[:300], digits.train_y[:300]
     hidden, depth, batch, lr, steps = 16, 2, 64, 3e-3, 7  # 5 steps per epoch: crosses an epoch boundary
     seeds, angle_ks = [0, 1], [0, 1]
-    cfg = Table1Config(source="digits", angles=[90.0 * k for k in angle_ks], methods=methods, seeds=len(seeds), epochs=1,
-                       batch_size=batch, lr=lr, hidden=hidden, depth=depth, **gate_kwargs)
+    cfg = Table1Config(
+        source="digits",
+        angles=[90.0 * k for k in angle_ks],
+        methods=methods,
+        seeds=len(seeds),
+        epochs=1,
+        batch_size=batch,
+        lr=lr,
+        hidden=hidden,
+        depth=depth,
+        **gate_kwargs,
+    )
     data = type(digits)(x, y, digits.test_x, digits.test_y, "digits", "subset")
     proto = build_protocol(cfg, data)
     from lightning_gradsim.data.table1 import task_batch as tb
@@ -202,7 +212,9 @@ def test_per_run_gate_statistics_equal_gate_backward():
 
 def test_main_only_does_not_depend_on_the_angle(digits):
     data = type(digits)(digits.train_x[:256], digits.train_y[:256], digits.test_x, digits.test_y, "digits", "subset")
-    cfg = Table1Config(source="digits", angles=[0, 45, 90], methods=["main_only", "sum"], seeds=1, epochs=1, hidden=16, depth=2)
+    cfg = Table1Config(
+        source="digits", angles=[0, 45, 90], methods=["main_only", "sum"], seeds=1, epochs=1, hidden=16, depth=2
+    )
     proto = build_protocol(cfg, data)
     proto.train_epoch()
     w = proto.model.trunk[0]  # runs: main_only x (0, 45, 90), then sum x (0, 45, 90)
@@ -228,11 +240,23 @@ def test_paired_t_test_by_hand_and_against_scipy():
 
 def test_table_has_the_papers_layout():
     rows = [
-        {"angle": a, "method": m, "seed": s, "test_error": 0.01 * (i + 1) + 0.001 * s + 0.01 * a / 45, "mean_cosine": 0.1, "open_fraction": 1.0}
-        for a in (0.0, 45.0) for i, m in enumerate(["weighted", "unweighted", "sum", "main_only"]) for s in range(3)
+        {
+            "angle": a,
+            "method": m,
+            "seed": s,
+            "test_error": 0.01 * (i + 1) + 0.001 * s + 0.01 * a / 45,
+            "mean_cosine": 0.1,
+            "open_fraction": 1.0,
+        }
+        for a in (0.0, 45.0)
+        for i, m in enumerate(["weighted", "unweighted", "sum", "main_only"])
+        for s in range(3)
     ]
     lines = error_table(rows, ["weighted", "unweighted", "sum", "main_only"], [0.0, 45.0]).splitlines()
-    assert lines[0] == "| rotation | single-task (`main_only`) | multi-task (`sum`) | our method (`unweighted`) | `weighted` |"
+    assert (
+        lines[0]
+        == "| rotation | single-task (`main_only`) | multi-task (`sum`) | our method (`unweighted`) | `weighted` |"
+    )
     assert [ln.split("|")[1].strip() for ln in lines[2:]] == ["0", "45"]
     # main_only at 0 degrees: errors 0.040, 0.041, 0.042 -> 4.10 ± 0.10 (%)
     assert lines[2].split("|")[2].strip() == "4.10 ± 0.10"
@@ -252,8 +276,23 @@ def test_methods_are_checked():
 # ----------------------------------------------------------------------------- the command
 def test_cli_end_to_end_on_digits(tmp_path, capsys):
     out = tmp_path / "t1"
-    rc = main(["--source", "digits", "--epochs", "1", "--seeds", "2", "--angles", "0,90", "--methods",
-               "main_only,sum,unweighted,weighted", "--out", str(out), "--no-progress"])
+    rc = main(
+        [
+            "--source",
+            "digits",
+            "--epochs",
+            "1",
+            "--seeds",
+            "2",
+            "--angles",
+            "0,90",
+            "--methods",
+            "main_only,sum,unweighted,weighted",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     with open(out / "runs.csv") as f:
         rows = list(csv.DictReader(f))
@@ -263,7 +302,10 @@ def test_cli_end_to_end_on_digits(tmp_path, capsys):
         assert 0.0 <= float(r["test_error"]) <= 1.0 and -1.0 <= float(r["mean_cosine"]) <= 1.0
         assert float(r["open_fraction"]) == {"main_only": 0.0, "sum": 1.0}.get(r["method"], float(r["open_fraction"]))
     table = (out / "table.md").read_text()
-    assert "| rotation | single-task (`main_only`) | multi-task (`sum`) | our method (`unweighted`) | `weighted` |" in table
+    assert (
+        "| rotation | single-task (`main_only`) | multi-task (`sum`) | our method (`unweighted`) | `weighted` |"
+        in table
+    )
     assert "paired t-test" in table and "`unweighted` − `sum`" in table and "`unweighted` − `main_only`" in table
     for png in ("error_vs_angle.png", "cosine.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
@@ -273,8 +315,23 @@ def test_cli_end_to_end_on_digits(tmp_path, capsys):
 @pytest.mark.slow
 def test_cli_on_the_mnist_10k_file_says_it_splits(tmp_path, mnist_root):
     out = tmp_path / "m"
-    rc = main(["--root", mnist_root, "--epochs", "1", "--seeds", "1", "--angles", "90", "--methods", "main_only,unweighted",
-               "--out", str(out), "--no-progress"])
+    rc = main(
+        [
+            "--root",
+            mnist_root,
+            "--epochs",
+            "1",
+            "--seeds",
+            "1",
+            "--angles",
+            "90",
+            "--methods",
+            "main_only,unweighted",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     table = (out / "table.md").read_text()
     assert "8,000/2,000" in table and "Not the paper's data" in table

@@ -11,7 +11,10 @@ from lightning_gradsim.experiments.toys import PROBLEMS, run_toy
 
 def test_main_only_is_plain_gradient_descent():
     paths = run_toy("paper", rules=["main_only"], steps=10, lr=0.1, starts=[[1.0, -2.0]])
-    expected = torch.tensor([1.0, -2.0], dtype=torch.float64) * (1 - 2 * 0.1) ** torch.arange(11.0, dtype=torch.float64)[:, None]
+    expected = (
+        torch.tensor([1.0, -2.0], dtype=torch.float64)
+        * (1 - 2 * 0.1) ** torch.arange(11.0, dtype=torch.float64)[:, None]
+    )
     assert torch.allclose(paths["main_only"][:, 0], expected)
 
 
@@ -35,7 +38,10 @@ def test_circle_gating_stays_on_the_main_minimum_set():
 
 
 def test_toy_command_writes_pngs(tmp_path, capsys):
-    assert gradsim(["toy", "--problem", "all", "--steps", "5", "--rules", "sum", "unweighted", "--out-dir", str(tmp_path)]) == 0
+    assert (
+        gradsim(["toy", "--problem", "all", "--steps", "5", "--rules", "sum", "unweighted", "--out-dir", str(tmp_path)])
+        == 0
+    )
     for problem in PROBLEMS:
         assert (tmp_path / f"{problem}.png").stat().st_size > 1000
     assert gradsim(["toy", "--rules", "nope", "--out-dir", str(tmp_path)]) == 2

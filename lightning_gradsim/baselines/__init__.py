@@ -15,7 +15,13 @@ Example::
     gate = make_gate("uncertainty", aux_tasks=["rotated"])
 """
 
-from .cross_stitch import CrossStitchMultiHeadNet, CrossStitchNet, CrossStitchUnit, cross_stitch_mlp, cross_stitch_resnet
+from .cross_stitch import (
+    CrossStitchMultiHeadNet,
+    CrossStitchNet,
+    CrossStitchUnit,
+    cross_stitch_mlp,
+    cross_stitch_resnet,
+)
 from .gradnorm import GradNorm
 from .pcgrad import PCGrad, draw_pcgrad_orders, pcgrad_coefficients
 from .uncertainty import UncertaintyWeighting

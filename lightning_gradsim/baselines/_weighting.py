@@ -25,7 +25,9 @@ def drop_cosine_options(method: str, kwargs: dict) -> dict:
     """
     dropped = {k: kwargs.pop(k) for k in list(kwargs) if k in COSINE_OPTIONS}
     if dropped:
-        warnings.warn(f"{method!r} ignores the cosine-gate option(s) {dropped} (it weights losses).", UserWarning, stacklevel=3)
+        warnings.warn(
+            f"{method!r} ignores the cosine-gate option(s) {dropped} (it weights losses).", UserWarning, stacklevel=3
+        )
     return kwargs
 
 

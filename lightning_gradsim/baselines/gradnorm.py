@@ -156,9 +156,18 @@ class GradNorm(LossWeightingGate):
         names = self._task_names()
         lam = self.lambdas(names[1:], weights)
         scale = weights * lam
-        raw_norms = torch.where(scale > 0, norms / torch.where(scale > 0, scale, torch.ones_like(scale)), torch.zeros_like(norms))
+        raw_norms = torch.where(
+            scale > 0, norms / torch.where(scale > 0, scale, torch.ones_like(scale)), torch.zeros_like(norms)
+        )
         new, initial = gradnorm_update(
-            weights, norms, raw_norms, losses.to(weights.dtype), self.initial_losses, self.weight_updates == 0, self.alpha, self.lr
+            weights,
+            norms,
+            raw_norms,
+            losses.to(weights.dtype),
+            self.initial_losses,
+            self.weight_updates == 0,
+            self.alpha,
+            self.lr,
         )
         ok = finite.all()
         self.initial_losses.copy_(torch.where(ok, initial, self.initial_losses))
@@ -178,12 +187,16 @@ class GradNorm(LossWeightingGate):
         self.initial_losses = torch.zeros(0, device=self.step.device)
         self.weight_updates.zero_()
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):  # type: ignore[override]
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):  # type: ignore[override]
         for name in ("task_weights", "initial_losses"):
             key = prefix + name
             if key in state_dict:
                 setattr(self, name, torch.empty_like(state_dict[key], device=self.step.device))
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, lr={self.lr}, aux_weight={self.aux_weight}"
@@ -214,7 +227,9 @@ def gradnorm_update(
     new = (weights - lr * grad).clamp(min=0)
     total = new.sum()
     k = weights.shape[0]
-    new = torch.where(total > 0, new * (k / torch.where(total > 0, total, torch.ones_like(total))), torch.ones_like(new))
+    new = torch.where(
+        total > 0, new * (k / torch.where(total > 0, total, torch.ones_like(total))), torch.ones_like(new)
+    )
     return new, initial
 
 

@@ -67,7 +67,9 @@ class UncertaintyWeighting(LossWeightingGate):
                 raise ValueError(f"aux_tasks must be >= 1 (the number of auxiliary tasks), got {aux_tasks}.")
             num_aux, names = aux_tasks, None
         elif isinstance(aux_tasks, str):
-            raise TypeError(f"aux_tasks must be a count or a list of names; got the string {aux_tasks!r} (use [{aux_tasks!r}]).")
+            raise TypeError(
+                f"aux_tasks must be a count or a list of names; got the string {aux_tasks!r} (use [{aux_tasks!r}])."
+            )
         else:
             names = [str(n) for n in aux_tasks]
             if not names:
@@ -82,7 +84,11 @@ class UncertaintyWeighting(LossWeightingGate):
                 f"UncertaintyWeighting was built for {self.log_vars.numel() - 1} auxiliary task(s) but got "
                 f"{num_tasks - 1}: pass aux_tasks={num_tasks - 1} (or the list of names) when you create it."
             )
-        if self.expected_aux_names is not None and self.aux_names is not None and self.aux_names != self.expected_aux_names:
+        if (
+            self.expected_aux_names is not None
+            and self.aux_names is not None
+            and self.aux_names != self.expected_aux_names
+        ):
             raise ValueError(
                 f"UncertaintyWeighting was built for auxiliary tasks {self.expected_aux_names} but got "
                 f"{self.aux_names}; pass the same names in the same order."
@@ -114,4 +120,3 @@ class UncertaintyWeighting(LossWeightingGate):
 def _make_uncertainty(**kwargs) -> UncertaintyWeighting:
     """``make_gate("uncertainty", aux_tasks=..., aux_weight=..., init_log_var=...)``."""
     return UncertaintyWeighting(**drop_cosine_options("uncertainty", kwargs))
-

@@ -33,7 +33,15 @@ from torch import Tensor
 
 from .digits import load_digits_source, rotate_images
 
-__all__ = ["Table1Data", "load_table1_data", "rotated_views", "task_batch", "split_test_file", "DIGITS_TEST_SIZE", "MNIST_10K_TRAIN"]
+__all__ = [
+    "Table1Data",
+    "load_table1_data",
+    "rotated_views",
+    "task_batch",
+    "split_test_file",
+    "DIGITS_TEST_SIZE",
+    "MNIST_10K_TRAIN",
+]
 
 #: test images of the bundled digits (the rest, 1,437, are training images).
 DIGITS_TEST_SIZE = 360
@@ -134,7 +142,9 @@ def rotated_views(images: Tensor, angles: Sequence[float]) -> Tensor:
     return torch.stack([rotate_images(images, float(a)).reshape(n, -1) for a in angles])
 
 
-def task_batch(views: Tensor, labels: Tensor, task_view: Tensor, idx: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def task_batch(
+    views: Tensor, labels: Tensor, task_view: Tensor, idx: Tensor, out: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Every run's batch of every task: ``x`` ``(R, T, B, D)`` and ``y`` ``(R, T, B)``.
 
     ``views``: ``(V, N, D)`` from :func:`rotated_views`; ``task_view``: ``(R, T)`` which view each
@@ -150,6 +160,10 @@ def task_batch(views: Tensor, labels: Tensor, task_view: Tensor, idx: Tensor, ou
     r, t = task_view.shape
     flat = (task_view.unsqueeze(-1) * n + idx.unsqueeze(1)).reshape(-1)
     target = None if out is None else out.view(-1, d)
-    x = torch.index_select(views.reshape(num_views * n, d), 0, flat, out=target) if target is not None else views.reshape(num_views * n, d)[flat]
+    x = (
+        torch.index_select(views.reshape(num_views * n, d), 0, flat, out=target)
+        if target is not None
+        else views.reshape(num_views * n, d)[flat]
+    )
     y = labels[idx].unsqueeze(1).expand(-1, t, -1)
     return x.view(r, t, idx.shape[1], d), y

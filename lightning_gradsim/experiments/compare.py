@@ -103,11 +103,15 @@ def list_setups() -> dict[str, str]:
     return {name: desc for name, (_, desc) in sorted(_SETUPS.items())}
 
 
-def build_setup(name: str, method: str, seed: int, gate: Mapping[str, Any] | None = None, **options: Any) -> tuple[L.LightningModule, L.LightningDataModule]:
+def build_setup(
+    name: str, method: str, seed: int, gate: Mapping[str, Any] | None = None, **options: Any
+) -> tuple[L.LightningModule, L.LightningDataModule]:
     """Build ``(module, datamodule)`` of setup ``name`` for one method and seed."""
     _load_builtin_setups()
     if name not in _SETUPS:
-        raise ValueError(f"Unknown setup {name!r}; choose from {', '.join(sorted(_SETUPS))} (or register_setup your own).")
+        raise ValueError(
+            f"Unknown setup {name!r}; choose from {', '.join(sorted(_SETUPS))} (or register_setup your own)."
+        )
     return _SETUPS[name][0](method=method, seed=seed, gate=dict(gate or {}), **options)
 
 
@@ -187,7 +191,13 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
         "steps": int(trainer.global_step),
         "seconds": round(seconds, 2),
     }
-    return {"row": row, "val_steps": curve.steps, "val_acc": curve.acc, "cos_steps": monitor.history.get("step", []), "cos": cos}
+    return {
+        "row": row,
+        "val_steps": curve.steps,
+        "val_acc": curve.acc,
+        "cos_steps": monitor.history.get("step", []),
+        "cos": cos,
+    }
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -282,7 +292,18 @@ def compare(
         raise ValueError(f"Unknown setup {setup!r}; choose from {', '.join(sorted(_SETUPS))}.")
     grid = _variant_grid(variants)
     specs = [
-        RunSpec(setup, m, int(s), {**dict(options or {}), **opts}, dict(gate or {}), label, max_steps, eval_every, log_every, dict(trainer or {}))
+        RunSpec(
+            setup,
+            m,
+            int(s),
+            {**dict(options or {}), **opts},
+            dict(gate or {}),
+            label,
+            max_steps,
+            eval_every,
+            log_every,
+            dict(trainer or {}),
+        )
         for (label, opts), m, s in product(grid, methods, seeds)
     ]
     runs = _execute(specs, jobs, progress)
@@ -335,7 +356,12 @@ def _indexed_run(item: tuple[int, RunSpec]) -> tuple[int, dict[str, Any]]:
 
 def _write(result: CompareResult, out: Path, setup: str) -> dict[str, str]:
     out.mkdir(parents=True, exist_ok=True)
-    files = {"runs": out / "runs.csv", "summary": out / "summary.csv", "table": out / "table.md", "json": out / "result.json"}
+    files = {
+        "runs": out / "runs.csv",
+        "summary": out / "summary.csv",
+        "table": out / "table.md",
+        "json": out / "result.json",
+    }
     with open(files["runs"], "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(result.rows[0]))
         writer.writeheader()
@@ -345,7 +371,9 @@ def _write(result: CompareResult, out: Path, setup: str) -> dict[str, str]:
         writer.writeheader()
         writer.writerows(result.summary)
     files["table"].write_text(f"Setup `{setup}`\n\n" + result.markdown() + "\n")
-    files["json"].write_text(json.dumps({"rows": result.rows, "summary": result.summary, "runs": result.runs}, indent=1))
+    files["json"].write_text(
+        json.dumps({"rows": result.rows, "summary": result.summary, "runs": result.runs}, indent=1)
+    )
     files["accuracy"], files["cosine"] = out / "accuracy.png", out / "cosine.png"
     _plot(result, files["accuracy"], files["cosine"])
     return {k: str(v) for k, v in files.items()}
@@ -383,7 +411,11 @@ def _plot(result: CompareResult, acc_path: Path, cos_path: Path) -> None:
     for ax, variant in zip(axes.flat, result.variants):
         for m in result.methods:
             steps, acc = _mean_curve(
-                [(r["val_steps"], r["val_acc"]) for r in result.runs if r["row"]["variant"] == variant and r["row"]["method"] == m]
+                [
+                    (r["val_steps"], r["val_acc"])
+                    for r in result.runs
+                    if r["row"]["variant"] == variant and r["row"]["method"] == m
+                ]
             )
             ax.plot(steps, acc, label=m, lw=1.3)
         ax.set_title(variant, fontsize="small")
@@ -450,8 +482,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--setup", help="setup name (default rotated_digits)")
     parser.add_argument("--methods", nargs="+", help=f"methods (default: {' '.join(DEFAULT_METHODS)})")
     parser.add_argument("--seeds", nargs="+", type=int, help="seeds (default 0 1 2)")
-    parser.add_argument("--vary", action="append", metavar="KEY=V1,V2", help="sweep a setup option, e.g. angle=0,90,180")
-    parser.add_argument("--set", dest="options", action="append", metavar="KEY=VALUE", help="a setup option for every run")
+    parser.add_argument(
+        "--vary", action="append", metavar="KEY=V1,V2", help="sweep a setup option, e.g. angle=0,90,180"
+    )
+    parser.add_argument(
+        "--set", dest="options", action="append", metavar="KEY=VALUE", help="a setup option for every run"
+    )
     parser.add_argument("--gate", action="append", metavar="KEY=VALUE", help="a gate argument, e.g. aux_weight=0.5")
     parser.add_argument("--max-steps", type=int)
     parser.add_argument("--eval-every", type=int)
@@ -460,8 +496,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", help="output folder (default runs/compare/<setup>)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--list", action="store_true", help="list setups and methods, then exit")
-    parser.add_argument("--import", dest="imports", action="append", metavar="MODULE",
-                        help="import a module first (one that registers setups or methods)")
+    parser.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        metavar="MODULE",
+        help="import a module first (one that registers setups or methods)",
+    )
     args = parser.parse_args(argv)
     if args.imports:
         import importlib
@@ -478,7 +519,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.config:
         with open(args.config) as f:
             cfg = yaml.safe_load(f) or {}
-        allowed = {"setup", "methods", "seeds", "variants", "options", "gate", "max_steps", "eval_every", "log_every", "jobs", "out_dir", "trainer", "progress"}
+        allowed = {
+            "setup",
+            "methods",
+            "seeds",
+            "variants",
+            "options",
+            "gate",
+            "max_steps",
+            "eval_every",
+            "log_every",
+            "jobs",
+            "out_dir",
+            "trainer",
+            "progress",
+        }
         bad = set(cfg) - allowed
         if bad:
             parser.error(f"unknown key(s) {sorted(bad)} in {args.config}; allowed: {sorted(allowed)}")
@@ -487,8 +542,13 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None:
             cfg[key] = value
     if args.vary:
-        cfg["variants"] = {**cfg.get("variants", {}), **{k: v if isinstance(v, list) else [v] for k, v in (
-            (k, yaml.safe_load("[" + v + "]")) for k, v in (item.split("=", 1) for item in args.vary))}}
+        cfg["variants"] = {
+            **cfg.get("variants", {}),
+            **{
+                k: v if isinstance(v, list) else [v]
+                for k, v in ((k, yaml.safe_load("[" + v + "]")) for k, v in (item.split("=", 1) for item in args.vary))
+            },
+        }
     cfg["options"] = {**(cfg.get("options") or {}), **_parse_assignments(args.options, "--set")}
     cfg["gate"] = {**(cfg.get("gate") or {}), **_parse_assignments(args.gate, "--gate")}
     if args.no_progress:

@@ -46,7 +46,9 @@ def gaussian_frechet_distance(mu_a: Tensor, cov_a: Tensor, mu_b: Tensor, cov_b: 
 def frechet_distance(features_a: Tensor, features_b: Tensor) -> float:
     """Fréchet distance between the Gaussians fitted to two ``(N, D)`` feature sets (N >= 2 each)."""
     if features_a.dim() != 2 or features_b.dim() != 2 or features_a.shape[1] != features_b.shape[1]:
-        raise ValueError(f"Need two (N, D) feature matrices with the same D, got {tuple(features_a.shape)} and {tuple(features_b.shape)}.")
+        raise ValueError(
+            f"Need two (N, D) feature matrices with the same D, got {tuple(features_a.shape)} and {tuple(features_b.shape)}."
+        )
     if len(features_a) < 2 or len(features_b) < 2:
         raise ValueError("Each class needs at least 2 images for a covariance.")
     a, b = features_a.double(), features_b.double()
@@ -57,10 +59,24 @@ def frechet_distance(features_a: Tensor, features_b: Tensor) -> float:
 def class_features(model: nn.Module, images: Tensor, batch_size: int = 64, device: str = "cpu") -> Tensor:
     """Embeddings ``(N, D)`` of ``images`` ``(N, C, H, W)``, in eval mode."""
     model = model.eval().to(device)
-    return torch.cat([model(images[i : i + batch_size].to(device)).flatten(1).double().cpu() for i in range(0, len(images), batch_size)])
+    return torch.cat(
+        [
+            model(images[i : i + batch_size].to(device)).flatten(1).double().cpu()
+            for i in range(0, len(images), batch_size)
+        ]
+    )
 
 
-def _load_class_images(root: str, source: str, map_file: str | None, wnids: set[str], per_class: int, image_size: int, seed: int, split: str) -> dict[str, Tensor]:
+def _load_class_images(
+    root: str,
+    source: str,
+    map_file: str | None,
+    wnids: set[str],
+    per_class: int,
+    image_size: int,
+    seed: int,
+    split: str,
+) -> dict[str, Tensor]:
     from ..data.class_pair import IMAGENET_MEAN, IMAGENET_STD, _ArrayPool, _FolderPool
     from ..data.imagenet import DownsampledImageNet
 
@@ -69,8 +85,12 @@ def _load_class_images(root: str, source: str, map_file: str | None, wnids: set[
         pool: Any = _FolderPool(os.path.join(root, split), image_size)
     elif source == "downsampled":
         if map_file is None:
-            raise ValueError("--source downsampled needs --map-file <map_clsloc.txt or meta.mat> (labels follow the devkit order).")
-        ds = DownsampledImageNet(root, "train" if split == "train" else "val", map_file, keep=lambda w: np.isin(w, list(wnids)))
+            raise ValueError(
+                "--source downsampled needs --map-file <map_clsloc.txt or meta.mat> (labels follow the devkit order)."
+            )
+        ds = DownsampledImageNet(
+            root, "train" if split == "train" else "val", map_file, keep=lambda w: np.isin(w, list(wnids))
+        )
         pool = _ArrayPool(ds.data, ds.wnids, image_size)
     else:
         raise ValueError(f"source must be 'imagefolder' or 'downsampled', got {source!r}.")
@@ -132,12 +152,23 @@ def class_distances(
         missing, _unexpected = model.load_state_dict(state.get("state_dict", state), strict=False)
         if len(missing) == len(list(model.state_dict())):
             raise ValueError(f"{checkpoint} holds no weight of backbone {backbone!r}.")
-    feats = {w: class_features(model, x, device=device) for w, x in tqdm(images.items(), desc="embedding classes", disable=not progress)}
+    feats = {
+        w: class_features(model, x, device=device)
+        for w, x in tqdm(images.items(), desc="embedding classes", disable=not progress)
+    }
     rows = []
     flat = [(lv, a, b) for lv, items in pairs.items() for a, b in items]
     for level, a, b in tqdm(flat, desc="pair distances", disable=not progress):
-        rows.append({"wnid_a": a, "name_a": class_name(a), "wnid_b": b, "name_b": class_name(b),
-                     "lca_level": level, "frechet_distance": frechet_distance(feats[a], feats[b])})
+        rows.append(
+            {
+                "wnid_a": a,
+                "name_a": class_name(a),
+                "wnid_b": b,
+                "name_b": class_name(b),
+                "lca_level": level,
+                "frechet_distance": frechet_distance(feats[a], feats[b]),
+            }
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "distances.csv", "w", newline="") as f:
@@ -169,7 +200,9 @@ def _scatter(rows: list[dict[str, Any]], path: Path, backbone: str, trained: boo
 
 def main(argv: list[str] | None = None) -> int:
     """``gradsim distances --root DIR --hierarchy FILE [...]``"""
-    p = argparse.ArgumentParser(prog="gradsim distances", description="LCA level vs Fréchet distance of ImageNet class pairs (paper Fig. 10).")
+    p = argparse.ArgumentParser(
+        prog="gradsim distances", description="LCA level vs Fréchet distance of ImageNet class pairs (paper Fig. 10)."
+    )
     p.add_argument("--root", required=True, help="ImageNet folder (ImageFolder layout) or downsampled-ImageNet folder")
     p.add_argument("--hierarchy", required=True, help="wordnet.is_a.txt or the devkit's meta.mat")
     p.add_argument("--source", default="imagefolder", choices=["imagefolder", "downsampled"])
@@ -187,11 +220,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", default=os.path.join("runs", "distances"))
     args = p.parse_args(argv)
     if not args.pretrained and args.checkpoint is None:
-        print("gradsim distances: note: random backbone weights (no --pretrained/--checkpoint); distances only test the pipeline.")
+        print(
+            "gradsim distances: note: random backbone weights (no --pretrained/--checkpoint); distances only test the pipeline."
+        )
     try:
-        rows = class_distances(args.root, args.hierarchy, args.source, args.map_file, args.backbone, args.pretrained,
-                               args.checkpoint, args.per_level, args.levels, args.images_per_class, args.image_size,
-                               args.split, args.seed, args.out_dir, args.device)
+        rows = class_distances(
+            args.root,
+            args.hierarchy,
+            args.source,
+            args.map_file,
+            args.backbone,
+            args.pretrained,
+            args.checkpoint,
+            args.per_level,
+            args.levels,
+            args.images_per_class,
+            args.image_size,
+            args.split,
+            args.seed,
+            args.out_dir,
+            args.device,
+        )
     except (ValueError, FileNotFoundError, KeyError) as err:
         print(f"gradsim distances: {err}")
         return 2

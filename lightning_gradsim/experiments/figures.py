@@ -222,8 +222,10 @@ def cosine_curves(
     ``independent_theory`` and ``noisy_theory`` (``d / (d + s^2)``, exact as ``d`` grows).
     """
     gen = torch.Generator().manual_seed(seed)
-    out: dict[str, list[float]] = {k: [] for k in ("dims", "independent", "independent_sd", "noisy", "noisy_sd",
-                                                   "independent_theory", "noisy_theory")}
+    out: dict[str, list[float]] = {
+        k: []
+        for k in ("dims", "independent", "independent_sd", "noisy", "noisy_sd", "independent_theory", "noisy_theory")
+    }
     for d in dims:
         gate = GradientGate(rule="sum")
         a, b = torch.randn(trials, d, generator=gen), torch.randn(trials, d, generator=gen)
@@ -253,11 +255,23 @@ def cosine_vs_dimension(path: str = "figures/cosine_vs_dimension.png", trials: i
     plt = _plt()
     c = cosine_curves(trials=trials)
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    ax.errorbar(c["dims"], c["independent"], yerr=c["independent_sd"], marker="o", capsize=3,
-                label="|cos|, two independent N(0, I) vectors")
+    ax.errorbar(
+        c["dims"],
+        c["independent"],
+        yerr=c["independent_sd"],
+        marker="o",
+        capsize=3,
+        label="|cos|, two independent N(0, I) vectors",
+    )
     ax.plot(c["dims"], c["independent_theory"], "k:", label="theory: Gamma(d/2) / (sqrt(pi) Gamma((d+1)/2))")
-    ax.errorbar(c["dims"], c["noisy"], yerr=c["noisy_sd"], marker="s", capsize=3,
-                label="cos, two copies of one N(0, I) vector + noise of norm 10")
+    ax.errorbar(
+        c["dims"],
+        c["noisy"],
+        yerr=c["noisy_sd"],
+        marker="s",
+        capsize=3,
+        label="cos, two copies of one N(0, I) vector + noise of norm 10",
+    )
     ax.plot(c["dims"], c["noisy_theory"], "k--", label="theory: d / (d + 100)")
     ax.set_xscale("log")
     ax.set_xlabel("dimension d")
@@ -270,7 +284,11 @@ def cosine_vs_dimension(path: str = "figures/cosine_vs_dimension.png", trials: i
     return _save(fig, path)
 
 
-FIGURES = {"negative_example": negative_example, "proposition3": proposition3, "cosine_vs_dimension": cosine_vs_dimension}
+FIGURES = {
+    "negative_example": negative_example,
+    "proposition3": proposition3,
+    "cosine_vs_dimension": cosine_vs_dimension,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -94,7 +94,9 @@ class StackedMLP:
         dtype: torch.dtype = torch.float32,
     ) -> None:
         if depth < 1 or hidden < 1 or num_tasks < 1 or not seeds:
-            raise ValueError(f"Need depth, hidden, num_tasks >= 1 and at least one seed; got {depth}, {hidden}, {num_tasks}, {list(seeds)}.")
+            raise ValueError(
+                f"Need depth, hidden, num_tasks >= 1 and at least one seed; got {depth}, {hidden}, {num_tasks}, {list(seeds)}."
+            )
         self.num_runs, self.num_tasks, self.depth = len(seeds), num_tasks, depth
         self.input_dim, self.hidden, self.num_classes = input_dim, hidden, num_classes
         cache: dict[int, list[tuple[Tensor, Tensor]]] = {}
@@ -156,7 +158,9 @@ class StackedMLP:
         # d(mean CE)/d logits = (softmax - onehot) / B
         dlogits = logp.exp_().scatter_add_(-1, target, torch.full_like(target, -1, dtype=logp.dtype)).div_(b)
         heads = [
-            torch.bmm(feats.transpose(1, 2), dlogits, out=buf("head_w", (rt, hid, hw.shape[-1]), x)).view(r, t, hid, -1),
+            torch.bmm(feats.transpose(1, 2), dlogits, out=buf("head_w", (rt, hid, hw.shape[-1]), x)).view(
+                r, t, hid, -1
+            ),
             torch.sum(dlogits, 1, out=buf("head_b", (rt, hw.shape[-1]), x)).view(r, t, -1),
         ]
         dh = torch.bmm(dlogits, hw.transpose(1, 2), out=buf(f"dh{self.depth}", (rt, b, hid), x)).view(r, t * b, hid)
@@ -167,7 +171,9 @@ class StackedMLP:
             prev = acts[layer]
             width, out = prev.shape[-1], dz.shape[-1]
             gw = buf(f"grad_w{layer}", (rt, width, out), x)
-            trunk[2 * layer] = torch.bmm(prev.view(rt, b, width).transpose(1, 2), dz.view(rt, b, out), out=gw).view(r, t, width, out)
+            trunk[2 * layer] = torch.bmm(prev.view(rt, b, width).transpose(1, 2), dz.view(rt, b, out), out=gw).view(
+                r, t, width, out
+            )
             trunk[2 * layer + 1] = torch.sum(dz.view(r, t, b, out), 2, out=buf(f"grad_b{layer}", (r, t, out), x))
             if layer > 0:
                 dh = torch.bmm(dz, self.trunk[2 * layer].transpose(1, 2), out=buf(f"dh{layer}", (r, t * b, width), x))

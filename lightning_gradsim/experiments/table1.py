@@ -34,7 +34,18 @@ from typing import Any
 
 import torch
 
-__all__ = ["MethodSpec", "parse_method", "Table1Config", "Table1Result", "StackedProtocol", "build_protocol", "run_table1", "main", "DEFAULT_METHODS", "DEFAULT_ANGLES"]
+__all__ = [
+    "MethodSpec",
+    "parse_method",
+    "Table1Config",
+    "Table1Result",
+    "StackedProtocol",
+    "build_protocol",
+    "run_table1",
+    "main",
+    "DEFAULT_METHODS",
+    "DEFAULT_ANGLES",
+]
 
 DEFAULT_METHODS = ("main_only", "sum", "unweighted", "weighted")
 DEFAULT_ANGLES = (0.0, 45.0, 90.0, 135.0, 180.0)
@@ -74,7 +85,9 @@ def parse_method(text: str) -> MethodSpec:
     options = {}
     for part in parts[1:]:
         if "=" not in part:
-            raise ValueError(f"Method option {part!r} in {text!r} must look like key=value (e.g. unweighted:threshold=0.02).")
+            raise ValueError(
+                f"Method option {part!r} in {text!r} must look like key=value (e.g. unweighted:threshold=0.02)."
+            )
         key, value = part.split("=", 1)
         options[key.strip().replace("-", "_")] = _value(value)
     return MethodSpec(text.strip(), parts[0], options)
@@ -103,7 +116,12 @@ class Table1Config:
     progress: bool = True
 
     def gate_options(self) -> dict[str, Any]:
-        return {"aux_weight": self.aux_weight, "threshold": self.threshold, "cosine_ema": self.cosine_ema, "per_layer": self.per_layer}
+        return {
+            "aux_weight": self.aux_weight,
+            "threshold": self.threshold,
+            "cosine_ema": self.cosine_ema,
+            "per_layer": self.per_layer,
+        }
 
 
 @dataclass
@@ -228,7 +246,9 @@ def build_protocol(cfg: Table1Config, data: Any) -> StackedProtocol:
     trainer = StackedTrainer(model, groups, lr=cfg.lr, aux_names=[AUX_TASK])
     task_view = torch.tensor([[0, view_angles.index(a if a % 360 != 0 else 0.0)] for _, a, _ in runs], device=device)
     order = RunOrder(run_seeds, len(data.train_y), device)
-    return StackedProtocol(specs, runs, model, trainer, order, views, task_view, data.train_y.to(device), cfg.batch_size)
+    return StackedProtocol(
+        specs, runs, model, trainer, order, views, task_view, data.train_y.to(device), cfg.batch_size
+    )
 
 
 def run_table1(cfg: Table1Config) -> Table1Result:
@@ -245,7 +265,9 @@ def run_table1(cfg: Table1Config) -> Table1Result:
     device = proto.views.device
     cos_epochs = torch.zeros(cfg.epochs, num_runs, device=device)
     loss_last = torch.zeros(num_runs, 2, device=device)
-    bar = tqdm(range(cfg.epochs), desc=f"gradsim table1 ({num_runs} runs stacked)", unit="epoch", disable=not cfg.progress)
+    bar = tqdm(
+        range(cfg.epochs), desc=f"gradsim table1 ({num_runs} runs stacked)", unit="epoch", disable=not cfg.progress
+    )
     for epoch in bar:
         cos_epochs[epoch], loss_last = proto.train_epoch()
     bar.close()
@@ -257,22 +279,32 @@ def run_table1(cfg: Table1Config) -> Table1Result:
     rows, curves = [], {}
     for r, (si, angle, seed) in enumerate(proto.runs):
         label = proto.specs[si].label
-        rows.append({
-            "angle": angle,
-            "method": label,
-            "seed": seed,
-            "test_error": float(errors[r]),
-            "mean_cosine": float(cos_cpu[:, r].mean()),
-            "open_fraction": float(open_frac[r]),
-            "train_loss_main": float(loss_cpu[r, 0]),
-            "train_loss_aux": float(loss_cpu[r, 1]),
-            "finite": bool(finite[r]),
-        })
+        rows.append(
+            {
+                "angle": angle,
+                "method": label,
+                "seed": seed,
+                "test_error": float(errors[r]),
+                "mean_cosine": float(cos_cpu[:, r].mean()),
+                "open_fraction": float(open_frac[r]),
+                "train_loss_main": float(loss_cpu[r, 0]),
+                "train_loss_aux": float(loss_cpu[r, 1]),
+                "finite": bool(finite[r]),
+            }
+        )
         curves.setdefault((label, angle), []).append([round(float(v), 5) for v in cos_cpu[:, r]])
     steps = math.ceil(len(data.train_y) / cfg.batch_size) * cfg.epochs
     return Table1Result(
-        cfg, proto.specs, rows, curves, data.description, data.note, steps,
-        time.perf_counter() - start, str(device), torch.get_num_threads(),
+        cfg,
+        proto.specs,
+        rows,
+        curves,
+        data.description,
+        data.note,
+        steps,
+        time.perf_counter() - start,
+        str(device),
+        torch.get_num_threads(),
     )
 
 
@@ -288,11 +320,20 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     wall_start = time.perf_counter()
-    p = argparse.ArgumentParser(prog="gradsim table1", description="The paper's Table 1 (rotated MNIST, section 4.2): stacked runs, table, plots.")
+    p = argparse.ArgumentParser(
+        prog="gradsim table1",
+        description="The paper's Table 1 (rotated MNIST, section 4.2): stacked runs, table, plots.",
+    )
     p.add_argument("--root", help="torchvision MNIST folder (holding MNIST/raw); default $GRADSIM_MNIST_ROOT")
-    p.add_argument("--source", choices=["mnist", "digits"], default="mnist", help="mnist (needs --root) or digits (bundled 8x8)")
-    p.add_argument("--angles", default=",".join(f"{a:g}" for a in DEFAULT_ANGLES), help="rotations in degrees, e.g. 0,90")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="methods, e.g. main_only,sum,unweighted:threshold=0.02")
+    p.add_argument(
+        "--source", choices=["mnist", "digits"], default="mnist", help="mnist (needs --root) or digits (bundled 8x8)"
+    )
+    p.add_argument(
+        "--angles", default=",".join(f"{a:g}" for a in DEFAULT_ANGLES), help="rotations in degrees, e.g. 0,90"
+    )
+    p.add_argument(
+        "--methods", default=",".join(DEFAULT_METHODS), help="methods, e.g. main_only,sum,unweighted:threshold=0.02"
+    )
     p.add_argument("--seeds", type=int, default=10, help="number of seeds: 0..N-1 (default 10)")
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=128)
@@ -303,7 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-layer", action="store_true", help="cosine per parameter tensor, averaged (paper D.3)")
     p.add_argument("--hidden", type=int, default=100)
     p.add_argument("--depth", type=int, default=3)
-    p.add_argument("--split-seed", type=int, default=0, help="seed of the fixed train/test split (10k MNIST file, digits)")
+    p.add_argument(
+        "--split-seed", type=int, default=0, help="seed of the fixed train/test split (10k MNIST file, digits)"
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", default=os.path.join("runs", "table1"), help="output folder (default runs/table1)")
@@ -313,10 +356,23 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     root = args.root or (os.environ.get("GRADSIM_MNIST_ROOT") if args.source == "mnist" else None)
     cfg = Table1Config(
-        source=args.source, root=root, angles=_floats(args.angles), methods=[m for m in args.methods.split(",") if m.strip()],
-        seeds=args.seeds, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, hidden=args.hidden, depth=args.depth,
-        aux_weight=args.aux_weight, threshold=args.threshold, cosine_ema=args.cosine_ema, per_layer=args.per_layer,
-        split_seed=args.split_seed, device=args.device, progress=args.progress,
+        source=args.source,
+        root=root,
+        angles=_floats(args.angles),
+        methods=[m for m in args.methods.split(",") if m.strip()],
+        seeds=args.seeds,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        hidden=args.hidden,
+        depth=args.depth,
+        aux_weight=args.aux_weight,
+        threshold=args.threshold,
+        cosine_ema=args.cosine_ema,
+        per_layer=args.per_layer,
+        split_seed=args.split_seed,
+        device=args.device,
+        progress=args.progress,
     )
     try:
         result = run_table1(cfg)

@@ -78,10 +78,15 @@ def error_table(rows: list[dict[str, Any]], methods: Sequence[str], angles: Sequ
 def paired_table(rows: list[dict[str, Any]], methods: Sequence[str], angles: Sequence[float]) -> str | None:
     """Each method minus ``sum`` and minus ``main_only``, paired by seed: mean difference (points) and p."""
     # main_only is the reference of all; sum is compared with main_only only.
-    pairs = [(m, base) for m in _ordered(methods) if m != "main_only" for base in BASELINES if base in methods and m != base]
+    pairs = [
+        (m, base) for m in _ordered(methods) if m != "main_only" for base in BASELINES if base in methods and m != base
+    ]
     if not pairs:
         return None
-    lines = ["| rotation | " + " | ".join(f"`{m}` − `{base}`" for m, base in pairs) + " |", "|" + "---|" * (len(pairs) + 1)]
+    lines = [
+        "| rotation | " + " | ".join(f"`{m}` − `{base}`" for m, base in pairs) + " |",
+        "|" + "---|" * (len(pairs) + 1),
+    ]
     for a in angles:
         cells = []
         for m, base in pairs:
@@ -149,7 +154,12 @@ def table_markdown(result: Any, command: str, total_seconds: float | None) -> st
             "",
             paired,
         ]
-    parts += ["", "## Gate: mean cosine of the two tasks' trunk gradients / fraction of steps the auxiliary gradient was used", "", gate_table(result.rows, methods, angles)]
+    parts += [
+        "",
+        "## Gate: mean cosine of the two tasks' trunk gradients / fraction of steps the auxiliary gradient was used",
+        "",
+        gate_table(result.rows, methods, angles),
+    ]
     if bad:
         parts += ["", f"**{len(bad)} run(s) ended with non-finite parameters** (see `finite` in runs.csv)."]
     timing = f"Training: {_duration(result.seconds)} for {len(result.rows)} stacked runs on {result.device} ({result.threads} thread(s))"
@@ -182,8 +192,13 @@ def write_outputs(result: Any, out_dir: str | Path, command: str, wall_start: fl
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    files = {"runs": out / "runs.csv", "table": out / "table.md", "json": out / "result.json",
-             "error_png": out / "error_vs_angle.png", "cosine_png": out / "cosine.png"}
+    files = {
+        "runs": out / "runs.csv",
+        "table": out / "table.md",
+        "json": out / "result.json",
+        "error_png": out / "error_vs_angle.png",
+        "cosine_png": out / "cosine.png",
+    }
     with open(files["runs"], "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(result.rows[0]))
         writer.writeheader()
@@ -215,8 +230,16 @@ def _plot(result: Any, error_path: Path, cosine_path: Path) -> None:
     for i, m in enumerate(methods):
         stats = [_mean_std(_values(result.rows, m, a, "test_error")) for a in angles]
         shift = 0.012 * span * (i - (len(methods) - 1) / 2)  # side by side, so the error bars stay readable
-        ax.errorbar([a + shift for a in angles], [100 * s[0] for s in stats], yerr=[100 * s[1] for s in stats],
-                    label=m, marker="o", ms=4, capsize=2, lw=1.1)
+        ax.errorbar(
+            [a + shift for a in angles],
+            [100 * s[0] for s in stats],
+            yerr=[100 * s[1] for s in stats],
+            label=m,
+            marker="o",
+            ms=4,
+            capsize=2,
+            lw=1.1,
+        )
     ax.set_xlabel("rotation of the auxiliary task's images (degrees)")
     ax.set_ylabel("main-task test error (%)")
     ax.set_xticks(angles)
@@ -243,10 +266,13 @@ def _plot(result: Any, error_path: Path, cosine_path: Path) -> None:
         ax.set_xlabel("epoch")
     for ax in axes[:, 0]:
         ax.set_ylabel("cos(main, aux) on the trunk")
-    for ax in list(axes.flat)[len(angles):]:
+    for ax in list(axes.flat)[len(angles) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize="x-small")
-    fig.suptitle("cosine of the two tasks' gradients along each method's own training (mean over seeds, per epoch)", fontsize="small")
+    fig.suptitle(
+        "cosine of the two tasks' gradients along each method's own training (mean over seeds, per epoch)",
+        fontsize="small",
+    )
     fig.tight_layout()
     fig.savefig(cosine_path, dpi=110)
     plt.close(fig)

@@ -65,7 +65,9 @@ def _grad(loss: Callable[[Tensor], Tensor], t: Tensor) -> Tensor:
 
 
 #: name -> (main loss, auxiliary update field, starting points, plot limits)
-PROBLEMS: dict[str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor], list[list[float]], tuple[float, float]]] = {
+PROBLEMS: dict[
+    str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor], list[list[float]], tuple[float, float]]
+] = {
     "paper": (_paper_main, _paper_aux, [[-1.5, 2.0], [2.0, -1.0], [-1.0, -1.5], [1.8, 1.2]], (-2.2, 2.4)),
     "paper_field": (_paper_main, _field_aux, [[-1.5, 2.0], [2.0, -1.0], [-1.0, -1.5], [1.8, 1.2]], (-2.2, 2.4)),
     "circle": (_circle_main, _circle_aux, [[-0.3, 0.2], [0.1, -1.6], [-1.5, 1.0], [0.5, 1.5]], (-2.0, 2.5)),
@@ -134,7 +136,9 @@ def plot_trajectories(problem: str, paths: dict[str, Tensor], path: str | os.Pat
 
 def main(argv: list[str] | None = None) -> int:
     """``gradsim toy [--problem paper|paper_field|circle|all] [--rules ...] [--steps N] [--lr LR] [--out-dir DIR]``"""
-    parser = argparse.ArgumentParser(prog="gradsim toy", description="Trajectories of each rule on a 2-D toy problem, as PNGs.")
+    parser = argparse.ArgumentParser(
+        prog="gradsim toy", description="Trajectories of each rule on a 2-D toy problem, as PNGs."
+    )
     parser.add_argument("--problem", default="all", choices=[*PROBLEMS, "all"])
     parser.add_argument("--rules", nargs="+", default=["main_only", "sum", "unweighted", "weighted", "projection"])
     parser.add_argument("--steps", type=int, default=200)

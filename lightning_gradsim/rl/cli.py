@@ -27,19 +27,34 @@ def build_parser() -> argparse.ArgumentParser:
         description="Distillation from a Q-learning teacher in partially observable gridworlds (Du et al., sec. 4.3). "
         "Writes curves.csv, gate.csv, summary.csv, curves.png and layout.png.",
     )
-    p.add_argument("--envs", type=int, default=d.envs, help="number of gridworlds (default %(default)s; the paper: 1000)")
+    p.add_argument(
+        "--envs", type=int, default=d.envs, help="number of gridworlds (default %(default)s; the paper: 1000)"
+    )
     p.add_argument("--steps", type=int, default=d.steps, help="training steps per student (default %(default)s)")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of layouts, teachers and episodes (default %(default)s)")
+    p.add_argument(
+        "--seed", type=int, default=d.seed, help="seed of layouts, teachers and episodes (default %(default)s)"
+    )
     p.add_argument("--out", default="runs/gridworld", help="output folder (default %(default)s)")
-    p.add_argument("--temperatures", type=float, nargs="+", default=list(d.temperatures),
-                   help="teacher temperatures, one panel each (default %(default)s)")
+    p.add_argument(
+        "--temperatures",
+        type=float,
+        nargs="+",
+        default=list(d.temperatures),
+        help="teacher temperatures, one panel each (default %(default)s)",
+    )
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="methods to run")
-    p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between evaluations (default %(default)s)")
+    p.add_argument(
+        "--eval-every", type=int, default=d.eval_every, help="steps between evaluations (default %(default)s)"
+    )
     p.add_argument("--lr", type=float, default=d.lr, help="students' learning rate (default %(default)s)")
     p.add_argument("--aux-weight", type=float, default=d.aux_weight, help="lambda of the distillation update")
     p.add_argument("--teacher-steps", type=int, default=d.teacher_steps, help="Q-learning steps per gridworld")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default %(default)s: the per-step tensors are small; 0 leaves torch's default)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default %(default)s: the per-step tensors are small; 0 leaves torch's default)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -53,8 +68,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         cfg = ExperimentConfig(
-            envs=args.envs, steps=args.steps, seed=args.seed, temperatures=tuple(args.temperatures),
-            methods=tuple(args.methods), eval_every=args.eval_every, lr=args.lr, aux_weight=args.aux_weight,
+            envs=args.envs,
+            steps=args.steps,
+            seed=args.seed,
+            temperatures=tuple(args.temperatures),
+            methods=tuple(args.methods),
+            eval_every=args.eval_every,
+            lr=args.lr,
+            aux_weight=args.aux_weight,
             teacher_steps=args.teacher_steps,
         )
     except ValueError as err:
@@ -78,8 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         line = ", ".join(f"{m} {final[(m, t)]:.3f}" for m in cfg.methods)
         print(f"T={t:g}: teacher {result.teacher_return[t][0]:.3f} | final: {line}")
         if "reward" in cfg.methods:
-            print("       steps to reach reward's final return: "
-                  + ", ".join(f"{m} {reach[(m, t)]}" for m in cfg.methods if m != "reward"))
+            print(
+                "       steps to reach reward's final return: "
+                + ", ".join(f"{m} {reach[(m, t)]}" for m in cfg.methods if m != "reward")
+            )
     print(f"wrote {', '.join(str(p) for p in paths.values())} in {elapsed:.0f} s")
     with open(paths["curves.csv"].parent / "config.json", "w") as f:
         from .experiment import config_dict

@@ -143,9 +143,12 @@ def _start_value(layouts: Layouts, probs: Tensor) -> Tensor:
 
 def _start_returns(layouts: Layouts, probs: Tensor, chunk: int = 256) -> Tensor:
     """Exact start-cell returns ``(N,)`` of policies ``(N, S, 4)``, in chunks of gridworlds."""
-    return torch.cat([
-        _start_value(layouts.index(slice(lo, lo + chunk)), probs[lo : lo + chunk]) for lo in range(0, len(layouts), chunk)
-    ])
+    return torch.cat(
+        [
+            _start_value(layouts.index(slice(lo, lo + chunk)), probs[lo : lo + chunk])
+            for lo in range(0, len(layouts), chunk)
+        ]
+    )
 
 
 def run_experiment(
@@ -180,8 +183,9 @@ def run_experiment(
     acc = EpisodeAccumulator(student)
     sim = BatchedGridworld(main_task.repeat(len(groups)), generator=torch.Generator().manual_seed(cfg.seed * 7919 + 2))
     temp_index = {t: i for i, t in enumerate(temps)}
-    teacher_rows = torch.cat([teachers[temp_index[t]] if t is not None else torch.full_like(teachers[0], 0.25)
-                              for _, t in groups])  # (B, S, 4)
+    teacher_rows = torch.cat(
+        [teachers[temp_index[t]] if t is not None else torch.full_like(teachers[0], 0.25) for _, t in groups]
+    )  # (B, S, 4)
     group_of_row = torch.arange(batch) // n
     method_blocks = {m: [gi for gi, (mm, _) in enumerate(groups) if mm == m] for m in methods}
     gates = {m: GradientGate(rule=GATED_RULES[m], aux_weight=cfg.aux_weight) for m in methods if m in GATED_RULES}
@@ -209,8 +213,15 @@ def run_experiment(
                 part = sums[:, ti * n : (ti + 1) * n].sum(1)
                 episodes = float(part[0])
                 if step > 0:
-                    gate_rows.append((m, t, step, float(part[1]) / max(episodes, 1.0),
-                                      float(part[2]) / episodes if episodes else float("nan")))
+                    gate_rows.append(
+                        (
+                            m,
+                            t,
+                            step,
+                            float(part[1]) / max(episodes, 1.0),
+                            float(part[2]) / episodes if episodes else float("nan"),
+                        )
+                    )
             sums.zero_()
 
     evaluate(0)
@@ -297,7 +308,9 @@ def write_outputs(result: ExperimentResult, out: str | os.PathLike) -> dict[str,
         for t, (v, se) in result.teacher_return.items():
             w.writerow(["teacher", t, result.config.steps, f"{v:.6f}", f"{se:.6f}"])
         for t in result.config.temperatures:
-            w.writerow(["random", t, result.config.steps, f"{result.random_return[0]:.6f}", f"{result.random_return[1]:.6f}"])
+            w.writerow(
+                ["random", t, result.config.steps, f"{result.random_return[0]:.6f}", f"{result.random_return[1]:.6f}"]
+            )
     with open(paths["gate.csv"], "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["method", "temperature", "step", "open_fraction", "mean_cosine"])
@@ -376,8 +389,13 @@ def _plot_layout(result: ExperimentResult, path: Path) -> None:
         ax.set_title(title, fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.text(0.5, 0.01, "green: goal (teacher's reward, gone in the transformed task), blue: gem, red: pit, brown: mud",
-             ha="center", fontsize=8)
+    fig.text(
+        0.5,
+        0.01,
+        "green: goal (teacher's reward, gone in the transformed task), blue: gem, red: pit, brown: mud",
+        ha="center",
+        fontsize=8,
+    )
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)

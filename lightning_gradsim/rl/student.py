@@ -126,7 +126,9 @@ class LinearStudent:
     def primal(self, cell_feats: Tensor) -> tuple[Tensor, Tensor]:
         """The primal weights ``(W (B, 4, D), w (B, D))`` given each row's cell features ``(B, S, D)``."""
 
-        return torch.einsum("bsa,bsd->bad", self.policy, cell_feats), torch.einsum("bs,bsd->bd", self.value_coef, cell_feats)
+        return torch.einsum("bsa,bsd->bad", self.policy, cell_feats), torch.einsum(
+            "bs,bsd->bd", self.value_coef, cell_feats
+        )
 
 
 class EpisodeAccumulator:
