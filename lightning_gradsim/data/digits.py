@@ -9,10 +9,11 @@ are split again into two disjoint halves, the main task's (as they are) and the 
 (rotated by ``angle`` degrees counter-clockwise, same 10 labels). Validation and test are the main
 task's, unrotated. Training batches are ``{"main": (x, y), "rotated": (x, y)}``.
 
-Example::
-
-    dm = RotatedDigitsDataModule(angle=90, batch_size=32)
-    model = MultiTaskClassifier(tasks=dm.tasks, backbone="mlp", input_dim=dm.input_dim)
+>>> from lightning_gradsim.experiments import MultiTaskClassifier
+>>> dm = RotatedDigitsDataModule(angle=90, batch_size=32)
+>>> model = MultiTaskClassifier(tasks=dm.tasks, backbone="mlp", input_dim=dm.input_dim)
+>>> dm.tasks, dm.input_dim
+({'main': 10, 'rotated': 10}, 64)
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ torch); a run imports :mod:`lightning_gradsim.experiments.compare`. Keys of ``--
 >>> build_parser().parse_args(["--methods", "sum", "pcgrad", "--vary", "angle=0,90"]).methods
 ['sum', 'pcgrad']
 
-Example::
+On the command line::
 
     gradsim compare --setup rotated_digits --methods main_only sum unweighted --vary angle=0,180 --seeds 0 1
     gradsim compare --config examples/digits/rotated_compare.yaml --jobs 2
