@@ -216,3 +216,7 @@ class MainOnly(Rule):
 
     def weights(self, inp: RuleInput) -> Tensor:
         return inp.with_main(torch.zeros_like(inp.cosine))
+
+
+# The "pcgrad" rule lives with the baselines; importing it registers it with the other built-in rules.
+from .baselines import pcgrad as _pcgrad  # noqa: E402,F401

@@ -143,7 +143,7 @@ def test_resnet_columns():
 def test_cross_stitch_classifier_fits_with_a_loss_weighting():
     import lightning as L
 
-    from lightning_gradsim.baselines.experiments import CrossStitchClassifier
+    from lightning_gradsim.experiments import CrossStitchClassifier
     from lightning_gradsim.experiments.compare import list_setups
 
     assert "rotated_digits_cross_stitch" in list_setups()

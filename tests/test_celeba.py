@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from lightning_gradsim.data.celeba import CelebADataModule, CelebAMultiTask, find_celeba_folder
-from lightning_gradsim.models_tcdcn import CelebATCDCN
+from lightning_gradsim.experiments.tcdcn import CelebATCDCN
 
 ATTRS = ["5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Young"]
 # image index -> (partition, Attractive as +-1, RGB colour)

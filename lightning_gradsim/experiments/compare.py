@@ -7,9 +7,9 @@ The Python API, stable for plug-ins:
   The module must build its gate with ``lightning_gradsim.methods.make_gate(method, **gate)``, use
   :class:`~lightning_gradsim.GradSimMixin`, and log the main task's accuracy as ``val/acc`` in
   validation and ``test/acc`` in test (``test/error = 1 - test/acc`` is what the table reports).
-  Built in: ``rotated_digits`` (:mod:`lightning_gradsim.experiments.setups`) and ``class_pair``.
-  Modules named in :data:`SETUP_MODULES` are imported before a lookup (add one line for yours), and
-  ``gradsim compare --import my.module`` imports any other.
+  Built in: ``rotated_digits``, ``class_pair``, ``celeba`` and two cross-stitch setups, named in
+  :data:`lightning_gradsim.experiments.registry.SETUPS` and imported only when built (add a
+  ``"module:factory"`` line there for yours, or ``gradsim compare --import my.module``).
 * **Methods** -- any name from :func:`lightning_gradsim.methods.list_methods` (rules and factories
   registered with :func:`lightning_gradsim.methods.register_method`).
 * :func:`compare` runs ``methods x seeds x variants`` (``variants={"angle": [0, 90]}`` sweeps one
@@ -17,8 +17,9 @@ The Python API, stable for plug-ins:
   ``runs.csv`` (one row per run), ``summary.csv``, ``table.md``, ``accuracy.png`` (main-task
   validation accuracy over steps, mean over seeds: the paper's Figure 3 b/c), ``cosine.png`` (the
   cosine between the main and auxiliary gradients over steps: Figure 3 a) and ``result.json``.
+  The command line is :mod:`lightning_gradsim.experiments.compare_cli`.
 
-Example::
+Example (trains 12 short runs)::
 
     from lightning_gradsim.experiments.compare import compare, register_setup
     result = compare("rotated_digits", methods=["main_only", "sum", "unweighted"], seeds=[0, 1],
@@ -37,7 +38,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
@@ -48,6 +49,7 @@ from lightning.pytorch import Callback
 
 from ..methods import list_methods
 from ..monitor import GradSimMonitor
+from .registry import DEFAULT_METHODS, build_setup, list_setups, register_setup
 
 __all__ = [
     "register_setup",
@@ -58,58 +60,7 @@ __all__ = [
     "RunSpec",
     "run_one",
     "DEFAULT_METHODS",
-    "SETUP_MODULES",
-    "main",
 ]
-
-SetupFactory = Callable[..., tuple[L.LightningModule, L.LightningDataModule]]
-_SETUPS: dict[str, tuple[SetupFactory, str]] = {}
-
-#: the paper's baselines and rules, the default of ``--methods``.
-DEFAULT_METHODS = ("main_only", "sum", "unweighted", "weighted", "projection")
-
-
-def register_setup(name: str, description: str = "") -> Callable[[SetupFactory], SetupFactory]:
-    """Decorator registering ``factory(method, seed, gate, **options) -> (module, datamodule)``."""
-
-    def decorator(factory: SetupFactory) -> SetupFactory:
-        if name in _SETUPS and _SETUPS[name][0] is not factory:
-            raise ValueError(f"A setup named {name!r} is already registered; pick another name.")
-        doc_lines = (factory.__doc__ or "").strip().splitlines()
-        _SETUPS[name] = (factory, description or (doc_lines[0] if doc_lines else ""))
-        return factory
-
-    return decorator
-
-
-#: modules imported before setups are looked up; each registers setups when imported. Add your
-#: module here with one line (or import it yourself, or pass ``gradsim compare --import MODULE``).
-SETUP_MODULES: list[str] = [
-    "lightning_gradsim.experiments.setups",
-    "lightning_gradsim.baselines.experiments",
-]
-
-
-def _load_builtin_setups() -> None:
-    import importlib
-
-    for module in SETUP_MODULES:
-        importlib.import_module(module)
-
-
-def list_setups() -> dict[str, str]:
-    """Registered setups: name -> one-line description."""
-    _load_builtin_setups()
-    return {name: desc for name, (_, desc) in sorted(_SETUPS.items())}
-
-
-def build_setup(name: str, method: str, seed: int, gate: Mapping[str, Any] | None = None, **options: Any) -> tuple[L.LightningModule, L.LightningDataModule]:
-    """Build ``(module, datamodule)`` of setup ``name`` for one method and seed."""
-    _load_builtin_setups()
-    if name not in _SETUPS:
-        raise ValueError(f"Unknown setup {name!r}; choose from {', '.join(sorted(_SETUPS))} (or register_setup your own).")
-    return _SETUPS[name][0](method=method, seed=seed, gate=dict(gate or {}), **options)
-
 
 @dataclass(frozen=True)
 class RunSpec:
@@ -277,9 +228,8 @@ def compare(
         raise ValueError("compare() needs at least one seed.")
     if max_steps < 1 or eval_every < 1:
         raise ValueError(f"max_steps and eval_every must be >= 1, got {max_steps} and {eval_every}.")
-    list_setups()
-    if setup not in _SETUPS:
-        raise ValueError(f"Unknown setup {setup!r}; choose from {', '.join(sorted(_SETUPS))}.")
+    if setup not in list_setups():
+        raise ValueError(f"Unknown setup {setup!r}; choose from {', '.join(list_setups())}.")
     grid = _variant_grid(variants)
     specs = [
         RunSpec(setup, m, int(s), {**dict(options or {}), **opts}, dict(gate or {}), label, max_steps, eval_every, log_every, dict(trainer or {}))
@@ -421,87 +371,3 @@ def _plot(result: CompareResult, acc_path: Path, cos_path: Path) -> None:
     fig.tight_layout()
     fig.savefig(cos_path, dpi=110)
     plt.close(fig)
-
-
-# ---------------------------------------------------------------------------------- command line
-def _parse_assignments(items: Sequence[str] | None, what: str) -> dict[str, Any]:
-    import yaml
-
-    out: dict[str, Any] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise SystemExit(f"gradsim compare: {what} {item!r} must look like key=value.")
-        key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
-    return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``gradsim compare [--config FILE] [--setup S] [--methods ...] [--seeds ...] [--vary k=v1,v2] ...``"""
-    import argparse
-
-    import yaml
-
-    parser = argparse.ArgumentParser(
-        prog="gradsim compare",
-        description="Run methods x seeds (x variants) on one setup; print and save the main task's test error table.",
-    )
-    parser.add_argument("--config", help="YAML file with any of the keys below (flags override it)")
-    parser.add_argument("--setup", help="setup name (default rotated_digits)")
-    parser.add_argument("--methods", nargs="+", help=f"methods (default: {' '.join(DEFAULT_METHODS)})")
-    parser.add_argument("--seeds", nargs="+", type=int, help="seeds (default 0 1 2)")
-    parser.add_argument("--vary", action="append", metavar="KEY=V1,V2", help="sweep a setup option, e.g. angle=0,90,180")
-    parser.add_argument("--set", dest="options", action="append", metavar="KEY=VALUE", help="a setup option for every run")
-    parser.add_argument("--gate", action="append", metavar="KEY=VALUE", help="a gate argument, e.g. aux_weight=0.5")
-    parser.add_argument("--max-steps", type=int)
-    parser.add_argument("--eval-every", type=int)
-    parser.add_argument("--log-every", type=int)
-    parser.add_argument("--jobs", type=int, help="parallel runs (processes)")
-    parser.add_argument("--out-dir", help="output folder (default runs/compare/<setup>)")
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--list", action="store_true", help="list setups and methods, then exit")
-    parser.add_argument("--import", dest="imports", action="append", metavar="MODULE",
-                        help="import a module first (one that registers setups or methods)")
-    args = parser.parse_args(argv)
-    if args.imports:
-        import importlib
-
-        for module in args.imports:
-            importlib.import_module(module)
-    if args.list:
-        print("setups:")
-        for name, desc in list_setups().items():
-            print(f"  {name:<18} {desc}")
-        print("methods:\n  " + " ".join(list_methods()))
-        return 0
-    cfg: dict[str, Any] = {}
-    if args.config:
-        with open(args.config) as f:
-            cfg = yaml.safe_load(f) or {}
-        allowed = {"setup", "methods", "seeds", "variants", "options", "gate", "max_steps", "eval_every", "log_every", "jobs", "out_dir", "trainer", "progress"}
-        bad = set(cfg) - allowed
-        if bad:
-            parser.error(f"unknown key(s) {sorted(bad)} in {args.config}; allowed: {sorted(allowed)}")
-    for key in ("setup", "methods", "seeds", "max_steps", "eval_every", "log_every", "jobs", "out_dir"):
-        value = getattr(args, key)
-        if value is not None:
-            cfg[key] = value
-    if args.vary:
-        cfg["variants"] = {**cfg.get("variants", {}), **{k: v if isinstance(v, list) else [v] for k, v in (
-            (k, yaml.safe_load("[" + v + "]")) for k, v in (item.split("=", 1) for item in args.vary))}}
-    cfg["options"] = {**(cfg.get("options") or {}), **_parse_assignments(args.options, "--set")}
-    cfg["gate"] = {**(cfg.get("gate") or {}), **_parse_assignments(args.gate, "--gate")}
-    if args.no_progress:
-        cfg["progress"] = False
-    cfg.setdefault("setup", "rotated_digits")
-    cfg.setdefault("out_dir", os.path.join("runs", "compare", cfg["setup"]))
-    try:
-        result = compare(**cfg)
-    except (ValueError, KeyError, FileNotFoundError) as err:
-        print(f"gradsim compare: {err}", flush=True)
-        return 2
-    print(result.markdown())
-    print("\nfiles:")
-    for key, path in result.files.items():
-        print(f"  {key:<9} {path}")
-    return 0

@@ -5,16 +5,16 @@
   paper's MLP as two columns with a unit after every hidden layer; ``backbone="resnet18"`` (any
   torchvision ResNet): two ResNet columns with units after ``stitch_after`` stages). The main
   task reads column A, auxiliary tasks column B; works with every method.
-* Setups ``rotated_digits_cross_stitch`` and ``class_pair_cross_stitch`` for
-  :func:`~lightning_gradsim.experiments.compare.compare`, registered when this module is imported.
+* Setups ``rotated_digits_cross_stitch`` and ``class_pair_cross_stitch`` of
+  :func:`~lightning_gradsim.experiments.compare.compare` (built-in names, see
+  :data:`~lightning_gradsim.experiments.registry.SETUPS`).
 
 Example::
 
-    import lightning_gradsim.baselines.experiments  # registers the setups
     from lightning_gradsim.experiments.compare import compare
     compare("rotated_digits_cross_stitch", methods=["sum", "unweighted"], seeds=[0], max_steps=200)
 
-or in a ``gradsim fit`` config: ``model.class_path: lightning_gradsim.baselines.experiments.CrossStitchClassifier``.
+or in a ``gradsim fit`` config: ``model.class_path: lightning_gradsim.experiments.CrossStitchClassifier``.
 """
 
 from __future__ import annotations
@@ -24,11 +24,10 @@ from typing import Any
 
 import torch
 
-from ..experiments.compare import register_setup
-from ..experiments.modules import _OPTIMIZERS, MultiTaskClassifier
-from .cross_stitch import CrossStitchMultiHeadNet, cross_stitch_mlp, cross_stitch_resnet
+from ..baselines.cross_stitch import CrossStitchMultiHeadNet, cross_stitch_mlp, cross_stitch_resnet
+from .modules import _OPTIMIZERS, MultiTaskClassifier
 
-__all__ = ["CrossStitchClassifier"]
+__all__ = ["CrossStitchClassifier", "rotated_digits_cross_stitch", "class_pair_cross_stitch"]
 
 
 class CrossStitchClassifier(MultiTaskClassifier):
@@ -48,9 +47,10 @@ class CrossStitchClassifier(MultiTaskClassifier):
     ``shared_parameters()`` returns the units and both columns up to the last unit: everything
     both tasks reach, which the gate combines.
 
-    Example::
-
-        model = CrossStitchClassifier(tasks={"main": 10, "rotated": 10}, input_dim=64, method="pcgrad")
+    >>> import torch
+    >>> model = CrossStitchClassifier(tasks={"main": 10, "rotated": 10}, input_dim=64, method="pcgrad")
+    >>> tuple(model(torch.zeros(3, 64), task="rotated").shape)
+    (3, 10)
     """
 
     def __init__(
@@ -118,7 +118,6 @@ def _split(options: dict[str, Any], defaults: dict[str, Any]) -> tuple[dict[str,
     return model, options
 
 
-@register_setup("rotated_digits_cross_stitch", "rotated digits (paper 4.2) on a two-column cross-stitch MLP")
 def rotated_digits_cross_stitch(method: str, seed: int, gate: dict[str, Any], **options: Any):
     """``rotated_digits`` with :class:`CrossStitchClassifier` (options: those of ``rotated_digits`` plus the
     classifier's ``stitch_after``, ``same_weight``, ``per_channel``, ``stitch_lr``)."""
@@ -131,7 +130,6 @@ def rotated_digits_cross_stitch(method: str, seed: int, gate: dict[str, Any], **
     return module, datamodule
 
 
-@register_setup("class_pair_cross_stitch", "ImageNet class pair (paper 4.1) on two stitched ResNet-18 columns")
 def class_pair_cross_stitch(method: str, seed: int, gate: dict[str, Any], **options: Any):
     """``class_pair`` with :class:`CrossStitchClassifier` on torchvision ResNet columns (``backbone="resnet18"``)."""
     from ..data.class_pair import ClassPairDataModule

@@ -6,12 +6,12 @@ fully-connected layer; one linear head per task (1 logit for "Attractive", 10 la
 coordinates). ReLU activations (TCDCN uses absolute tanh). Trained with Adam; early stopping on the
 main task's validation loss; logs ``val/acc``, ``val/auroc``, ``test/acc`` and ``test/auroc``
 (the blog's Figures 8-9 report the test AUC), so it plugs into ``gradsim compare --setup celeba``.
+Train it with ``L.Trainer(max_epochs=30).fit(model, CelebADataModule(root="~/data"))``.
 
-Example::
-
-    from lightning_gradsim.data.celeba import CelebADataModule
-    model = CelebATCDCN(method="projection", aux_weight=1.0)
-    L.Trainer(max_epochs=30).fit(model, CelebADataModule(root="~/data"))
+>>> import torch
+>>> model = CelebATCDCN(method="projection", aux_weight=1.0)
+>>> [tuple(out.shape) for out in model(torch.zeros(2, 1, 40, 40))]
+[(2,), (2, 10)]
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from lightning.pytorch.callbacks import EarlyStopping
 from torch import Tensor, nn
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 
-from .methods import make_gate
-from .mixin import GradSimMixin
+from ..methods import make_gate
+from ..mixin import GradSimMixin
 
 __all__ = ["TCDCNTrunk", "CelebATCDCN", "celeba_setup"]
 
@@ -133,7 +133,7 @@ def celeba_setup(method: str, seed: int, gate: dict[str, Any], **options: Any) -
     (1e-3), ``patience`` (5), and those of :class:`~lightning_gradsim.data.celeba.CelebADataModule`
     (``root``, ``subset``, ``batch_size``, ``image_size``, ``num_workers``, ``download``...).
     """
-    from .data.celeba import CelebADataModule
+    from ..data.celeba import CelebADataModule
 
     options = dict(options)
     lam = float(options.pop("lam", gate.get("aux_weight", 1.0)))
