@@ -176,11 +176,11 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
 
         from .selection import BestEpoch
 
-        monitor, mode = spec.select.get("monitor", "val/auroc"), spec.select.get("mode", "max")
-        best = BestEpoch(monitor, mode)
+        watched, mode = spec.select.get("monitor", "val/auroc"), spec.select.get("mode", "max")
+        best = BestEpoch(watched, mode)
         trainer_kwargs["callbacks"] = [*trainer_kwargs["callbacks"], best]
         if int(spec.select.get("patience", 0)) > 0:
-            trainer_kwargs["callbacks"].append(EarlyStopping(monitor=monitor, mode=mode, patience=int(spec.select["patience"])))
+            trainer_kwargs["callbacks"].append(EarlyStopping(monitor=watched, mode=mode, patience=int(spec.select["patience"])))
     start = time.perf_counter()
     trainer = L.Trainer(**trainer_kwargs)
     trainer.fit(module, datamodule=datamodule)

@@ -70,7 +70,7 @@ class BestEpoch(Callback):
         best = best_index([v for _, v in self.history], self.mode)
         if best == len(self.history) - 1:
             self.best = best
-            self._state = copy.deepcopy({k: v.detach() for k, v in pl_module.state_dict().items()})
+            self._state = copy.deepcopy(pl_module.state_dict())
 
     def restore(self, module: nn.Module) -> None:
         """Load the weights of the best validation into ``module``."""
