@@ -169,7 +169,8 @@ def test_best_epoch_keeps_and_restores_the_weights_of_the_best_validation():
         with torch.no_grad():
             net.weight.fill_(float(step))
         weights.append(net.weight.detach().clone())
-        trainer = SimpleNamespace(sanity_checking=False, callback_metrics={"val/auroc": torch.tensor(auc)}, global_step=10 * step)
+        metrics = {"val/auroc": torch.tensor(auc)}
+        trainer = SimpleNamespace(sanity_checking=False, callback_metrics=metrics, global_step=10 * step)
         best.on_validation_end(trainer, net)
     best.restore(net)
     assert torch.equal(net.weight, weights[1]) and best.best == 1 and best.best_step == 10

@@ -98,10 +98,12 @@ def test_blog_toy_multitask_fixed_point_and_gd_gate_stops_on_the_circle():
     stay = run_blog_circle("gd", ("sum",), BlogCircle(start=fixed, steps=5, random_starts=0))["sum"]
     torch.testing.assert_close(stay[:, 0], torch.tensor([fixed] * 6, dtype=torch.float64), atol=1e-12, rtol=0)
     near = run_blog_circle("gd", ("sum",), BlogCircle(start=(1.2, 0.3), steps=5, random_starts=0))["sum"]
-    assert (near[-1, 0] - torch.tensor(fixed, dtype=torch.float64)).norm() < (near[0, 0] - torch.tensor(fixed, dtype=torch.float64)).norm()
+    target = torch.tensor(fixed, dtype=torch.float64)
+    assert (near[-1, 0] - target).norm() < (near[0, 0] - target).norm()
     gd = run_blog_circle("gd", ("unweighted",), BlogCircle(steps=900, random_starts=0))
     end = gd["unweighted"][-1, 0]  # the blog: stops on the unit circle far from (1, 0)
-    assert abs(float(end.norm()) - 1) < 1e-3 and float((end - torch.tensor([1.0, 0.0], dtype=torch.float64)).norm()) > 0.5
+    assert abs(float(end.norm()) - 1) < 1e-3
+    assert float((end - torch.tensor([1.0, 0.0], dtype=torch.float64)).norm()) > 0.5
 
 
 def test_toy_blog_command_end_to_end(tmp_path, capsys):

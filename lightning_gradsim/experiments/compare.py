@@ -180,7 +180,8 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
         best = BestEpoch(watched, mode)
         trainer_kwargs["callbacks"] = [*trainer_kwargs["callbacks"], best]
         if int(spec.select.get("patience", 0)) > 0:
-            trainer_kwargs["callbacks"].append(EarlyStopping(monitor=watched, mode=mode, patience=int(spec.select["patience"])))
+            patience = int(spec.select["patience"])
+            trainer_kwargs["callbacks"].append(EarlyStopping(monitor=watched, mode=mode, patience=patience))
     start = time.perf_counter()
     trainer = L.Trainer(**trainer_kwargs)
     trainer.fit(module, datamodule=datamodule)
@@ -318,8 +319,8 @@ def compare(
         raise ValueError(f"Unknown setup {setup!r}; choose from {', '.join(sorted(_SETUPS))}.")
     grid = _variant_grid(variants)
     specs = [
-        RunSpec(setup, m, int(s), {**dict(options or {}), **opts}, dict(gate or {}), label, max_steps, eval_every, log_every,
-                dict(trainer or {}), dict(select or {}))
+        RunSpec(setup, m, int(s), {**dict(options or {}), **opts}, dict(gate or {}), label, max_steps, eval_every,
+                log_every, dict(trainer or {}), dict(select or {}))
         for (label, opts), m, s in product(grid, methods, seeds)
     ]
     runs = _execute(specs, jobs, progress)
@@ -522,8 +523,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.config:
         with open(args.config) as f:
             cfg = yaml.safe_load(f) or {}
-        allowed = {"setup", "methods", "seeds", "variants", "options", "gate", "max_steps", "eval_every", "log_every", "jobs",
-                   "out_dir", "trainer", "progress", "select"}
+        allowed = {"setup", "methods", "seeds", "variants", "options", "gate", "max_steps", "eval_every", "log_every",
+                   "jobs", "out_dir", "trainer", "progress", "select"}
         bad = set(cfg) - allowed
         if bad:
             parser.error(f"unknown key(s) {sorted(bad)} in {args.config}; allowed: {sorted(allowed)}")

@@ -246,7 +246,10 @@ def noisy_cosine_limit(sigma: float) -> float:
 
 
 def cosine_curves(
-    dims: Sequence[int] = APPENDIX_E_DIMS, trials: int = 200, sigmas: Sequence[float] = APPENDIX_E_SIGMAS, seed: int = 0,
+    dims: Sequence[int] = APPENDIX_E_DIMS,
+    trials: int = 200,
+    sigmas: Sequence[float] = APPENDIX_E_SIGMAS,
+    seed: int = 0,
 ) -> dict[str, list]:
     """Per dimension: the independent pair's mean cosine, its s.d. and mean |cos| (with their exact
     values 0, ``1/sqrt(d)``, :func:`_expected_abs_cosine`), and per sigma the noise model's mean

@@ -109,7 +109,8 @@ METHODS: dict[str, MethodSpec] = {
     "projection_alpha0.01": MethodSpec("projection", main_grad_ema=1 - BLOG_ALPHA, label="projection (alpha=0.01)"),
     "unweighted": MethodSpec("unweighted", label="unweighted"),
     "weighted": MethodSpec("weighted", label="weighted"),
-    "unweighted_alpha0.01": MethodSpec(DirectionUnweighted, main_grad_ema=1 - BLOG_ALPHA, label="unweighted (alpha=0.01)"),
+    "unweighted_alpha0.01": MethodSpec(DirectionUnweighted, main_grad_ema=1 - BLOG_ALPHA,
+                                       label="unweighted (alpha=0.01)"),
     "weighted_alpha0.01": MethodSpec(DirectionWeighted, main_grad_ema=1 - BLOG_ALPHA, label="weighted (alpha=0.01)"),
 }
 

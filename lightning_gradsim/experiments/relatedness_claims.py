@@ -115,7 +115,8 @@ def claim3_holds(cells: Sequence[Claim3Cell]) -> tuple[bool | None, str]:
         wins = sum(c.better for c in unrel)
         if wins * 2 < len(unrel):
             ok = False
-            reasons.append(f"{rule} is better than both baselines for unrelated tasks at only {wins}/{len(unrel)} lambdas")
+            reasons.append(f"{rule} is better than both baselines for unrelated tasks at only "
+                           f"{wins}/{len(unrel)} lambdas")
         for rel in ("same", "similar"):
             bad = [c for c in cells if c.rule == rule and c.relatedness == rel and c.better]
             if bad:
@@ -139,7 +140,8 @@ def claim3_markdown(results: Sequence) -> str:
         cells = claim3_cells(results, variant)
         if not cells:
             continue
-        lines += ["", f"### {label}", "", "| relatedness | lambda | rule | seeds | - sum (t) | - projection a=0.01 (t) | better |",
+        lines += ["", f"### {label}", "",
+                  "| relatedness | lambda | rule | seeds | - sum (t) | - projection a=0.01 (t) | better |",
                   "|---|---|---|---|---|---|---|"]
         for c in cells:
             lines.append(f"| {c.relatedness} | {c.lam:g} | {c.rule} | {c.n} | {c.diff_sum:+.4f} ({c.t_sum:+.1f}) | "

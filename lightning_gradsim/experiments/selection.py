@@ -65,7 +65,8 @@ class BestEpoch(Callback):
         if trainer.sanity_checking:
             return
         if self.monitor not in trainer.callback_metrics:
-            raise KeyError(f"BestEpoch monitors {self.monitor!r} but validation logged {sorted(trainer.callback_metrics)}.")
+            logged = sorted(trainer.callback_metrics)
+            raise KeyError(f"BestEpoch monitors {self.monitor!r} but validation logged {logged}.")
         self.history.append((int(trainer.global_step), float(trainer.callback_metrics[self.monitor])))
         best = best_index([v for _, v in self.history], self.mode)
         if best == len(self.history) - 1:

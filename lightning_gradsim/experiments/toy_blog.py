@@ -98,7 +98,8 @@ def run_blog_circle(
         gate = make_gate(rule, aux_weight=settings.aux_weight).double()
         theta = starts.clone().requires_grad_(True)
         if optimizer == "adam":
-            opt: torch.optim.Optimizer = torch.optim.Adam([theta], lr=settings.lr, betas=settings.betas, eps=settings.eps)
+            opt: torch.optim.Optimizer = torch.optim.Adam([theta], lr=settings.lr, betas=settings.betas,
+                                                          eps=settings.eps)
         else:
             opt = torch.optim.SGD([theta], lr=settings.lr)
         path = torch.empty(settings.steps + 1, *starts.shape, dtype=torch.float64)

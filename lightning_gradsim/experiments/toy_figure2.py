@@ -139,7 +139,8 @@ def convergence_times(
 
     Convergence time = the first step ``t`` from which the main loss stays below ``level`` through
     the last step (0 if it starts and stays there; for ``main_only`` and the gated rules the main
-    loss only decreases here, so this is the paper's "steps needed to get below"). Points that leave the ``1e6`` ball are frozen there (counted as diverged).
+    loss only decreases here, so this is the paper's "steps needed to get below"). Points that leave
+    the ``1e6`` ball are frozen there (counted as diverged).
     """
     if row not in ROWS:
         raise ValueError(f"Unknown Figure 2 row {row!r}; choose from {', '.join(ROWS)}.")
@@ -200,8 +201,8 @@ def _paired_with_main(res: ConvergenceResult, main: ConvergenceResult | None) ->
 
 def figure2_markdown(table: Sequence[dict], steps: int = 600, level: float = 0.1) -> str:
     """Rows x rules: converged / diverged / stalled fractions and mean / median convergence time."""
-    lines = [f"Convergence time = first step from which the main loss stays below {level:g} (steepest descent, {steps} steps); "
-             "mean and median over the converged starts.", "",
+    lines = [f"Convergence time = first step from which the main loss stays below {level:g} "
+             f"(steepest descent, {steps} steps); mean and median over the converged starts.", "",
              "Slower / faster: among the starts converged under both, the fraction where the rule needs more /"
              " fewer steps than `main_only`.", "",
              "| row | rule | converged | diverged | stalled | mean steps | median steps | slower | faster |",
@@ -241,7 +242,8 @@ def plot_figure2(raw: dict[tuple[str, str], ConvergenceResult], path: str | os.P
         below = spec.main_loss(pts) < level
         for j, rule in enumerate(rules):
             ax, res = axes[i][j], raw[(row, rule)]
-            ax.imshow(cos.numpy(), extent=(-lim, lim, -lim, lim), origin="lower", cmap="RdYlGn", vmin=-1, vmax=1, alpha=0.35)
+            ax.imshow(cos.numpy(), extent=(-lim, lim, -lim, lim), origin="lower", cmap="RdYlGn", vmin=-1, vmax=1,
+                      alpha=0.35)
             ax.contourf(xx.numpy(), yy.numpy(), below.double().numpy(), levels=[0.5, 1.5], colors="0.5", alpha=0.5)
             for s in range(min(shown, res.paths.shape[1])):
                 p = res.paths[:, s].clamp(-lim, lim)
@@ -249,8 +251,8 @@ def plot_figure2(raw: dict[tuple[str, str], ConvergenceResult], path: str | os.P
                 ax.plot(p[-1, 0], p[-1, 1], "k*", ms=4)
             ok = res.steps[res.converged].double()
             med = f"{ok.median():.0f}" if len(ok) else "-"
-            ax.set_title(f"{row} | {rule}\nconv {res.converged.double().mean():.0%}, div {res.diverged.double().mean():.0%}, "
-                         f"median {med} steps", fontsize="x-small")
+            conv, div = res.converged.double().mean(), res.diverged.double().mean()
+            ax.set_title(f"{row} | {rule}\nconv {conv:.0%}, div {div:.0%}, median {med} steps", fontsize="x-small")
             ax.set_xlim(-lim, lim)
             ax.set_ylim(-lim, lim)
             ax.set_aspect("equal")
