@@ -130,14 +130,17 @@ def test_convergence_time_closed_form_for_the_quadratic():
 
 
 def test_figure2_rows_sum_and_gate_outcomes():
-    starts = random_starts(30, seed=1)
+    starts = random_starts(8, seed=1)
     # summing L1 and L2 converges to (0.5, 0.5), where L1 = 0.5 > 0.1: never converged
-    summed = convergence_times("L1+L2", "sum", starts, steps=600)
+    summed = convergence_times("L1+L2", "sum", starts, steps=300)
     assert not summed.converged.any()
-    torch.testing.assert_close(summed.paths[-1], torch.full((30, 2), 0.5, dtype=torch.float64), atol=1e-3, rtol=0)
+    torch.testing.assert_close(summed.paths[-1], torch.full((8, 2), 0.5, dtype=torch.float64), atol=1e-3, rtol=0)
     # the gated rules keep the main loss decreasing (Proposition 1): every start converges
+    # (|t0|^2 <= 8 in the box: main-only descent needs at most 109 steps)
     for rule in ("unweighted", "weighted"):
-        assert convergence_times("L1+V", rule, starts, steps=600).converged.all()
+        res = convergence_times("L1+V", rule, starts, steps=150)
+        assert res.converged.all()
+        assert (ROWS["L1+V"].main_loss(res.paths).diff(dim=0) <= 1e-12).all()
     # V: g_main + V = (-t2 + t2^2, t1 + t1^2) by hand
     t = torch.tensor([[0.3, -0.7]], dtype=torch.float64)
     torch.testing.assert_close(ROWS["L1+V"].main_grad(t) + ROWS["L1+V"].aux_field(t),
@@ -147,12 +150,13 @@ def test_figure2_rows_sum_and_gate_outcomes():
 
 
 def test_toy_figure2_command_end_to_end(tmp_path, capsys):
-    assert gradsim(["toy", "figure2", "--starts", "12", "--steps", "80", "--out-dir", str(tmp_path)]) == 0
+    assert gradsim(["toy", "figure2", "--rows", "L1+L2,L3+L4", "--rules", "main_only", "unweighted", "--starts", "6",
+                    "--steps", "60", "--out-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "| L3+L4 | unweighted |" in out
     with open(tmp_path / "figure2.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 3 * 4 and {r["rule"] for r in rows} == {"main_only", "sum", "unweighted", "weighted"}
+    assert len(rows) == 2 * 2 and {r["rule"] for r in rows} == {"main_only", "unweighted"}
     for r in rows:
         assert float(r["converged"]) + float(r["diverged"]) + float(r["stalled"]) == pytest.approx(1.0)
     assert (tmp_path / "figure2.png").stat().st_size > 10_000
