@@ -76,6 +76,9 @@ class RunSpec:
     eval_every: int
     log_every: int = 1
     trainer: dict[str, Any] = field(default_factory=dict)
+    #: best-epoch selection: ``{"monitor": "val/auroc", "mode": "max", "patience": 5}`` tests the
+    #: weights of the best validation (patience > 0 also stops early on that metric); empty: last weights.
+    select: dict[str, Any] = field(default_factory=dict)
 
 
 class _ValCurve(Callback):
@@ -118,9 +121,23 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
         callbacks=[curve, monitor],
     )
     trainer_kwargs.update(spec.trainer)
+    best = None
+    if spec.select:
+        from lightning.pytorch.callbacks import EarlyStopping
+
+        from .selection import BestEpoch
+
+        watched, mode = spec.select.get("monitor", "val/auroc"), spec.select.get("mode", "max")
+        best = BestEpoch(watched, mode)
+        trainer_kwargs["callbacks"] = [*trainer_kwargs["callbacks"], best]
+        if int(spec.select.get("patience", 0)) > 0:
+            patience = int(spec.select["patience"])
+            trainer_kwargs["callbacks"].append(EarlyStopping(monitor=watched, mode=mode, patience=patience))
     start = time.perf_counter()
     trainer = L.Trainer(**trainer_kwargs)
     trainer.fit(module, datamodule=datamodule)
+    if best is not None:
+        best.restore(module)
     test = trainer.test(module, datamodule=datamodule, verbose=False)[0]
     seconds = time.perf_counter() - start
     if "test/acc" not in test:
@@ -138,6 +155,8 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
         "steps": int(trainer.global_step),
         "seconds": round(seconds, 2),
     }
+    if best is not None:  # the tested weights are those of this validation
+        row.update(selected_step=best.best_step, selected_validation=best.best + 1, selected_value=best.best_value)
     return {"row": row, "val_steps": curve.steps, "val_acc": curve.acc, "cos_steps": monitor.history.get("step", []), "cos": cos}
 
 
@@ -159,8 +178,11 @@ class CompareResult:
     variants: list[str]
     files: dict[str, str] = field(default_factory=dict)
 
-    def markdown(self) -> str:
-        """The table: one row per method, one column per variant, ``mean ± std`` test error in %."""
+    def markdown(self, metric: str = "error") -> str:
+        """The table: one row per method, one column per variant, ``mean ± std`` of the test
+        error in % (``metric="error"``) or of the test AUC (``metric="auroc"``, when logged)."""
+        if metric not in ("error", "auroc"):
+            raise ValueError(f"metric must be 'error' or 'auroc', got {metric!r}.")
         cell = {(s["method"], s["variant"]): s for s in self.summary}
         header = "| method | " + " | ".join(self.variants) + " |"
         lines = [header, "|" + "---|" * (len(self.variants) + 1)]
@@ -168,12 +190,23 @@ class CompareResult:
             vals = []
             for v in self.variants:
                 s = cell.get((m, v))
-                vals.append("" if s is None else f"{100 * s['mean_error']:.2f} ± {100 * s['std_error']:.2f}")
+                if s is None or f"mean_{metric}" not in s:
+                    vals.append("")
+                elif metric == "error":
+                    vals.append(f"{100 * s['mean_error']:.2f} ± {100 * s['std_error']:.2f}")
+                else:
+                    vals.append(f"{s['mean_auroc']:.4f} ± {s['std_auroc']:.4f}")
             lines.append(f"| {m} | " + " | ".join(vals) + " |")
         n = max((s["n"] for s in self.summary), default=0)
         lines.append("")
-        lines.append(f"Main-task test error (%), mean ± std over {n} seed(s).")
+        what = "Main-task test error (%)" if metric == "error" else "Main-task test AUC"
+        chosen = " (weights of the best validation)" if any("selected_step" in r for r in self.rows) else ""
+        lines.append(f"{what}{chosen}, mean ± std over {n} seed(s).")
         return "\n".join(lines)
+
+    @property
+    def has_auroc(self) -> bool:
+        return bool(self.rows) and all(r.get("test_auroc") is not None for r in self.rows)
 
 
 def _variant_grid(variants: Mapping[str, Iterable[Any]] | None) -> list[tuple[str, dict[str, Any]]]:
@@ -201,6 +234,7 @@ def compare(
     jobs: int = 1,
     progress: bool = True,
     trainer: Mapping[str, Any] | None = None,
+    select: Mapping[str, Any] | None = None,
 ) -> CompareResult:
     """Run every method over every seed (and variant) of ``setup``; tabulate the main task's test error.
 
@@ -216,6 +250,9 @@ def compare(
         jobs: runs in parallel processes (forked; use the number of free cores).
         progress: show a progress bar over runs.
         trainer: extra ``lightning.Trainer`` keyword arguments (e.g. ``{"accelerator": "gpu"}``).
+        select: best-epoch selection, e.g. ``{"monitor": "val/auroc", "mode": "max", "patience": 5}``:
+            each run is tested with the weights of its best validation (and stops early on that
+            metric when ``patience > 0``); ``runs.csv`` then names the selected validation.
     """
     methods = list(methods)
     if not methods:
@@ -232,7 +269,8 @@ def compare(
         raise ValueError(f"Unknown setup {setup!r}; choose from {', '.join(list_setups())}.")
     grid = _variant_grid(variants)
     specs = [
-        RunSpec(setup, m, int(s), {**dict(options or {}), **opts}, dict(gate or {}), label, max_steps, eval_every, log_every, dict(trainer or {}))
+        RunSpec(setup, m, int(s), {**dict(options or {}), **opts}, dict(gate or {}), label, max_steps, eval_every,
+                log_every, dict(trainer or {}), dict(select or {}))
         for (label, opts), m, s in product(grid, methods, seeds)
     ]
     runs = _execute(specs, jobs, progress)
@@ -242,7 +280,11 @@ def compare(
         for m in methods:
             errors = [r["test_error"] for r in rows if r["variant"] == label and r["method"] == m]
             mean, std = _mean_std(errors)
-            summary.append({"variant": label, "method": m, "n": len(errors), "mean_error": mean, "std_error": std})
+            entry = {"variant": label, "method": m, "n": len(errors), "mean_error": mean, "std_error": std}
+            aucs = [r["test_auroc"] for r in rows if r["variant"] == label and r["method"] == m]
+            if aucs and all(a is not None for a in aucs):
+                entry["mean_auroc"], entry["std_auroc"] = _mean_std(aucs)
+            summary.append(entry)
     result = CompareResult(rows, summary, runs, methods, [label for label, _ in grid])
     if out_dir is not None:
         result.files = _write(result, Path(out_dir), setup)
@@ -291,10 +333,13 @@ def _write(result: CompareResult, out: Path, setup: str) -> dict[str, str]:
         writer.writeheader()
         writer.writerows(result.rows)
     with open(files["summary"], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["variant", "method", "n", "mean_error", "std_error"])
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for s in result.summary for k in s)))
         writer.writeheader()
         writer.writerows(result.summary)
-    files["table"].write_text(f"Setup `{setup}`\n\n" + result.markdown() + "\n")
+    table = f"Setup `{setup}`\n\n" + result.markdown() + "\n"
+    if result.has_auroc:
+        table += "\n" + result.markdown("auroc") + "\n"
+    files["table"].write_text(table)
     files["json"].write_text(json.dumps({"rows": result.rows, "summary": result.summary, "runs": result.runs}, indent=1))
     files["accuracy"], files["cosine"] = out / "accuracy.png", out / "cosine.png"
     _plot(result, files["accuracy"], files["cosine"])

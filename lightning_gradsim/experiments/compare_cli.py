@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.config:
         with open(args.config) as f:
             cfg = yaml.safe_load(f) or {}
-        allowed = {"setup", "methods", "seeds", "variants", "options", "gate", "max_steps", "eval_every", "log_every", "jobs", "out_dir", "trainer", "progress"}
+        allowed = {"setup", "methods", "seeds", "variants", "options", "gate", "max_steps", "eval_every", "log_every", "jobs", "out_dir", "trainer", "progress", "select"}
         bad = set(cfg) - allowed
         if bad:
             parser.error(f"unknown key(s) {sorted(bad)} in {args.config}; allowed: {sorted(allowed)}")
@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gradsim compare: {err}", flush=True)
         return 2
     print(result.markdown())
+    if result.has_auroc:
+        print("\n" + result.markdown("auroc"))
     print("\nfiles:")
     for key, path in result.files.items():
         print(f"  {key:<9} {path}")
