@@ -184,6 +184,10 @@ def _build_pairs(args: argparse.Namespace) -> tuple[list[PairData], list[str], A
 
             choice = pick_pairs(class_feature_sets(x_tr, y_tr, args.features), args.features)
             near, far = choice.near, choice.far
+            other = "random_conv" if args.features == "pixels" else "pixels"
+            check = pick_pairs(class_feature_sets(x_tr, y_tr, other), other)
+            agree = "the same pairs" if (check.near, check.far) == (near, far) else "DIFFERENT pairs"
+            notes.append(f"check: `{other}` features pick near {'/'.join(check.near)} and far {'/'.join(check.far)} ({agree})")
         pairs = [mnist_pair(x_tr, y_tr, x_te, y_te, *near, kind="near", max_per_class=args.max_per_class),
                  mnist_pair(x_tr, y_tr, x_te, y_te, *far, kind="far", max_per_class=args.max_per_class)]
         return pairs, notes, choice

@@ -168,7 +168,7 @@ def _markdown(stats: dict[str, Any], result: Any, config: dict[str, Any], choice
             q = " / ".join("-" if math.isnan(v) else f"{100 * v:.0f} %" for v in g["quarters"])
             so = ", ".join("never" if s is None else str(s) for s in g["switch_off"])
             lines.append(f"| {kind} | {m} | {q} | {so} |")
-    lines += ["", f"Wall time of the whole command (data, feature picking, training, outputs): {wall:.0f} s.",
+    lines += ["", f"Wall time of the command from argument parsing to the last file (data, pair picking, training, outputs; Python start-up and imports not included): {wall:.0f} s.",
               f"Training all {len(set((r['kind'], r['method'], r['seed']) for r in result.rows))} runs together: {result.seconds:.0f} s.",
               "", "Files: `curves.csv`, `cosine_steps.csv`, `figure3.png`, `summary.md`."]
     return "\n".join(lines) + "\n"
