@@ -149,6 +149,7 @@ def _markdown(stats: dict[str, Any], result: Any, config: dict[str, Any], choice
                 f = np.subtract(a["final"], base["final"])
                 de, dfin = f"{_ms(e, 100)} ({int((e > 0).sum())}/{len(e)})", f"{_ms(f, 100)} ({int((f > 0).sum())}/{len(f)})"
             lines.append(f"| {kind} | {m} | {_ms(a['early'], 100)} | {_ms(a['final'], 100)} | {de} | {dfin} |")
+    lines += _glance(result.rows, methods, stats["cosine_method"])
     cm = stats["cosine_method"]
     lines += ["", f"## Cosine of the main and auxiliary gradients on the shared parameters (`{cm}` runs)", "",
               "| pair | mean over training | first half | second half | steps with cosine < 0 |", "|---|---|---|---|---|"]
@@ -172,6 +173,32 @@ def _markdown(stats: dict[str, Any], result: Any, config: dict[str, Any], choice
               f"Training all {len(set((r['kind'], r['method'], r['seed']) for r in result.rows))} runs together: {result.seconds:.0f} s.",
               "", "Files: `curves.csv`, `cosine_steps.csv`, `figure3.png`, `summary.md`."]
     return "\n".join(lines) + "\n"
+
+
+def _glance(rows: list[dict[str, Any]], methods: Sequence[str], cos_method: str) -> list[str]:
+    """The curves at a glance: the first five evaluations and the ones at 40/60/80/100 % of training."""
+    steps = sorted({int(r["step"]) for r in rows} - {0})
+    if not steps:
+        return []
+    marks = {steps[min(max(0, int(np.searchsorted(steps, k * steps[-1] / 5))), len(steps) - 1)] for k in (2, 3, 4, 5)}
+    picked = sorted(set(steps[:5]) | marks)
+    gated = [m for m in methods if m not in BASELINES]
+    acc, cos, opened = _series(rows, "test_accuracy"), _series(rows, "cosine"), _series(rows, "open_fraction")
+
+    def at(data: dict, kind: str, m: str, step: int) -> float:
+        vals = [v[list(st).index(step)] for (k, mm, _), (st, v) in data.items() if k == kind and mm == m and step in st]
+        return float(np.mean(vals)) if vals else float("nan")
+
+    head = ["pair", "step"] + [f"acc {m}" for m in methods] + [f"cosine ({cos_method})"] + [f"open {m}" for m in gated]
+    lines = ["", "### The curves at a glance (mean over seeds; cosine and open fraction: mean over the interval ending at the step)", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    kinds = list(dict.fromkeys(r["kind"] for r in rows))
+    for kind in kinds:
+        for step in picked:
+            cells = [kind, str(step)] + [f"{100 * at(acc, kind, m, step):.1f}" for m in methods]
+            cells += [f"{at(cos, kind, cos_method, step):+.3f}"] + [f"{100 * at(opened, kind, m, step):.0f} %" for m in gated]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def draw_figure3(rows: list[dict[str, Any]], path: Path, pairs: Sequence[Any]) -> None:
