@@ -8,7 +8,7 @@ stand-in features for small grayscale images such as MNIST are:
   of all training images (every class together). MNIST digits are centred and size-normalised,
   so pixel space is a meaningful appearance space for them; the projection keeps the covariance
   estimable (a class has hundreds of images, pixel space has 784 dimensions).
-* ``"random_conv"``: a fixed, seeded bank of random 5x5 filters, ReLU, average pooling to a 4x4 grid, then
+* ``"random_conv"``: a fixed, seeded bank of 32 random 5x5 filters (stride 2), ReLU, average pooling to a 4x4 grid, then
   the same projection -- a check that the choice of pixels does not decide the pairs.
 
 Neither is the paper's Inception/ResNetV2 embedding. The near pair is the pair with the smallest
@@ -94,10 +94,10 @@ def class_feature_sets(
 @torch.no_grad()
 def _random_conv(images: Tensor, seed: int, filters: int = 32) -> Tensor:
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(filters, images.shape[1], 5, 5, generator=g, dtype=torch.float64)
+    w = torch.randn(filters, images.shape[1], 5, 5, generator=g)
     w = w / w.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
     out = []
     for i in range(0, len(images), 1024):
-        h = F.relu(F.conv2d(images[i : i + 1024].double(), w, padding=2))
+        h = F.relu(F.conv2d(images[i : i + 1024].float(), w, stride=2, padding=2))
         out.append(F.adaptive_avg_pool2d(h, 4).flatten(1))
-    return torch.cat(out)
+    return torch.cat(out).double()
