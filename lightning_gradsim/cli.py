@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "test": ("lightning_gradsim.experiments.cli:test", "test a config/checkpoint (LightningCLI)"),
     "compare": ("lightning_gradsim.experiments.compare_cli:main", "methods x seeds on one setup: error table, plots"),
     "distances": ("lightning_gradsim.experiments.distances:main", "LCA level vs Frechet distance of class pairs"),
+    "pairs": ("lightning_gradsim.experiments.pairs:main", "paper Fig. 3: single/multi-task/gate on a near and a far class pair"),
     "toy": ("lightning_gradsim.experiments.toys:main", "2-D toys: blog's unit circle (default), paper's Figure 2"),
     "gridworld": ("lightning_gradsim.rl.cli:main", "RL distillation from a teacher in gridworlds: curves + figures"),
     "relatedness": ("lightning_gradsim.experiments.relatedness:main", "blog's synthetic task-relatedness sweep: table + plot"),
