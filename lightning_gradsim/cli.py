@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "distances": ("lightning_gradsim.experiments.distances:main", "LCA level vs Frechet distance of class pairs"),
     "toy": ("lightning_gradsim.experiments.toys:main", "2-D toy problems: trajectories per rule as a PNG"),
     "gridworld": ("lightning_gradsim.rl.cli:main", "RL distillation from a teacher in gridworlds: curves + figures"),
+    "atari": ("lightning_gradsim.rl.atari.cli:main", "Atari/MinAtar distillation from a sub-optimal teacher, V-trace (4.4)"),
     "relatedness": ("lightning_gradsim.experiments.relatedness:main", "blog's synthetic task-relatedness sweep: table + plot"),
     "figures": ("lightning_gradsim.experiments.figures:main", "paper's Appendix B, Proposition 3, cosine-vs-dimension PNGs"),
 }
