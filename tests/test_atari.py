@@ -242,7 +242,7 @@ def test_ale_backend_smoke(tmp_path):
     teacher = save_teacher(StackedActorCritic(1, (4, 84, 84), 18, arch="nature"), 0, tmp_path / "ale.pt",
                            backend="ale", game="breakout")
     cfg = AtariConfig(games=("breakout", "ms_pacman"), backend="ale", frames=320, seeds=1,
-                      methods=("rl", "rl_kl_cos"), envs=2, unroll=10, teacher=str(teacher))
+                      methods=("rl", "rl_kl_cos"), envs=2, unroll=10, teacher=str(teacher), random_episodes=0)
     result = run_experiment(cfg)
     assert result.frames_total == 2 * 320
     assert {r[3] for r in result.curves} == {"breakout", "ms_pacman"}

@@ -63,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gate threshold on the cosine (default: 0.02 for one game, 0.01 for several, as in D.3)")
     p.add_argument("--cosine-ema", type=float, default=d.cosine_ema, help="EMA factor of the cosine (default %(default)s)")
     p.add_argument("--log-every", type=int, default=0, help="frames between curve points (default frames/40)")
-    _add_common(p, frames=500_000, envs=16)
+    p.add_argument("--random-episodes", type=int, default=32,
+                   help="episodes of the random policy measured per game for the plots, 0: none (default %(default)s)")
+    _add_common(p, frames=300_000, envs=16)
     return p
 
 
@@ -76,7 +78,7 @@ def build_teacher_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1000, help="seed (default %(default)s, distinct from the runs' seeds)")
     p.add_argument("--eval-episodes", type=int, default=100, help="episodes of the final evaluation (default %(default)s)")
     p.add_argument("--out", required=True, help="checkpoint path, e.g. teacher.pt")
-    _add_common(p, frames=60_000, envs=16)
+    _add_common(p, frames=50_000, envs=16)
     return p
 
 
@@ -125,7 +127,7 @@ def teacher_main(argv: list[str]) -> int:
                  seconds=round(result.seconds, 1))
     print(f"teacher: {args.frames} frames in {result.seconds:.0f} s ({result.fps:.0f} frames/s); training return "
           f"{last[0]:.2f}; evaluation return {eval_return:.2f} over {episodes} episodes; "
-          f"random {result.random_return[args.env]:.2f}; saved {args.out}")
+          f"random {result.random_return.get(args.env, float('nan')):.2f}; saved {args.out}")
     return 0
 
 
@@ -147,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = AtariConfig(games=games, backend=args.backend, frames=args.frames, seeds=args.seeds,
                           seed_offset=args.seed_offset, methods=tuple(m.strip() for m in args.methods.split(",")),
                           envs=args.envs, unroll=args.unroll, log_every=args.log_every, teacher=args.teacher,
+                          random_episodes=args.random_episodes,
                           learner=lcfg, device=args.device)
         from ...rules import get_rule
 

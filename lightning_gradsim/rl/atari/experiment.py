@@ -26,6 +26,7 @@ import torch
 from .envs import make_vector_env
 from .learner import METHODS, BatchedLearner, LearnerConfig, Rollout
 from .nets import StackedActorCritic
+from .plots import nanmean
 from .teacher import default_teacher_path, evaluate_policy, load_teacher
 
 __all__ = ["AtariConfig", "AtariResult", "run_experiment", "write_curves", "CURVE_COLUMNS"]
@@ -48,13 +49,14 @@ class AtariConfig:
         unroll: unroll length ``T`` (the V-trace n-step horizon).
         log_every: frames per run between two curve points (0: ``frames / 40``).
         teacher: teacher checkpoint (``None``: the package's for the backend).
+        random_episodes: episodes of the uniformly random policy measured per game for the plots (0: none).
         learner: learner hyper-parameters.
         device: torch device of the networks.
     """
 
     games: tuple[str, ...] = ("breakout",)
     backend: str = "minatar"
-    frames: int = 500_000
+    frames: int = 300_000
     seeds: int = 3
     seed_offset: int = 0
     methods: tuple[str, ...] = METHODS
@@ -62,6 +64,7 @@ class AtariConfig:
     unroll: int = 20
     log_every: int = 0
     teacher: str | None = None
+    random_episodes: int = 32
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     device: str = "cpu"
 
@@ -124,14 +127,14 @@ class AtariResult:
             for game in self.config.games:
                 rows = [r for r in self.curves if r[0] == method and r[3] == game]
                 frames = sorted({r[2] for r in rows})
-                mean_curve = [np.nanmean([r[4] for r in rows if r[2] == f] or [np.nan]) for f in frames]
+                mean_curve = [nanmean([r[4] for r in rows if r[2] == f]) for f in frames]
                 cut = frames[-1] * (1 - tail)
                 late = [r for r in rows if r[2] > cut]
                 reach = next((f for f, v in zip(frames, mean_curve) if v >= teacher), math.inf)
                 out[(method, game)] = {
-                    "final_return": float(np.nanmean([r[4] for r in late])) if late else float("nan"),
-                    "final_weight": float(np.nanmean([r[6] for r in late])) if late else float("nan"),
-                    "early_return": float(np.nanmean(mean_curve[: max(1, len(mean_curve) // 4)])),
+                    "final_return": float(nanmean([r[4] for r in late])),
+                    "final_weight": float(nanmean([r[6] for r in late])),
+                    "early_return": float(nanmean(mean_curve[: max(1, len(mean_curve) // 4)])),
                     "frames_to_teacher": float(reach),
                 }
         return out
@@ -159,8 +162,9 @@ def run_experiment(cfg: AtariConfig, progress: Callable[[int], None] | None = No
     net = StackedActorCritic(m, env.obs_shape, env.num_actions, arch=ARCH[cfg.backend], seeds=seeds).to(device)
     lcfg = cfg.learner
     learner = BatchedLearner(net, [meth for meth, _ in runs], teacher, lcfg, num_games=len(cfg.games))
-    random_return = {g: evaluate_policy(None, cfg.backend, g, episodes=64, seed=12345, num_actions=env.num_actions)[0]
-                     for g in cfg.games}
+    random_return = {g: evaluate_policy(None, cfg.backend, g, episodes=cfg.random_episodes, seed=12345,
+                                        num_actions=env.num_actions)[0]
+                     for g in cfg.games if cfg.random_episodes > 0}
     frames_per_update = t_len * n * env.frames_per_step
     updates = max(1, math.ceil(cfg.frames / frames_per_update))
     log_every = cfg.log_every or max(frames_per_update, cfg.frames // 40)

@@ -45,7 +45,7 @@ METHODS: tuple[str, ...] = ("rl", "kl", "rl_kl", "rl_kl_cos")
 class LearnerConfig:
     """Hyper-parameters of :class:`BatchedLearner` (see ``docs/atari.md`` for which the paper gives)."""
 
-    lr: float = 1e-3
+    lr: float = 3e-3
     discount: float = 0.99
     entropy_cost: float = 0.01
     baseline_cost: float = 0.5

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["LABELS", "seed_curves", "plot_curves"]
+__all__ = ["LABELS", "nanmean", "seed_curves", "plot_curves"]
 
 #: method -> the paper's label (single game, multi-task).
 LABELS: dict[str, tuple[str, str]] = {
@@ -28,6 +28,15 @@ LABELS: dict[str, tuple[str, str]] = {
     "rl_kl_cos": ("RL+KL (gated, ours)", "Multitask RL + Distillation (gated, ours)"),
 }
 COLOURS = {"rl": "tab:blue", "kl": "tab:green", "rl_kl": "tab:orange", "rl_kl_cos": "tab:red"}
+
+
+def nanmean(x, axis: int | None = None) -> np.ndarray | float:
+    """``np.nanmean`` that returns NaN for all-NaN slices without a warning."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(np.asarray(x, dtype=float), axis=axis)
 
 
 def seed_curves(curves: Sequence[tuple], method: str, game: str, column: int) -> tuple[np.ndarray, np.ndarray]:
@@ -44,12 +53,11 @@ def seed_curves(curves: Sequence[tuple], method: str, game: str, column: int) ->
 
 
 def _band(ax, frames: np.ndarray, values: np.ndarray, colour: str, label: str, linestyle: str = "-") -> None:
-    with np.errstate(all="ignore"):
-        import warnings
+    import warnings
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            mean, lo, hi = np.nanmean(values, 0), np.nanmin(values, 0), np.nanmax(values, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean, lo, hi = np.nanmean(values, 0), np.nanmin(values, 0), np.nanmax(values, 0)
     ax.plot(frames, mean, color=colour, label=label, linestyle=linestyle)
     if values.shape[0] > 1:
         ax.fill_between(frames, lo, hi, color=colour, alpha=0.15, linewidth=0)
@@ -105,8 +113,8 @@ def plot_curves(
         ax = axes[-1]
         best = {}
         for game in games:
-            means = [np.nanmean(seed_curves(curves, meth, game, 4)[1], 0) for meth in methods]
-            best[game] = max(float(np.nanmax(m)) for m in means if np.isfinite(m).any())
+            means = [nanmean(seed_curves(curves, meth, game, 4)[1], 0) for meth in methods]
+            best[game] = max([float(np.nanmax(m)) for m in means if np.isfinite(m).any()] or [1.0])
         for meth in methods:
             parts = []
             for game in games:
