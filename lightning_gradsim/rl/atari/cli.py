@@ -123,6 +123,7 @@ def teacher_main(argv: list[str]) -> int:
                                             seed=args.seed + 1)
     command = "gradsim atari teacher " + " ".join(shlex.quote(a) for a in argv)
     save_teacher(result.net, 0, args.out, backend=args.backend, game=args.env, frames=args.frames,
+                 frames_trained=result.frames_total,
                  train_return=float(last[0]), eval_return=eval_return, eval_episodes=episodes, command=command,
                  seconds=round(result.seconds, 1))
     print(f"teacher: {args.frames} frames in {result.seconds:.0f} s ({result.fps:.0f} frames/s); training return "

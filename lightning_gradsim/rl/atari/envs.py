@@ -38,6 +38,13 @@ MINATAR_GAMES: dict[str, int] = {"breakout": 4, "asterix": 4, "freeway": 7, "sea
 ALE_GAMES: tuple[str, ...] = ("breakout", "ms_pacman")
 
 
+def _checked_games(games: Sequence[str], seeds: Sequence[int]) -> list[str]:
+    games = list(games)
+    if len(games) != len(seeds) or not games:
+        raise ValueError(f"Give one seed per game: {len(seeds)} seeds for {len(games)} games.")
+    return games
+
+
 class Step(NamedTuple):
     """One batched step. ``episode_return`` is NaN where no episode ended."""
 
@@ -67,9 +74,7 @@ class MinAtarVectorEnv:
             from minatar import Environment
         except ImportError as err:  # pragma: no cover - exercised without the extra
             raise ImportError("The MinAtar backend needs minatar: pip install 'lightning-gradsim[atari]'.") from err
-        games = list(games)
-        if len(games) != len(seeds) or not games:
-            raise ValueError(f"Give one seed per game: {len(seeds)} seeds for {len(games)} games.")
+        games = _checked_games(games, seeds)
         unknown = sorted({g for g in games if g not in MINATAR_GAMES})
         if unknown:
             raise ValueError(f"Unknown MinAtar games {unknown}; choose from {', '.join(MINATAR_GAMES)}.")
@@ -149,9 +154,7 @@ class AleVectorEnv:
             from gymnasium.vector import AutoresetMode
         except ImportError as err:  # pragma: no cover - exercised without the extra
             raise ImportError("The ALE backend needs ale-py and gymnasium: pip install 'lightning-gradsim[ale]'.") from err
-        games = list(games)
-        if len(games) != len(seeds) or not games:
-            raise ValueError(f"Give one seed per game: {len(seeds)} seeds for {len(games)} games.")
+        games = _checked_games(games, seeds)
         self.games = games
         self.groups: list[tuple[np.ndarray, object, np.ndarray]] = []
         for game in dict.fromkeys(games):

@@ -42,7 +42,8 @@ class AtariConfig:
     Args:
         games: the main task's games (one: Figure 5; two: Figure 6).
         backend: ``"minatar"`` (CPU) or ``"ale"`` (full Atari, GPU recipe).
-        frames: training frames per run (emulator frames: MinAtar steps, or 4 per ALE step).
+        frames: training frames per run (emulator frames: MinAtar steps, or 4 per ALE step), rounded
+            up to whole updates of ``unroll * envs`` steps.
         seeds: seeds per method; ``seed_offset`` is added to each.
         methods: a subset of :data:`~lightning_gradsim.rl.atari.learner.METHODS`.
         envs: games per run (the batch size of one unroll).

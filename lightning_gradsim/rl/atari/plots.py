@@ -107,7 +107,7 @@ def plot_curves(
             ax.axhline(threshold, color="k", linestyle=":", linewidth=0.8, label=f"threshold {threshold:g}")
         ax.axhline(0.0, color="grey", linewidth=0.5)
         ax.legend(fontsize=7)
-    ax.set_title("gated method: smoothed per-layer cosine, KL weight")
+    ax.set_title("gated run: cosine, KL weight")
     ax.set_xlabel("frames")
     if multi:
         ax = axes[-1]
