@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pairs": ("lightning_gradsim.experiments.pairs:main", "paper Fig. 3: single/multi-task/gate on a near and a far class pair"),
     "toy": ("lightning_gradsim.experiments.toys:main", "2-D toys: blog's unit circle (default), paper's Figure 2"),
     "gridworld": ("lightning_gradsim.rl.cli:main", "RL distillation from a teacher in gridworlds: curves + figures"),
+    "atari": ("lightning_gradsim.rl.atari.cli:main", "Atari/MinAtar distillation from a sub-optimal teacher, V-trace (4.4)"),
     "relatedness": ("lightning_gradsim.experiments.relatedness:main", "blog's synthetic task-relatedness sweep: table + plot"),
     "figures": ("lightning_gradsim.experiments.figures:main", "paper's Appendix B, Proposition 3, cosine-vs-dimension PNGs"),
 }
