@@ -1,4 +1,4 @@
-"""``gradsim fit`` smoke runs (fast_dev_run) for every example config, and the command dispatcher."""
+"""The command dispatcher, the example configs' shape, and ``gradsim fit``/``test`` with loader workers."""
 
 from __future__ import annotations
 
@@ -44,26 +44,7 @@ def test_example_configs_exist():
             assert trainer["devices"] == 1
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("config", DIGIT_CONFIGS, ids=lambda p: p.stem)
-def test_fit_digits_config(config, tmp_path):
-    code = gradsim(["fit", "--config", str(config), "--trainer.fast_dev_run", "true",
-                    "--trainer.default_root_dir", str(tmp_path), "--trainer.callbacks.init_args.plot", "false"])
-    assert code == 0
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("config", PAIR_CONFIGS, ids=lambda p: p.stem)
-def test_fit_pair_config(config, tiny_imagenet, tmp_path):
-    # the paper's ResNetV2-18 once (at 32x32), a tiny CNN for the others; one CPU process each
-    backbone = "resnetv2_18" if config.stem == "near_trimaran_catamaran" else "tiny_cnn"
-    code = gradsim([
-        "fit", "--config", str(config), "--trainer.fast_dev_run", "true", "--trainer.default_root_dir", str(tmp_path),
-        "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto", "--trainer.precision", "32-true",
-        "--data.root", str(tiny_imagenet), "--data.image_size", "32" if backbone == "resnetv2_18" else "16",
-        "--data.batch_size", "2", "--data.num_workers", "0", "--model.backbone", backbone,
-    ])
-    assert code == 0
+# Every example config is run as a user runs it (Lightning's own DDP launcher included) in tests/test_launch.py.
 
 
 @pytest.mark.slow

@@ -257,6 +257,7 @@ def compare(
     methods = list(methods)
     if not methods:
         raise ValueError("compare() needs at least one method, e.g. methods=['main_only', 'sum', 'unweighted'].")
+    _check_one_process_per_run(trainer)
     known = list_methods()
     unknown = [m for m in methods if m not in known]
     if unknown:
@@ -289,6 +290,29 @@ def compare(
     if out_dir is not None:
         result.files = _write(result, Path(out_dir), setup)
     return result
+
+
+def _check_one_process_per_run(trainer: Mapping[str, Any] | None) -> None:
+    """Refuse trainer settings that make one run several processes: compare parallelises runs (``jobs``), not a run.
+
+    Lightning would start the other ranks by re-running the whole ``gradsim compare`` command (or, in
+    a ``jobs`` worker, could not start them at all).
+    """
+    trainer = dict(trainer or {})
+    devices, num_nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1)
+    strategy = trainer.get("strategy", "auto")
+    if isinstance(devices, str):
+        parts = [d for d in devices.split(",") if d.strip()]
+        devices = len(parts) if "," in devices else (int(devices) if devices.strip().lstrip("-").isdigit() else devices)
+    n_devices = len(devices) if isinstance(devices, (list, tuple)) else devices
+    name = (strategy if isinstance(strategy, str) else type(strategy).__name__).lower()
+    if n_devices != 1 or int(num_nodes) != 1 or any(k in name for k in ("ddp", "fsdp", "deepspeed")):
+        raise ValueError(
+            f"gradsim compare trains each run in one process and runs them in parallel with jobs=; trainer="
+            f"{trainer} asks for several processes per run (devices={trainer.get('devices', 1)!r}, "
+            f"num_nodes={num_nodes!r}, strategy={strategy!r}). Use devices=1 (accelerator='gpu' for a GPU) and "
+            "jobs= for parallel runs; for one long run on several GPUs use `gradsim fit --config <a _ddp config>`."
+        )
 
 
 def _execute(specs: list[RunSpec], jobs: int, progress: bool) -> list[dict[str, Any]]:
