@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor
 
+from .expected import expected_cosine
 from .student import cell_kernel
 from .teacher import q_learning, teacher_policy
 from .training import GATED_RULES, METHODS, StudentTrainer
@@ -147,8 +148,12 @@ class ExperimentResult:
         returns: ``(transfer, method, temperature) -> (len(steps), envs)`` exact expected return of
             every student from the start cell of its task (``reward`` does not use the teacher: its
             one set of students appears under every temperature).
-        gate: rows ``(transfer, method, temperature, step, open_fraction, mean_cosine)`` over the
-            episodes that ended since the previous evaluation point (gated methods only).
+        gate: rows ``(transfer, method, temperature, step, open_fraction, mean_cosine, expected_cosine,
+            expected_positive)`` of the gated methods: the fraction of the episodes that ended since the
+            previous evaluation point on which the gate was open and their mean (single-episode)
+            cosine; and, at the evaluation point, the cosine of the *expected* updates
+            (:func:`~lightning_gradsim.rl.expected.expected_cosine`) averaged over gridworlds, and the
+            fraction of gridworlds where it is positive.
         teacher_return: ``(transfer, temperature) -> (envs,)`` the teacher's return on the main task.
         teacher_original_return: ``temperature -> (envs,)`` the same on the teacher's own task.
         random_return: ``transfer -> (envs,)`` the uniformly random policy on the main task.
@@ -160,7 +165,7 @@ class ExperimentResult:
     config: ExperimentConfig
     steps: list[int]
     returns: dict[Key, Tensor]
-    gate: list[tuple[str, str, float, int, float, float]]
+    gate: list[tuple[str, str, float, int, float, float, float, float]]
     teacher_return: dict[tuple[str, float], Tensor]
     teacher_original_return: dict[float, Tensor]
     random_return: dict[str, Tensor]
@@ -255,7 +260,7 @@ def run_experiment(
     gate_sums = torch.zeros(3, len(trainer))  # per row: finished gated episodes, opens, sum of cosines
     eval_steps: list[int] = []
     returns: dict[tuple[str, str, float | None], list[Tensor]] = {g: [] for g in groups}
-    gate_rows: list[tuple[str, str, float, int, float, float]] = []
+    gate_rows: list[tuple[str, str, float, int, float, float, float, float]] = []
 
     def evaluate(step: int) -> None:
         if not bool(torch.isfinite(trainer.student.policy).all() & torch.isfinite(trainer.student.value_coef).all()):
@@ -266,11 +271,15 @@ def run_experiment(
         eval_steps.append(step)
         for gi, (tr, m, t) in enumerate(groups):
             rows = slice(gi * n, (gi + 1) * n)
-            returns[(tr, m, t)].append(start_returns(tasks[tr], trainer.policies(rows)))
+            probs = trainer.policies(rows)
+            returns[(tr, m, t)].append(start_returns(tasks[tr], probs))
             if m in GATED_RULES and step > 0:
                 episodes, opens, cos_sum = gate_sums[:, rows].sum(1).tolist()
+                k = cfg.transfers.index(tr) * n
+                exact = expected_cosine(tasks[tr], kernel[k : k + n], probs, teachers[t], cfg.gamma)
                 gate_rows.append((tr, m, float(t), step, opens / max(episodes, 1.0),
-                                  cos_sum / episodes if episodes else float("nan")))
+                                  cos_sum / episodes if episodes else float("nan"),
+                                  float(exact.mean()), float((exact > 0).double().mean())))
         gate_sums.zero_()
 
     evaluate(0)

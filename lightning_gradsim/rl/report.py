@@ -63,9 +63,10 @@ def write_outputs(result: ExperimentResult, out: str | os.PathLike) -> dict[str,
                 w.writerow([tr, "random", t, cfg.steps, *(f"{x:.6f}" for x in mean_stderr(ret))])
     with open(paths["gate.csv"], "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["transfer", "method", "temperature", "step", "open_fraction", "mean_cosine"])
-        for tr, m, t, s, op, cos in result.gate:
-            w.writerow([tr, m, t, s, f"{op:.6f}", f"{cos:.6f}"])
+        w.writerow(["transfer", "method", "temperature", "step", "open_fraction", "mean_cosine", "expected_cosine",
+                    "expected_positive"])
+        for tr, m, t, s, *values in result.gate:
+            w.writerow([tr, m, t, s, *(f"{x:.6f}" for x in values)])
     reach = result.steps_to_reach("reward")
     with open(paths["summary.csv"], "w", newline="") as f:
         w = csv.writer(f)
@@ -127,20 +128,22 @@ def _plot_gate(result: ExperimentResult, path: Path) -> None:
         for j, t in enumerate(temps):
             ax_open, ax_cos = axes[2 * i][j], axes[2 * i + 1][j]
             for m in gated:
-                rows = sorted((s, op, c) for trr, mm, tt, s, op, c in result.gate if (trr, mm, tt) == (tr, m, t))
+                rows = sorted(r[3:7] for r in result.gate if r[:3] == (tr, m, t))
                 if rows:
-                    s, op, c = zip(*rows)
-                    ax_open.plot(s, op, label=m)
-                    ax_cos.plot(s, c, label=m)
+                    s, op, c, ex = zip(*rows)
+                    (line,) = ax_open.plot(s, op, label=m)
+                    ax_cos.plot(s, c, color=line.get_color(), label=f"{m}: one episode (the gate's)")
+                    ax_cos.plot(s, ex, color=line.get_color(), linestyle="--", label=f"{m}: expected updates")
             ax_open.set_title(f"{_TITLES[tr]}, T = {t:g}", fontsize=9)
             ax_open.set_ylim(-0.02, 1.02)
             ax_cos.axhline(0.0, color="grey", linewidth=0.8)
         axes[2 * i][0].set_ylabel("gate open fraction")
-        axes[2 * i + 1][0].set_ylabel("mean cosine (pg, distill)")
+        axes[2 * i + 1][0].set_ylabel("cosine (pg, distill)")
     for ax in axes[-1]:
         ax.set_xlabel("training steps")
     if gated:
         axes[0][-1].legend(fontsize=7)
+        axes[1][-1].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -50,7 +50,10 @@ __all__ = [
     "Layouts",
     "sample_layouts",
     "windows",
+    "policy_model",
     "policy_evaluation",
+    "action_values",
+    "visitation",
     "value_iteration",
 ]
 
@@ -262,6 +265,18 @@ def _effective_moves(spec: GridSpec, policy: Tensor) -> Tensor:
     return (1.0 - spec.noise - other) * policy + other
 
 
+def policy_model(layouts: Layouts, policy: Tensor) -> tuple[Tensor, Tensor]:
+    """The Markov chain of ``policy`` ``(N, S, 4)`` on the known model: expected reward per step from
+    every cell ``b`` ``(N, S)`` and the (substochastic) cell-to-cell matrix ``M`` ``(N, S, S)`` of the
+    episode going on (its missing mass is the end of the episode)."""
+    n, s = layouts.flat_cells().shape
+    nxt, reward, cont = _expected_step(layouts)
+    moves = _effective_moves(layouts.spec, policy.double())  # (N, S, 4)
+    m = torch.zeros(n, s, s, dtype=torch.float64)
+    m.scatter_add_(2, nxt, moves * cont)
+    return (moves * reward).sum(-1), m
+
+
 def policy_evaluation(layouts: Layouts, policy: Tensor, gamma: float = 1.0) -> Tensor:
     """Exact expected return from every cell, ``(N, S)``, for ``policy`` ``(N, S, 4)`` (undiscounted
     by default: the score; ``gamma < 1`` discounts).
@@ -270,17 +285,30 @@ def policy_evaluation(layouts: Layouts, policy: Tensor, gamma: float = 1.0) -> T
     with probability at least ``drop`` (which must then be > 0 when ``gamma == 1``). Read the start
     value with ``v.gather(1, layouts.start[:, None])``.
     """
-    spec = layouts.spec
-    if spec.drop <= 0 and gamma >= 1.0:
+    if layouts.spec.drop <= 0 and gamma >= 1.0:
         raise ValueError("policy_evaluation needs drop > 0 or gamma < 1 (otherwise the return may be unbounded).")
-    n, s = layouts.flat_cells().shape
+    b, m = policy_model(layouts, policy)
+    s = b.shape[1]
+    eye = torch.eye(s, dtype=torch.float64).expand_as(m)
+    return torch.linalg.solve(eye - gamma * m, b.unsqueeze(-1)).squeeze(-1)
+
+
+def action_values(layouts: Layouts, values: Tensor, gamma: float = 1.0) -> Tensor:
+    """``Q(s, a)`` ``(N, S, 4)`` of a policy whose state values are ``values`` ``(N, S)`` (one
+    Bellman backup: ``(1 - drop) sum_m p(m | a) [r(s'_m) + gamma alive(s'_m) V(s'_m)]``)."""
     nxt, reward, cont = _expected_step(layouts)
-    moves = _effective_moves(spec, policy.double())  # (N, S, 4)
-    b = (moves * reward).sum(-1)
-    m = torch.zeros(n, s, s, dtype=torch.float64)
-    m.scatter_add_(2, nxt, moves * cont * gamma)
-    eye = torch.eye(s, dtype=torch.float64).expand(n, s, s)
-    return torch.linalg.solve(eye - m, b.unsqueeze(-1)).squeeze(-1)
+    mix = _effective_moves(layouts.spec, torch.eye(NUM_ACTIONS, dtype=torch.float64))  # (a, m)
+    target = reward + gamma * cont * values.double().gather(1, nxt.flatten(1)).view_as(nxt)  # (N, S, m)
+    return target @ mix.T
+
+
+def visitation(layouts: Layouts, policy: Tensor) -> Tensor:
+    """Expected number of visits ``(N, S)`` to every cell in one episode from the start cell."""
+    _, m = policy_model(layouts, policy)
+    n, s, _ = m.shape
+    eye = torch.eye(s, dtype=torch.float64).expand_as(m)
+    start = torch.nn.functional.one_hot(layouts.start, s).double().unsqueeze(-1)
+    return torch.linalg.solve((eye - m).transpose(1, 2), start).squeeze(-1)
 
 
 def value_iteration(layouts: Layouts, gamma: float = 1.0, tol: float = 1e-10, max_iter: int = 100_000) -> Tensor:
