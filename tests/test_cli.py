@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import yaml
 
 from lightning_gradsim.cli import COMMANDS
 from lightning_gradsim.cli import main as gradsim
+from lightning_gradsim.configs import CONFIG_DIR
 
 from ._imagenet_fixtures import PRESET_CLASSES, make_image_folder
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-DIGIT_CONFIGS = sorted(p for p in (EXAMPLES / "digits").glob("rotated_*.yaml") if "compare" not in p.name)
-PAIR_CONFIGS = sorted((EXAMPLES / "imagenet_pairs").glob("*.yaml"))
+DIGIT_CONFIGS = sorted(p for p in (CONFIG_DIR / "digits").glob("rotated_*.yaml") if p.stem.removeprefix("rotated_").isdigit())
+PAIR_CONFIGS = sorted((CONFIG_DIR / "imagenet_pairs").glob("*.yaml"))
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +45,8 @@ def test_example_configs_exist():
 @pytest.mark.slow
 @pytest.mark.parametrize("config", DIGIT_CONFIGS, ids=lambda p: p.stem)
 def test_fit_digits_config(config, tmp_path):
-    code = gradsim(["fit", "--config", str(config), "--trainer.fast_dev_run", "true",
+    # by name (the packaged config's file stem), as a user after `pip install` would
+    code = gradsim(["fit", "--config", config.stem, "--trainer.fast_dev_run", "true",
                     "--trainer.default_root_dir", str(tmp_path), "--trainer.callbacks.init_args.plot", "false"])
     assert code == 0
 
@@ -68,7 +67,7 @@ def test_fit_pair_config(config, tiny_imagenet, tmp_path):
 
 @pytest.mark.slow
 def test_fit_then_test_with_workers(tmp_path, tiny_imagenet):
-    args = ["--config", str(EXAMPLES / "imagenet_pairs" / "far_hotpot_slot.yaml"), "--trainer.default_root_dir", str(tmp_path),
+    args = ["--config", str(CONFIG_DIR / "imagenet_pairs" / "far_hotpot_slot.yaml"), "--trainer.default_root_dir", str(tmp_path),
             "--trainer.accelerator", "cpu", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
             "--data.root", str(tiny_imagenet), "--data.pair", "null", "--data.main_class", "trimaran", "--data.aux_class", "catamaran",
             "--data.image_size", "16", "--data.batch_size", "2", "--data.num_workers", "1", "--model.backbone", "tiny_cnn"]
