@@ -11,10 +11,12 @@ one, to copy and edit.
 True
 >>> resolve_config(resolve_config("rotated_90")) == resolve_config("rotated_90")  # a path stays a path
 True
->>> resolve_config("rotated_9")
-Traceback (most recent call last):
-...
-lightning_gradsim.configs.ConfigNotFoundError: no config file or packaged config named 'rotated_9'; close matches: rotated_90, rotated_0, rotated_45 (gradsim configs lists all).
+>>> try:
+...     resolve_config("rotated_9")
+... except ConfigNotFoundError as err:
+...     print(err)  # doctest: +NORMALIZE_WHITESPACE
+no config file or packaged config named 'rotated_9'; close matches: rotated_90, rotated_0, rotated_45
+(gradsim configs lists all).
 """
 
 from __future__ import annotations
@@ -50,7 +52,9 @@ def list_configs() -> dict[str, Path]:
         found.setdefault(path.stem, []).append(path)
     clashes = {name: paths for name, paths in found.items() if len(paths) > 1}
     if clashes:
-        detail = "; ".join(f"{n}: {', '.join(p.relative_to(CONFIG_DIR).as_posix() for p in ps)}" for n, ps in clashes.items())
+        detail = "; ".join(
+            f"{n}: {', '.join(p.relative_to(CONFIG_DIR).as_posix() for p in ps)}" for n, ps in clashes.items()
+        )
         raise RuntimeError(f"packaged config names must be unique across groups, but {detail}.")
     return {name: paths[0] for name, paths in sorted(found.items())}
 
@@ -80,8 +84,11 @@ def resolve_config(value: str) -> str:
         )
     if value.endswith(_SUFFIXES):
         stem = Path(value).stem
-        hint = (f"the packaged config {stem!r} is --config {stem}" if stem in configs
-                else _close_matches(stem, list(configs)))
+        hint = (
+            f"the packaged config {stem!r} is --config {stem}"
+            if stem in configs
+            else _close_matches(stem, list(configs))
+        )
         raise ConfigNotFoundError(f"no such config file {value!r}; {hint} (gradsim configs lists all).")
     return value
 
@@ -103,7 +110,7 @@ def resolve_config_args(argv: Sequence[str]) -> list[str]:
             if arg == flag and i + 1 < len(out):
                 out[i + 1] = resolve_config(out[i + 1])
             elif arg.startswith(flag + "="):
-                out[i] = f"{flag}={resolve_config(arg[len(flag) + 1:])}"
+                out[i] = f"{flag}={resolve_config(arg[len(flag) + 1 :])}"
     return out
 
 
