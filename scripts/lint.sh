@@ -17,11 +17,11 @@ step() {
   echo "== $name: $*"
   if "$@"; then echo "== $name: ok ($((SECONDS - start)) s)"; else echo "== $name: FAILED ($((SECONDS - start)) s)"; failed+=("$name"); fi
 }
-step "ruff check" "$PYTHON" -m ruff check .
-step "ruff format" "$PYTHON" -m ruff format --check .
+step "ruff check" "$PYTHON" -m ruff check --output-format concise .
+step "ruff format" "$PYTHON" -m ruff format --check --output-format concise .
 step "mypy" "$PYTHON" -m mypy
 if [ ${#failed[@]} -gt 0 ]; then
-  echo "lint: failed: ${failed[*]} (ruff format . && ruff check --fix . fix most of ruff's findings)" >&2
+  echo "lint: failed: ${failed[*]} (ruff format --diff . shows the layout changes; ruff format . && ruff check --fix . fix most of ruff's findings)" >&2
   exit 1
 fi
 echo "lint: all passed"
