@@ -39,7 +39,8 @@ class GradSimCLI(LightningCLI):
 def run_cli(subcommand: str, argv: list[str]) -> int:
     """Run ``subcommand`` (``fit``, ``validate``, ``test``, ``predict``) with LightningCLI arguments.
 
-    ``--config NAME`` is resolved to the packaged config's file first (:func:`~lightning_gradsim.configs.resolve_config_args`).
+    ``--config NAME`` is resolved to the packaged config's file first
+    (:func:`~lightning_gradsim.configs.resolve_config_args`).
     """
     import sys
 

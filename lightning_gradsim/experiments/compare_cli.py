@@ -43,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gradsim compare",
         description="Run methods x seeds (x variants) on one setup; print and save the main task's test error table.",
     )
-    parser.add_argument("--config", help="YAML file, or a packaged config's name (gradsim configs), with any of the keys below (flags override it)")
+    parser.add_argument(
+        "--config", help="YAML file or packaged config name (gradsim configs) with keys as below; flags override it"
+    )
     parser.add_argument("--setup", help="setup name (default rotated_digits)")
     parser.add_argument("--methods", nargs="+", help=f"methods (default: {' '.join(DEFAULT_METHODS)})")
     parser.add_argument("--seeds", nargs="+", type=int, help="seeds (default 0 1 2)")
