@@ -4,11 +4,14 @@ Sub-commands are looked up in :data:`COMMANDS` and imported lazily, so ``gradsim
 neither torch nor Lightning and each experiment's dependencies load only when it runs.
 
 >>> main(["--help"])  # doctest: +ELLIPSIS
-usage: gradsim <command> [options]
+usage: gradsim <command> [options]    (gradsim --version: the version)
 <BLANKLINE>
 commands:
   fit          train one run from a YAML config (LightningCLI)
 ...
+0
+>>> main(["--version"])  # doctest: +ELLIPSIS
+lightning-gradsim ...
 0
 """
 
@@ -31,14 +34,20 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "atari": ("lightning_gradsim.rl.atari.cli:main", "Atari/MinAtar distillation from a sub-optimal teacher, V-trace (4.4)"),
     "relatedness": ("lightning_gradsim.experiments.relatedness:main", "blog's synthetic task-relatedness sweep: table + plot"),
     "figures": ("lightning_gradsim.experiments.figures:main", "paper's Appendix B, Proposition 3, cosine-vs-dimension PNGs"),
+    "configs": ("lightning_gradsim.configs:main", "list the packaged configs (--config NAME), or print one"),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``gradsim`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in {"-V", "--version"}:
+        from . import __version__
+
+        print(f"lightning-gradsim {__version__}")
+        return 0
     if not argv or argv[0] in {"-h", "--help"}:
-        print("usage: gradsim <command> [options]\n\ncommands:")
+        print("usage: gradsim <command> [options]    (gradsim --version: the version)\n\ncommands:")
         for name, (_, help_) in COMMANDS.items():
             print(f"  {name:<12} {help_}")
         return 0

@@ -1,6 +1,6 @@
 """Running the example configs as a user does, shortened: commands, processes with a deadline, overrides.
 
-* :func:`example_configs` is the ONE place that finds the configs (repoint it when they move into the package).
+* :func:`example_configs` is the ONE place that finds the configs (the packaged ones, run by name as users do).
 * :func:`run` / :func:`run_together` start processes in new sessions; past the deadline they kill the
   whole process tree (Lightning's ranks, torchrun's workers) and fail the test with the output's tail.
 """
@@ -28,8 +28,10 @@ PROBE = "tests._launch_probe.ShardProbe"
 
 
 def example_configs() -> list[Path]:
-    """Every example config (``examples/**/*.yaml``), sorted."""
-    return sorted((REPO / "examples").glob("**/*.yaml"))
+    """Every packaged example config (``lightning_gradsim/configs/<group>/<name>.yaml``), sorted."""
+    from lightning_gradsim.configs import list_configs
+
+    return sorted(list_configs().values())
 
 
 def config_id(path: Path) -> str:
@@ -161,7 +163,7 @@ def run(command: list[str], env: dict[str, str] | None = None, timeout: float = 
 
 def shortened(path: Path, root_dir: Path, data_root: Path | None = None, probe: Path | None = None) -> list[str]:
     """CLI overrides making ``path`` a run of 2 steps on tiny data, its own settings otherwise kept."""
-    args = ["--config", str(path), "--trainer.default_root_dir", str(root_dir), "--trainer.max_steps", "2",
+    args = ["--config", path.stem, "--trainer.default_root_dir", str(root_dir), "--trainer.max_steps", "2",
             "--trainer.val_check_interval", "2", "--trainer.enable_progress_bar", "false"]
     if is_multi_process(path):
         args += ["--trainer.accelerator", "cpu", "--trainer.devices", "2"]

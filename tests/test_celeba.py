@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import yaml
@@ -131,7 +129,9 @@ def test_compare_setup_runs_on_the_tiny_folder(celeba_root, tmp_path):
 
 
 def test_example_config_is_a_valid_compare_config():
-    path = os.path.join(os.path.dirname(__file__), "..", "examples", "celeba", "compare.yaml")
+    from lightning_gradsim.configs import CONFIG_DIR
+
+    path = CONFIG_DIR / "celeba" / "celeba.yaml"
     with open(path) as f:
         cfg = yaml.safe_load(f)
     allowed = {"setup", "methods", "seeds", "variants", "options", "gate", "max_steps", "eval_every", "log_every",

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import yaml
 
 from lightning_gradsim.cli import COMMANDS
 from lightning_gradsim.cli import main as gradsim
+from lightning_gradsim.configs import CONFIG_DIR
 
 from ._imagenet_fixtures import PRESET_CLASSES, make_image_folder
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-DIGIT_CONFIGS = sorted(p for p in (EXAMPLES / "digits").glob("rotated_*.yaml") if "compare" not in p.name)
-PAIR_CONFIGS = sorted((EXAMPLES / "imagenet_pairs").glob("*.yaml"))
+DIGIT_CONFIGS = sorted(
+    p for p in (CONFIG_DIR / "digits").glob("rotated_*.yaml") if p.stem.removeprefix("rotated_").isdigit()
+)
+PAIR_CONFIGS = sorted((CONFIG_DIR / "imagenet_pairs").glob("*.yaml"))
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_example_configs_exist():
 
 @pytest.mark.slow
 def test_fit_then_test_with_workers(tmp_path, tiny_imagenet):
-    args = ["--config", str(EXAMPLES / "imagenet_pairs" / "far_hotpot_slot.yaml"), "--trainer.default_root_dir", str(tmp_path),
+    args = ["--config", "far_hotpot_slot", "--trainer.default_root_dir", str(tmp_path),
             "--trainer.accelerator", "cpu", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
             "--data.root", str(tiny_imagenet), "--data.pair", "null", "--data.main_class", "trimaran", "--data.aux_class", "catamaran",
             "--data.image_size", "16", "--data.batch_size", "2", "--data.num_workers", "1", "--model.backbone", "tiny_cnn"]

@@ -212,7 +212,7 @@ def test_slurm_srun_two_nodes_one_task_each(tiny_imagenet, tmp_path):
 def _compare_args(config: Path, tmp_path: Path, mnist_root: str, celeba_root: Path) -> list[str]:
     cfg = load(config)
     one_variant = [f"{k}={v[len(v) // 2]}" for k, v in (cfg.get("variants") or {}).items()]
-    args = ["compare", "--config", str(config), "--seeds", "0", "--max-steps", "2", "--eval-every", "2",
+    args = ["compare", "--config", config.stem, "--seeds", "0", "--max-steps", "2", "--eval-every", "2",
             "--out-dir", str(tmp_path / "out"), "--no-progress", *(a for v in one_variant for a in ("--vary", v))]
     source = (cfg.get("options") or {}).get("source")
     if source == "mnist":
@@ -259,7 +259,7 @@ def test_in_process_call_under_lightnings_launcher_warns(tmp_path):
 
     from lightning_gradsim.experiments.cli import GradSimCLI
 
-    args = ["--config", str(DIGITS), "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+    args = ["--config", DIGITS.stem, "--trainer.accelerator", "cpu", "--trainer.devices", "2",
             "--trainer.strategy", "ddp", "--trainer.default_root_dir", str(tmp_path)]
     cli = GradSimCLI(args, run=False)  # builds the trainer, launches nothing
     with pytest.warns(UserWarning, match="re-run `.*pytest.*`, not `gradsim --config"):

@@ -1,12 +1,13 @@
 """``gradsim fit | validate | test``: LightningCLI over any LightningModule and LightningDataModule.
 
-Configs name the classes (``model.class_path``, ``data.class_path``); see ``examples/``.
+Configs name the classes (``model.class_path``, ``data.class_path``). ``--config`` takes a path or
+the name of a packaged config (``gradsim configs`` lists them; see :mod:`lightning_gradsim.configs`).
 
 Example::
 
-    gradsim fit --config examples/digits/rotated_90.yaml
-    gradsim fit --config examples/imagenet_pairs/near_trimaran_catamaran.yaml --data.root /data/imagenet
-    gradsim fit --config examples/digits/rotated_90.yaml --trainer.fast_dev_run true
+    gradsim fit --config rotated_90
+    gradsim fit --config near_trimaran_catamaran --data.root /data/imagenet
+    gradsim fit --config my_run.yaml --trainer.fast_dev_run true
 
 Multi-process runs work with every launcher Lightning uses (see ``docs/scaling.md``, "Launching"):
 its own ``strategy: ddp`` launcher starts ranks 1..N-1 by running this process's command line again
@@ -102,8 +103,17 @@ class GradSimCLI(LightningCLI):
 def run_cli(subcommand: str, argv: list[str]) -> int:
     """Run ``subcommand`` (``fit``, ``validate``, ``test``, ``predict``) with LightningCLI arguments.
 
-    ``sys.argv`` is left alone: Lightning's ``ddp`` launcher re-runs it for ranks 1..N-1.
+    ``--config NAME`` is resolved to the packaged config's file first
+    (:func:`~lightning_gradsim.configs.resolve_config_args`). ``sys.argv`` is left alone: Lightning's
+    ``ddp`` launcher re-runs it for ranks 1..N-1, which resolve the same name to the same file.
     """
+    from ..configs import ConfigNotFoundError, resolve_config_args
+
+    try:
+        argv = resolve_config_args(argv)
+    except ConfigNotFoundError as err:
+        print(f"gradsim {subcommand}: {err}", file=sys.stderr)
+        return 2
     try:
         GradSimCLI([subcommand, *argv])
     except SystemExit as exit_:
@@ -112,15 +122,15 @@ def run_cli(subcommand: str, argv: list[str]) -> int:
 
 
 def fit(argv: list[str]) -> int:
-    """``gradsim fit --config FILE [--section.key value ...]``."""
+    """``gradsim fit --config FILE|NAME [--section.key value ...]``."""
     return run_cli("fit", argv)
 
 
 def validate(argv: list[str]) -> int:
-    """``gradsim validate --config FILE [--ckpt_path PATH]``."""
+    """``gradsim validate --config FILE|NAME [--ckpt_path PATH]``."""
     return run_cli("validate", argv)
 
 
 def test(argv: list[str]) -> int:
-    """``gradsim test --config FILE [--ckpt_path PATH]``."""
+    """``gradsim test --config FILE|NAME [--ckpt_path PATH]``."""
     return run_cli("test", argv)

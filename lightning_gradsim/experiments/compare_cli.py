@@ -10,7 +10,7 @@ torch); a run imports :mod:`lightning_gradsim.experiments.compare`. Keys of ``--
 On the command line::
 
     gradsim compare --setup rotated_digits --methods main_only sum unweighted --vary angle=0,180 --seeds 0 1
-    gradsim compare --config examples/digits/rotated_compare.yaml --jobs 2
+    gradsim compare --config rotated_digits --jobs 2     # a packaged config by name, or a path
 """
 
 from __future__ import annotations
@@ -43,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gradsim compare",
         description="Run methods x seeds (x variants) on one setup; print and save the main task's test error table.",
     )
-    parser.add_argument("--config", help="YAML file with any of the keys below (flags override it)")
+    parser.add_argument(
+        "--config", help="YAML file or packaged config name (gradsim configs) with keys as below; flags override it"
+    )
     parser.add_argument("--setup", help="setup name (default rotated_digits)")
     parser.add_argument("--methods", nargs="+", help=f"methods (default: {' '.join(DEFAULT_METHODS)})")
     parser.add_argument("--seeds", nargs="+", type=int, help="seeds (default 0 1 2)")
@@ -83,6 +85,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cfg: dict[str, Any] = {}
     if args.config:
+        from ..configs import ConfigNotFoundError, resolve_config
+
+        try:
+            args.config = resolve_config(args.config)
+        except ConfigNotFoundError as err:
+            parser.error(str(err))
         with open(args.config) as f:
             cfg = yaml.safe_load(f) or {}
         allowed = {"setup", "methods", "seeds", "variants", "options", "gate", "max_steps", "eval_every", "log_every", "jobs", "out_dir", "trainer", "progress", "select"}
