@@ -140,7 +140,7 @@ def finite_step(
             f"Non-finite loss or gradient in task(s) {bad} at step {module.global_step}. "
             "Set gradsim_on_nonfinite='skip' to skip such steps instead."
         )
-    warned: set[str] = module.__dict__.setdefault("_gradsim_warned_tasks", set())
+    warned: set[str] = module._gradsim_own("_gradsim_warned_tasks", set)  # type: ignore[attr-defined]
     new = [n for n in bad if n not in warned]
     if new:
         warned.update(new)

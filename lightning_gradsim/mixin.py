@@ -145,7 +145,7 @@ class GradSimMixin:
 
     def gradsim_transforms(self) -> Transforms:
         """The gradient transforms of the current step (empty outside ``training_step``)."""
-        return self.__dict__.get("_gradsim_transforms") or Transforms()
+        return getattr(self, "_gradsim_step_transforms", None) or Transforms()
 
     # ------------------------------------------------------------------ Lightning plumbing
     @property
@@ -166,7 +166,7 @@ class GradSimMixin:
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         gate = self._gradsim_gate()
-        losses = check_task_losses(self.task_losses(batch, batch_idx), self.__dict__.setdefault("_gradsim_warned_no_grad", set()))
+        losses = check_task_losses(self.task_losses(batch, batch_idx), self._gradsim_own("_gradsim_warned_no_grad", set))
         optimizers = self._gradsim_optimizers()
         final = self._gradsim_is_step_batch(batch_idx)
         if final:
@@ -217,13 +217,13 @@ class GradSimMixin:
         if self._gradsim_world_size() > 1 and check_sync_mode(self.gradsim_sync) == "global":
             items.append(AllReduce())
         pipeline = Transforms(items)
-        self.__dict__["_gradsim_transforms"] = pipeline
+        self._gradsim_step_transforms = pipeline
         try:
             stats = self.gradsim_backward(
                 gate, backward_losses[MAIN_TASK], {name: v for name, v in backward_losses.items() if name != MAIN_TASK}
             )
         finally:
-            self.__dict__.pop("_gradsim_transforms", None)
+            self._gradsim_step_transforms = None
         if pipeline and pipeline.calls == 0:
             raise RuntimeError(
                 f"{type(self).__name__}.gradsim_backward() did not call gate.backward(..., "
@@ -233,7 +233,16 @@ class GradSimMixin:
         return stats
 
     def _gradsim_accumulator(self) -> Accumulate:
-        return self.__dict__.setdefault("_gradsim_accumulate", Accumulate())
+        """The running accumulation window (kept between steps and in checkpoints)."""
+        return self._gradsim_own("_gradsim_accumulate", Accumulate)
+
+    def _gradsim_own(self, name: str, factory: Any) -> Any:
+        """The mixin's own per-module state (it has no ``__init__``): the attribute ``name``, created once."""
+        value = getattr(self, name, None)
+        if value is None:
+            value = factory()
+            setattr(self, name, value)
+        return value
 
     def _gradsim_is_step_batch(self, batch_idx: int) -> bool:
         """Whether this batch ends an accumulation window (or the epoch), so the optimizer steps."""

@@ -100,7 +100,7 @@ class GateStep:
             finite = torch.zeros((), dtype=torch.bool, device=self.raw.device)
         weights, stats, direction = decide_step(gate, grads, self.names, finite, self.pipeline, self.scale)
         if status != NON_FINITE:
-            grads.apply(weights, direction, into=self.shared)
+            grads.apply(weights, direction, into=grads.params)  # a sharding transform may point them at shards
             grads.write_others()
             self._regularize()
         stats = gate.last_stats = self._combined(stats)
