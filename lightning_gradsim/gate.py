@@ -29,8 +29,6 @@ from .weighting.base import LossWeighting, check_aux_weight
 __all__ = ["GradientGate", "GateStats", "MAIN_TASK"]
 
 _STATE_NAMES = frozenset(LEGACY_BUFFERS)
-#: State of the loss weightings of version 0.1, kept at the top of the gate's state_dict then.
-_WEIGHTING_KEYS = frozenset({"log_vars", "task_weights", "initial_losses", "weight_updates"})
 
 
 class GradientGate(nn.Module):
@@ -305,20 +303,8 @@ class GradientGate(nn.Module):
             self.aux_names = state.get("aux_names")
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):  # type: ignore[override]
-        # Checkpoints of versions before the state module and composed loss weightings: move their keys.
-        upgrade_legacy_keys(state_dict, prefix, prefix + "state.")
-        if self.loss_weighting is not None:
-            for name in self.loss_weighting.state_dict():
-                if prefix + name in state_dict and prefix + "loss_weighting." + name not in state_dict:
-                    state_dict[prefix + "loss_weighting." + name] = state_dict.pop(prefix + name)
-        weighting_keys = [k for k in state_dict if k.startswith(prefix) and k[len(prefix):] in _WEIGHTING_KEYS]
-        weighting_keys += [k for k in state_dict if k.startswith(prefix + "loss_weighting.")]
-        if self.loss_weighting is None and weighting_keys and strict:
-            error_msgs.append(
-                f"the checkpoint's gate has a loss weighting's state ({', '.join(sorted(weighting_keys))}) but this "
-                "gate has none: build it the same way, e.g. make_gate('uncertainty', ...) or "
-                "GradientGate(rule='sum', loss_weighting=GradNorm(...))."
-            )
+        # Checkpoints of version 0.1 (before the state module and composed loss weightings): move their keys.
+        upgrade_legacy_keys(state_dict, prefix, self.loss_weighting, strict, error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     # Former attributes of the gate, now in its state: gate.cosine_state, gate.step, gate.main_grad_ema_0, ...

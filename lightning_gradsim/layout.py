@@ -83,8 +83,8 @@ class TaskGradients:
         self.stacked = stacked
         self.rows = rows
         self.others: list[Tensor | None] = list(others) if others is not None else []
-        if reached is None:
-            reached = [True] * (len(rows) if rows is not None else _stack_size(stacked, batch_dims))  # type: ignore[arg-type]
+        if reached is None:  # every task (the number of rows, or of stacked vectors)
+            reached = [True] * (len(rows) if rows is not None else next(s for s in stacked if s is not None).shape[batch_dims])  # type: ignore[union-attr]
         self.reached = list(reached)
         self.strategy = strategy
         self.batch_dims = batch_dims
@@ -322,18 +322,6 @@ class TaskGradients:
         """The stacked layout (kept for callers of the former ``PerTaskGradients``)."""
         return self.to_stacked()
 
-    def state_dict(self) -> dict[str, Any]:
-        """The stacked tensors, heads, reach, finiteness and losses (a mid-window checkpoint)."""
-        stacked = self.to_stacked()
-        return {"shared": stacked.stacked, "others": self.others, "reached": self.reached,
-                "nonfinite": None if self.finite is None else ~self.finite, "losses": self.losses}
-
-    @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> TaskGradients:
-        nonfinite = state.get("nonfinite")
-        return cls(stacked=list(state["shared"]), others=list(state["others"]), reached=list(state["reached"]),
-                   finite=None if nonfinite is None else ~nonfinite, losses=state.get("losses"))
-
 
 #: The former name of :class:`TaskGradients` (one class now serves both layouts).
 PerTaskGradients = TaskGradients
@@ -403,11 +391,6 @@ def all_finite(tensors: Sequence[Tensor], values: Tensor | None = None) -> Tenso
         norms = list(norms) + [values.reshape(-1).to(torch.float32)]
         return torch.cat([n.reshape(-1) for n in norms]).isfinite().all()
     return torch.stack(norms).isfinite().all()
-
-
-def _stack_size(stacked: list[Tensor | None], batch_dims: int) -> int:
-    ref = next(s for s in stacked if s is not None)
-    return ref.shape[batch_dims]
 
 
 def _extend(gram: Tensor, cross: Tensor, dd: Tensor) -> Tensor:

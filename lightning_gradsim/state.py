@@ -34,6 +34,8 @@ __all__ = ["GateState", "Reuse"]
 
 #: Names of the buffers kept at the top of a gate's ``state_dict`` before the state had its own module.
 LEGACY_BUFFERS = ("cosine_state", "open_steps", "measured_steps", "skipped_steps", "step")
+#: The loss weightings' state of version 0.1, at the top of the gate's state_dict then.
+LEGACY_WEIGHTING = ("log_vars", "task_weights", "initial_losses", "weight_updates")
 
 
 class Reuse(NamedTuple):
@@ -212,9 +214,12 @@ class GateState(nn.Module):
         return f"seed={self.seed}"
 
 
-def upgrade_legacy_keys(state_dict: dict[str, Any], prefix: str, state_prefix: str) -> None:
-    """Move a pre-``GateState`` checkpoint's gate buffers (``<gate>.cosine_state``, ...) and its
-    generator to where this version keeps them (``<gate>.state.cosine_state``, ...), in place."""
+def upgrade_legacy_keys(state_dict: dict[str, Any], prefix: str, loss_weighting: nn.Module | None = None,
+                        strict: bool = True, error_msgs: list[str] | None = None) -> None:
+    """Move a version 0.1 gate's keys (``<gate>.cosine_state``, its generator, a loss weighting's
+    ``<gate>.log_vars``...) to where this version keeps them (``<gate>.state.cosine_state``,
+    ``<gate>.loss_weighting.log_vars``), in place; explain in ``error_msgs`` what cannot load."""
+    state_prefix = prefix + "state."
     names = list(LEGACY_BUFFERS)
     n = 0
     while prefix + f"main_grad_ema_{n}" in state_dict:
@@ -226,3 +231,15 @@ def upgrade_legacy_keys(state_dict: dict[str, Any], prefix: str, state_prefix: s
     extra = state_dict.get(prefix + "_extra_state")
     if isinstance(extra, dict) and "generator" in extra and state_prefix + "_extra_state" not in state_dict:
         state_dict[state_prefix + "_extra_state"] = {"generator": extra["generator"], "calls": 0, "reuse": None}
+    if loss_weighting is not None:
+        for name in loss_weighting.state_dict():
+            if prefix + name in state_dict and prefix + "loss_weighting." + name not in state_dict:
+                state_dict[prefix + "loss_weighting." + name] = state_dict.pop(prefix + name)
+        return
+    found = [k for k in state_dict if k[len(prefix):] in LEGACY_WEIGHTING or k.startswith(prefix + "loss_weighting.")]
+    if found and strict and error_msgs is not None:
+        error_msgs.append(
+            f"the checkpoint's gate has a loss weighting's state ({', '.join(sorted(found))}) but this gate has "
+            "none: build it the same way, e.g. make_gate('uncertainty', ...) or "
+            "GradientGate(rule='sum', loss_weighting=GradNorm(...))."
+        )

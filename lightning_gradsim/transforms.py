@@ -181,16 +181,20 @@ class Accumulate(GradientTransform):
         return READY
 
     def state_dict(self) -> dict[str, Any]:
-        """The window so far (``{}`` when empty); keys as the former ``TaskGradientAccumulator``'s."""
+        """The window so far, stacked (``{}`` when empty); keys as the former ``TaskGradientAccumulator``'s."""
         if self.sums is None:
             return {}
-        return {**self.sums.state_dict(), "count": self.count}
+        sums = self.sums.to_stacked()
+        return {"shared": sums.stacked, "others": sums.others, "reached": sums.reached, "count": self.count,
+                "nonfinite": None if sums.finite is None else ~sums.finite, "losses": sums.losses}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state or not int(state.get("count", 0)):
             self.sums, self.count = None, 0
             return
-        self.sums = TaskGradients.from_state_dict(state)
+        nonfinite = state.get("nonfinite")
+        self.sums = TaskGradients(stacked=list(state["shared"]), others=list(state["others"]), reached=list(state["reached"]),
+                                  finite=None if nonfinite is None else ~nonfinite, losses=state.get("losses"))
         self.count = int(state["count"])
 
 
