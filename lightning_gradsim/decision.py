@@ -14,6 +14,7 @@ ranks or shards) and "apply the weights": it never touches a gradient.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -53,13 +54,15 @@ def decide(
     per_layer: bool = False,
     finite: Tensor | None = None,
     direction: list[Tensor] | None = None,
+    checks: Sequence[Tensor | None] = (),
 ) -> tuple[Tensor, GateStats]:
     """Weights and statistics from per-layer Gramians ``(L, *B, V, V)``, and the state update.
 
     ``V = num_tasks`` (``K``), or ``K + 1`` when the last vector is the direction EMA ``direction``
     (its new values, stored in ``state`` if the step is finite). For a rule that uses the main
     direction without an EMA, the direction is the main gradient (no extra vector needed).
-    ``finite``: what else the caller knows about the step (losses, heads, other ranks).
+    ``finite``: what else the caller knows about the step (losses, heads, other ranks); ``checks``:
+    1-D tensors (e.g. loss values, gradient norms) whose finiteness joins the step's one check.
     Returns ``weights`` (``(*B, K)`` or ``(*B, K+1)``) and the step's :class:`GateStats`.
     """
     k = layer_gram.shape[-1] if num_tasks is None else num_tasks
@@ -88,7 +91,9 @@ def decide(
     )
     weights = rule.weights(inp)
     gate_open = rule.gate_open(inp, weights)
-    ok = torch.isfinite(torch.cat([gram.flatten(-2), weights.to(gram.dtype)], dim=-1)).all(-1)  # one check
+    parts = [gram.flatten(-2), weights.to(gram.dtype)]
+    parts += [c.reshape(-1).to(gram.dtype).expand(gram.shape[:-2] + (-1,)) for c in checks if c is not None]
+    ok = torch.isfinite(torch.cat(parts, dim=-1)).all(-1)  # one check
     if finite is not None:
         ok = ok & finite
     state.commit(smoothed, gate_open, ok, keep_cosine=cosine_ema > 0, direction=direction)

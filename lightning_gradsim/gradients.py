@@ -342,11 +342,13 @@ def backpropagate(outputs: Sequence[Tensor], grad_outputs: Sequence[Tensor], inp
 
 
 def weighted_gradients(
-    losses: Sequence[Tensor], weights: Tensor, shared: Sequence[Tensor], others: Sequence[Tensor]
+    losses: Sequence[Tensor], weights: Tensor, shared: Sequence[Tensor], others: Sequence[Tensor], into_grad: bool = False
 ) -> tuple[list[Tensor | None], list[Tensor | None]]:
     """``grad sum_k w_k L_k`` on ``shared`` and ``grad sum_k L_k`` on ``others`` (the heads get their own tasks').
 
-    Two backward passes, the first through the heads only: what a step that reuses known weights costs.
+    Two backward passes, the first through the heads only: what a step that reuses known weights
+    costs. ``into_grad``: accumulate the shared gradients into ``.grad`` (as ``backward`` does, no
+    copy) and return the ``.grad`` tensors.
 
     >>> w = torch.nn.Parameter(torch.ones(2))
     >>> head = torch.nn.Parameter(torch.ones(2))
@@ -358,7 +360,10 @@ def weighted_gradients(
         head_grads = list(torch.autograd.grad(_sum(losses), list(others), retain_graph=True, allow_unused=True))
     total = _sum([wk.to(loss.dtype) * loss for wk, loss in zip(weights, losses)])
     if not total.requires_grad:
-        return [None] * len(shared), head_grads
+        return ([p.grad for p in shared] if into_grad else [None] * len(shared)), head_grads
+    if into_grad:
+        torch.autograd.backward(total, inputs=list(shared))
+        return [p.grad for p in shared], head_grads
     return list(torch.autograd.grad(total, list(shared), allow_unused=True)), head_grads
 
 

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["TaskGradients", "PerTaskGradients", "accumulate_grad", "stat_dtype"]
+__all__ = ["TaskGradients", "PerTaskGradients", "accumulate_grad", "stat_dtype", "grad_norms", "all_finite"]
 
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -163,25 +163,17 @@ class TaskGradients:
 
     # ------------------------------------------------------------------ combination
     def apply(
-        self, weights: Tensor | None, direction: Sequence[Tensor | None] | None = None, into: Sequence[Tensor] | None = None
+        self, weights: Tensor, direction: Sequence[Tensor | None] | None = None, into: Sequence[Tensor] | None = None
     ) -> list[Tensor | None]:
         """``sum_k w_k g_k (+ w_d d)`` on every shared tensor: the only place weights meet gradients.
 
-        ``weights``: ``(*B, K)`` or ``(*B, K + 1)`` (last: the direction's coefficient; ``None``: unit
-        weights, into ``.grad``, when the weights are in the losses already). With
+        ``weights``: ``(*B, K)`` or ``(*B, K + 1)`` (last: the direction's coefficient). With
         ``direction=None`` the direction is the main gradient itself (its coefficient is folded into
         ``w_0``); otherwise one tensor (or ``None``: no direction there) per present tensor. With ``into`` (the shared parameters), the combination is accumulated into their
         ``.grad`` in place (and ``[]`` returned); otherwise one new tensor per shared tensor is
         returned (``None`` where no task reaches it).
         """
         num_tasks = self.num_tasks
-        if weights is None and into is not None and self.rows is not None:
-            for i in self.present():  # unit weights (already in the losses): no multiply
-                for row in self.rows:
-                    if row[i] is not None:
-                        accumulate_grad(into[i], row[i])  # type: ignore[arg-type]
-            return []
-        assert weights is not None, "weights=None (unit weights) is for writing per-task rows into .grad"
         w, wd = _split_weights(weights, num_tasks, direction is None)
         if into is not None:
             (_write_stacked if self.stacked is not None else _write_rows)(self, into, w, wd, direction)
@@ -220,9 +212,9 @@ class TaskGradients:
             if g is not None:
                 accumulate_grad(p, g)
 
-    def others_finite(self, values: Tensor | None = None) -> Tensor | None:
-        """Whether every head gradient (and ``values``) is finite, as a tensor (no host sync), or ``None``."""
-        return all_finite([g for g in self.others if g is not None], values)
+    def others_norms(self) -> Tensor | None:
+        """The heads' gradient norms as one vector (for one finiteness check with the rest), or ``None``."""
+        return grad_norms([g for g in self.others if g is not None])
 
     # ------------------------------------------------------------------ for transforms
     def map(self, fn: Callable[[Tensor], Tensor]) -> None:
@@ -374,23 +366,32 @@ def _write_rows(grads: TaskGradients, params: Sequence[Tensor], w: Tensor, wd: T
             torch._foreach_addcmul_(t, src, [coef(k, x.dtype) for x in t])
 
 
-def all_finite(tensors: Sequence[Tensor], values: Tensor | None = None) -> Tensor | None:
-    """One bool tensor: whether every element of ``tensors`` (and of ``values``) is finite; ``None``
-    when there is nothing to check.
+def grad_norms(tensors: Sequence[Tensor]) -> Tensor | None:
+    """The L2 norms of ``tensors`` as one vector (one fused kernel where torch has it; float32 for half
+    precision), or ``None``.
 
-    From the L2 norms in float32 (one fused kernel where torch has it): like the Gramian, it counts
-    a gradient whose squared norm overflows (above ~1e19 per element) as non-finite.
+    NaN/inf propagate into them; like the Gramian, a squared norm that overflows (an element above
+    ~1e19) counts as non-finite.
     """
     if not tensors:
-        return None if values is None else torch.isfinite(values).all()
-    try:
-        norms = torch._foreach_norm(list(tensors), 2.0, dtype=torch.float32)
+        return None
+    tensors = list(tensors)
+    if not any(t.dtype in (torch.float16, torch.bfloat16) for t in tensors):
+        return torch.stack(torch._foreach_norm(tensors, 2.0))
+    try:  # half precision: accumulate and return the norms in float32 (no overflow at 65504)
+        norms = torch._foreach_norm(tensors, 2.0, dtype=torch.float32)
     except (TypeError, RuntimeError):  # older torch: no dtype argument
         norms = [t.float().norm() for t in tensors]
-    if values is not None:
-        norms = list(norms) + [values.reshape(-1).to(torch.float32)]
-        return torch.cat([n.reshape(-1) for n in norms]).isfinite().all()
-    return torch.stack(norms).isfinite().all()
+    return torch.stack(norms)
+
+
+def all_finite(tensors: Sequence[Tensor], values: Tensor | None = None) -> Tensor | None:
+    """One bool tensor: whether every element of ``tensors`` (and of ``values``) is finite; ``None``
+    when there is nothing to check. A handful of kernels whatever the number of tensors."""
+    parts = [t for t in (grad_norms(tensors), values) if t is not None]
+    if not parts:
+        return None
+    return torch.isfinite(torch.cat([t.reshape(-1).to(torch.float32) for t in parts])).all()
 
 
 def _extend(gram: Tensor, cross: Tensor, dd: Tensor) -> Tensor:

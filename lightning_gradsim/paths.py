@@ -21,6 +21,7 @@ gradient), so a NaN/inf never reaches the optimizer unnoticed: the step is repor
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -40,7 +41,7 @@ __all__ = ["GateStep", "decide_step"]
 
 def decide_step(
     gate: GradientGate, grads: TaskGradients, names: list[str], finite: Tensor | None = None,
-    pipeline: Transforms | None = None, scale: Tensor | None = None,
+    pipeline: Transforms | None = None, scale: Tensor | None = None, checks: Sequence[Tensor | None] = (),
 ) -> tuple[Tensor, GateStats, list[Tensor] | None]:
     """Gramian -> (reduce) -> rule and state; the loss weighting observes. Writes no gradient.
 
@@ -56,6 +57,7 @@ def decide_step(
     weights, stats = decide(
         gram, rule=gate.rule, state=gate.state, aux_weight=gate.aux_weight_tensor(names, gram), num_tasks=k,
         threshold=gate.threshold, cosine_ema=gate.cosine_ema, per_layer=gate.per_layer, finite=finite, direction=direction,
+        checks=checks,
     )
     lw = gate.loss_weighting
     if lw is not None and scale is not None:
@@ -79,26 +81,22 @@ class GateStep:
         self.gate, self.names, self.losses, self.raw, self.scale = gate, names, losses, raw, scale
         self.shared, self.others, self.pipeline = shared, others, pipeline
 
-    @property
-    def losses_finite(self) -> Tensor:
-        return torch.isfinite(self.raw).all()
-
     def measured(self, grads: TaskGradients) -> GateStats | None:
         """``similarity="parameters"``: the per-task gradients through the transforms, decide, apply."""
         gate = self.gate
         if gate.loss_weighting is not None and gate.loss_weighting.needs_losses:
             grads.losses = self.raw
+        status, finite, checks = READY, None, [self.raw]  # the losses join the decision's one finiteness check
         if self.pipeline:
-            grads.finite = self.losses_finite
+            grads.finite = torch.isfinite(self.raw).all()  # a window / the ranks AND it
             status = self.pipeline.task_gradients(grads)
             if status == PENDING:
                 return None
-            finite = _and(grads.finite, grads.others_finite())
-        else:  # the losses and the heads in one check
-            status, finite = READY, grads.others_finite(self.raw)
+            finite, checks = grads.finite, []
         if status == NON_FINITE:
             finite = torch.zeros((), dtype=torch.bool, device=self.raw.device)
-        weights, stats, direction = decide_step(gate, grads, self.names, finite, self.pipeline, self.scale)
+        checks.append(grads.others_norms())  # the heads' gradients too
+        weights, stats, direction = decide_step(gate, grads, self.names, finite, self.pipeline, self.scale, checks)
         if status != NON_FINITE:
             grads.apply(weights, direction, into=grads.params)  # a sharding transform may point them at shards
             grads.write_others()
@@ -124,7 +122,7 @@ class GateStep:
         grads = feature_gradients(self.losses, feats, self.others)
         if all(r is None for r in grads.rows[0]):  # type: ignore[index]
             raise ValueError("The main loss does not depend on the marked features: mark the tensor the main head reads.")
-        weights, stats, direction = decide_step(self.gate, grads, self.names, grads.others_finite(self.raw), None, self.scale)
+        weights, stats, direction = decide_step(self.gate, grads, self.names, None, None, self.scale, [self.raw, grads.others_norms()])
         present = grads.present()
         feature_grad = grads.apply(weights, direction)
         trunk = backpropagate([feats[i] for i in present], [feature_grad[i] for i in present], self.shared)  # type: ignore[misc]
@@ -147,16 +145,14 @@ class GateStep:
         task_w = weights[:k] if with_buffers or weights.shape[-1] == k else torch.cat(
             [weights[:1] + weights[k:], weights[1:k]]  # the direction is this step's main gradient
         )
-        combined, heads = weighted_gradients(self.losses, task_w, shared, self.others)
+        # The weights are in the losses: the shared gradient goes into .grad as backward writes it.
+        combined, heads = weighted_gradients(self.losses, task_w, shared, self.others, into_grad=not with_buffers)
         finite = all_finite([g for g in combined + heads if g is not None], self.raw)
         gate.state.count(finite)  # type: ignore[arg-type]
-        if not with_buffers:  # the weights are in the losses: write the gradient as it is
-            bundle = TaskGradients(rows=[combined], others=heads, params=shared, other_params=self.others)
-            bundle.apply(None, into=shared)
-        else:  # plus the main-gradient EMA of the last measured step as the direction
+        bundle = TaskGradients(rows=[combined], others=heads, params=shared, other_params=self.others)
+        if with_buffers:  # plus the main-gradient EMA of the last measured step as the direction
             buffers = dict(zip(present, gate.state.directions()))
-            combined = [torch.zeros_like(p) if g is None and i in buffers else g for i, (g, p) in enumerate(zip(combined, shared))]
-            bundle = TaskGradients(rows=[combined], others=heads, params=shared, other_params=self.others)
+            bundle.rows = [[torch.zeros_like(p) if g is None and i in buffers else g for i, (g, p) in enumerate(zip(combined, shared))]]
             direction = [buffers.get(i) for i in bundle.present()]
             bundle.apply(torch.cat([torch.ones_like(weights[:1]), weights[k:]]), direction, into=shared)
         bundle.write_others()
@@ -187,9 +183,3 @@ class GateStep:
             for p, g in zip(params, loss_gradients(reg, params)):
                 if g is not None:
                     accumulate_grad(p, g)
-
-
-def _and(a: Tensor | None, b: Tensor | None) -> Tensor | None:
-    if a is None or b is None:
-        return b if a is None else a
-    return a & b

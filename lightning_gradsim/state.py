@@ -133,8 +133,8 @@ class GateState(nn.Module):
         self.step.add_(1)
 
     def count(self, finite: Tensor) -> None:
-        """Record a step that measured nothing (reused weights): skipped unless ``finite``."""
-        self.skipped_steps.add_((~finite.all()).long())
+        """Record a step that measured nothing (reused weights): skipped unless ``finite`` (0-d)."""
+        self.skipped_steps.add_(~finite)
         self.step.add_(1)
 
     def recount(self, finite_before: Tensor, finite_after: Tensor) -> None:
