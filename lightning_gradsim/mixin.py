@@ -22,6 +22,7 @@ from .optimization import (
     update_scaler,
 )
 from .transforms import Accumulate, AllReduce, GradientTransform, Transforms, Unscale
+from .weighting.base import LossWeighting
 
 __all__ = ["GradSimMixin", "NonFiniteLossError"]
 
@@ -295,6 +296,11 @@ class GradSimMixin:
 
     def _gradsim_gate(self) -> GradientGate:
         gate = getattr(self, "gradsim", None)
+        if isinstance(gate, LossWeighting):
+            raise AttributeError(
+                f"self.gradsim is a {type(gate).__name__} (a loss weighting); compose it with a gate: "
+                f"`self.gradsim = GradientGate(rule=\"sum\", loss_weighting={type(gate).__name__}(...))` or make_gate(...)."
+            )
         if not isinstance(gate, GradientGate):
             raise AttributeError(
                 f"{type(self).__name__} has no GradientGate at self.gradsim"
