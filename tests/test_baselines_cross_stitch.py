@@ -160,4 +160,4 @@ def test_cross_stitch_classifier_fits_with_a_loss_weighting():
     L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False, accelerator="cpu").fit(model, loader)
     assert not torch.equal(model.net.net.units["0"].alpha.detach(), alpha0)
-    assert model.gradsim.log_vars.grad is not None
+    assert model.gradsim.loss_weighting.log_vars.grad is not None

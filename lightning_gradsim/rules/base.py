@@ -1,4 +1,4 @@
-"""Combination rules: from task-gradient statistics to weights on the task gradients.
+"""The rule interface: a Gramian (and cosines) in, one coefficient per task gradient out.
 
 Every rule of this library is a *weighting*: it reads the Gramian of the task gradients (their
 pairwise dot products) and the main/auxiliary cosines, and returns one coefficient per vector.
@@ -6,21 +6,23 @@ The gate then writes ``sum_i weights[i] * vectors[i]`` into ``.grad``. The vecto
 order, the main gradient, the auxiliary gradients, and (for rules with
 ``uses_main_direction = True``) the direction vector ``d`` (the main gradient or its EMA).
 
-Rules only do tensor arithmetic on small ``(..., V, V)`` inputs, so they run on any device,
-batched over leading dimensions and under ``torch.func.vmap``, without a host-device sync.
+A rule never sees the gradients themselves, only their ``(..., V, V)`` Gramian, so it runs on
+any device, batched over leading dimensions and under ``torch.func.vmap``, without a host-device
+sync, and does not care how the gradients were obtained (one process, DDP, shards).
 
-Add your own rule without editing the library::
+Write your own rule without editing the library (and register it by name with
+:func:`register_rule` to use ``GradientGate(rule="name")``):
 
-    from lightning_gradsim.rules import Rule, RuleInput, register_rule
-
-    @register_rule("half_open")
-    class HalfOpen(Rule):
-        '''Aux weight halved when the cosine is negative.'''
-        def weights(self, inp: RuleInput) -> torch.Tensor:
-            aux = inp.aux_weight * torch.where(inp.cosine >= 0, 1.0, 0.5)
-            return inp.with_main(aux)
-
-    gate = GradientGate(rule="half_open")
+>>> import torch
+>>> from lightning_gradsim import GradientGate
+>>> from lightning_gradsim.rules import Rule, RuleInput
+>>> class HalfOpen(Rule):
+...     '''Aux weight halved when the cosine is negative.'''
+...     def weights(self, inp: RuleInput) -> torch.Tensor:
+...         return inp.with_main(inp.aux_weight * torch.where(inp.cosine >= 0, 1.0, 0.5))
+>>> update, stats = GradientGate(rule=HalfOpen()).combine(torch.tensor([1.0, 0.0]), [torch.tensor([-1.0, 1.0])])
+>>> update, stats.weight
+(tensor([0.5000, 0.5000]), tensor([0.5000]))
 """
 
 from __future__ import annotations
@@ -31,18 +33,7 @@ from typing import Callable, TypeVar
 import torch
 from torch import Tensor
 
-__all__ = [
-    "Rule",
-    "RuleInput",
-    "register_rule",
-    "get_rule",
-    "list_rules",
-    "Unweighted",
-    "Weighted",
-    "Projection",
-    "Sum",
-    "MainOnly",
-]
+__all__ = ["Rule", "RuleInput", "register_rule", "get_rule", "list_rules"]
 
 
 @dataclass
@@ -71,7 +62,12 @@ class RuleInput:
         return self.cosine.shape[-1]
 
     def with_main(self, aux_coefficients: Tensor, main_coefficient: Tensor | float = 1.0) -> Tensor:
-        """Concatenate a main coefficient (default 1) in front of ``aux_coefficients``."""
+        """Concatenate a main coefficient (default 1) in front of ``aux_coefficients``.
+
+        >>> inp = RuleInput(torch.eye(2), torch.zeros(1), torch.zeros(1), torch.ones(1), 0.0)
+        >>> inp.with_main(torch.tensor([0.5]))
+        tensor([1.0000, 0.5000])
+        """
         main = torch.as_tensor(main_coefficient, dtype=aux_coefficients.dtype, device=aux_coefficients.device)
         main = main.expand(aux_coefficients.shape[:-1] + (1,))
         return torch.cat([main, aux_coefficients], dim=-1)
@@ -93,6 +89,9 @@ class Rule:
     #: Whether the rule's output depends on the per-task statistics (False lets the gate skip them
     #: on steps where nothing is measured).
     needs_statistics: bool = True
+    #: Whether the rule's weights are a function of its input alone (False: it draws random numbers
+    #: from ``RuleInput.generator``, e.g. PCGrad's visiting orders).
+    deterministic: bool = True
 
     name: str = ""
 
@@ -113,12 +112,14 @@ R = TypeVar("R")
 def register_rule(name: str) -> Callable[[R], R]:
     """Class decorator that makes a :class:`Rule` available as ``GradientGate(rule=name)``.
 
-    Example::
-
-        @register_rule("always_half")
-        class AlwaysHalf(Rule):
-            def weights(self, inp):
-                return inp.with_main(0.5 * inp.aux_weight.expand_as(inp.cosine))
+    >>> if "always_half" not in list_rules():  # a name is registered once per process
+    ...     @register_rule("always_half")
+    ...     class AlwaysHalf(Rule):
+    ...         def weights(self, inp):
+    ...             return inp.with_main(0.5 * inp.aux_weight.expand_as(inp.cosine))
+    >>> from lightning_gradsim import GradientGate
+    >>> GradientGate(rule="always_half").rule_name
+    'always_half'
     """
 
     def decorator(cls: R) -> R:
@@ -133,12 +134,20 @@ def register_rule(name: str) -> Callable[[R], R]:
 
 
 def list_rules() -> list[str]:
-    """Names of all registered rules, sorted."""
+    """Names of all registered rules, sorted.
+
+    >>> {"unweighted", "weighted", "projection", "sum", "main_only", "pcgrad"} <= set(list_rules())
+    True
+    """
     return sorted(_RULES)
 
 
 def get_rule(rule: str | Rule) -> Rule:
-    """Return a rule instance from a registered name, or the instance itself."""
+    """Return a rule instance from a registered name, or the instance itself.
+
+    >>> get_rule("unweighted")
+    Unweighted()
+    """
     if isinstance(rule, Rule):
         return rule
     if not isinstance(rule, str):
@@ -149,74 +158,3 @@ def get_rule(rule: str | Rule) -> Rule:
             "Register your own with @lightning_gradsim.rules.register_rule(name)."
         )
     return _RULES[rule]()
-
-
-@register_rule("unweighted")
-class Unweighted(Rule):
-    """g_main + lambda * g_aux if cos >= threshold, else g_main (the paper's default)."""
-
-    def weights(self, inp: RuleInput) -> Tensor:
-        open_ = inp.cosine >= inp.threshold
-        return inp.with_main(inp.aux_weight * open_.to(inp.cosine.dtype))
-
-
-@register_rule("weighted")
-class Weighted(Rule):
-    """g_main + lambda * max(0, cos) * g_aux (zero below the threshold as well)."""
-
-    def weights(self, inp: RuleInput) -> Tensor:
-        scale = inp.cosine.clamp(min=0.0) * (inp.cosine >= inp.threshold).to(inp.cosine.dtype)
-        return inp.with_main(inp.aux_weight * scale)
-
-
-@register_rule("projection")
-class Projection(Rule):
-    """g_main + lambda * (g_aux - min(0, g_aux . u) u), u the unit direction of d.
-
-    ``d`` is the main gradient, or its EMA when the gate has ``main_grad_ema > 0``. Only the
-    conflicting component is removed; a zero ``d`` removes nothing. The auxiliary vector counts
-    as "open" when it was not projected.
-    """
-
-    uses_main_direction = True
-
-    def weights(self, inp: RuleInput) -> Tensor:
-        k = inp.num_aux + 1
-        g = inp.gramian
-        dd = g[..., k, k]
-        aux_dot_d = g[..., 1:k, k]  # (..., K-1)
-        safe_dd = torch.where(dd > 0, dd, torch.ones_like(dd))
-        conflict = torch.clamp(aux_dot_d, max=0.0) / safe_dd.unsqueeze(-1)
-        conflict = torch.where((dd > 0).unsqueeze(-1), conflict, torch.zeros_like(conflict))
-        lam = inp.aux_weight.to(g.dtype)
-        direction_coef = -(lam * conflict).sum(-1, keepdim=True)
-        return torch.cat([inp.with_main(lam.expand_as(conflict)), direction_coef], dim=-1)
-
-    def gate_open(self, inp: RuleInput, weights: Tensor) -> Tensor:
-        k = inp.num_aux + 1
-        return inp.gramian[..., 1:k, k] >= 0
-
-
-@register_rule("sum")
-class Sum(Rule):
-    """g_main + lambda * g_aux: plain multi-task learning with fixed weights."""
-
-    keeps_main_descent = False
-    needs_statistics = False
-
-    def weights(self, inp: RuleInput) -> Tensor:
-        return inp.with_main(inp.aux_weight.to(inp.cosine.dtype).expand_as(inp.cosine))
-
-
-@register_rule("main_only")
-class MainOnly(Rule):
-    """g_main alone on the shared parameters: single-task training of the trunk."""
-
-    needs_statistics = False
-
-    def weights(self, inp: RuleInput) -> Tensor:
-        return inp.with_main(torch.zeros_like(inp.cosine))
-
-
-# The "pcgrad" rule lives with the baselines; importing it registers it with the other built-in rules.
-from .baselines import pcgrad as _pcgrad  # noqa: E402,F401
