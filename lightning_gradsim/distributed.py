@@ -10,8 +10,8 @@ transforms of :mod:`lightning_gradsim.transforms` built on :func:`all_reduce_mea
   same decision; the run equals a single process on the concatenated batch. Volume per step:
   ``K * S + H`` elements (``K`` tasks, ``S`` shared and ``H`` other parameter elements), against
   ``S + H`` for plain DDP.
-* ``gradsim_sync = "local"`` (cheaper; :class:`~lightning_gradsim.transforms.AllReduceCombined`): each rank gates on its own local cosine, and only the combined
-  gradient is averaged (``S + H`` elements, like plain DDP). Ranks may take different gate
+* ``gradsim_sync = "local"`` (cheaper; :func:`~lightning_gradsim.optimization.all_reduce_gradients`):
+  each rank gates on its own local cosine, and only the combined gradient is averaged (``S + H`` elements, like plain DDP). Ranks may take different gate
   decisions and keep different gate state; the update is the average of the per-rank updates.
 
 A non-finite flag rides along in the same buffer, so every rank agrees on skipping a step.
