@@ -199,7 +199,9 @@ class GradientGate(nn.Module):
             )
         if self.grad_strategy not in STRATEGIES:
             raise ValueError(f"gate.grad_strategy must be one of {STRATEGIES}, got {self.grad_strategy!r}.")
-        return step.measured(per_task_gradients(losses, shared, others, self.grad_strategy, info, state=self._grad_state))
+        return step.measured(
+            per_task_gradients(losses, shared, others, self.grad_strategy, info, state=self._grad_state)
+        )
 
     def mark_features(self, features: Tensor) -> Tensor:
         """Mark the shared features (trunk output) for ``similarity="features"``; returns them.
@@ -302,10 +304,14 @@ class GradientGate(nn.Module):
         if state:
             self.aux_names = state.get("aux_names")
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):  # type: ignore[override]
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):  # type: ignore[override]
         # Checkpoints of version 0.1 (before the state module and composed loss weightings): move their keys.
         upgrade_legacy_keys(state_dict, prefix, self.loss_weighting, strict, error_msgs)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     # Former attributes of the gate, now in its state: gate.cosine_state, gate.step, gate.main_grad_ema_0, ...
     def __getattr__(self, name: str) -> Any:
@@ -324,11 +330,11 @@ class GradientGate(nn.Module):
 
     def aux_weight_tensor(self, names: list[str], like: Tensor) -> Tensor:
         """The lambdas of the auxiliary ``names`` as a tensor like ``like`` (cached: no copy per step)."""
-        values = [self.aux_weight[n] for n in names] if isinstance(self.aux_weight, dict) else [self.aux_weight] * len(names)
+        values = (
+            [self.aux_weight[n] for n in names] if isinstance(self.aux_weight, dict) else [self.aux_weight] * len(names)
+        )
         key = (tuple(values), like.dtype, like.device)
         if self._weight_cache is None or self._weight_cache[0] != key:
             # Built once: no host-to-device copy on every step.
             self._weight_cache = (key, torch.tensor(values, dtype=like.dtype, device=like.device))
         return self._weight_cache[1]
-
-
