@@ -1,28 +1,45 @@
 """lightning_gradsim: adapt auxiliary losses by gradient similarity, in PyTorch and Lightning.
 
-Example::
+``import lightning_gradsim`` is cheap: each public name below loads its module on first use
+(PEP 562), so the gate needs only torch, the mixin and monitor load Lightning, and the baselines,
+experiments, RL and data sub-packages load only when they are imported.
 
-    from lightning_gradsim import GradientGate, GradSimMixin, GradSimMonitor
+>>> import lightning_gradsim as gs
+>>> gs.GradientGate(rule="weighted").rule_name
+'weighted'
+>>> "unweighted" in gs.list_rules()
+True
 """
 
-from . import baselines
-from .gate import GateStats, GradientGate
-from .mixin import GradSimMixin, NonFiniteLossError
-from .monitor import GradSimMonitor
-from .rules import Rule, RuleInput, get_rule, list_rules, register_rule
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "GradientGate",
-    "GradSimMixin",
-    "GradSimMonitor",
-    "GateStats",
-    "NonFiniteLossError",
-    "Rule",
-    "RuleInput",
-    "register_rule",
-    "get_rule",
-    "list_rules",
-    "__version__",
-]
+#: public name -> the submodule defining it, imported on first access.
+_EXPORTS: dict[str, str] = {
+    "GradientGate": "gate",
+    "GateStats": "gate",
+    "GradSimMixin": "mixin",
+    "NonFiniteLossError": "mixin",
+    "GradSimMonitor": "monitor",
+    "Rule": "rules",
+    "RuleInput": "rules",
+    "register_rule": "rules",
+    "get_rule": "rules",
+    "list_rules": "rules",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
+    from .gate import GateStats, GradientGate
+    from .mixin import GradSimMixin, NonFiniteLossError
+    from .monitor import GradSimMonitor
+    from .rules import Rule, RuleInput, get_rule, list_rules, register_rule
+
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

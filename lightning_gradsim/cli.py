@@ -1,26 +1,46 @@
 """``gradsim``: one command line for training, comparing and the paper's experiments.
 
-Sub-commands are looked up in :data:`COMMANDS` and imported lazily, so ``gradsim --help`` stays
-fast and each experiment's dependencies load only when it runs.
+Sub-commands are looked up in :data:`COMMANDS` and imported lazily, so ``gradsim --help`` imports
+neither torch nor Lightning and each experiment's dependencies load only when it runs.
+
+>>> main(["--help"])  # doctest: +ELLIPSIS
+usage: gradsim <command> [options]    (gradsim --version: the version)
+<BLANKLINE>
+commands:
+  fit          train one run from a YAML config (LightningCLI)
+...
+0
+>>> main(["--version"])  # doctest: +ELLIPSIS
+lightning-gradsim ...
+0
 """
 
 from __future__ import annotations
 
-import importlib
 import sys
+
+from ._lazy import load_entry
 
 #: sub-command -> ("module:function", one-line help). Each function takes argv (list[str]).
 COMMANDS: dict[str, tuple[str, str]] = {
     "fit": ("lightning_gradsim.experiments.cli:fit", "train one run from a YAML config (LightningCLI)"),
     "validate": ("lightning_gradsim.experiments.cli:validate", "validate a config/checkpoint (LightningCLI)"),
     "test": ("lightning_gradsim.experiments.cli:test", "test a config/checkpoint (LightningCLI)"),
-    "compare": ("lightning_gradsim.experiments.compare:main", "methods x seeds on one setup: error table, plots"),
+    "compare": ("lightning_gradsim.experiments.compare_cli:main", "methods x seeds on one setup: error table, plots"),
     "distances": ("lightning_gradsim.experiments.distances:main", "LCA level vs Frechet distance of class pairs"),
-    "toy": ("lightning_gradsim.experiments.toys:main", "2-D toy problems: trajectories per rule as a PNG"),
+    "pairs": (
+        "lightning_gradsim.experiments.pairs:main",
+        "paper Fig. 3: single/multi-task/gate on a near and a far class pair",
+    ),
+    "toy": ("lightning_gradsim.experiments.toys:main", "2-D toys: blog's unit circle (default), paper's Figure 2"),
     "gridworld": ("lightning_gradsim.rl.cli:main", "RL distillation from a teacher in gridworlds: curves + figures"),
     "table1": (
         "lightning_gradsim.experiments.table1:main",
         "paper Table 1 (rotated MNIST): all runs stacked, table + paired tests + plots",
+    ),
+    "atari": (
+        "lightning_gradsim.rl.atari.cli:main",
+        "Atari/MinAtar distillation from a sub-optimal teacher, V-trace (4.4)",
     ),
     "relatedness": (
         "lightning_gradsim.experiments.relatedness:main",
@@ -30,14 +50,20 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "lightning_gradsim.experiments.figures:main",
         "paper's Appendix B, Proposition 3, cosine-vs-dimension PNGs",
     ),
+    "configs": ("lightning_gradsim.configs:main", "list the packaged configs (--config NAME), or print one"),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``gradsim`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in {"-V", "--version"}:
+        from . import __version__
+
+        print(f"lightning-gradsim {__version__}")
+        return 0
     if not argv or argv[0] in {"-h", "--help"}:
-        print("usage: gradsim <command> [options]\n\ncommands:")
+        print("usage: gradsim <command> [options]    (gradsim --version: the version)\n\ncommands:")
         for name, (_, help_) in COMMANDS.items():
             print(f"  {name:<12} {help_}")
         return 0
@@ -45,10 +71,19 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"gradsim: unknown command {name!r}; choose from {', '.join(COMMANDS)}.", file=sys.stderr)
         return 2
-    module_name, func_name = COMMANDS[name][0].split(":")
-    func = getattr(importlib.import_module(module_name), func_name)
-    result = func(rest)
-    return int(result or 0)
+    entry = COMMANDS[name][0]
+    try:
+        command = load_entry(entry)
+    except ModuleNotFoundError as err:
+        if (err.name or "").startswith("lightning_gradsim"):
+            raise
+        extra = "rl" if entry.startswith("lightning_gradsim.rl.") else "experiments"
+        print(
+            f"gradsim {name}: needs the package {err.name!r}; install it with pip install 'lightning-gradsim[{extra}]'.",
+            file=sys.stderr,
+        )
+        return 2
+    return int(command(rest) or 0)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
-"""Getting per-task gradients: the only part of the gate that runs autograd.
+"""Getting gradients: the only module of the library that runs autograd, and its one graph walker.
 
 The gate needs, for every task ``k``, its gradient on each shared parameter (kept separate), and
 for every other parameter (task heads) the sum over tasks of their gradients, which is exactly
 what plain ``backward`` of each task's own loss gives a head.
 
-How the per-task gradients are taken depends on the autograd graph (see :func:`inspect_graph`):
+How the per-task gradients are taken depends on the autograd graph (see :func:`walk_graph`):
 
 * ``"separate"``: the tasks' graphs share no node except the parameters themselves (each task
   has its own batch and its own forward pass). One ``torch.autograd.grad`` per task then does
@@ -16,10 +16,14 @@ How the per-task gradients are taken depends on the autograd graph (see :func:`i
   less memory), or vmap cannot run (an op without a batching rule; the gate falls back by
   itself): one ``torch.autograd.grad(retain_graph=True)`` per task.
 
-Example::
-
-    info = inspect_graph(losses, shared)
-    grads = per_task_gradients(losses, shared, heads, strategy="auto", info=info)
+>>> import torch
+>>> w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+>>> grads = per_task_gradients([(w * w).sum(), w.sum()], [w], [])
+>>> grads.strategy, grads.rows
+('separate', [[tensor([2., 4.])], [tensor([1., 1.])]])
+>>> grads.gramian()
+tensor([[[20.,  6.],
+         [ 6.,  2.]]])
 """
 
 from __future__ import annotations
@@ -31,14 +35,22 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .layout import PerTaskGradients, TaskGradients
+
 __all__ = [
     "TaskGradients",
     "PerTaskGradients",
     "GraphInfo",
+    "walk_graph",
     "task_gradients",
     "per_task_gradients",
+    "feature_gradients",
+    "weighted_gradients",
+    "backpropagate",
+    "loss_gradients",
     "inspect_graph",
     "reachable_parameters",
+    "check_features_cut",
     "STRATEGIES",
 ]
 
@@ -46,113 +58,46 @@ __all__ = [
 STRATEGIES = ("auto", "separate", "batched", "sequential")
 
 
-class TaskGradients:
-    """Per-task gradients on the shared parameters and summed gradients on the other ones.
-
-    Attributes:
-        shared: one entry per shared parameter: a ``(K, *param.shape)`` tensor (row ``k`` is task
-            ``k``'s gradient, zeros where a task does not reach the parameter), or ``None`` when no
-            task reaches the parameter.
-        others: one entry per other parameter: the sum over tasks of their gradients, or ``None``.
-        reached: one entry per task: whether its loss reaches any shared parameter.
-    """
-
-    __slots__ = ("shared", "others", "reached")
-
-    def __init__(self, shared: list[Tensor | None], others: list[Tensor | None], reached: list[bool]) -> None:
-        self.shared = shared
-        self.others = others
-        self.reached = reached
-
-
-class PerTaskGradients:
-    """Per-task gradients on the shared parameters, in whichever layout was cheapest to get.
-
-    Exactly one of ``stacked`` / ``rows`` is set:
-
-    * ``stacked[i]``: ``(K, *shape)`` tensor for shared parameter ``i`` (batched backward), or
-      ``None`` when no task reaches it;
-    * ``rows[k][i]``: task ``k``'s gradient on shared parameter ``i`` or ``None`` when the task
-      does not reach it (per-task backward; nothing is stacked or copied).
-
-    ``others[j]`` is the sum over tasks of their gradients on other parameter ``j`` (or ``None``),
-    ``reached[k]`` whether task ``k`` reaches a shared parameter (exact for the main task, task 0),
-    and ``strategy`` the path that produced them.
-    """
-
-    __slots__ = ("stacked", "rows", "others", "reached", "strategy")
-
-    def __init__(
-        self,
-        stacked: list[Tensor | None] | None,
-        rows: list[list[Tensor | None]] | None,
-        others: list[Tensor | None],
-        reached: list[bool],
-        strategy: str,
-    ) -> None:
-        self.stacked = stacked
-        self.rows = rows
-        self.others = others
-        self.reached = reached
-        self.strategy = strategy
-
-    @property
-    def num_tasks(self) -> int:
-        return len(self.reached)
-
-    def present(self) -> list[int]:
-        """Indices of the shared parameters that at least one task reaches."""
-        if self.stacked is not None:
-            return [i for i, s in enumerate(self.stacked) if s is not None]
-        assert self.rows is not None
-        n = len(self.rows[0]) if self.rows else 0
-        return [i for i in range(n) if any(r[i] is not None for r in self.rows)]
-
-    def to_task_gradients(self, shared: Sequence[Tensor]) -> TaskGradients:
-        """The stacked :class:`TaskGradients` layout (copies the rows into ``(K, *shape)`` stacks)."""
-        if self.stacked is not None:
-            return TaskGradients(list(self.stacked), list(self.others), list(self.reached))
-        assert self.rows is not None
-        out: list[Tensor | None] = []
-        for i, p in enumerate(shared):
-            col = [r[i] for r in self.rows]
-            if all(c is None for c in col):
-                out.append(None)
-                continue
-            ref = next(c for c in col if c is not None)
-            out.append(torch.stack([c if c is not None else torch.zeros_like(ref) for c in col]))
-        return TaskGradients(out, list(self.others), list(self.reached))
-
-
 class GraphInfo(NamedTuple):
-    """What :func:`inspect_graph` found in the losses' autograd graphs.
+    """What :func:`walk_graph` found in the losses' autograd graphs.
 
     Attributes:
         shares_work: whether two tasks' graphs meet at a node other than a leaf parameter (they
             share trunk computation, e.g. one batch through one forward pass).
         reaches_shared: per task, whether its graph reaches a shared parameter (exact for the
             first task; for the others ``True`` as soon as they meet another task's graph).
+        leaves: every leaf tensor requiring grad that the graphs reach, in graph order.
+        crossing: with ``stop`` nodes, the first ``(task, shared parameter)`` reached without
+            passing one of them, else ``None``.
     """
 
     shares_work: bool
     reaches_shared: list[bool]
+    leaves: list[Tensor] = []
+    crossing: tuple[int, Tensor] | None = None
 
 
-def inspect_graph(losses: Sequence[Tensor], shared: Sequence[Tensor]) -> GraphInfo:
-    """Walk the losses' autograd graphs once (each node visited at most once).
+def walk_graph(losses: Sequence[Tensor], shared: Sequence[Tensor] = (), stop: Sequence[Tensor] = ()) -> GraphInfo:
+    """Walk the losses' autograd graphs once (each node visited at most once): the library's one walker.
 
+    ``stop``: tensors (e.g. the trunk's output features) whose ``grad_fn`` the walk does not pass.
     Costs a Python visit per autograd node (well under a millisecond for a ResNet-18 graph), with
     no device work and no host-device sync.
 
-    Example::
-
-        info = inspect_graph([main_loss, aux_loss], list(trunk.parameters()))
-        info.shares_work  # True when both losses come from one forward pass of the trunk
+    >>> w, v = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    >>> h = (w * 2).tanh()
+    >>> info = walk_graph([h.sum(), (h * v).sum()], [w])
+    >>> info.shares_work, info.reaches_shared, [tuple(p.shape) for p in info.leaves]
+    (True, [True, True], [(2,), (2,)])
     """
     shared_ids = {id(p) for p in shared}
+    stop_nodes = {f.grad_fn for f in stop if f.grad_fn is not None}
+    stop_ids = {id(f) for f in stop}
     owner: dict[object, int] = {}
+    leaves: dict[int, Tensor] = {}
     shares = False
     reaches = [False] * len(losses)
+    crossing: tuple[int, Tensor] | None = None
     for k, loss in enumerate(losses):
         root = loss.grad_fn
         if root is None:
@@ -169,14 +114,59 @@ def inspect_graph(losses: Sequence[Tensor], shared: Sequence[Tensor]) -> GraphIn
             variable = getattr(node, "variable", None)
             if variable is not None:
                 # A leaf: parameters used by several tasks are shared leaves, not shared work.
+                leaves.setdefault(id(variable), variable)
                 if id(variable) in shared_ids:
                     reaches[k] = True
+                    if stop_nodes and crossing is None and id(variable) not in stop_ids:
+                        crossing = (k, variable)
                 continue
             owner[node] = k
+            if node in stop_nodes:
+                continue
             for next_node, _ in node.next_functions:
                 if next_node is not None:
                     stack.append(next_node)
-    return GraphInfo(shares, reaches)
+    return GraphInfo(shares, reaches, list(leaves.values()), crossing)
+
+
+def inspect_graph(losses: Sequence[Tensor], shared: Sequence[Tensor]) -> GraphInfo:
+    """:func:`walk_graph` without stop nodes (kept name).
+
+    >>> w = torch.nn.Parameter(torch.ones(2))
+    >>> inspect_graph([w.sum(), (2 * w).sum()], [w]).shares_work  # two forward passes: no shared work
+    False
+    """
+    return walk_graph(losses, shared)
+
+
+def reachable_parameters(losses: Iterable[Tensor]) -> list[Tensor]:
+    """Leaf tensors requiring grad that the autograd graphs of ``losses`` reach, in graph order.
+
+    >>> w = torch.nn.Parameter(torch.ones(2))
+    >>> [tuple(p.shape) for p in reachable_parameters([(w * 3).sum()])]
+    [(2,)]
+    """
+    return walk_graph(list(losses)).leaves
+
+
+def check_features_cut(losses: Sequence[Tensor], feats: Sequence[Tensor], shared: Sequence[Tensor]) -> None:
+    """Raise unless every path from the losses to a shared parameter goes through ``feats``.
+
+    >>> w = torch.nn.Parameter(torch.ones(2))
+    >>> h = w * 2
+    >>> check_features_cut([h.sum(), (h * h).sum()], [h], [w])  # both read w only through h
+    """
+    info = walk_graph(losses, shared, stop=feats)
+    if info.crossing is not None:
+        k, variable = info.crossing
+        task = "the main loss" if k == 0 else f"auxiliary loss #{k}"
+        raise ValueError(
+            f"With similarity='features', {task} reaches a shared parameter (shape "
+            f"{tuple(variable.shape)}) without going through the marked features. Mark every "
+            "trunk output the heads read with gate.mark_features(h), and give all tasks the same "
+            "features; tasks with their own batches should use similarity='parameters' (which "
+            "costs no extra backward for them)."
+        )
 
 
 def per_task_gradients(
@@ -187,7 +177,7 @@ def per_task_gradients(
     info: GraphInfo | None = None,
     retain_graph: bool = False,
     state: dict[str, bool] | None = None,
-) -> PerTaskGradients:
+) -> TaskGradients:
     """Per-task gradients of ``losses`` on ``shared`` and summed gradients on ``others``.
 
     ``strategy="auto"`` takes ``"separate"`` when the graphs share no work; otherwise
@@ -199,9 +189,10 @@ def per_task_gradients(
     between calls (the gate keeps one) remembering whether vmap ran or failed before: after a
     failure the batched path is skipped, after a success the graph is not kept for a retry.
 
-    Example::
-
-        grads = per_task_gradients([main_loss, aux_loss], list(trunk.parameters()), list(heads.parameters()))
+    >>> w = torch.nn.Parameter(torch.ones(3))
+    >>> h = w.tanh()  # one forward pass both tasks read: shared work
+    >>> per_task_gradients([h.sum(), (2 * h).sum()], [w], [], strategy="auto").strategy
+    'sequential'
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}.")
@@ -231,7 +222,7 @@ def _per_task(
     strategy: str,
     retain_graph: bool,
     disjoint: bool = False,
-) -> PerTaskGradients:
+) -> TaskGradients:
     n_shared = len(shared)
     inputs = list(shared) + list(others)
     rows: list[list[Tensor | None]] = []
@@ -252,7 +243,9 @@ def _per_task(
                 # Out of place: autograd may hand the same tensor to several inputs.
                 other_sum[j] = r if total is None else total + r
     reached = [any(x is not None for x in r) for r in rows]
-    return PerTaskGradients(None, rows, other_sum, reached, strategy)
+    return TaskGradients(
+        rows=rows, others=other_sum, reached=reached, strategy=strategy, params=shared, other_params=others
+    )
 
 
 def _batched(
@@ -262,7 +255,7 @@ def _batched(
     info: GraphInfo | None,
     retain_graph: bool,
     state: dict[str, bool],
-) -> PerTaskGradients | None:
+) -> TaskGradients | None:
     # state["failed"]: vmap failed before (go sequential directly); state["ok"]: it ran before, so
     # the graph need not be kept for a sequential retry.
     num_tasks = len(losses)
@@ -307,7 +300,9 @@ def _batched(
     if info is None:
         info = inspect_graph(losses, shared)
     reached = list(info.reaches_shared)
-    return PerTaskGradients(stacked, None, other_sum, reached, "batched")
+    return TaskGradients(
+        stacked=stacked, others=other_sum, reached=reached, strategy="batched", params=shared, other_params=others
+    )
 
 
 def task_gradients(losses: Sequence[Tensor], shared: Sequence[Tensor], others: Sequence[Tensor]) -> TaskGradients:
@@ -315,26 +310,85 @@ def task_gradients(losses: Sequence[Tensor], shared: Sequence[Tensor], others: S
 
     One ``torch.autograd.grad`` call per task. Kept for callers that want the stacked layout;
     the gate itself uses :func:`per_task_gradients`, which avoids the stack when it can.
+
+    >>> w = torch.nn.Parameter(torch.ones(2))
+    >>> task_gradients([w.sum(), (3 * w).sum()], [w], []).shared
+    [tensor([[1., 1.],
+            [3., 3.]])]
     """
     grads = _per_task(losses, shared, others, "sequential", retain_graph=False)
-    return grads.to_task_gradients(shared)
+    return grads.to_stacked()
 
 
-def reachable_parameters(losses: Iterable[Tensor]) -> list[Tensor]:
-    """Leaf tensors requiring grad that the autograd graphs of ``losses`` reach, in graph order."""
-    seen_nodes: set = set()
-    leaves: dict[int, Tensor] = {}
-    stack = [loss.grad_fn for loss in losses if loss.grad_fn is not None]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen_nodes:
-            continue
-        seen_nodes.add(node)
-        variable = getattr(node, "variable", None)
-        if variable is not None:
-            leaves.setdefault(id(variable), variable)
-            continue
-        for next_node, _ in node.next_functions:
-            if next_node is not None and next_node not in seen_nodes:
-                stack.append(next_node)
-    return list(leaves.values())
+def feature_gradients(losses: Sequence[Tensor], feats: Sequence[Tensor], others: Sequence[Tensor]) -> TaskGradients:
+    """Per-task gradients on the shared *features* ``feats`` (rows layout), summed ones on ``others``.
+
+    The graph is kept: :func:`backpropagate` runs the combined feature gradient through the trunk.
+
+    >>> w = torch.nn.Parameter(torch.ones(2))
+    >>> h = w * 2
+    >>> feature_gradients([h.sum(), (h * h).sum()], [h], []).rows
+    [[tensor([1., 1.])], [tensor([4., 4.])]]
+    """
+    grads = _per_task(losses, feats, others, "features", retain_graph=True)
+    grads.params = list(feats)
+    return grads
+
+
+def backpropagate(
+    outputs: Sequence[Tensor], grad_outputs: Sequence[Tensor], inputs: Sequence[Tensor]
+) -> list[Tensor | None]:
+    """The gradients on ``inputs`` of ``sum_j <outputs[j], grad_outputs[j]>`` (frees the graph).
+
+    >>> w = torch.nn.Parameter(torch.ones(2))
+    >>> backpropagate([w * 2], [torch.tensor([1.0, 0.5])], [w])
+    [tensor([2., 1.])]
+    """
+    return list(torch.autograd.grad(list(outputs), list(inputs), list(grad_outputs), allow_unused=True))
+
+
+def weighted_gradients(
+    losses: Sequence[Tensor],
+    weights: Tensor,
+    shared: Sequence[Tensor],
+    others: Sequence[Tensor],
+    into_grad: bool = False,
+) -> tuple[list[Tensor | None], list[Tensor | None]]:
+    """``grad sum_k w_k L_k`` on ``shared`` and ``grad sum_k L_k`` on ``others`` (the heads get their own tasks').
+
+    Two backward passes, the first through the heads only: what a step that reuses known weights
+    costs. ``into_grad``: accumulate the shared gradients into ``.grad`` (as ``backward`` does, no
+    copy) and return the ``.grad`` tensors.
+
+    >>> w = torch.nn.Parameter(torch.ones(2))
+    >>> head = torch.nn.Parameter(torch.ones(2))
+    >>> weighted_gradients([(w * head).sum(), (3 * w).sum()], torch.tensor([1.0, 0.5]), [w], [head])
+    ([tensor([2.5000, 2.5000])], [tensor([1., 1.])])
+    """
+    head_grads: list[Tensor | None] = [None] * len(others)
+    if others:
+        head_grads = list(torch.autograd.grad(_sum(losses), list(others), retain_graph=True, allow_unused=True))
+    total = _sum([wk.to(loss.dtype) * loss for wk, loss in zip(weights, losses)])
+    if not total.requires_grad:
+        return ([p.grad for p in shared] if into_grad else [None] * len(shared)), head_grads
+    if into_grad:
+        torch.autograd.backward(total, inputs=list(shared))
+        return [p.grad for p in shared], head_grads
+    return list(torch.autograd.grad(total, list(shared), allow_unused=True)), head_grads
+
+
+def loss_gradients(loss: Tensor, inputs: Sequence[Tensor]) -> list[Tensor | None]:
+    """``torch.autograd.grad(loss, inputs)`` (``None`` for an input the loss does not reach).
+
+    >>> w = torch.nn.Parameter(torch.ones(2))
+    >>> loss_gradients((w * 3).sum(), [w])
+    [tensor([3., 3.])]
+    """
+    return list(torch.autograd.grad(loss, list(inputs), allow_unused=True))
+
+
+def _sum(tensors: Sequence[Tensor]) -> Tensor:
+    total = tensors[0]
+    for t in tensors[1:]:
+        total = total + t
+    return total

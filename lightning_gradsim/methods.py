@@ -3,16 +3,20 @@
 A method is a factory returning the object a :class:`~lightning_gradsim.GradSimMixin` module keeps
 at ``self.gradsim`` (a :class:`~lightning_gradsim.GradientGate` or a subclass). Every registered
 rule is a method of the same name; other methods (loss weightings such as uncertainty weighting)
-register a factory.
+are factories. The built-in factories are named in :data:`BUILTIN_METHODS` as ``"module:factory"``
+and imported on first use, so listing methods imports none of them.
 
-Example::
-
-    from lightning_gradsim.methods import make_gate, register_method
-    gate = make_gate("weighted", aux_weight=0.5)
-
-    @register_method("my_method")
-    def my_method(**kwargs):
-        return GradientGate(rule="unweighted", cosine_ema=0.9, **kwargs)
+>>> from lightning_gradsim import GradientGate
+>>> from lightning_gradsim.methods import list_methods, make_gate, register_method
+>>> {"pcgrad", "uncertainty", "gradnorm", "weighted"} <= set(list_methods())
+True
+>>> make_gate("weighted", aux_weight=0.5).aux_weight
+0.5
+>>> @register_method("doc_smoothed_unweighted")
+... def smoothed(**kwargs):
+...     return GradientGate(rule="unweighted", cosine_ema=0.9, **kwargs)
+>>> make_gate("doc_smoothed_unweighted").cosine_ema
+0.9
 """
 
 from __future__ import annotations
@@ -20,19 +24,33 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from ._lazy import load_entry
 from .gate import GradientGate
 from .rules import list_rules
 
-__all__ = ["register_method", "make_gate", "list_methods"]
+__all__ = ["BUILTIN_METHODS", "register_method", "make_gate", "list_methods"]
 
-_METHODS: dict[str, Callable[..., GradientGate]] = {}
+Factory = Callable[..., GradientGate]
+
+#: built-in methods that are not rules: name -> ``"module:factory"``, imported by :func:`make_gate`.
+#: (``pcgrad`` is a rule, registered with the others in :mod:`lightning_gradsim.rules`.)
+BUILTIN_METHODS: dict[str, str] = {
+    "uncertainty": "lightning_gradsim.baselines.uncertainty:_make_uncertainty",
+    "gradnorm": "lightning_gradsim.baselines.gradnorm:_make_gradnorm",
+}
+
+# name -> factory, or the "module:factory" entry of a built-in not yet imported
+_METHODS: dict[str, Factory | str] = dict(BUILTIN_METHODS)
 
 
-def register_method(name: str) -> Callable[[Callable[..., GradientGate]], Callable[..., GradientGate]]:
+def register_method(name: str) -> Callable[[Factory], Factory]:
     """Decorator registering a factory ``(**gate_kwargs) -> GradientGate`` under ``name``."""
 
-    def decorator(factory: Callable[..., GradientGate]) -> Callable[..., GradientGate]:
-        if name in _METHODS or name in list_rules():
+    def decorator(factory: Factory) -> Factory:
+        entry = _METHODS.get(name)
+        # a built-in module registering its own entry as it loads
+        builtin = isinstance(entry, str) and entry.partition(":")[0] == factory.__module__
+        if (entry is not None and not builtin) or name in list_rules():
             raise ValueError(f"A method or rule named {name!r} already exists; pick another name.")
         _METHODS[name] = factory
         return factory
@@ -41,14 +59,21 @@ def register_method(name: str) -> Callable[[Callable[..., GradientGate]], Callab
 
 
 def list_methods() -> list[str]:
-    """All method names: every registered rule plus registered factories."""
+    """All method names: every registered rule plus the factories (built-in ones without importing them)."""
     return sorted(set(list_rules()) | set(_METHODS))
+
+
+def _factory(method: str) -> Factory:
+    entry = _METHODS[method]
+    if isinstance(entry, str):  # a built-in: import it now (its module may register it as it loads)
+        entry = _METHODS[method] = load_entry(entry)
+    return entry
 
 
 def make_gate(method: str, **kwargs: Any) -> GradientGate:
     """Build the gate for ``method`` (a rule name or a registered factory) with ``kwargs``."""
     if method in _METHODS:
-        return _METHODS[method](**kwargs)
+        return _factory(method)(**kwargs)
     if method in list_rules():
         return GradientGate(rule=method, **kwargs)
     raise ValueError(f"Unknown method {method!r}; choose from {', '.join(list_methods())}.")

@@ -28,12 +28,16 @@ class GradSimMonitor(Callback):
     ``gradsim/grad_norm/main``          norm of the main gradient on the shared parameters
     ``gradsim/grad_norm/<task>``        norm of the auxiliary gradient
     ``gradsim/skipped_steps``           steps skipped for a non-finite loss or gradient
+    ``gradsim/skipped``                 1 if this batch's step was skipped, else 0 (a skipped step
+                                        logs no cos/weight/gate_open/grad_norm: it decided nothing)
     ``gradsim/task_weight/<task>``      loss weight of each task, main included (``uncertainty``,
                                         ``gradnorm``; see ``GradientGate.extra_metrics``)
     ``gradsim/log_var/<task>``          learned log-variance ``s`` of each task (``uncertainty``)
     ==================================  ===================================================
 
     With several gates in one module, names get the gate's module path: ``gradsim/<path>/cos/...``.
+    Metrics are logged at the step number Lightning gives the batch's ``self.log`` calls
+    (``train/loss`` of the same batch has the same x position).
 
     Args:
         logging_interval: log every this many training steps (reading the values costs one
@@ -41,9 +45,9 @@ class GradSimMonitor(Callback):
         plot: ``False``; ``True`` to save ``gradsim.png`` in the trainer's log directory at the end
             of fit; or a file path for the PNG.
 
-    Example::
-
-        trainer = L.Trainer(callbacks=[GradSimMonitor(logging_interval=10, plot=True)])
+    >>> monitor = GradSimMonitor(logging_interval=10, plot=True)  # L.Trainer(callbacks=[monitor])
+    >>> monitor.logging_interval
+    10
     """
 
     def __init__(self, logging_interval: int = 1, plot: bool | str | os.PathLike = False) -> None:
@@ -63,19 +67,28 @@ class GradSimMonitor(Callback):
         self._batches_seen += 1
         if (self._batches_seen - 1) % self.logging_interval != 0:
             return
-        step = trainer.global_step
-        gates = self._gates(pl_module)
+        step = _logging_step(trainer)
         metrics: dict[str, float] = {}
-        for prefix, gate in gates.items():
+        for prefix, gate in self._gates(pl_module).items():
             stats = gate.last_stats
-            if stats is None or gate.aux_names is None or stats is self._last_logged.get(prefix):
+            # The mixin knows (after its one host sync) whether the step was skipped; a gate used
+            # without it reports a skipped measured step in stats.finite.
+            skipped = (
+                getattr(pl_module, "gradsim_last_step_skipped", None)
+                if getattr(pl_module, "gradsim", None) is gate
+                else None
+            )
+            if stats is None or gate.aux_names is None or (stats is self._last_logged.get(prefix) and not skipped):
                 continue
             self._last_logged[prefix] = stats  # a reference, so a new step's stats are never mistaken for it
-            metrics.update(self.metrics_from(stats, gate, prefix))
+            metrics.update(self.metrics_from(stats, gate, prefix, skipped=skipped))
         if not metrics:
             return
-        for name, value in metrics.items():
-            self.history.setdefault(name, []).append(value)
+        seen = len(self.history.get("step", []))
+        for name in set(self.history) | set(metrics):
+            if name != "step":
+                # NaN where a metric was not logged (a skipped step decides nothing), so the curves align.
+                self.history.setdefault(name, [float("nan")] * seen).append(metrics.get(name, float("nan")))
         self.history.setdefault("step", []).append(float(step))
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
@@ -98,8 +111,21 @@ class GradSimMonitor(Callback):
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
-    def metrics_from(stats: GateStats, gate: GradientGate, prefix: str = "gradsim") -> dict[str, float]:
-        """The logged metrics of one step, as Python floats (one host sync)."""
+    def metrics_from(
+        stats: GateStats, gate: GradientGate, prefix: str = "gradsim", skipped: bool | None = None
+    ) -> dict[str, float]:
+        """The logged metrics of one step, as Python floats (one host sync).
+
+        ``skipped``: whether the step was skipped (``None``: read it from ``stats.finite``). A skipped
+        step logs ``<prefix>/skipped = 1`` and the gate's state, not the decision it did not take.
+
+        >>> import torch
+        >>> gate = GradientGate(rule="weighted")
+        >>> _, stats = gate.combine(torch.tensor([1.0, 0.0]), {"a": torch.tensor([1.0, 1.0])})
+        >>> metrics = GradSimMonitor.metrics_from(stats, gate)
+        >>> round(metrics["gradsim/weight/a"], 4), metrics["gradsim/gate_open/a"], metrics["gradsim/skipped"]
+        (0.7071, 1.0, 0.0)
+        """
         names = gate.aux_names or []
         values = torch.cat(
             [
@@ -110,16 +136,23 @@ class GradSimMonitor(Callback):
                 gate.open_fraction().reshape(-1).float().to(stats.cosine.device),
                 stats.aux_norm.reshape(-1).float(),
                 stats.main_norm.reshape(1).float(),
-                gate.skipped_steps.reshape(1).float().to(stats.cosine.device),
+                gate.state.skipped_steps.reshape(1).float().to(stats.cosine.device),
+                stats.finite.all().reshape(1).float().to(stats.cosine.device),
             ]
         ).tolist()
         k = len(names)
+        if skipped is None:
+            skipped = values[6 * k + 2] == 0.0
         out: dict[str, float] = {}
         for block, key in enumerate(["cos", "cos_smoothed", "weight", "gate_open", "open_fraction", "grad_norm"]):
+            if skipped and key != "open_fraction":
+                continue
             for i, name in enumerate(names):
                 out[f"{prefix}/{key}/{name}"] = values[block * k + i]
-        out[f"{prefix}/grad_norm/main"] = values[6 * k]
+        if not skipped:
+            out[f"{prefix}/grad_norm/main"] = values[6 * k]
         out[f"{prefix}/skipped_steps"] = values[6 * k + 1]
+        out[f"{prefix}/skipped"] = float(skipped)
         extra = gate.extra_metrics()
         if extra:
             extra_values = torch.stack([v.detach().reshape(()).float().cpu() for v in extra.values()]).tolist()
@@ -164,3 +197,10 @@ class GradSimMonitor(Callback):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         fig.savefig(path, dpi=110)
         plt.close(fig)
+
+
+def _logging_step(trainer: Trainer) -> int:
+    """The step Lightning logs this batch's ``self.log`` metrics at (the batches stepped so far)."""
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    step = getattr(loop, "_batches_that_stepped", None)
+    return int(step) if step is not None else int(trainer.global_step)

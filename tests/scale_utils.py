@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_gradsim import GradientGate, GradSimMixin
+from lightning_gradsim.methods import make_gate
 
 IN, HIDDEN, CLASSES = 6, 12, 3
 
@@ -90,13 +91,14 @@ class TinyNet(GradSimMixin, L.LightningModule):
         scheduler: bool = False,
         inject_inf_at: tuple[int, ...] = (),
         clip: float | None = None,
+        method: str | None = None,
     ) -> None:
         super().__init__()
         torch.manual_seed(seed)
         self.trunk = nn.Sequential(nn.Linear(IN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, HIDDEN), nn.Tanh())
         self.main_head = nn.Linear(HIDDEN, CLASSES)
         self.aux_head = nn.Linear(HIDDEN, CLASSES)
-        self.gradsim = GradientGate(rule=rule, **(gate or {}))
+        self.gradsim = make_gate(method, **(gate or {})) if method else GradientGate(rule=rule, **(gate or {}))
         self.opt_name = optimizer
         self.use_scheduler = scheduler
         self.gradsim_accumulate_grad_batches = accumulate

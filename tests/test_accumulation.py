@@ -5,7 +5,8 @@ import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_gradsim.distributed import TaskGradientAccumulator
+from lightning_gradsim.layout import TaskGradients
+from lightning_gradsim.transforms import Accumulate
 
 from .scale_utils import BatchList, TinyNet, fit, make_batches, merge_pairs, params, trainer
 
@@ -46,22 +47,23 @@ def test_accumulation_differs_from_stepping_every_micro_batch():
 
 
 def test_accumulator_sums_and_counts():
-    class G:  # the gate's TaskGradients layout
-        def __init__(self, shared, others, reached):
-            self.shared, self.others, self.reached = shared, others, reached
-
-    acc = TaskGradientAccumulator()
-    acc.add(G([torch.ones(2, 3), None], [torch.ones(4)], [True, False]))
-    acc.add(G([torch.full((2, 3), 2.0), torch.ones(2, 1)], [None], [True, True]))
-    shared, others, reached, count, nonfinite = acc.pop()
-    assert count == 2 and reached == [True, True] and not bool(nonfinite)
-    torch.testing.assert_close(shared[0], torch.full((2, 3), 3.0))
-    torch.testing.assert_close(shared[1], torch.ones(2, 1))
-    torch.testing.assert_close(others[0], torch.ones(4))
-    assert acc.count == 0
-    acc.add(G([torch.ones(1)], [], [True]))
+    acc = Accumulate()
+    acc.final = False
+    first = TaskGradients(stacked=[torch.ones(2, 3), None], others=[torch.ones(4)], reached=[True, False])
+    assert acc.task_gradients(first) == "pending"
+    acc.final = True
+    grads = TaskGradients(stacked=[torch.full((2, 3), 2.0), torch.ones(2, 1)], others=[None], reached=[True, True])
+    assert acc.task_gradients(grads) == "ready"
+    # The window's mean (the sums over 2 micro-batches, divided by 2), in the bundle the gate goes on with.
+    assert grads.reached == [True, True] and grads.finite is None
+    torch.testing.assert_close(grads.stacked[0], torch.full((2, 3), 1.5))
+    torch.testing.assert_close(grads.stacked[1], torch.full((2, 1), 0.5))
+    torch.testing.assert_close(grads.others[0], torch.full((4,), 0.5))
+    assert acc.count == 0 and acc.state_dict() == {}
+    acc.final = False
+    acc.task_gradients(TaskGradients(stacked=[torch.ones(1, 1)], others=[], reached=[True]))
     with pytest.raises(ValueError, match="changed between accumulated micro-batches"):
-        acc.add(G([torch.ones(1), torch.ones(1)], [], [True]))
+        acc.task_gradients(TaskGradients(stacked=[torch.ones(1, 1), torch.ones(1, 1)], others=[], reached=[True]))
 
 
 def test_bad_accumulate_value_and_trainer_flag_are_refused():
@@ -80,3 +82,17 @@ def test_custom_gradsim_backward_must_go_through_the_gate_when_accumulating():
 
     with pytest.raises(RuntimeError, match="did not call gate.backward"):
         fit(OwnBackward(accumulate=2), make_batches(2, 4))
+
+
+def test_gradnorm_accumulation_equals_one_step_on_the_larger_batch():
+    """GradNorm adapts its weights from the window's losses (their mean over the micro-batches), not
+    from the last micro-batch's: accumulating equals one step on the larger batch."""
+    batches = make_batches(8, 4)
+    acc = fit(TinyNet(method="gradnorm", optimizer="sgd", gate={"lr": 1.0}, accumulate=2), batches)
+    ref = fit(TinyNet(method="gradnorm", optimizer="sgd", gate={"lr": 1.0}), merge_pairs(batches, 2))
+    w_acc, w_ref = acc.gradsim.loss_weighting.task_weights, ref.gradsim.loss_weighting.task_weights
+    assert (w_ref - 1).abs().max() > 0.02  # the weights moved
+    torch.testing.assert_close(w_acc, w_ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(acc.gradsim.loss_weighting.initial_losses, ref.gradsim.loss_weighting.initial_losses)
+    for (name, a), b in zip(params(acc).items(), params(ref).values()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)

@@ -147,7 +147,7 @@ def test_resnet_columns():
 def test_cross_stitch_classifier_fits_with_a_loss_weighting():
     import lightning as L
 
-    from lightning_gradsim.baselines.experiments import CrossStitchClassifier
+    from lightning_gradsim.experiments import CrossStitchClassifier
     from lightning_gradsim.experiments.compare import list_setups
 
     assert "rotated_digits_cross_stitch" in list_setups()
@@ -172,4 +172,4 @@ def test_cross_stitch_classifier_fits_with_a_loss_weighting():
         accelerator="cpu",
     ).fit(model, loader)
     assert not torch.equal(model.net.net.units["0"].alpha.detach(), alpha0)
-    assert model.gradsim.log_vars.grad is not None
+    assert model.gradsim.loss_weighting.log_vars.grad is not None

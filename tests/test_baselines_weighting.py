@@ -10,17 +10,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_gradsim import GradSimMixin, GradSimMonitor
+from lightning_gradsim import GradientGate, GradSimMixin, GradSimMonitor
 from lightning_gradsim.baselines import GradNorm, UncertaintyWeighting
 from lightning_gradsim.methods import list_methods, make_gate
 
 torch.set_num_threads(1)
 
 
+def uncertainty(**kwargs):
+    """The plain method: a sum gate composed with the weighting (what make_gate("uncertainty") builds)."""
+    return GradientGate(rule="sum", loss_weighting=UncertaintyWeighting(**kwargs))
+
+
+def gradnorm(**kwargs):
+    return GradientGate(rule="sum", loss_weighting=GradNorm(**kwargs))
+
+
 def test_registered_methods():
     assert {"uncertainty", "gradnorm"} <= set(list_methods())
-    assert isinstance(make_gate("uncertainty", aux_tasks=2), UncertaintyWeighting)
-    assert isinstance(make_gate("gradnorm", alpha=0.5), GradNorm)
+    assert isinstance(make_gate("uncertainty", aux_tasks=2).loss_weighting, UncertaintyWeighting)
+    assert isinstance(make_gate("gradnorm", alpha=0.5).loss_weighting, GradNorm)
 
 
 # ---------------------------------------------------------------- uncertainty weighting
@@ -40,9 +49,9 @@ def _two_task_model():
 
 def test_uncertainty_gradients_match_closed_form():
     trunk, heads, losses = _two_task_model()
-    gate = UncertaintyWeighting(aux_tasks=["aux"], aux_weight=0.5)
+    gate = uncertainty(aux_tasks=["aux"], aux_weight=0.5)
     with torch.no_grad():
-        gate.log_vars.copy_(torch.tensor([0.3, -0.7]))
+        gate.loss_weighting.log_vars.copy_(torch.tensor([0.3, -0.7]))
     s = torch.tensor([0.3, -0.7])
     lam = torch.tensor([1.0, 0.5])
     l_main, l_aux = losses()
@@ -54,7 +63,7 @@ def test_uncertainty_gradients_match_closed_form():
 
     stats = gate.backward(l_main, {"aux": l_aux}, trunk.parameters(), other_params=list(heads.parameters()))
     # d/ds_i [exp(-s_i) lambda_i L_i + s_i] = 1 - exp(-s_i) lambda_i L_i
-    torch.testing.assert_close(gate.log_vars.grad, 1 - torch.exp(-s) * lam * raw)
+    torch.testing.assert_close(gate.loss_weighting.log_vars.grad, 1 - torch.exp(-s) * lam * raw)
     for p, g in zip(params, expected):
         torch.testing.assert_close(p.grad, g)
     torch.testing.assert_close(stats.weight, torch.tensor([math.exp(0.7) * 0.5]))
@@ -65,17 +74,17 @@ def test_uncertainty_gradients_match_closed_form():
 
 def test_uncertainty_finds_log_vars_without_other_params():
     trunk, heads, losses = _two_task_model()
-    gate = UncertaintyWeighting()
+    gate = uncertainty()
     l_main, l_aux = losses()
     raw = torch.stack([l_main.detach(), l_aux.detach()])
     gate.backward(l_main, [l_aux], trunk.parameters())
-    torch.testing.assert_close(gate.log_vars.grad, 1 - raw)  # s = 0
+    torch.testing.assert_close(gate.loss_weighting.log_vars.grad, 1 - raw)  # s = 0
     assert all(p.grad is not None for p in heads.parameters())
 
 
 def test_uncertainty_optimum_is_log_of_loss():
     # With a fixed loss L, s* = argmin exp(-s) L + s = log L: gradient descent on s gets there.
-    gate = UncertaintyWeighting()
+    gate = uncertainty()
     w = nn.Parameter(torch.tensor([1.0]))
     opt = torch.optim.SGD(gate.parameters(), lr=0.5)
     for _ in range(60):  # the error contracts by |1 - lr * exp(-s*) L| = 0.5 per step near s*
@@ -84,20 +93,22 @@ def test_uncertainty_optimum_is_log_of_loss():
         # losses with values 3 and 0.5 that depend on w (value w / w.detach() = 1)
         gate.backward(3.0 * w.sum() / w.sum().detach(), [0.5 * w.sum() / w.sum().detach()], [w])
         opt.step()
-    torch.testing.assert_close(gate.log_vars.detach(), torch.log(torch.tensor([3.0, 0.5])), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(
+        gate.loss_weighting.log_vars.detach(), torch.log(torch.tensor([3.0, 0.5])), rtol=1e-3, atol=1e-3
+    )
 
 
 def test_uncertainty_task_count_errors():
     trunk, _, losses = _two_task_model()
-    gate = UncertaintyWeighting(aux_tasks=2)
+    gate = uncertainty(aux_tasks=2)
     l_main, l_aux = losses()
     with pytest.raises(ValueError, match="aux_tasks=1"):
         gate.backward(l_main, [l_aux], trunk.parameters())
     with pytest.raises(ValueError, match="aux_tasks"):
-        UncertaintyWeighting(aux_tasks=0)
+        uncertainty(aux_tasks=0)
     with pytest.raises(TypeError, match="string"):
-        UncertaintyWeighting(aux_tasks="rotated")
-    named = UncertaintyWeighting(aux_tasks=["rotated"])
+        uncertainty(aux_tasks="rotated")
+    named = uncertainty(aux_tasks=["rotated"])
     with pytest.raises(ValueError, match="rotated"):
         named.backward(*losses()[:1], {"other": losses()[1]}, trunk.parameters())
     with pytest.raises(NotImplementedError, match="backward"):
@@ -143,14 +154,14 @@ def _fit(gate, steps=3):
 
 
 def test_uncertainty_with_mixin_trains_log_vars_and_is_monitored():
-    gate = UncertaintyWeighting(aux_tasks=["aux"])
+    gate = uncertainty(aux_tasks=["aux"])
     model, monitor = _fit(gate)
     opt_params = {id(p) for group in model.optimizers().optimizer.param_groups for p in group["params"]}
-    assert id(gate.log_vars) in opt_params
-    assert torch.all(gate.log_vars.detach() != 0)  # the user's optimizer moved them
+    assert id(gate.loss_weighting.log_vars) in opt_params
+    assert torch.all(gate.loss_weighting.log_vars.detach() != 0)  # the user's optimizer moved them
     for key in ("gradsim/log_var/main", "gradsim/log_var/aux", "gradsim/task_weight/aux", "gradsim/cos/aux"):
         assert len(monitor.history[key]) == 3
-    s = gate.log_vars.detach()
+    s = gate.loss_weighting.log_vars.detach()
     assert monitor.history["gradsim/log_var/aux"][-1] == pytest.approx(float(s[1]))
     assert monitor.history["gradsim/task_weight/main"][-1] == pytest.approx(math.exp(-float(s[0])))
 
@@ -161,7 +172,7 @@ def test_gradnorm_two_updates_by_hand():
     W = nn.Parameter(torch.tensor([[2.0, 1.0]], dtype=torch.float64))
     x1 = torch.tensor([1.0, 0.0], dtype=torch.float64)
     x2 = torch.tensor([0.0, 2.0], dtype=torch.float64)
-    gate = GradNorm(alpha=1.5, lr=0.1)
+    gate = gradnorm(alpha=1.5, lr=0.1)
 
     def step():
         W.grad = None
@@ -173,8 +184,8 @@ def test_gradnorm_two_updates_by_hand():
     # Combined gradient 1*(2,0) + 1*(0,4). L(0) = L so r = (1, 1); G = (2, 4), G_bar = 3, target (3, 3).
     # dL_grad/dw = sign(G - target) * |grad L_i| = (-2, +4); w = (1.2, 0.6) -> * 2/1.8 = (4/3, 2/3).
     torch.testing.assert_close(step(), torch.tensor([[2.0, 4.0]], dtype=torch.float64))
-    torch.testing.assert_close(gate.task_weights, torch.tensor([4 / 3, 2 / 3], dtype=torch.float64))
-    torch.testing.assert_close(gate.initial_losses, torch.tensor([2.0, 2.0], dtype=torch.float64))
+    torch.testing.assert_close(gate.loss_weighting.task_weights, torch.tensor([4 / 3, 2 / 3], dtype=torch.float64))
+    torch.testing.assert_close(gate.loss_weighting.initial_losses, torch.tensor([2.0, 2.0], dtype=torch.float64))
     # Step 2, W = (1, 1): L = (0.5, 2), grad L1 = (1, 0), grad L2 = (0, 4).
     # Combined gradient (4/3)(1,0) + (2/3)(0,4) = (4/3, 8/3).
     # L/L(0) = (0.25, 1), mean 0.625, r = (0.4, 1.6), r^1.5 = (0.252982, 2.023858).
@@ -184,9 +195,9 @@ def test_gradnorm_two_updates_by_hand():
         W.copy_(torch.tensor([[1.0, 1.0]]))
     torch.testing.assert_close(step(), torch.tensor([[4 / 3, 8 / 3]], dtype=torch.float64))
     expected = torch.tensor([1.2333333333, 1.0666666667], dtype=torch.float64) * (2 / 2.3)
-    torch.testing.assert_close(gate.task_weights, expected)
-    assert float(gate.task_weights.sum()) == pytest.approx(2.0)
-    assert int(gate.weight_updates) == 2
+    torch.testing.assert_close(gate.loss_weighting.task_weights, expected)
+    assert float(gate.loss_weighting.task_weights.sum()) == pytest.approx(2.0)
+    assert int(gate.loss_weighting.weight_updates) == 2
     assert set(gate.extra_metrics()) == {"task_weight/main", "task_weight/aux0"}
 
 
@@ -198,47 +209,88 @@ def test_gradnorm_uses_only_the_last_shared_layer():
     l1, l2 = trunk(x)[:, 0].pow(2).mean(), trunk(x)[:, 1].pow(2).mean()
     last = list(trunk[1].parameters())
     gl = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(l, last, retain_graph=True)]).norm() for l in (l1, l2)]
-    explicit = GradNorm(alpha=1.5, lr=0.05, last_shared_layer=trunk[1].parameters())
-    default = GradNorm(alpha=1.5, lr=0.05)
+    explicit = gradnorm(alpha=1.5, lr=0.05, last_shared_layer=trunk[1].parameters())
+    default = gradnorm(alpha=1.5, lr=0.05)
     explicit.backward(l1, [l2], trunk.parameters())
     default.backward(trunk(x)[:, 0].pow(2).mean(), [trunk(x)[:, 1].pow(2).mean()], trunk.parameters())
     # First step: r = 1, target = mean(G); weights (1, 1) -> 1 -/+ lr * |g_i| then renormalised.
     sign = torch.sign(torch.stack(gl) - torch.stack(gl).mean())
     w = 1 - 0.05 * sign * torch.stack(gl)
-    torch.testing.assert_close(explicit.task_weights, 2 * w / w.sum())
-    torch.testing.assert_close(default.task_weights, explicit.task_weights)
+    torch.testing.assert_close(explicit.loss_weighting.task_weights, 2 * w / w.sum())
+    torch.testing.assert_close(default.loss_weighting.task_weights, explicit.loss_weighting.task_weights)
     with pytest.raises(ValueError, match="not among the shared"):
-        GradNorm(last_shared_layer=[nn.Parameter(torch.ones(2, 2))]).backward(
+        gradnorm(last_shared_layer=[nn.Parameter(torch.ones(2, 2))]).backward(
             l1.detach() + trunk(x).sum(), [trunk(x).mean()], trunk.parameters()
         )
 
 
 def test_gradnorm_state_dict_roundtrip_and_monitor():
-    gate = GradNorm(lr=0.1)
+    gate = gradnorm(lr=0.1)
     model, monitor = _fit(gate, steps=3)
     assert len(monitor.history["gradsim/task_weight/main"]) == 3
     assert monitor.history["gradsim/task_weight/main"][-1] + monitor.history["gradsim/task_weight/aux"][
         -1
     ] == pytest.approx(2.0)
-    fresh = GradNorm()
+    fresh = gradnorm()
     fresh.load_state_dict(gate.state_dict())
-    torch.testing.assert_close(fresh.task_weights, gate.task_weights)
-    torch.testing.assert_close(fresh.initial_losses, gate.initial_losses)
-    assert int(fresh.weight_updates) == 3
+    torch.testing.assert_close(fresh.loss_weighting.task_weights, gate.loss_weighting.task_weights)
+    torch.testing.assert_close(fresh.loss_weighting.initial_losses, gate.loss_weighting.initial_losses)
+    assert int(fresh.loss_weighting.weight_updates) == 3
 
 
 def test_gradnorm_bad_arguments():
     with pytest.raises(ValueError, match="lr"):
-        GradNorm(lr=0.0)
+        gradnorm(lr=0.0)
     with pytest.raises(ValueError, match="empty"):
-        GradNorm(last_shared_layer=[])
+        gradnorm(last_shared_layer=[])
 
 
 def test_factories_ignore_cosine_gate_options_with_a_warning():
     with pytest.warns(UserWarning, match="threshold"):
         gate = make_gate("uncertainty", threshold=0.1, aux_weight=0.5)
-    assert gate.aux_weight == 0.5
+    assert gate.loss_weighting.aux_weight == 0.5
     with pytest.warns(UserWarning, match="cosine_ema"):
         make_gate("gradnorm", cosine_ema=0.9)
     with pytest.raises(TypeError):
         make_gate("gradnorm", not_an_option=1)
+
+
+def test_gradnorm_uses_the_norm_of_the_prior_weighted_gradient():
+    """With aux_weight (lambda) != 1 the update is sign(G_i - target) * |grad_W lambda_i L_i|, as documented."""
+    W = nn.Parameter(torch.tensor([[2.0, 1.0]], dtype=torch.float64))
+    x1, x2 = torch.tensor([1.0, 0.0], dtype=torch.float64), torch.tensor([0.0, 4.0], dtype=torch.float64)
+    gate = gradnorm(alpha=1.5, lr=0.01, aux_weight=0.5)
+    gate.backward((0.5 * (W @ x1) ** 2).sum(), [(0.5 * (W @ x2) ** 2).sum()], [W])
+    # grad L1 = (2, 0), grad L2 = (0, 16); lambda = (1, 0.5): G = (2, 8), G_bar = 5, r = 1, target (5, 5).
+    # d L_grad / d w = (-1, +1) * (|grad L1|, |grad 0.5 L2|) = (-2, +8); w = (1.02, 0.92) * 2 / 1.94.
+    torch.testing.assert_close(W.grad, torch.tensor([[2.0, 8.0]], dtype=torch.float64))
+    expected = torch.tensor([1.02, 0.92], dtype=torch.float64) * (2 / 1.94)
+    torch.testing.assert_close(gate.loss_weighting.task_weights, expected)
+
+
+def test_gradnorm_refuses_options_without_the_parameter_gramian_at_construction():
+    for kwargs in (dict(similarity="features"), dict(every_n_steps=2)):
+        with pytest.raises(
+            ValueError, match="reads the per-layer Gramian.*similarity='parameters' and every_n_steps=1"
+        ):
+            GradientGate(rule="sum", loss_weighting=GradNorm(), **kwargs)
+        with pytest.raises(ValueError, match="per-layer Gramian"):
+            make_gate("gradnorm", **kwargs)
+
+
+def test_a_loss_weighting_composes_with_a_cosine_rule():
+    """Uncertainty weighting under the unweighted gate: the weighted auxiliary gradient is used only
+    while it agrees with the main one; heads and log-variances get the gradients of the weighted losses."""
+    w = nn.Parameter(torch.tensor([1.0, 0.0], dtype=torch.float64))
+    head = nn.Parameter(torch.tensor([2.0], dtype=torch.float64))
+    gate = GradientGate(rule="unweighted", loss_weighting=UncertaintyWeighting(aux_tasks=["aux"], aux_weight=0.5))
+    with torch.no_grad():
+        gate.loss_weighting.log_vars.copy_(torch.tensor([0.0, -1.0]))
+    main = (w * w).sum()  # grad (2, 0), L = 1
+    aux = (head * (w[0] - 3.0)).sum() ** 2  # L = 16; grad on w (-16, 0): conflicts; on the head 16
+    stats = gate.backward(main, {"aux": aux}, [w], other_params=[head])
+    assert stats.gate_open.tolist() == [False] and stats.weight.item() == 0.0
+    torch.testing.assert_close(w.grad, torch.tensor([2.0, 0.0], dtype=torch.float64))  # the main gradient alone
+    scale = math.exp(1.0) * 0.5  # exp(-s_aux) * lambda
+    torch.testing.assert_close(head.grad, torch.tensor([scale * 16.0], dtype=torch.float64))
+    torch.testing.assert_close(gate.loss_weighting.log_vars.grad, torch.tensor([1 - 1.0, 1 - scale * 16.0]))

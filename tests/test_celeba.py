@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import yaml
 
 from lightning_gradsim.data.celeba import CelebADataModule, CelebAMultiTask, find_celeba_folder
-from lightning_gradsim.models_tcdcn import CelebATCDCN
+from lightning_gradsim.experiments.tcdcn import CelebATCDCN
 
 ATTRS = ["5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Young"]
 # image index -> (partition, Attractive as +-1, RGB colour)
@@ -149,7 +147,9 @@ def test_compare_setup_runs_on_the_tiny_folder(celeba_root, tmp_path):
 
 
 def test_example_config_is_a_valid_compare_config():
-    path = os.path.join(os.path.dirname(__file__), "..", "examples", "celeba", "compare.yaml")
+    from lightning_gradsim.configs import CONFIG_DIR
+
+    path = CONFIG_DIR / "celeba" / "celeba.yaml"
     with open(path) as f:
         cfg = yaml.safe_load(f)
     allowed = {
@@ -166,9 +166,179 @@ def test_example_config_is_a_valid_compare_config():
         "out_dir",
         "trainer",
         "progress",
+        "select",
     }
     assert set(cfg) <= allowed
     assert cfg["setup"] == "celeba" and len(cfg["variants"]["lam"]) >= 3
+    # the blog: lambda up to 30000 (it names lambda <= 10000 and 30000); 40x40; 10000 images per split
+    lams = cfg["variants"]["lam"]
+    assert 10000 in lams and 30000 in lams and max(lams) == 30000
+    assert cfg["options"]["subset"] == 10000 and cfg["options"].get("image_size", 40) == 40
+    # early stopping and the reported epoch are decided by the validation AUC (not the model's own loss rule)
+    assert cfg["select"]["monitor"] == "val/auroc" and cfg["select"]["mode"] == "max" and cfg["select"]["patience"] > 0
+    assert cfg["options"]["patience"] == 0
+    assert {"main_only", "sum", "projection", "unweighted", "weighted"} <= set(cfg["methods"])
     from lightning_gradsim.methods import list_methods
 
     assert set(cfg["methods"]) <= set(list_methods())
+
+
+# ------------------------------------------------------------------ best-epoch selection
+def test_best_epoch_keeps_and_restores_the_weights_of_the_best_validation():
+    from types import SimpleNamespace
+
+    from lightning_gradsim.experiments.selection import BestEpoch, best_index
+
+    assert best_index([0.6, 0.8, float("nan"), 0.8, 0.7]) == 1 and best_index([3.0, 1.0, 2.0], "min") == 1
+    with pytest.raises(ValueError, match="mode"):
+        best_index([1.0], "largest")
+    net = torch.nn.Linear(2, 1)
+    best = BestEpoch("val/auroc", "max")
+    with pytest.raises(RuntimeError, match="no validation"):
+        best.restore(net)
+    weights = []
+    for step, auc in enumerate([0.6, 0.8, 0.7, 0.8, 0.5]):
+        with torch.no_grad():
+            net.weight.fill_(float(step))
+        weights.append(net.weight.detach().clone())
+        metrics = {"val/auroc": torch.tensor(auc)}
+        trainer = SimpleNamespace(sanity_checking=False, callback_metrics=metrics, global_step=10 * step)
+        best.on_validation_end(trainer, net)
+    best.restore(net)
+    assert torch.equal(net.weight, weights[1]) and best.best == 1 and best.best_step == 10
+    assert best.best_value == pytest.approx(0.8)
+    with pytest.raises(KeyError, match="val/auroc"):
+        best.on_validation_end(SimpleNamespace(sanity_checking=False, callback_metrics={}, global_step=0), net)
+
+
+def _write_graded_celeba(folder, n=(24, 10, 10)) -> None:
+    """A CelebA-layout folder whose "Attractive" label follows the image brightness (learnable)."""
+    from PIL import Image
+
+    img_dir = folder / "img_align_celeba"
+    img_dir.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(0)
+    attr_lines, lm_lines, part_lines = (
+        [str(sum(n)), " ".join(ATTRS)],
+        [
+            str(sum(n)),
+            " ".join(
+                [
+                    "lefteye_x",
+                    "lefteye_y",
+                    "righteye_x",
+                    "righteye_y",
+                    "nose_x",
+                    "nose_y",
+                    "leftmouth_x",
+                    "leftmouth_y",
+                    "rightmouth_x",
+                    "rightmouth_y",
+                ]
+            ),
+        ],
+        [],
+    )
+    i = 0
+    for part, count in enumerate(n):
+        for _ in range(count):
+            i += 1
+            grey = int(torch.randint(0, 256, (1,), generator=gen))
+            attractive = 1 if grey + int(torch.randint(-60, 61, (1,), generator=gen)) > 128 else -1
+            name = f"{i:06d}.jpg"
+            Image.new("RGB", (WIDTH, HEIGHT), (grey, grey, grey)).save(img_dir / name, quality=95)
+            attr_lines.append(f"{name} -1 -1 {attractive:2d} 1")
+            lm_lines.append(name + " " + " ".join(str(v) for v in _landmarks(i % 20)))
+            part_lines.append(f"{name} {part}")
+    (folder / "list_attr_celeba.txt").write_text("\n".join(attr_lines) + "\n")
+    (folder / "list_landmarks_align_celeba.txt").write_text("\n".join(lm_lines) + "\n")
+    (folder / "list_eval_partition.txt").write_text("\n".join(part_lines) + "\n")
+
+
+def _auc(prob: torch.Tensor, label: torch.Tensor) -> float:
+    """Mann-Whitney: P(p_pos > p_neg) + P(p_pos == p_neg) / 2."""
+    pos, neg = prob[label == 1], prob[label == 0]
+    diff = pos[:, None] - neg[None, :]
+    return float(((diff > 0).double() + 0.5 * (diff == 0).double()).mean())
+
+
+@pytest.mark.slow
+def test_compare_reports_the_test_auc_of_the_best_validation_epoch(tmp_path):
+    """run_one with `select`: the reported test AUC is that of the weights of the validation with the best
+    AUC (recomputed here from a copy of the weights taken at every validation)."""
+    import copy
+
+    from lightning.pytorch import Callback
+
+    from lightning_gradsim.experiments.compare import RunSpec, run_one
+    from lightning_gradsim.experiments.selection import best_index
+
+    root = tmp_path / "graded"
+    _write_graded_celeba(root)
+
+    class Record(Callback):
+        def __init__(self):
+            self.val, self.states = [], []
+
+        def on_validation_end(self, trainer, pl_module):
+            self.val.append(float(trainer.callback_metrics["val/auroc"]))
+            self.states.append(copy.deepcopy(pl_module.state_dict()))
+
+    record = Record()
+    options = {"root": str(root), "lam": 100.0, "batch_size": 8, "subset": None, "lr": 0.01, "patience": 0}
+    spec = RunSpec(
+        setup="celeba",
+        method="projection",
+        seed=0,
+        gate={},
+        options=options,
+        variant="lam=100",
+        max_steps=18,
+        eval_every=3,
+        trainer={"callbacks": [record]},
+        select={"monitor": "val/auroc", "mode": "max", "patience": 0},
+    )
+    row = run_one(spec)["row"]
+    assert len(record.val) == 6
+    best = best_index(record.val)
+    assert best < len(record.val) - 1  # the last weights are not the selected ones: restoring matters
+    assert row["selected_validation"] == best + 1 and row["selected_step"] == 3 * (best + 1)
+    assert row["selected_value"] == pytest.approx(record.val[best])
+    # the test AUC of every recorded state, by hand
+    from lightning_gradsim.data.celeba import CelebAMultiTask
+
+    test = CelebAMultiTask(root, "test")
+    x = torch.stack([test[k][0] for k in range(len(test))])
+    model = CelebATCDCN(method="projection", aux_weight=100.0)
+    aucs = []
+    for state in record.states:
+        model.load_state_dict(state)
+        model.eval()
+        with torch.no_grad():
+            aucs.append(_auc(torch.sigmoid(model(x)[0]), test.attractive))
+    assert row["test_auroc"] == pytest.approx(aucs[best], abs=1e-6)
+    assert len(set(round(a, 6) for a in aucs)) > 1  # the epochs differ, so picking the wrong one would show
+
+
+@pytest.mark.slow
+def test_compare_celeba_tables_best_epoch_auc_per_lambda_and_method(celeba_root, tmp_path):
+    from lightning_gradsim.experiments.compare import compare
+
+    result = compare(
+        "celeba",
+        methods=["main_only", "projection"],
+        seeds=[0],
+        variants={"lam": [1, 30000]},
+        options={"root": str(celeba_root), "batch_size": 3, "subset": None, "patience": 0},
+        select={"monitor": "val/auroc", "mode": "max", "patience": 2},
+        max_steps=6,
+        eval_every=2,
+        out_dir=tmp_path / "out",
+        progress=False,
+    )
+    assert all(1 <= r["selected_validation"] <= 3 and r["test_auroc"] is not None for r in result.rows)
+    table = result.markdown("auroc")
+    assert "| method | lam=1 | lam=30000 |" in table and "| projection |" in table
+    assert "Main-task test AUC (weights of the best validation)" in table
+    written = (tmp_path / "out" / "table.md").read_text()
+    assert "test error" in written and "test AUC" in written

@@ -104,6 +104,18 @@ def test_registered_method_and_setup_plug_in():
         register_setup(setup_name)(lambda **kw: None)
 
 
+def test_builtin_setups_are_lazy_entries_that_resolve():
+    from lightning_gradsim.experiments.registry import SETUPS, get_setup
+
+    assert set(SETUPS) <= set(list_setups())
+    for name, (entry, description) in SETUPS.items():
+        assert callable(get_setup(name)) and description, name
+    with pytest.raises(ValueError, match="already registered"):
+        register_setup("celeba")(lambda **kw: None)
+    with pytest.raises(ValueError, match="Unknown setup 'nope'.*rotated_digits"):
+        build_setup("nope", "sum", 0)
+
+
 def test_compare_errors():
     with pytest.raises(ValueError, match="Unknown method.*nope"):
         compare(methods=["nope"], out_dir=None)

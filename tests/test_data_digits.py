@@ -56,6 +56,19 @@ def test_digits_errors(tmp_path):
         RotatedDigitsDataModule(source="mnist", root=str(tmp_path)).setup()
 
 
+def test_mnist_root_comes_from_the_caller_or_the_environment(monkeypatch, tmp_path):
+    # no package default: without root= and without $GRADSIM_MNIST_ROOT the error names both
+    monkeypatch.delenv("GRADSIM_MNIST_ROOT", raising=False)
+    with pytest.raises(ValueError, match=r"root=.*GRADSIM_MNIST_ROOT.*torchvision"):
+        load_digits_source("mnist")
+    with pytest.raises(ValueError, match="GRADSIM_MNIST_ROOT"):
+        RotatedDigitsDataModule(source="mnist").setup()
+    # the environment variable is read when root is not given
+    monkeypatch.setenv("GRADSIM_MNIST_ROOT", str(tmp_path / "from_env"))
+    with pytest.raises(FileNotFoundError, match="from_env"):
+        load_digits_source("mnist")
+
+
 def test_real_mnist_test_split(mnist_root):
     if not (Path(mnist_root) / "MNIST" / "raw").is_dir():
         pytest.skip(f"real MNIST files not found under {mnist_root}")

@@ -42,6 +42,8 @@ SCENARIOS = [
         "trainer": {"max_epochs": 2},
         "resume_from": "full/step=4.ckpt",
     },
+    # GradNorm: its weights adapt from the global losses and gradient norms.
+    {"name": "gradnorm", "model": {"method": "gradnorm", "optimizer": "sgd", "gate": {"lr": 1.0}}},
     # 16-mixed with a CPU GradScaler; rank 1 alone overflows on its 3rd batch (see worker).
     {
         "name": "scaler",
@@ -106,6 +108,21 @@ def test_ddp_equals_single_process_on_the_concatenated_batch(ddp_results, name):
         assert any(opened) and not all(opened), "the data should both open and close the gate"
 
 
+def test_ddp_gradnorm_equals_single_process_on_the_concatenated_batch(ddp_results):
+    """Every rank adapts GradNorm's weights from the global losses and norms: the same weights on
+    both ranks, equal to one process on the whole batch (with local losses the ranks drift apart)."""
+    ref = _single("gradnorm")
+    weights = ref.gradsim.loss_weighting.task_weights
+    assert (weights - 1).abs().max() > 0.02  # they moved
+    for r in range(WORLD):
+        rank = ddp_results["gradnorm"][r]
+        _assert_same_params(rank["params"], params(ref))
+        torch.testing.assert_close(rank["gate"]["loss_weighting.task_weights"], weights, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            rank["gate"]["loss_weighting.initial_losses"], ref.gradsim.loss_weighting.initial_losses
+        )
+
+
 def test_ddp_sync_is_one_bucketed_all_reduce_per_step(ddp_results):
     model = TinyNet()
     shared = sum(p.numel() for p in model.trunk.parameters())
@@ -161,7 +178,7 @@ def test_ddp_scaler_overflow_on_one_rank_skips_everywhere(ddp_results):
     for r in range(WORLD):
         skipped = [s for _, _, s in ranks[r]["gate_log"]]
         assert skipped == [False, False, True] + [False] * (NUM_BATCHES - 3), skipped
-        assert int(ranks[r]["gate"]["skipped_steps"]) == 1
+        assert int(ranks[r]["gate"]["state.skipped_steps"]) == 1
         assert ranks[r]["scale"] == 2.0**7  # backed off once, no growth within 2000 steps
     _assert_same_params(ranks[0]["params"], ranks[1]["params"], atol=0)
 

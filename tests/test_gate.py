@@ -161,7 +161,7 @@ def test_non_finite_step_reports_and_does_not_touch_state():
     stats = gate.backward(w.pow(2).sum(), [w.sum() * float("nan")], [w])
     assert not bool(stats.finite)
     for key in ["cosine_state", "open_steps", "measured_steps"]:
-        assert torch.equal(gate.state_dict()[key], state[key]), key
+        assert torch.equal(gate.state_dict()["state." + key], state["state." + key]), key
     assert gate.skipped_steps.item() == 1
 
 
@@ -230,3 +230,35 @@ def test_sum_rule_can_violate_proposition_1():
     main, aux = torch.tensor([1.0, 0.0]), torch.tensor([-3.0, 0.0])
     out, _ = GradientGate(rule="sum").combine(main, [aux])
     assert float(out @ main) < float(main @ main)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(aux_weight=float("nan")), ValueError, "aux_weight must be a finite number >= 0, got nan"),
+        (dict(aux_weight=float("inf")), ValueError, "aux_weight must be a finite number >= 0"),
+        (dict(aux_weight=-0.5), ValueError, "aux_weight must be a finite number >= 0, got -0.5"),
+        (dict(aux_weight={"rot": float("nan")}), ValueError, "aux_weight\\['rot'\\] must be a finite number"),
+        (dict(aux_weight="1"), TypeError, "aux_weight must be a number"),
+        (dict(threshold=1.5), ValueError, "threshold must be a cosine in \\[-1, 1\\], got 1.5"),
+        (dict(threshold=-2.0), ValueError, "threshold must be a cosine in \\[-1, 1\\]"),
+        (dict(seed=1.5), TypeError, "seed must be an integer, got 1.5"),
+        (dict(seed="3"), TypeError, "seed must be an integer, got '3'"),
+    ],
+)
+def test_bad_options_are_refused_at_construction(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        GradientGate(**kwargs)
+
+
+def test_a_nan_gradient_on_a_head_marks_the_step_non_finite():
+    """A finite loss whose gradient is NaN only on a head (the trunk's is finite) is reported, on the
+    path without transforms too, and the gate's state is left alone."""
+    net = TwoHeadNet()
+    gate = GradientGate(rule="unweighted", cosine_ema=0.5)
+    main, aux = net.losses(torch.randn(4, 5))
+    net.main_head.weight.register_hook(lambda g: g * float("nan"))
+    stats = gate.backward(main, aux, net.trunk.parameters())
+    assert not bool(stats.finite) and torch.isfinite(stats.main_norm)
+    assert gate.skipped_steps.item() == 1 and gate.measured_steps.item() == 0
+    assert torch.isfinite(net.trunk[0].weight.grad).all()

@@ -23,8 +23,32 @@ def test_every_rule_is_a_method_and_factories_register():
         make_gate("nope")
 
 
+def test_builtin_methods_are_lazy_entries_that_resolve():
+    from lightning_gradsim.baselines import GradNorm, PCGrad, UncertaintyWeighting
+    from lightning_gradsim.methods import BUILTIN_METHODS
+
+    assert set(BUILTIN_METHODS) == {"uncertainty", "gradnorm"}  # pcgrad is a rule
+    assert isinstance(make_gate("uncertainty", aux_tasks=["a"]).loss_weighting, UncertaintyWeighting)
+    assert isinstance(make_gate("gradnorm").loss_weighting, GradNorm)
+    assert isinstance(make_gate("pcgrad").rule, PCGrad)
+    for name in ("gradnorm", "pcgrad"):
+        with pytest.raises(ValueError, match="already exists"):
+            register_method(name)(lambda **kw: None)
+
+
 def test_cli_lists_commands_and_rejects_unknown(capsys):
     assert cli.main([]) == 0
     assert "usage: gradsim" in capsys.readouterr().out
     assert cli.main(["no-such-command"]) == 2
     assert "unknown command" in capsys.readouterr().err
+
+
+def test_cli_names_the_extra_when_a_command_lacks_a_dependency(capsys, monkeypatch, tmp_path):
+    (tmp_path / "gradsim_needs_missing.py").write_text(
+        "import no_such_dependency_xyz\n\ndef main(argv):\n    return 0\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(cli.COMMANDS, "needy", ("gradsim_needs_missing:main", "test command"))
+    assert cli.main(["needy"]) == 2
+    err = capsys.readouterr().err
+    assert "'no_such_dependency_xyz'" in err and "lightning-gradsim[experiments]" in err

@@ -192,6 +192,11 @@ def test_missing_gate_is_an_error():
     del model.gradsim
     with pytest.raises(AttributeError, match="self.gradsim = GradientGate"):
         trainer(max_steps=1).fit(model, make_loader())
+    from lightning_gradsim.weighting import UncertaintyWeighting
+
+    model.gradsim = UncertaintyWeighting()  # a loss weighting is not a gate (it was in 0.1.0)
+    with pytest.raises(AttributeError, match="compose it with a gate.*loss_weighting=UncertaintyWeighting"):
+        trainer(max_steps=1).fit(model, make_loader())
 
 
 def test_defining_training_step_or_wrong_base_order_fails_at_class_creation():
@@ -260,3 +265,86 @@ def test_losses_are_logged():
     t = trainer(max_steps=2)
     t.fit(model, make_loader())
     assert {"train/loss", "train/loss/main", "train/loss/parity"} <= set(t.callback_metrics)
+
+
+# ---------------------------------------------------------------- issue 13: holes found in review
+def _params_finite(model):
+    return all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_nan_gradient_on_a_head_with_a_finite_loss_skips_the_step():
+    """The fast path (no transforms): the head's gradient is checked too, not only the trunk's."""
+
+    class HeadNan(GatedNet):
+        def task_losses(self, batch, batch_idx):
+            x, y, y_aux = batch
+            h = self.trunk(x)
+            weight = self.main_head.weight * 1.0
+            if batch_idx == 1:
+                weight.register_hook(lambda g: g * float("nan"))  # reaches main_head.weight only
+            main = F.cross_entropy(F.linear(h, weight, self.main_head.bias), y)
+            return {"main": main, "parity": F.cross_entropy(self.aux_head(h), y_aux)}
+
+    model = HeadNan(rule="unweighted")
+    with pytest.warns(RuntimeWarning, match="non-finite loss or gradient"):
+        trainer(max_epochs=1).fit(model, make_loader())
+    assert _params_finite(model)
+    assert model.global_step == 5 and model.gradsim.skipped_steps.item() == 1
+
+
+def test_a_reused_step_with_an_inf_gradient_skips_the_step():
+    class Overflow(GatedNet):
+        def task_losses(self, batch, batch_idx):
+            losses = super().task_losses(batch, batch_idx)
+            if batch_idx == 1:  # with every_n_steps=2: a step that reuses the last weights
+                x, y, y_aux = batch
+                h = self.trunk(x) * 1.0
+                h.register_hook(lambda g: torch.full_like(g, float("inf")))
+                losses["parity"] = F.cross_entropy(self.aux_head(h), y_aux)
+            return losses
+
+    model = Overflow(rule="unweighted", every_n_steps=2)
+    with pytest.warns(RuntimeWarning, match="non-finite loss or gradient"):
+        trainer(max_epochs=1).fit(model, make_loader())
+    assert _params_finite(model)
+    assert model.global_step == 5 and model.gradsim.skipped_steps.item() == 1
+    assert model.gradsim_last_step_skipped is False
+
+
+@pytest.mark.parametrize(
+    "losses_fn,error,match",
+    [
+        (
+            lambda d: {"main": d["main"], "parity": 0.5},
+            TypeError,
+            "task_losses\\(\\)\\['parity'\\] is a float, not a tensor",
+        ),
+        (lambda d: {"main": d["main"], 1: d["parity"], "1": d["parity"]}, ValueError, "collide as names"),
+    ],
+)
+def test_bad_task_losses_are_clear_errors(losses_fn, error, match):
+    with pytest.raises(error, match=match):
+        trainer(max_steps=1).fit(Bad(losses_fn=losses_fn), make_loader())
+
+
+def test_an_auxiliary_loss_without_grad_warns_once():
+    model = Bad(losses_fn=lambda d: {"main": d["main"], "parity": d["parity"].detach()})
+    with pytest.warns(UserWarning, match="task_losses\\(\\)\\['parity'\\] does not require grad") as record:
+        trainer(max_steps=3).fit(model, make_loader())
+    assert sum("does not require grad" in str(w.message) for w in record) == 1
+    assert model.global_step == 3
+
+
+def test_options_the_gate_cannot_combine_with_the_trainer_are_refused_before_any_step():
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    model = GatedNet(rule="unweighted", similarity="features")
+    model.gradsim_accumulate_grad_batches = 2
+    with pytest.raises(MisconfigurationException, match="similarity='features'.*gradsim_accumulate_grad_batches = 2"):
+        trainer(max_steps=1).fit(model, make_loader())
+    assert all(p.grad is None for p in model.parameters()) and model.gradsim.step.item() == 0
+    model = GatedNet(rule="unweighted", every_n_steps=3)
+    amp = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    with pytest.raises(MisconfigurationException, match="every_n_steps=3.*16-mixed precision"):
+        trainer(max_steps=1, plugins=[amp]).fit(model, make_loader())
+    assert all(p.grad is None for p in model.parameters())

@@ -77,7 +77,8 @@ def test_tensorboard_logger_and_logging_interval(tmp_path):
     acc = EventAccumulator(events[0])
     acc.Reload()
     steps = [e.step for e in acc.Scalars("gradsim/cos/parity")]
-    assert steps == [1, 5]  # batches 1 and 5 of 6, each after its optimizer step
+    assert steps == [0, 4]  # batches 1 and 5 of 6, at the step Lightning logs their train/loss at
+    assert [e.step for e in acc.Scalars("train/loss")] == [0, 1, 2, 3, 4, 5]
     assert len(monitor.history["gradsim/cos/flipped"]) == 2
     assert os.path.exists(tmp_path / "p.png")
 
@@ -101,3 +102,41 @@ def test_metrics_from_a_gate_used_outside_the_mixin():
     metrics = GradSimMonitor.metrics_from(stats, gate)
     assert metrics["gradsim/weight/a"] == pytest.approx(2**-0.5)
     assert metrics["gradsim/gate_open/a"] == 1.0
+
+
+def test_one_step_number_per_batch_and_a_skipped_step_logs_as_skipped(tmp_path):
+    class Flaky(TwoAux):
+        def task_losses(self, batch, batch_idx):
+            losses = super().task_losses(batch, batch_idx)
+            if batch_idx == 2:
+                losses["parity"] = losses["parity"] * float("nan")
+            return losses
+
+    monitor = GradSimMonitor()
+    logger = CSVLogger(tmp_path)
+    trainer = L.Trainer(
+        max_epochs=1,
+        logger=logger,
+        callbacks=[monitor],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        log_every_n_steps=1,
+    )
+    with pytest.warns(RuntimeWarning, match="Skipping a training step"):
+        trainer.fit(Flaky(), make_loader())
+    with open(os.path.join(logger.log_dir, "metrics.csv")) as f:
+        rows = list(csv.DictReader(f))
+    gate_rows = {int(r["step"]): r for r in rows if r.get("gradsim/skipped")}
+    loss_steps = [int(r["step"]) for r in rows if r.get("train/loss")]
+    assert sorted(gate_rows) == loss_steps == [0, 1, 2, 3, 4, 5]  # batch b at step b, both
+    skipped = gate_rows[2]
+    assert float(skipped["gradsim/skipped"]) == 1.0 and float(skipped["gradsim/skipped_steps"]) == 1.0
+    for key in ("cos", "weight", "gate_open", "grad_norm"):
+        assert skipped[f"gradsim/{key}/parity"] == "", key  # it decided nothing
+    assert all(
+        float(gate_rows[s]["gradsim/skipped"]) == 0.0 and gate_rows[s]["gradsim/cos/parity"] for s in (0, 1, 3, 4, 5)
+    )
+    cos = monitor.history["gradsim/cos/parity"]
+    assert len(cos) == len(monitor.history["step"]) == 6 and cos[2] != cos[2]  # NaN keeps the curves aligned

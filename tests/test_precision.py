@@ -65,10 +65,11 @@ def test_16_mixed_overflow_skips_the_step_backs_off_and_keeps_the_gate_clean():
     for c in finite[1:]:
         ema = 0.5 * ema + 0.5 * c
     assert model.gradsim.cosine_state.item() == pytest.approx(ema, abs=1e-6)
-    # And the run is the fp32 run without batch 2, up to float16 rounding of the activations.
+    # And the run is the fp32 run without batch 2, up to float16 rounding of the activations
+    # (measured: 1.5e-4; another rule on the same batches ends 0.17 away).
     ref = fit(TinyNet("unweighted", "sgd", {"cosine_ema": 0.5}), batches[:2] + batches[3:])
     for name, p in params(ref).items():
-        torch.testing.assert_close(params(model)[name], p, atol=2e-2, rtol=0, msg=name)
+        torch.testing.assert_close(params(model)[name], p, atol=1e-3, rtol=0, msg=name)
 
 
 def test_16_mixed_clips_the_unscaled_combined_gradient():
@@ -88,9 +89,9 @@ def test_16_mixed_gradients_are_unscaled():
     small = fit(TinyNet("weighted", "sgd"), batches, plugins=[scaler_plugin(init_scale=2.0**4)])
     large = fit(TinyNet("weighted", "sgd"), batches, plugins=[scaler_plugin(init_scale=2.0**14)])
     fp32 = fit(TinyNet("weighted", "sgd"), batches)
-    for name, p in params(fp32).items():
+    for name, p in params(fp32).items():  # measured: 5.5e-5 from fp32; another rule ends 0.023 away
         torch.testing.assert_close(params(small)[name], params(large)[name], atol=1e-6, rtol=1e-4, msg=name)
-        torch.testing.assert_close(params(small)[name], p, atol=2e-2, rtol=0, msg=name)
+        torch.testing.assert_close(params(small)[name], p, atol=5e-4, rtol=0, msg=name)
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])  # 16-mixed becomes bf16 on CPU
@@ -100,6 +101,17 @@ def test_bf16_mixed_trains_like_fp32(precision):
     assert model.trainer.precision == "bf16-mixed"
     ref = fit(TinyNet("projection", "sgd"), batches)
     assert model.global_step == 4 and model.gradsim.measured_steps.item() == 4
-    for name, p in params(ref).items():
-        torch.testing.assert_close(params(model)[name], p, atol=5e-2, rtol=0, msg=name)
+    for name, p in params(ref).items():  # measured: 1.1e-3 from fp32; another rule ends 0.038 away
+        torch.testing.assert_close(params(model)[name], p, atol=5e-3, rtol=0, msg=name)
     assert any(not torch.equal(params(model)[n], p) for n, p in params(ref).items())  # bf16 did run
+
+
+def test_16_mixed_uncertainty_weighting_trains_like_fp32():
+    """The regulariser's gradient (+1 per log-variance) is added once, unscaled: 20 SGD steps under a
+    GradScaler at 2^10 end 1.2e-3 from the fp32 log-variances (7.4 when it went through the scale)."""
+    batches = make_batches(20, 8)
+    amp = fit(TinyNet(method="uncertainty", optimizer="sgd"), batches, plugins=[scaler_plugin(init_scale=2.0**10)])
+    ref = fit(TinyNet(method="uncertainty", optimizer="sgd"), batches)
+    s_amp, s_ref = amp.gradsim.loss_weighting.log_vars.detach(), ref.gradsim.loss_weighting.log_vars.detach()
+    assert s_ref.abs().min() > 0.1  # the log-variances moved
+    torch.testing.assert_close(s_amp, s_ref, atol=5e-3, rtol=0)

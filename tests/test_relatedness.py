@@ -110,7 +110,7 @@ def _reference_weights(ref):
 
 def test_batched_sweep_equals_plain_gate_backward_per_run():
     """Each batched run == a plain nn.Module trained with GradientGate.backward(aux_weight=lambda)."""
-    cfg = SweepConfig(seeds=(0, 1), lambdas=(0.5, 4.0), progress=False, **TINY)
+    cfg = SweepConfig(seeds=(0, 1), lambdas=(0.5, 4.0), methods=tuple(METHODS), progress=False, **TINY)
     steps = 7  # crosses an epoch boundary (3 steps per epoch)
     _, net = run_sweep(cfg, max_steps=steps, return_net=True)
     runs = rel._plan(cfg)
@@ -205,7 +205,8 @@ def test_cli_two_seed_smoke_run_writes_table_csv_and_plot(tmp_path):
         ]
     )
     assert code == 0
-    assert sorted(os.listdir(out)) == ["relatedness.png", "runs.csv", "summary.csv", "table.md"]
+    assert sorted(os.listdir(out)) == ["claim3.md", "relatedness.png", "runs.csv", "summary.csv", "table.md"]
+    assert "Verdict (plain)" in (out / "claim3.md").read_text()
     with open(out / "runs.csv") as f:
         runs = list(csv.DictReader(f))
     assert len(runs) == 2 * 2 * (1 + 3 * 2)  # seeds x relatedness x (single + 3 methods x 2 lambdas)
@@ -219,3 +220,73 @@ def test_cli_two_seed_smoke_run_writes_table_csv_and_plot(tmp_path):
     assert (out / "relatedness.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with open(out / "summary.csv") as f:
         assert all(int(r["n"]) == 2 for r in csv.DictReader(f))
+
+
+# ------------------------------------------------------------------------------ the blog's third claim
+def test_claim3_is_the_default_comparison_with_the_blogs_ema():
+    """Blog, Figure 13: 'the case alpha = 0.01'; M(0) = g(0), M(t) = alpha g(t) + (1 - alpha) M(t - 1)."""
+    assert rel.BLOG_ALPHA == 0.01
+    assert SweepConfig().methods == rel.CLAIM3_METHODS
+    assert {"single", "sum", "projection_alpha0.01", "unweighted", "weighted"} <= set(rel.CLAIM3_METHODS)
+    for key in ("projection_alpha0.01", "unweighted_alpha0.01", "weighted_alpha0.01"):
+        assert METHODS[key].main_grad_ema == pytest.approx(1 - 0.01)
+    assert METHODS["unweighted"].main_grad_ema == 0.0 and METHODS["weighted"].main_grad_ema == 0.0
+    # the cosine rules' gate follows the blog's recursion, and gates on cos(M(t), g_aux)
+    gate = METHODS["unweighted_alpha0.01"].gate(1.0)
+    gs = [torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 0.2]), torch.tensor([-1.0, 0.2])]
+    aux = torch.tensor([0.3, 1.0])
+    m = gs[0]
+    for t, g in enumerate(gs):
+        if t > 0:
+            m = 0.01 * g + 0.99 * m
+        out, _ = gate.combine(g, {"aux": aux})
+        torch.testing.assert_close(gate.main_grad_ema_0, m)
+        # cos(M, aux) > 0 throughout although cos(g, aux) < 0 at t >= 1: the auxiliary is added
+        torch.testing.assert_close(out, g + aux)
+    plain, _ = METHODS["unweighted"].gate(1.0).combine(gs[1], {"aux": aux})
+    torch.testing.assert_close(plain, gs[1])  # plain unweighted drops it: cos(g, aux) < 0
+
+
+def test_direction_rules_equal_the_plain_rules_without_ema():
+    from lightning_gradsim.experiments.ema_cosine import DirectionUnweighted, DirectionWeighted
+
+    gen = torch.Generator().manual_seed(0)
+    main, aux = torch.randn(50, 6, generator=gen), torch.randn(50, 6, generator=gen)
+    for direction_rule, name in ((DirectionUnweighted(), "unweighted"), (DirectionWeighted(), "weighted")):
+        got, _ = GradientGate(rule=direction_rule, aux_weight=0.7).combine(main, {"aux": aux}, batch_dims=1)
+        want, _ = GradientGate(rule=name, aux_weight=0.7).combine(main, {"aux": aux}, batch_dims=1)
+        torch.testing.assert_close(got, want)
+    # weighted by hand: g + lambda max(0, cos) aux with cos = 0.6 for main (1, 0), aux (3, 4)
+    gate = GradientGate(rule=DirectionWeighted(), aux_weight=2.0)
+    out, _ = gate.combine(torch.tensor([1.0, 0.0]), {"aux": torch.tensor([3.0, 4.0])})
+    torch.testing.assert_close(out, torch.tensor([1.0 + 2 * 0.6 * 3, 2 * 0.6 * 4]))
+
+
+def _rows(values):
+    """values: {(relatedness, method): [test loss per seed]} -> RunResult rows at lambda 1."""
+    return [RunResult(r, m, 1.0, s, 1, 0.0, v) for (r, m), vs in values.items() for s, v in enumerate(vs)]
+
+
+def test_claim3_verdict_by_hand():
+    from lightning_gradsim.experiments.relatedness_claims import claim3_cells, claim3_holds, claim3_markdown
+
+    base = {"sum": [0.90, 0.91, 0.92], "projection_alpha0.01": [0.89, 0.905, 0.915]}
+    better = [0.80, 0.82, 0.81]  # lower than both, paired t far below -2
+    same = [0.90, 0.91, 0.92]
+    values = {}
+    for rel_ in ("same", "similar", "unrelated"):
+        for m, v in base.items():
+            values[(rel_, m)] = v
+        for m in ("unweighted_alpha0.01", "weighted_alpha0.01"):
+            values[(rel_, m)] = better if rel_ == "unrelated" else same
+    cells = claim3_cells(_rows(values), "alpha0.01")
+    assert len(cells) == 6 and [c.better for c in cells if c.relatedness == "unrelated"] == [True, True]
+    c = next(c for c in cells if c.relatedness == "unrelated" and c.rule == "unweighted_alpha0.01")
+    assert c.diff_sum == pytest.approx((0.80 - 0.90 + 0.82 - 0.91 + 0.81 - 0.92) / 3)
+    assert claim3_holds(cells) == (True, "every condition met")
+    values[("similar", "weighted_alpha0.01")] = better  # now also better for similar tasks: "only" fails
+    held, reason = claim3_holds(claim3_cells(_rows(values), "alpha0.01"))
+    assert held is False and "weighted_alpha0.01 is also better than both for similar" in reason
+    assert "NOT HELD" in claim3_markdown(_rows(values))
+    partial = {k: v for k, v in values.items() if k[0] != "same"}
+    assert claim3_holds(claim3_cells(_rows(partial), "alpha0.01"))[0] is None

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import os
 
+import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from .scale_utils import TinyNet, fit, make_batches, params
+from .scale_utils import BatchList, TinyNet, fit, make_batches, params, trainer
 from .test_precision import scaler_plugin
 
 GATE = {"main_grad_ema": 0.5, "cosine_ema": 0.5}
@@ -106,3 +108,52 @@ def test_resume_mid_accumulation_window_under_a_grad_scaler(tmp_path):
         )
         _assert_same_state(resumed, full, skip_log=skip)
         assert resumed.trainer.precision_plugin.scaler.get_scale() == full_scale
+
+
+def test_resume_with_every_n_steps_continues_the_measuring_cycle(tmp_path):
+    """The call counter and the weights being reused are in the checkpoint: a run resumed between two
+    measured steps reuses what the uninterrupted run reuses."""
+    batches = make_batches(5, 8)
+    gate = {"every_n_steps": 3, "cosine_ema": 0.5}
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1, filename="{step}")
+    full = fit(TinyNet("weighted", "adam", gate), batches, max_epochs=2, callbacks=[ckpt], enable_checkpointing=True)
+    assert int(full.gradsim.measured_steps) == 4  # calls 0, 3, 6, 9 of 10
+    for step in (2, 4):  # both between two measured steps
+        resumed = TinyNet("weighted", "adam", gate, seed=99)
+        fit(resumed, batches, max_epochs=2, ckpt_path=str(tmp_path / f"step={step}.ckpt"))
+        _assert_same_state(resumed, full, skip_log=step)
+        assert int(resumed.gradsim.measured_steps) == 4
+
+
+class PlainNet(L.LightningModule):
+    """TinyNet's network trained without GradSimMixin (automatic optimization on the summed loss)."""
+
+    def __init__(self):
+        super().__init__()
+        twin = TinyNet()
+        self.trunk, self.main_head, self.aux_head = twin.trunk, twin.main_head, twin.aux_head
+
+    def training_step(self, batch, batch_idx):
+        x, y, y_aux = batch
+        h = self.trunk(x)
+        return F.cross_entropy(self.main_head(h), y) + F.cross_entropy(self.aux_head(h), y_aux)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.02)
+
+
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
+def test_a_checkpoint_without_gate_state_starts_a_fresh_gate_and_says_so(tmp_path):
+    batches = make_batches(4, 8)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1, filename="{step}")
+    plain = PlainNet()
+    trainer(max_epochs=1, callbacks=[ckpt], enable_checkpointing=True).fit(plain, train_dataloaders=BatchList(batches))
+    path = str(tmp_path / "step=2.ckpt")
+    model = TinyNet()
+    with pytest.warns(UserWarning, match="no state for the gate `gradsim`.*starting a fresh gate"):
+        trainer(max_epochs=1).fit(model, train_dataloaders=BatchList(batches), ckpt_path=path)
+    assert int(model.gradsim.step) == 2  # the two batches after the checkpoint, with a fresh gate
+    with pytest.warns(UserWarning, match="starting a fresh gate"):
+        loaded = TinyNet.load_from_checkpoint(path)
+    saved = torch.load(path, weights_only=False)["state_dict"]
+    torch.testing.assert_close(loaded.trunk[0].weight, saved["trunk.0.weight"])

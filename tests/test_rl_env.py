@@ -124,41 +124,48 @@ def _open_grid(spec_kw) -> tuple[Layouts, GridSpec]:
 
 
 def test_noise_rate_statistically():
-    """P(move != chosen) = noise * 3/4 (the random move is uniform over the 4, possibly the chosen one)."""
-    noise, n = 0.1, 20_000
-    layouts, spec = _open_grid(dict(noise=noise, drop=0.0))
-    expected = noise * 3 / 4
-    tol = 4.5 * np.sqrt(expected * (1 - expected) / n)
+    """A different move than the chosen one happens 10% of the time (the paper's transition noise),
+    each of the 3 other moves a third of that; measured by sampling in both simulators."""
+    noise, n = GridSpec().noise, 20_000
+    assert noise == 0.1
+    layouts, spec = _open_grid(dict(drop=0.0))
+    tol = 4.5 * np.sqrt(noise * (1 - noise) / n)
     sim = BatchedGridworld(layouts.repeat(n), generator=torch.Generator().manual_seed(0))
     sim.reset()
     sim.step(torch.full((n,), UP), observe=False)
     moved = sim.position
-    assert abs(float((moved != 7).float().mean()) - expected) < tol
+    assert abs(float((moved != 7).float().mean()) - noise) < tol
     counts = torch.bincount(moved, minlength=25)[[7, 11, 13, 17]].float() / n  # up, left, right, down
-    assert abs(float(counts[0]) - (1 - expected)) < tol
+    assert abs(float(counts[0]) - (1 - noise)) < tol
     for c in counts[1:]:
-        assert abs(float(c) - noise / 4) < tol
+        assert abs(float(c) - noise / 3) < tol
     env = GridworldEnv(cells=layouts.cells[0].numpy(), start=12, spec=spec)
     env.reset(seed=0)
     m = 4000
-    wrong = 0
+    moves = {7: 0, 11: 0, 13: 0, 17: 0}
     for _ in range(m):
         env.position = 12
         _, _, _, _, info = env.step(UP)
-        wrong += info["position"] != 7
-    assert abs(wrong / m - expected) < 4.5 * np.sqrt(expected * (1 - expected) / m)
+        moves[info["position"]] += 1
+    assert abs(1 - moves[7] / m - noise) < 4.5 * np.sqrt(noise * (1 - noise) / m)
+    assert min(moves[c] for c in (11, 13, 17)) > 0
 
 
 @pytest.mark.slow
 def test_termination_rate_statistically():
-    drop, n = 0.01, 50_000
-    layouts, spec = _open_grid(dict(noise=0.0, drop=drop))
+    """Every step ends in the non-rewarding terminal state with probability 0.01: in an all-mud grid
+    (reward -0.1 on every move) the ending steps pay 0, the others -0.1; gym episodes are geometric."""
+    drop, n = GridSpec().drop, 50_000
+    assert drop == 0.01
+    layouts, spec = _layout([[MUD] * 5 for _ in range(5)], 12, noise=0.0)
     tol = 4.5 * np.sqrt(drop * (1 - drop) / n)
     sim = BatchedGridworld(layouts.repeat(n), generator=torch.Generator().manual_seed(1))
     sim.reset()
     _, reward, terminated = sim.step(torch.full((n,), UP), observe=False)
-    assert abs(float(terminated.float().mean()) - drop) < tol and (reward == 0).all()
-    # gym: episode lengths are geometric with mean 1 / drop
+    assert abs(float(terminated.float().mean()) - drop) < tol
+    assert (reward[terminated] == 0).all() and (reward[~terminated] == spec.reward_mud).all()
+    assert (sim.position[terminated] == 12).all() and (sim.position[~terminated] == 7).all()  # no move on the drop
+    # gym: episode lengths are geometric with mean 1 / drop, and the last step pays nothing
     env = GridworldEnv(cells=layouts.cells[0].numpy(), start=12, spec=spec)
     env.reset(seed=1)
     lengths = []
@@ -166,11 +173,61 @@ def test_termination_rate_statistically():
         env.reset()
         steps, done = 0, False
         while not done:
-            _, _, done, _, _ = env.step(UP if steps % 2 else DOWN)
+            _, r, done, _, _ = env.step(UP if steps % 2 else DOWN)
             steps += 1
+            assert r == (0.0 if done else spec.reward_mud)
         lengths.append(steps)
     lengths = np.array(lengths)
     assert abs(lengths.mean() - 1 / drop) < 4.5 * np.sqrt((1 - drop) / drop**2 / len(lengths))
+
+
+def test_new_task_removes_the_teachers_rewards_and_their_termination():
+    """The cross task: the GOAL cells (the teacher's reward) pay nothing and no longer end the episode,
+    in both simulators; the GEMs still do. ``remove="all"`` leaves no positive reward at all."""
+    from lightning_gradsim.rl.experiment import main_task
+
+    spec = GridSpec()
+    layouts = sample_layouts(40, spec, seed=3)
+    goals = layouts.flat_cells() == GOAL
+    for remove, gone in (("goal", (GOAL,)), ("all", (GOAL, GEM))):
+        task = main_task(layouts, "cross", remove)
+        rewards = spec.reward_table()[task.flat_cells()]
+        was_gone = torch.zeros_like(goals)
+        for code in gone:
+            was_gone |= layouts.flat_cells() == code
+        assert (task.flat_cells()[was_gone] == EMPTY).all() and (rewards[was_gone] == 0).all()
+        assert not GridSpec.terminal_table()[task.flat_cells()[was_gone]].any()
+        assert (rewards > 0).any() == (remove == "goal")
+    assert main_task(layouts, "same") is layouts
+    # step onto a former goal from its neighbours, no noise or drop: reward 0, not terminated
+    quiet = GridSpec(noise=0.0, drop=0.0)
+    lay = sample_layouts(1, quiet, seed=4)
+    goal = int((lay.flat_cells()[0] == GOAL).nonzero())
+    nxt = lay.next_cell()[0]
+    into = [(c, a) for c in range(quiet.num_cells) for a in range(4) if int(nxt[c, a]) == goal and c != goal]
+    assert into
+    for task, reward, ends in ((lay.transformed(), 0.0, False), (lay, quiet.reward_goal, True)):
+        sim = BatchedGridworld(task.repeat(len(into)))
+        sim.reset(positions=torch.tensor([c for c, _ in into]), observe=False)
+        _, r, t = sim.step(torch.tensor([a for _, a in into]), observe=False)
+        assert (sim.position == goal).all() and (r == reward).all() and (t == ends).all()
+
+
+def test_observation_window_reaches_four_cells():
+    """The agent sees its surroundings up to 4 cells away (a 9x9 window) and nothing further: the
+    student's features at a cell change when a cell at distance 4 changes, not at distance 5."""
+    from lightning_gradsim.rl.student import cell_features, feature_size
+
+    spec = GridSpec()
+    assert spec.view_radius == 4 and feature_size(spec) == 81 * 6 + 1
+    base = sample_layouts(1, spec, seed=0)
+    centre = 0  # top-left corner: cells (4, 4) and (5, 0) are at Chebyshev distance 4 and 5
+    for (r, c), seen in (((4, 4), True), ((0, 4), True), ((5, 0), False), ((0, 5), False)):
+        cells = base.cells.clone()
+        cells[0, r, c] = WALL if int(cells[0, r, c]) != WALL else EMPTY
+        changed = Layouts(cells, base.start, spec)
+        diff = (cell_features(changed)[0, centre] != cell_features(base)[0, centre]).any()
+        assert bool(diff) == seen, (r, c)
 
 
 def _gym_episodes(env: GridworldEnv, episodes: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -225,7 +282,7 @@ def test_batched_matches_gym_in_distribution(index):
 
 def test_next_cell_distribution_matches_gym():
     """From every free cell of a layout and every action: the batched next-cell frequencies agree
-    with the gymnasium environment's (chi-square), and both with the model (0.9 + 0.1/4 on the move)."""
+    with the gymnasium environment's (chi-square)."""
     spec = GridSpec(noise=0.3)
     layouts = sample_layouts(1, spec, seed=2)
     env = GridworldEnv(layout_seed=2, spec=spec)

@@ -326,3 +326,20 @@ def test_features_mode_and_every_n_steps_in_the_mixin():
         ).fit(model, data)
         assert model.gradsim.step.item() == 6 and model.gradsim.measured_steps.item() == measured
         assert all(not torch.equal(b, p) for b, p in zip(before, used))
+
+
+def test_a_reused_step_with_an_inf_gradient_is_reported_and_counted():
+    """every_n_steps: a reused step (one weighted backward) whose gradient overflows with finite
+    losses is not finite in its statistics and counts as skipped."""
+    net = Net()
+    gate = GradientGate(rule="unweighted", aux_weight=LAM, every_n_steps=3)
+    for step in range(3):
+        net.zero_grad(set_to_none=True)
+        losses = forward(net, "shared", batches(step, 2))
+        hook = net.stem.weight.register_hook(lambda g: torch.full_like(g, float("inf"))) if step == 1 else None
+        stats = gate.backward(losses[0], losses[1:], net.shared(), net.others())  # step 1 is a reused step
+        assert bool(stats.finite) == (step != 1), step
+        if hook is not None:
+            hook.remove()
+    assert gate.skipped_steps.item() == 1 and gate.measured_steps.item() == 1
+    assert gate.step.item() == 3

@@ -1,14 +1,15 @@
-"""The unit-circle toy: every point of the unit circle minimises the main loss (|theta|^2 - 1)^2; the
-auxiliary |theta - (2, 0)|^2 should only choose where on the circle to land, not pull off it.
+"""The projection blog's unit-circle toy with the blog's settings (Adam and gradient descent).
 
-    .venv/bin/python examples/toys/unit_circle_toy.py   # writes runs/toys/circle.png
-(same as `gradsim toy --problem circle`)
+L_primary = (sqrt(x^2 + y^2) - 1)^2, L_auxiliary = (x - 2)^2 + y^2, start (0, 2), lambda 0.1,
+Adam (lr 0.01, betas 0.9 / 0.999) and vanilla gradient descent (lr 0.01).
+
+    .venv/bin/python examples/toys/unit_circle_toy.py   # writes runs/toys/blog_circle.png
+(same as `gradsim toy`, which also writes runs/toys/blog_circle.md)
 """
 
-from lightning_gradsim.experiments.toys import plot_trajectories, run_toy
+from lightning_gradsim.experiments.toy_blog import OPTIMIZERS, blog_circle_report, plot_blog_circle, run_blog_circle
 
 if __name__ == "__main__":
-    paths = run_toy("circle", ["main_only", "sum", "unweighted", "weighted", "projection"], steps=300, lr=0.05)
-    print(plot_trajectories("circle", paths, "runs/toys/circle.png"))
-    for rule, traj in paths.items():
-        print(f"  {rule:<11} final radii {[round(r, 3) for r in traj[-1].norm(dim=-1).tolist()]}")
+    paths = {opt: run_blog_circle(opt) for opt in OPTIMIZERS}
+    print(plot_blog_circle(paths, "runs/toys/blog_circle.png"))
+    print(blog_circle_report(paths))

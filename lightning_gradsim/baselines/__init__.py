@@ -6,35 +6,48 @@
 * :class:`CrossStitchUnit` / :class:`CrossStitchNet` (Misra et al., 2016), an architecture that
   learns how much to share; use it with any rule.
 
-Importing :mod:`lightning_gradsim` registers the three methods with
-:func:`lightning_gradsim.methods.make_gate`, so ``gradsim compare --methods pcgrad,uncertainty,gradnorm`` works.
+The three methods are built-in names of :func:`lightning_gradsim.methods.make_gate` (so
+``gradsim compare --methods pcgrad,uncertainty,gradnorm`` works); each module loads on first use,
+and the names below load theirs on first access.
 
-Example::
-
-    from lightning_gradsim.methods import make_gate
-    gate = make_gate("uncertainty", aux_tasks=["rotated"])
+>>> from lightning_gradsim.methods import make_gate
+>>> type(make_gate("uncertainty", aux_tasks=["rotated"]).loss_weighting).__name__
+'UncertaintyWeighting'
 """
 
-from .cross_stitch import (
-    CrossStitchMultiHeadNet,
-    CrossStitchNet,
-    CrossStitchUnit,
-    cross_stitch_mlp,
-    cross_stitch_resnet,
-)
-from .gradnorm import GradNorm
-from .pcgrad import PCGrad, draw_pcgrad_orders, pcgrad_coefficients
-from .uncertainty import UncertaintyWeighting
+from __future__ import annotations
 
-__all__ = [
-    "PCGrad",
-    "pcgrad_coefficients",
-    "draw_pcgrad_orders",
-    "UncertaintyWeighting",
-    "GradNorm",
-    "CrossStitchUnit",
-    "CrossStitchNet",
-    "CrossStitchMultiHeadNet",
-    "cross_stitch_mlp",
-    "cross_stitch_resnet",
-]
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_exports
+
+#: public name -> the module of this package defining it, imported on first access.
+_EXPORTS: dict[str, str] = {
+    "PCGrad": "pcgrad",
+    "pcgrad_coefficients": "pcgrad",
+    "draw_pcgrad_orders": "pcgrad",
+    "UncertaintyWeighting": "uncertainty",
+    "GradNorm": "gradnorm",
+    "CrossStitchUnit": "cross_stitch",
+    "CrossStitchNet": "cross_stitch",
+    "CrossStitchMultiHeadNet": "cross_stitch",
+    "cross_stitch_mlp": "cross_stitch",
+    "cross_stitch_resnet": "cross_stitch",
+}
+
+__all__ = list(_EXPORTS)
+
+if TYPE_CHECKING:
+    from .cross_stitch import (
+        CrossStitchMultiHeadNet,
+        CrossStitchNet,
+        CrossStitchUnit,
+        cross_stitch_mlp,
+        cross_stitch_resnet,
+    )
+    from .gradnorm import GradNorm
+    from .pcgrad import PCGrad, draw_pcgrad_orders, pcgrad_coefficients
+    from .uncertainty import UncertaintyWeighting
+
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

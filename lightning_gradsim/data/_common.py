@@ -10,13 +10,32 @@ import torch
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+#: environment variable naming the MNIST folder when no ``root`` is passed.
+MNIST_ROOT_ENV = "GRADSIM_MNIST_ROOT"
 
 
 def default_mnist_root() -> Path:
-    """``$GRADSIM_MNIST_ROOT``, else ``<repo>/../shared/data/mnist`` (holds the real MNIST test split)."""
-    env = os.environ.get("GRADSIM_MNIST_ROOT")
-    return Path(env) if env else (REPO_ROOT / ".." / "shared" / "data" / "mnist").resolve()
+    """The MNIST folder (holding ``MNIST/raw``) named by ``$GRADSIM_MNIST_ROOT``; there is no other default.
+
+    >>> import os
+    >>> from unittest import mock
+    >>> with mock.patch.dict(os.environ, {"GRADSIM_MNIST_ROOT": "/data/mnist"}):
+    ...     default_mnist_root()
+    PosixPath('/data/mnist')
+    >>> with mock.patch.dict(os.environ, {"GRADSIM_MNIST_ROOT": ""}):
+    ...     default_mnist_root()  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ValueError: No MNIST folder given: pass root=... or set the environment variable GRADSIM_MNIST_ROOT ...
+    """
+    env = os.environ.get(MNIST_ROOT_ENV)
+    if not env:
+        raise ValueError(
+            f"No MNIST folder given: pass root=... (--data.root in gradsim fit, --set root=... in gradsim compare) "
+            f"or set the environment variable {MNIST_ROOT_ENV} to a folder holding MNIST/raw. This package never "
+            "downloads; to get MNIST there once, use torchvision's own download: "
+            "python -c \"from torchvision.datasets import MNIST; MNIST('FOLDER', train=False, download=True)\"."
+        )
+    return Path(env)
 
 
 def seeded_split(n: int, fractions: Sequence[float], seed: int) -> list[torch.Tensor]:

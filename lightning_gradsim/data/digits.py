@@ -1,18 +1,19 @@
 """Rotated digits (paper section 4.2, Table 1): main task = digits, auxiliary = rotated digits.
 
 Sources: ``"digits"`` -- scikit-learn's bundled 8x8 digits (1797 images, no download) -- and
-``"mnist"`` -- MNIST's IDX files (torchvision layout ``MNIST/raw``, gzipped or not) in a local folder (never downloaded; by default
-``$GRADSIM_MNIST_ROOT`` or ``<repo>/../shared/data/mnist``, which holds the real 10k test split).
+``"mnist"`` -- MNIST's IDX files (torchvision layout ``MNIST/raw``, gzipped or not) in a local folder (never
+downloaded): ``root``, else ``$GRADSIM_MNIST_ROOT``; ``torchvision.datasets.MNIST(root, download=True)`` fills one.
 
 Protocol: the images are split once (``split_seed``) into train / val / test; the training images
 are split again into two disjoint halves, the main task's (as they are) and the auxiliary task's
 (rotated by ``angle`` degrees counter-clockwise, same 10 labels). Validation and test are the main
 task's, unrotated. Training batches are ``{"main": (x, y), "rotated": (x, y)}``.
 
-Example::
-
-    dm = RotatedDigitsDataModule(angle=90, batch_size=32)
-    model = MultiTaskClassifier(tasks=dm.tasks, backbone="mlp", input_dim=dm.input_dim)
+>>> from lightning_gradsim.experiments import MultiTaskClassifier
+>>> dm = RotatedDigitsDataModule(angle=90, batch_size=32)
+>>> model = MultiTaskClassifier(tasks=dm.tasks, backbone="mlp", input_dim=dm.input_dim)
+>>> dm.tasks, dm.input_dim
+({'main': 10, 'rotated': 10}, 64)
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def load_digits_source(
             raise FileNotFoundError(
                 f"No MNIST {split} files under {raw} (expected {split}-images-idx3-ubyte[.gz] and "
                 f"{split}-labels-idx1-ubyte[.gz]). Point root= (or $GRADSIM_MNIST_ROOT) at the folder holding "
-                "MNIST/raw; nothing is downloaded."
+                "MNIST/raw; nothing is downloaded (torchvision.datasets.MNIST(root, download=True) fetches it)."
             )
         x = _read_idx(images)
         return torch.from_numpy(x).unsqueeze(1).float() / 255.0, torch.from_numpy(_read_idx(labels)).long()
@@ -99,8 +100,8 @@ class RotatedDigitsDataModule(L.LightningDataModule):
     Args:
         angle: rotation of the auxiliary task's images, in degrees (the paper uses 0, 45, 90, 135, 180).
         source: ``"digits"`` (scikit-learn, bundled) or ``"mnist"`` (local files under ``root``).
-        root: MNIST folder (contains ``MNIST/raw``); default ``$GRADSIM_MNIST_ROOT`` or
-            ``<repo>/../shared/data/mnist``.
+        root: MNIST folder (contains ``MNIST/raw``); default ``$GRADSIM_MNIST_ROOT`` (one of the
+            two is required for ``source="mnist"``).
         mnist_train: use MNIST's training split file instead of the 10k test split file.
         val_fraction, test_fraction: parts of the images held out for validation and test.
         main_fraction: part of the remaining training images given to the main task; the rest,

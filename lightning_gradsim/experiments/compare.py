@@ -7,9 +7,9 @@ The Python API, stable for plug-ins:
   The module must build its gate with ``lightning_gradsim.methods.make_gate(method, **gate)``, use
   :class:`~lightning_gradsim.GradSimMixin`, and log the main task's accuracy as ``val/acc`` in
   validation and ``test/acc`` in test (``test/error = 1 - test/acc`` is what the table reports).
-  Built in: ``rotated_digits`` (:mod:`lightning_gradsim.experiments.setups`) and ``class_pair``.
-  Modules named in :data:`SETUP_MODULES` are imported before a lookup (add one line for yours), and
-  ``gradsim compare --import my.module`` imports any other.
+  Built in: ``rotated_digits``, ``class_pair``, ``celeba`` and two cross-stitch setups, named in
+  :data:`lightning_gradsim.experiments.registry.SETUPS` and imported only when built (add a
+  ``"module:factory"`` line there for yours, or ``gradsim compare --import my.module``).
 * **Methods** -- any name from :func:`lightning_gradsim.methods.list_methods` (rules and factories
   registered with :func:`lightning_gradsim.methods.register_method`).
 * :func:`compare` runs ``methods x seeds x variants`` (``variants={"angle": [0, 90]}`` sweeps one
@@ -17,8 +17,9 @@ The Python API, stable for plug-ins:
   ``runs.csv`` (one row per run), ``summary.csv``, ``table.md``, ``accuracy.png`` (main-task
   validation accuracy over steps, mean over seeds: the paper's Figure 3 b/c), ``cosine.png`` (the
   cosine between the main and auxiliary gradients over steps: Figure 3 a) and ``result.json``.
+  The command line is :mod:`lightning_gradsim.experiments.compare_cli`.
 
-Example::
+Example (trains 12 short runs)::
 
     from lightning_gradsim.experiments.compare import compare, register_setup
     result = compare("rotated_digits", methods=["main_only", "sum", "unweighted"], seeds=[0, 1],
@@ -37,7 +38,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
@@ -48,6 +49,7 @@ from lightning.pytorch import Callback
 
 from ..methods import list_methods
 from ..monitor import GradSimMonitor
+from .registry import DEFAULT_METHODS, build_setup, list_setups, register_setup
 
 __all__ = [
     "register_setup",
@@ -58,61 +60,7 @@ __all__ = [
     "RunSpec",
     "run_one",
     "DEFAULT_METHODS",
-    "SETUP_MODULES",
-    "main",
 ]
-
-SetupFactory = Callable[..., tuple[L.LightningModule, L.LightningDataModule]]
-_SETUPS: dict[str, tuple[SetupFactory, str]] = {}
-
-#: the paper's baselines and rules, the default of ``--methods``.
-DEFAULT_METHODS = ("main_only", "sum", "unweighted", "weighted", "projection")
-
-
-def register_setup(name: str, description: str = "") -> Callable[[SetupFactory], SetupFactory]:
-    """Decorator registering ``factory(method, seed, gate, **options) -> (module, datamodule)``."""
-
-    def decorator(factory: SetupFactory) -> SetupFactory:
-        if name in _SETUPS and _SETUPS[name][0] is not factory:
-            raise ValueError(f"A setup named {name!r} is already registered; pick another name.")
-        doc_lines = (factory.__doc__ or "").strip().splitlines()
-        _SETUPS[name] = (factory, description or (doc_lines[0] if doc_lines else ""))
-        return factory
-
-    return decorator
-
-
-#: modules imported before setups are looked up; each registers setups when imported. Add your
-#: module here with one line (or import it yourself, or pass ``gradsim compare --import MODULE``).
-SETUP_MODULES: list[str] = [
-    "lightning_gradsim.experiments.setups",
-    "lightning_gradsim.baselines.experiments",
-]
-
-
-def _load_builtin_setups() -> None:
-    import importlib
-
-    for module in SETUP_MODULES:
-        importlib.import_module(module)
-
-
-def list_setups() -> dict[str, str]:
-    """Registered setups: name -> one-line description."""
-    _load_builtin_setups()
-    return {name: desc for name, (_, desc) in sorted(_SETUPS.items())}
-
-
-def build_setup(
-    name: str, method: str, seed: int, gate: Mapping[str, Any] | None = None, **options: Any
-) -> tuple[L.LightningModule, L.LightningDataModule]:
-    """Build ``(module, datamodule)`` of setup ``name`` for one method and seed."""
-    _load_builtin_setups()
-    if name not in _SETUPS:
-        raise ValueError(
-            f"Unknown setup {name!r}; choose from {', '.join(sorted(_SETUPS))} (or register_setup your own)."
-        )
-    return _SETUPS[name][0](method=method, seed=seed, gate=dict(gate or {}), **options)
 
 
 @dataclass(frozen=True)
@@ -129,6 +77,9 @@ class RunSpec:
     eval_every: int
     log_every: int = 1
     trainer: dict[str, Any] = field(default_factory=dict)
+    #: best-epoch selection: ``{"monitor": "val/auroc", "mode": "max", "patience": 5}`` tests the
+    #: weights of the best validation (patience > 0 also stops early on that metric); empty: last weights.
+    select: dict[str, Any] = field(default_factory=dict)
 
 
 class _ValCurve(Callback):
@@ -171,9 +122,23 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
         callbacks=[curve, monitor],
     )
     trainer_kwargs.update(spec.trainer)
+    best = None
+    if spec.select:
+        from lightning.pytorch.callbacks import EarlyStopping
+
+        from .selection import BestEpoch
+
+        watched, mode = spec.select.get("monitor", "val/auroc"), spec.select.get("mode", "max")
+        best = BestEpoch(watched, mode)
+        trainer_kwargs["callbacks"] = [*trainer_kwargs["callbacks"], best]
+        if int(spec.select.get("patience", 0)) > 0:
+            patience = int(spec.select["patience"])
+            trainer_kwargs["callbacks"].append(EarlyStopping(monitor=watched, mode=mode, patience=patience))
     start = time.perf_counter()
     trainer = L.Trainer(**trainer_kwargs)
     trainer.fit(module, datamodule=datamodule)
+    if best is not None:
+        best.restore(module)
     test = trainer.test(module, datamodule=datamodule, verbose=False)[0]
     seconds = time.perf_counter() - start
     if "test/acc" not in test:
@@ -191,6 +156,8 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
         "steps": int(trainer.global_step),
         "seconds": round(seconds, 2),
     }
+    if best is not None:  # the tested weights are those of this validation
+        row.update(selected_step=best.best_step, selected_validation=best.best + 1, selected_value=best.best_value)
     return {
         "row": row,
         "val_steps": curve.steps,
@@ -218,8 +185,11 @@ class CompareResult:
     variants: list[str]
     files: dict[str, str] = field(default_factory=dict)
 
-    def markdown(self) -> str:
-        """The table: one row per method, one column per variant, ``mean ± std`` test error in %."""
+    def markdown(self, metric: str = "error") -> str:
+        """The table: one row per method, one column per variant, ``mean ± std`` of the test
+        error in % (``metric="error"``) or of the test AUC (``metric="auroc"``, when logged)."""
+        if metric not in ("error", "auroc"):
+            raise ValueError(f"metric must be 'error' or 'auroc', got {metric!r}.")
         cell = {(s["method"], s["variant"]): s for s in self.summary}
         header = "| method | " + " | ".join(self.variants) + " |"
         lines = [header, "|" + "---|" * (len(self.variants) + 1)]
@@ -227,12 +197,23 @@ class CompareResult:
             vals = []
             for v in self.variants:
                 s = cell.get((m, v))
-                vals.append("" if s is None else f"{100 * s['mean_error']:.2f} ± {100 * s['std_error']:.2f}")
+                if s is None or f"mean_{metric}" not in s:
+                    vals.append("")
+                elif metric == "error":
+                    vals.append(f"{100 * s['mean_error']:.2f} ± {100 * s['std_error']:.2f}")
+                else:
+                    vals.append(f"{s['mean_auroc']:.4f} ± {s['std_auroc']:.4f}")
             lines.append(f"| {m} | " + " | ".join(vals) + " |")
         n = max((s["n"] for s in self.summary), default=0)
         lines.append("")
-        lines.append(f"Main-task test error (%), mean ± std over {n} seed(s).")
+        what = "Main-task test error (%)" if metric == "error" else "Main-task test AUC"
+        chosen = " (weights of the best validation)" if any("selected_step" in r for r in self.rows) else ""
+        lines.append(f"{what}{chosen}, mean ± std over {n} seed(s).")
         return "\n".join(lines)
+
+    @property
+    def has_auroc(self) -> bool:
+        return bool(self.rows) and all(r.get("test_auroc") is not None for r in self.rows)
 
 
 def _variant_grid(variants: Mapping[str, Iterable[Any]] | None) -> list[tuple[str, dict[str, Any]]]:
@@ -260,6 +241,7 @@ def compare(
     jobs: int = 1,
     progress: bool = True,
     trainer: Mapping[str, Any] | None = None,
+    select: Mapping[str, Any] | None = None,
 ) -> CompareResult:
     """Run every method over every seed (and variant) of ``setup``; tabulate the main task's test error.
 
@@ -275,10 +257,14 @@ def compare(
         jobs: runs in parallel processes (forked; use the number of free cores).
         progress: show a progress bar over runs.
         trainer: extra ``lightning.Trainer`` keyword arguments (e.g. ``{"accelerator": "gpu"}``).
+        select: best-epoch selection, e.g. ``{"monitor": "val/auroc", "mode": "max", "patience": 5}``:
+            each run is tested with the weights of its best validation (and stops early on that
+            metric when ``patience > 0``); ``runs.csv`` then names the selected validation.
     """
     methods = list(methods)
     if not methods:
         raise ValueError("compare() needs at least one method, e.g. methods=['main_only', 'sum', 'unweighted'].")
+    _check_one_process_per_run(trainer)
     known = list_methods()
     unknown = [m for m in methods if m not in known]
     if unknown:
@@ -287,9 +273,8 @@ def compare(
         raise ValueError("compare() needs at least one seed.")
     if max_steps < 1 or eval_every < 1:
         raise ValueError(f"max_steps and eval_every must be >= 1, got {max_steps} and {eval_every}.")
-    list_setups()
-    if setup not in _SETUPS:
-        raise ValueError(f"Unknown setup {setup!r}; choose from {', '.join(sorted(_SETUPS))}.")
+    if setup not in list_setups():
+        raise ValueError(f"Unknown setup {setup!r}; choose from {', '.join(list_setups())}.")
     grid = _variant_grid(variants)
     specs = [
         RunSpec(
@@ -303,6 +288,7 @@ def compare(
             eval_every,
             log_every,
             dict(trainer or {}),
+            dict(select or {}),
         )
         for (label, opts), m, s in product(grid, methods, seeds)
     ]
@@ -313,11 +299,38 @@ def compare(
         for m in methods:
             errors = [r["test_error"] for r in rows if r["variant"] == label and r["method"] == m]
             mean, std = _mean_std(errors)
-            summary.append({"variant": label, "method": m, "n": len(errors), "mean_error": mean, "std_error": std})
+            entry = {"variant": label, "method": m, "n": len(errors), "mean_error": mean, "std_error": std}
+            aucs = [r["test_auroc"] for r in rows if r["variant"] == label and r["method"] == m]
+            if aucs and all(a is not None for a in aucs):
+                entry["mean_auroc"], entry["std_auroc"] = _mean_std(aucs)
+            summary.append(entry)
     result = CompareResult(rows, summary, runs, methods, [label for label, _ in grid])
     if out_dir is not None:
         result.files = _write(result, Path(out_dir), setup)
     return result
+
+
+def _check_one_process_per_run(trainer: Mapping[str, Any] | None) -> None:
+    """Refuse trainer settings that make one run several processes: compare parallelises runs (``jobs``), not a run.
+
+    Lightning would start the other ranks by re-running the whole ``gradsim compare`` command (or, in
+    a ``jobs`` worker, could not start them at all).
+    """
+    trainer = dict(trainer or {})
+    devices, num_nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1)
+    strategy = trainer.get("strategy", "auto")
+    if isinstance(devices, str):
+        parts = [d for d in devices.split(",") if d.strip()]
+        devices = len(parts) if "," in devices else (int(devices) if devices.strip().lstrip("-").isdigit() else devices)
+    n_devices = len(devices) if isinstance(devices, (list, tuple)) else devices
+    name = (strategy if isinstance(strategy, str) else type(strategy).__name__).lower()
+    if n_devices != 1 or int(num_nodes) != 1 or any(k in name for k in ("ddp", "fsdp", "deepspeed")):
+        raise ValueError(
+            f"gradsim compare trains each run in one process and runs them in parallel with jobs=; trainer="
+            f"{trainer} asks for several processes per run (devices={trainer.get('devices', 1)!r}, "
+            f"num_nodes={num_nodes!r}, strategy={strategy!r}). Use devices=1 (accelerator='gpu' for a GPU) and "
+            "jobs= for parallel runs; for one long run on several GPUs use `gradsim fit --config <a _ddp config>`."
+        )
 
 
 def _execute(specs: list[RunSpec], jobs: int, progress: bool) -> list[dict[str, Any]]:
@@ -367,10 +380,13 @@ def _write(result: CompareResult, out: Path, setup: str) -> dict[str, str]:
         writer.writeheader()
         writer.writerows(result.rows)
     with open(files["summary"], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["variant", "method", "n", "mean_error", "std_error"])
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for s in result.summary for k in s)))
         writer.writeheader()
         writer.writerows(result.summary)
-    files["table"].write_text(f"Setup `{setup}`\n\n" + result.markdown() + "\n")
+    table = f"Setup `{setup}`\n\n" + result.markdown() + "\n"
+    if result.has_auroc:
+        table += "\n" + result.markdown("auroc") + "\n"
+    files["table"].write_text(table)
     files["json"].write_text(
         json.dumps({"rows": result.rows, "summary": result.summary, "runs": result.runs}, indent=1)
     )
@@ -453,115 +469,3 @@ def _plot(result: CompareResult, acc_path: Path, cos_path: Path) -> None:
     fig.tight_layout()
     fig.savefig(cos_path, dpi=110)
     plt.close(fig)
-
-
-# ---------------------------------------------------------------------------------- command line
-def _parse_assignments(items: Sequence[str] | None, what: str) -> dict[str, Any]:
-    import yaml
-
-    out: dict[str, Any] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise SystemExit(f"gradsim compare: {what} {item!r} must look like key=value.")
-        key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
-    return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``gradsim compare [--config FILE] [--setup S] [--methods ...] [--seeds ...] [--vary k=v1,v2] ...``"""
-    import argparse
-
-    import yaml
-
-    parser = argparse.ArgumentParser(
-        prog="gradsim compare",
-        description="Run methods x seeds (x variants) on one setup; print and save the main task's test error table.",
-    )
-    parser.add_argument("--config", help="YAML file with any of the keys below (flags override it)")
-    parser.add_argument("--setup", help="setup name (default rotated_digits)")
-    parser.add_argument("--methods", nargs="+", help=f"methods (default: {' '.join(DEFAULT_METHODS)})")
-    parser.add_argument("--seeds", nargs="+", type=int, help="seeds (default 0 1 2)")
-    parser.add_argument(
-        "--vary", action="append", metavar="KEY=V1,V2", help="sweep a setup option, e.g. angle=0,90,180"
-    )
-    parser.add_argument(
-        "--set", dest="options", action="append", metavar="KEY=VALUE", help="a setup option for every run"
-    )
-    parser.add_argument("--gate", action="append", metavar="KEY=VALUE", help="a gate argument, e.g. aux_weight=0.5")
-    parser.add_argument("--max-steps", type=int)
-    parser.add_argument("--eval-every", type=int)
-    parser.add_argument("--log-every", type=int)
-    parser.add_argument("--jobs", type=int, help="parallel runs (processes)")
-    parser.add_argument("--out-dir", help="output folder (default runs/compare/<setup>)")
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--list", action="store_true", help="list setups and methods, then exit")
-    parser.add_argument(
-        "--import",
-        dest="imports",
-        action="append",
-        metavar="MODULE",
-        help="import a module first (one that registers setups or methods)",
-    )
-    args = parser.parse_args(argv)
-    if args.imports:
-        import importlib
-
-        for module in args.imports:
-            importlib.import_module(module)
-    if args.list:
-        print("setups:")
-        for name, desc in list_setups().items():
-            print(f"  {name:<18} {desc}")
-        print("methods:\n  " + " ".join(list_methods()))
-        return 0
-    cfg: dict[str, Any] = {}
-    if args.config:
-        with open(args.config) as f:
-            cfg = yaml.safe_load(f) or {}
-        allowed = {
-            "setup",
-            "methods",
-            "seeds",
-            "variants",
-            "options",
-            "gate",
-            "max_steps",
-            "eval_every",
-            "log_every",
-            "jobs",
-            "out_dir",
-            "trainer",
-            "progress",
-        }
-        bad = set(cfg) - allowed
-        if bad:
-            parser.error(f"unknown key(s) {sorted(bad)} in {args.config}; allowed: {sorted(allowed)}")
-    for key in ("setup", "methods", "seeds", "max_steps", "eval_every", "log_every", "jobs", "out_dir"):
-        value = getattr(args, key)
-        if value is not None:
-            cfg[key] = value
-    if args.vary:
-        cfg["variants"] = {
-            **cfg.get("variants", {}),
-            **{
-                k: v if isinstance(v, list) else [v]
-                for k, v in ((k, yaml.safe_load("[" + v + "]")) for k, v in (item.split("=", 1) for item in args.vary))
-            },
-        }
-    cfg["options"] = {**(cfg.get("options") or {}), **_parse_assignments(args.options, "--set")}
-    cfg["gate"] = {**(cfg.get("gate") or {}), **_parse_assignments(args.gate, "--gate")}
-    if args.no_progress:
-        cfg["progress"] = False
-    cfg.setdefault("setup", "rotated_digits")
-    cfg.setdefault("out_dir", os.path.join("runs", "compare", cfg["setup"]))
-    try:
-        result = compare(**cfg)
-    except (ValueError, KeyError, FileNotFoundError) as err:
-        print(f"gradsim compare: {err}", flush=True)
-        return 2
-    print(result.markdown())
-    print("\nfiles:")
-    for key, path in result.files.items():
-        print(f"  {key:<9} {path}")
-    return 0

@@ -2,18 +2,24 @@
 
 * LCA level: :meth:`lightning_gradsim.data.ImageNetHierarchy.lca_level` (see its docs for the DAG rule).
 * Fréchet distance between two classes: ``|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^{1/2})`` of
-  the two classes' embeddings (mean ``mu``, covariance ``S``) under any timm backbone -- the FID
-  formula with a custom feature extractor. Weights are random unless ``--pretrained`` (which lets
-  timm download them) or ``--checkpoint`` (a local ``state_dict`` file) is given: nothing is
-  fetched silently, and random features are only useful for testing the pipeline.
+  the two classes' embeddings (mean ``mu``, covariance ``S``): the FID formula on the penultimate
+  layer (pooled features) of a timm backbone.
+
+**D.1's protocol** is a *pretrained* ResNetV2-50 and 50 random pairs per LCA level. The command
+follows it when you have the weights: ``--weights FILE`` (a local ``state_dict``, ``.pth``/``.bin``/
+``.safetensors``) or ``--pretrained`` (timm's pretrained weights, read from the local Hugging Face /
+timm cache only). Nothing is downloaded at run time. Every departure -- random weights (no weights
+given), another backbone, fewer pairs per level asked for or found -- is a *fallback*: printed,
+written to ``protocol.md`` beside the results, and put in the scatter plot's labels. Random weights
+only test the pipeline: their distances say little about how alike two classes look.
 
 ``gradsim distances`` samples class pairs per LCA level, embeds each class's images once, computes
-both distances with a progress bar, writes ``distances.csv`` and draws the LCA-vs-FD scatter
-(the paper's Figure 10) as ``lca_vs_fid.png``.
+both distances with a progress bar, writes ``distances.csv``, ``protocol.md`` and the LCA-vs-FD
+scatter (the paper's Figure 10) as ``lca_vs_fid.png``.
 
 Example::
 
-    gradsim distances --root /data/imagenet --hierarchy wordnet.is_a.txt --pretrained --per-level 10
+    gradsim distances --root /data/imagenet --hierarchy wordnet.is_a.txt --weights resnetv2_50.safetensors
     fd = frechet_distance(features_a, features_b)   # (N, D) tensors
 """
 
@@ -21,8 +27,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +38,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["frechet_distance", "gaussian_frechet_distance", "class_features", "class_distances", "main"]
+__all__ = [
+    "frechet_distance",
+    "gaussian_frechet_distance",
+    "class_features",
+    "class_distances",
+    "d1_fallbacks",
+    "DistancesResult",
+    "main",
+]
 
 
 def gaussian_frechet_distance(mu_a: Tensor, cov_a: Tensor, mu_b: Tensor, cov_b: Tensor) -> float:
@@ -52,7 +68,18 @@ def frechet_distance(features_a: Tensor, features_b: Tensor) -> float:
     if len(features_a) < 2 or len(features_b) < 2:
         raise ValueError("Each class needs at least 2 images for a covariance.")
     a, b = features_a.double(), features_b.double()
-    return gaussian_frechet_distance(a.mean(0), torch.cov(a.T), b.mean(0), torch.cov(b.T))
+    (na, dim), nb = a.shape, len(b)
+    if na * nb > dim * dim:
+        return gaussian_frechet_distance(a.mean(0), torch.cov(a.T), b.mean(0), torch.cov(b.T))
+    # Fewer images than dimensions (e.g. 50 images, 2048 features): with S = X^T X / (n - 1) for the
+    # centred X, the non-zero eigenvalues of S_a S_b are the squared singular values of
+    # X_a X_b^T / sqrt((n_a - 1)(n_b - 1)), so tr((S_a S_b)^{1/2}) is their sum: an n_a x n_b problem.
+    ac, bc = a - a.mean(0), b - b.mean(0)
+    trace_sqrt = torch.linalg.svdvals(ac @ bc.T).sum() / math.sqrt((na - 1) * (nb - 1))
+    value = (
+        (a.mean(0) - b.mean(0)).pow(2).sum() + ac.pow(2).sum() / (na - 1) + bc.pow(2).sum() / (nb - 1) - 2 * trace_sqrt
+    )
+    return float(value.clamp(min=0))
 
 
 @torch.no_grad()
@@ -76,8 +103,10 @@ def _load_class_images(
     image_size: int,
     seed: int,
     split: str,
+    mean: Sequence[float],
+    std: Sequence[float],
 ) -> dict[str, Tensor]:
-    from ..data.class_pair import IMAGENET_MEAN, IMAGENET_STD, _ArrayPool, _FolderPool
+    from ..data.class_pair import _ArrayPool, _FolderPool
     from ..data.imagenet import DownsampledImageNet
 
     rng = np.random.default_rng(seed)
@@ -94,16 +123,80 @@ def _load_class_images(
         pool = _ArrayPool(ds.data, ds.wnids, image_size)
     else:
         raise ValueError(f"source must be 'imagefolder' or 'downsampled', got {source!r}.")
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     out = {}
     for w in sorted(wnids):
         idx = np.flatnonzero(pool.labels == w)
         if len(idx) < 2:
             raise ValueError(f"Class {w} has {len(idx)} image(s) under {root}; need at least 2.")
         idx = rng.permutation(idx)[:per_class]
-        out[w] = (torch.stack([pool.load(int(i)) for i in idx]) - mean) / std
+        out[w] = (torch.stack([pool.load(int(i)) for i in idx]) - m) / s
     return out
+
+
+#: appendix D.1's protocol
+D1_BACKBONE = "resnetv2_50"
+D1_PAIRS_PER_LEVEL = 50
+
+
+@dataclass
+class DistancesResult:
+    """Rows of ``distances.csv`` and the departures from D.1 (empty when the run follows it)."""
+
+    rows: list[dict[str, Any]]
+    fallbacks: list[str]
+    weights: str
+
+
+def d1_fallbacks(backbone: str, trained: bool, per_level: int, found: dict[int, int]) -> list[str]:
+    """Departures from appendix D.1 (pretrained ResNetV2-50, 50 pairs per LCA level), one line each.
+
+    >>> d1_fallbacks("resnetv2_50", True, 50, {1: 50, 2: 50})
+    []
+    >>> d1_fallbacks("tiny_cnn", False, 50, {1: 50, 2: 7})[1]
+    "other model: 'tiny_cnn' instead of D.1's pretrained ResNetV2-50 ('resnetv2_50')"
+    """
+    out = []
+    if not trained:
+        out.append(
+            "random weights: no --weights/--pretrained given, so the embedding is untrained and the Fréchet "
+            "distances only test the pipeline (they do not measure how alike the classes look)"
+        )
+    if backbone != D1_BACKBONE:
+        out.append(f"other model: {backbone!r} instead of D.1's pretrained ResNetV2-50 ({D1_BACKBONE!r})")
+    if per_level < D1_PAIRS_PER_LEVEL:
+        out.append(f"fewer pairs: {per_level} per LCA level asked for instead of D.1's {D1_PAIRS_PER_LEVEL}")
+    short = {lv: n for lv, n in found.items() if n < per_level}
+    if short:
+        out.append(
+            "fewer pairs found than asked for (not enough classes) at LCA level(s) "
+            + ", ".join(f"{lv}: {n}" for lv, n in sorted(short.items()))
+        )
+    return out
+
+
+def _protocol_text(
+    result: DistancesResult, backbone: str, per_level: int, found: dict[int, int], images: int, size: int
+) -> str:
+    lines = [
+        "# gradsim distances: protocol of this run",
+        "",
+        "| appendix D.1 says | this run |",
+        "|---|---|",
+        f"| pretrained ResNetV2-50, penultimate layer | {backbone}, weights: {result.weights} |",
+        f"| 50 random pairs per LCA level | {per_level} asked for; found "
+        + ", ".join(f"level {lv}: {n}" for lv, n in sorted(found.items()))
+        + " |",
+        f"| images per class: not given in the paper | {images} |",
+        f"| image size: not given in the paper | {size}x{size} |",
+        "",
+    ]
+    if result.fallbacks:
+        lines += ["**Falls back from D.1:**", ""] + [f"* {f}" for f in result.fallbacks]
+    else:
+        lines.append("Follows D.1 (pretrained ResNetV2-50, 50 pairs per level).")
+    return "\n".join(lines) + "\n"
 
 
 def class_distances(
@@ -111,26 +204,29 @@ def class_distances(
     hierarchy: str,
     source: str = "imagefolder",
     map_file: str | None = None,
-    backbone: str = "resnetv2_18",
+    backbone: str = D1_BACKBONE,
     pretrained: bool = False,
-    checkpoint: str | None = None,
-    per_level: int = 5,
+    weights: str | None = None,
+    per_level: int = D1_PAIRS_PER_LEVEL,
     levels: Sequence[int] | None = None,
     images_per_class: int = 50,
-    image_size: int = 64,
+    image_size: int | None = None,
     split: str = "train",
     seed: int = 0,
     out_dir: str | os.PathLike = "runs/distances",
     device: str = "cpu",
     progress: bool = True,
-) -> list[dict[str, Any]]:
-    """Sample pairs per LCA level among the classes present under ``root``; write CSV and PNG; return rows."""
+) -> DistancesResult:
+    """Sample pairs per LCA level among the classes present under ``root``; write ``distances.csv``,
+    ``protocol.md`` and ``lca_vs_fid.png``. ``image_size=None``: the backbone's pretrained input size."""
     from tqdm.auto import tqdm
 
     from ..data import ImageNetHierarchy
     from ..data.imagenet import class_name, scan_image_folder
-    from ..models import build_trunk
+    from .backbone_weights import load_backbone
 
+    model, info = load_backbone(backbone, weights, pretrained)
+    size = int(image_size or info.input_size)
     h = ImageNetHierarchy.from_file(hierarchy)
     if source == "imagefolder":
         present = set(scan_image_folder(os.path.join(root, split))[1])
@@ -144,22 +240,19 @@ def class_distances(
     if len(classes) < 2:
         raise ValueError(f"Fewer than 2 classes of {root} are in the hierarchy {hierarchy}; are they WNIDs?")
     pairs = h.sample_pairs(classes, per_level, levels, seed)
+    found = {lv: len(items) for lv, items in pairs.items()}
+    result = DistancesResult([], d1_fallbacks(backbone, info.trained, per_level, found), info.source)
     wanted = {w for items in pairs.values() for pair in items for w in pair}
-    images = _load_class_images(root, source, map_file, wanted, images_per_class, image_size, seed, split)
-    model, _ = build_trunk(backbone, in_chans=3, pretrained=pretrained)
-    if checkpoint is not None:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        missing, _unexpected = model.load_state_dict(state.get("state_dict", state), strict=False)
-        if len(missing) == len(list(model.state_dict())):
-            raise ValueError(f"{checkpoint} holds no weight of backbone {backbone!r}.")
+    images = _load_class_images(
+        root, source, map_file, wanted, images_per_class, size, seed, split, info.mean, info.std
+    )
     feats = {
         w: class_features(model, x, device=device)
         for w, x in tqdm(images.items(), desc="embedding classes", disable=not progress)
     }
-    rows = []
     flat = [(lv, a, b) for lv, items in pairs.items() for a, b in items]
     for level, a, b in tqdm(flat, desc="pair distances", disable=not progress):
-        rows.append(
+        result.rows.append(
             {
                 "wnid_a": a,
                 "name_a": class_name(a),
@@ -172,14 +265,15 @@ def class_distances(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "distances.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=list(result.rows[0]))
         writer.writeheader()
-        writer.writerows(rows)
-    _scatter(rows, out / "lca_vs_fid.png", backbone, pretrained or checkpoint is not None)
-    return rows
+        writer.writerows(result.rows)
+    (out / "protocol.md").write_text(_protocol_text(result, backbone, per_level, found, images_per_class, size))
+    _scatter(result.rows, out / "lca_vs_fid.png", backbone, info.trained, bool(result.fallbacks))
+    return result
 
 
-def _scatter(rows: list[dict[str, Any]], path: Path, backbone: str, trained: bool) -> None:
+def _scatter(rows: list[dict[str, Any]], path: Path, backbone: str, trained: bool, fallback: bool) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -192,46 +286,50 @@ def _scatter(rows: list[dict[str, Any]], path: Path, backbone: str, trained: boo
     ax.scatter(x + rng.uniform(-0.12, 0.12, len(x)), y, s=14, alpha=0.7)
     ax.set_xlabel("LCA level (WordNet)")
     ax.set_ylabel(f"Fréchet distance ({backbone}{'' if trained else ', random weights'})")
-    ax.set_title("class pairs: LCA level vs Fréchet distance", fontsize="small")
+    title = "class pairs: LCA level vs Fréchet distance"
+    ax.set_title(title + (" (falls back from D.1: see protocol.md)" if fallback else ""), fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``gradsim distances --root DIR --hierarchy FILE [...]``"""
+    """``gradsim distances --root DIR --hierarchy FILE [--weights FILE | --pretrained] [...]``"""
     p = argparse.ArgumentParser(
-        prog="gradsim distances", description="LCA level vs Fréchet distance of ImageNet class pairs (paper Fig. 10)."
+        prog="gradsim distances",
+        description="LCA level vs Fréchet distance of ImageNet class pairs (paper app. D.1, Fig. 10).",
     )
     p.add_argument("--root", required=True, help="ImageNet folder (ImageFolder layout) or downsampled-ImageNet folder")
     p.add_argument("--hierarchy", required=True, help="wordnet.is_a.txt or the devkit's meta.mat")
     p.add_argument("--source", default="imagefolder", choices=["imagefolder", "downsampled"])
     p.add_argument("--map-file", help="map_clsloc.txt or meta.mat (downsampled source)")
     p.add_argument("--split", default="train", help="sub-folder / split whose images are embedded")
-    p.add_argument("--backbone", default="resnetv2_18", help="timm model name (or tiny_cnn)")
-    p.add_argument("--pretrained", action="store_true", help="let timm download pretrained weights")
-    p.add_argument("--checkpoint", help="local state_dict file for the backbone")
-    p.add_argument("--per-level", type=int, default=5)
+    p.add_argument("--backbone", default=D1_BACKBONE, help=f"timm model name (or tiny_cnn); D.1: {D1_BACKBONE}")
+    p.add_argument(
+        "--weights", "--checkpoint", dest="weights", help="local weights file of the backbone (.pth/.bin/.safetensors)"
+    )
+    p.add_argument(
+        "--pretrained", action="store_true", help="timm's pretrained weights from the LOCAL cache (never downloaded)"
+    )
+    p.add_argument(
+        "--per-level", type=int, default=D1_PAIRS_PER_LEVEL, help=f"pairs per LCA level (D.1: {D1_PAIRS_PER_LEVEL})"
+    )
     p.add_argument("--levels", type=int, nargs="+")
     p.add_argument("--images-per-class", type=int, default=50)
-    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--image-size", type=int, help="default: the backbone's pretrained input size (224 for resnetv2_50)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out-dir", default=os.path.join("runs", "distances"))
     args = p.parse_args(argv)
-    if not args.pretrained and args.checkpoint is None:
-        print(
-            "gradsim distances: note: random backbone weights (no --pretrained/--checkpoint); distances only test the pipeline."
-        )
     try:
-        rows = class_distances(
+        result = class_distances(
             args.root,
             args.hierarchy,
             args.source,
             args.map_file,
             args.backbone,
             args.pretrained,
-            args.checkpoint,
+            args.weights,
             args.per_level,
             args.levels,
             args.images_per_class,
@@ -244,8 +342,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, KeyError) as err:
         print(f"gradsim distances: {err}")
         return 2
-    for level in sorted({r["lca_level"] for r in rows}):
-        vals = [r["frechet_distance"] for r in rows if r["lca_level"] == level]
+    if result.fallbacks:
+        print("gradsim distances: FALLS BACK from appendix D.1 (pretrained ResNetV2-50, 50 pairs per LCA level):")
+        for line in result.fallbacks:
+            print(f"  - {line}")
+    else:
+        print(f"gradsim distances: follows appendix D.1 ({args.backbone}, weights: {result.weights}).")
+    for level in sorted({r["lca_level"] for r in result.rows}):
+        vals = [r["frechet_distance"] for r in result.rows if r["lca_level"] == level]
         print(f"LCA level {level}: {len(vals)} pair(s), mean Fréchet distance {np.mean(vals):.3f}")
-    print(f"wrote {os.path.join(args.out_dir, 'distances.csv')} and {os.path.join(args.out_dir, 'lca_vs_fid.png')}")
+    print(f"wrote distances.csv, protocol.md and lca_vs_fid.png under {args.out_dir}")
     return 0

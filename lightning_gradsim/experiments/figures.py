@@ -1,19 +1,22 @@
 """The paper's remaining illustrations, drawn with the library's own gate (``gradsim figures``).
 
-* :func:`negative_example` -- Appendix B's point that the gate can *slow* convergence: the main
-  loss ``log(1 + x^2) + y^2`` is flat in ``x`` far from 0, and the auxiliary loss
-  ``((x - 8)^2 + y^2) / 2`` pulls toward that flat region. From ``(-1, 10)`` (step 0.05), while
-  ``y`` is still large the two gradients agree (cosine > 0), so the ``unweighted`` gate lets the
-  auxiliary drag ``x`` out to about 3.3; then only the weak main gradient brings it back: 104 steps
-  to reach a main loss below 0.01 against 44 for main-only descent (``projection``: 155).
-* :func:`proposition3` -- the counterexample of Proposition 3: the gated field ``V = g_main +
-  1[cos >= 0] g_aux`` (main ``|theta|^2 / 2``, auxiliary ``|theta - (2, 0)|^2 / 2``) is not the
-  gradient of any function. From ``P = (-0.5, 0)`` to ``Q = (2.5, 0)`` the main field's line
-  integral is 3 along both paths; the gated field's is 2 along the straight path A (the gate is
-  closed inside the circle of diameter [0, (2, 0)]) and 0 along path B around that circle.
-* :func:`cosine_vs_dimension` -- the cosine of two independent Gaussian vectors falls toward 0
-  as ``sqrt(2 / (pi d))``; the cosine of two noisy copies of one true vector (i.i.d. N(0, 1)
-  entries, noise of fixed norm ``s``) grows toward 1 as ``d / (d + s^2)``.
+* :func:`negative_example` -- Appendix B (its Figure 9, caption "Negative example optimization"):
+  the paper's functions, main ``L3 = 1[t1 < 0] |t|^2 + 1[t1 >= 0] (1 - exp(-2 |t|^2))`` (flat far
+  from 0 for ``t1 >= 0``; the exponent is our reading of a garbled caption) and auxiliary
+  ``L4 = (t1 - 2)^2 + (t2 - 0.5)^2``, which pulls into the flat region; steepest descent, 600
+  steps of 0.01, convergence = main loss below 0.1 (the captions). The starts are ours (random,
+  uniform in ``[-2, 2]^2``). It compares ``main_only`` with the ``unweighted`` gate start by start
+  and marks in red the runs the gate slows down (the paper's "compared on red runs").
+* :func:`proposition3` -- the counterexample of Proposition 3 (A.2). The text keeps its structure:
+  two paths between two points, A "up" then "right", B "right" then "up", one of them through the
+  region where the gate is closed; the functions and the points are lost in our copy. We use main
+  ``|t|^2 / 2``, auxiliary ``|t - (2, 0)|^2 / 2`` (the gate is closed inside the circle of
+  diameter [0, (2, 0)]), ``P = (-0.5, 0)``, ``Q = (2.5, 1.5)``: the main field's line integral is
+  4.125 on both paths, the gated field's 2.25 on A and 4.25 on B.
+* :func:`cosine_vs_dimension` -- Appendix E: left, the cosine of two independent ``N(0, sigma^2 I_d)``
+  vectors (mean 0, variance ``1/d``, ``E|cos| = Gamma(d/2) / (sqrt(pi) Gamma((d+1)/2))``); right,
+  the paper's noise model ``mu ~ N(0, I_d)``, ``theta_i ~ N(mu, sigma I_d)`` (``sigma I_d`` the
+  covariance), whose cosine tends to ``1 / (1 + sigma)`` as ``d`` grows, for several ``sigma``.
 
 Every figure computes the gated vectors with :meth:`GradientGate.combine`, batched over points.
 
@@ -23,6 +26,9 @@ Example::
     figures.proposition3("runs/figures/proposition3.png")
 
     gradsim figures --out runs/figures          # all three PNGs
+
+>>> [round(v, 3) for v in line_integral(proposition3_paths()["A"], per_unit=400)]
+[4.125, 2.25]
 """
 
 from __future__ import annotations
@@ -36,14 +42,18 @@ import torch
 from torch import Tensor
 
 from ..gate import GradientGate
-from ..methods import make_gate
+from .toy_figure2 import ROWS, ConvergenceResult, convergence_times, random_starts
 
 __all__ = [
-    "negative_example_trajectories",
+    "negative_example_runs",
+    "slowed_down",
     "negative_example",
     "line_integral",
     "proposition3_paths",
     "proposition3",
+    "independent_cosines",
+    "noisy_copy_cosines",
+    "noisy_cosine_limit",
     "cosine_curves",
     "cosine_vs_dimension",
     "main",
@@ -67,72 +77,69 @@ def _save(fig, path: str) -> str:  # type: ignore[no-untyped-def]
 
 
 # ------------------------------------------------------------------ Appendix B: negative example
-AUX_TARGET_B = 8.0
+NEGATIVE_ROW = "L3+L4"  # the paper's negative example, a row of Figure 2 (see toy_figure2)
 
 
-def _neg_main_loss(t: Tensor) -> Tensor:
-    return torch.log1p(t[..., 0] ** 2) + t[..., 1] ** 2
+def negative_example_runs(
+    rules: Sequence[str] = ("main_only", "unweighted", "weighted", "sum"),
+    n_starts: int = 200,
+    seed: int = 0,
+    steps: int = 600,
+    lr: float = 0.01,
+    level: float = 0.1,
+) -> dict[str, ConvergenceResult]:
+    """Steepest descent on the paper's negative example from the same random starts, per rule."""
+    starts = random_starts(n_starts, 2.0, seed)
+    return {rule: convergence_times(NEGATIVE_ROW, rule, starts, steps, lr, level) for rule in rules}
 
 
-def _neg_main_grad(t: Tensor) -> Tensor:
-    x, y = t[..., 0], t[..., 1]
-    return torch.stack([2 * x / (1 + x**2), 2 * y], -1)
+def slowed_down(runs: dict[str, ConvergenceResult], rule: str = "unweighted") -> Tensor:
+    """Starts where ``rule`` needs more steps than ``main_only`` (or never converges while it does)."""
+    main, gated = runs["main_only"], runs[rule]
+    return main.converged & (~gated.converged | (gated.steps > main.steps))
 
 
-def _neg_aux_grad(t: Tensor) -> Tensor:
-    return torch.stack([t[..., 0] - AUX_TARGET_B, t[..., 1]], -1)
-
-
-def negative_example_trajectories(
-    rules: Sequence[str] = ("main_only", "unweighted", "weighted", "projection", "sum"),
-    start: tuple[float, float] = (-1.0, 10.0),
-    steps: int = 400,
-    lr: float = 0.05,
-    aux_weight: float = 1.0,
-) -> dict[str, Tensor]:
-    """Gradient descent on ``theta`` with each rule's update: ``{rule: (steps + 1, 2) path}``."""
-    paths = {}
-    for rule in rules:
-        gate = make_gate(rule, aux_weight=aux_weight)
-        theta = torch.tensor(start, dtype=torch.float64)
-        path = [theta.clone()]
-        for _ in range(steps):
-            update, _ = gate.combine(_neg_main_grad(theta), {"aux": _neg_aux_grad(theta)})
-            theta = theta - lr * update
-            path.append(theta.clone())
-        paths[rule] = torch.stack(path)
-    return paths
-
-
-def steps_to_reach(path: Tensor, level: float = 0.01) -> int | None:
-    """First step at which the main loss of ``path`` is below ``level`` (``None`` if never)."""
-    below = (_neg_main_loss(path) < level).nonzero()
-    return int(below[0]) if len(below) else None
-
-
-def negative_example(path: str = "figures/negative_example.png", steps: int = 400, lr: float = 0.05) -> str:
-    """Draw the trajectories over the main loss and the main loss against the step."""
+def negative_example(path: str = "figures/negative_example.png", n_starts: int = 200) -> str:
+    """Trajectories of ``main_only`` and ``unweighted`` (slowed runs in red) and steps per start."""
     plt = _plt()
-    paths = negative_example_trajectories(steps=steps, lr=lr)
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    xs, ys = torch.meshgrid(torch.linspace(-2, 9, 200), torch.linspace(-1, 10.5, 160), indexing="xy")
+    runs = negative_example_runs(rules=("main_only", "unweighted"), n_starts=n_starts)
+    slow = slowed_down(runs)
+    main, gated = runs["main_only"], runs["unweighted"]
+    n_starts = main.paths.shape[1]
+    shown = min(60, n_starts)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
+    xs, ys = torch.meshgrid(torch.linspace(-2.5, 3, 200), torch.linspace(-2.5, 2.5, 180), indexing="xy")
     grid = torch.stack([xs, ys], -1).double()
-    ax.contourf(xs, ys, _neg_main_loss(grid), levels=30, cmap="Greys", alpha=0.6)
-    ax.plot([AUX_TARGET_B], [0], "r*", markersize=12, label="auxiliary minimum")
-    ax.plot([0], [0], "k*", markersize=12, label="main minimum")
-    for rule, p in paths.items():
-        reached = steps_to_reach(p)
-        label = f"{rule}: {'>' + str(steps) if reached is None else reached} steps to L_main<0.01"
-        ax.plot(p[:, 0], p[:, 1], ".-", markersize=2, label=label)
-        ax2.semilogy(_neg_main_loss(p).clamp(min=1e-12), label=rule)
-    ax.set_title("Appendix B: the gate can slow convergence\nmain log(1+x^2)+y^2, aux ((x-8)^2+y^2)/2")
-    ax.set_xlabel("x")
-    ax.set_ylabel("y")
-    ax.legend(fontsize=7, loc="upper right")
-    ax2.set_xlabel("step")
-    ax2.set_ylabel("main loss")
-    ax2.grid(alpha=0.3)
-    ax2.legend(fontsize=8)
+    main_loss = ROWS[NEGATIVE_ROW].main_loss(grid)
+    for ax, rule in zip(axes[:2], ("main_only", "unweighted")):
+        ax.contourf(xs, ys, main_loss, levels=20, cmap="Greys", alpha=0.5)
+        ax.contour(xs, ys, main_loss, levels=[0.1], colors="k", linewidths=1)
+        res = runs[rule]
+        for s in range(shown):
+            p = res.paths[:, s]
+            ax.plot(p[:, 0], p[:, 1], color="tab:red" if slow[s] else "tab:green", lw=0.7, alpha=0.8)
+        ax.plot([2.0], [0.5], "b*", markersize=11, label="auxiliary minimum (2, 0.5)")
+        ax.set_title(f"{rule}: red = slowed by the gate ({shown} of {n_starts} starts)", fontsize=9)
+        ax.set_aspect("equal")
+        ax.legend(fontsize=7, loc="lower right")
+    both = main.converged & gated.converged
+    ax = axes[2]
+    ax.scatter(main.steps[both], gated.steps[both], s=8, c=["tab:red" if v else "tab:green" for v in slow[both]])
+    top = float(max(main.steps.max(), gated.steps.max(), 1))
+    ax.plot([0, top], [0, top], "k:", lw=1)
+    ax.set_xlabel("main_only: steps to main loss < 0.1")
+    ax.set_ylabel("unweighted: steps")
+    ax.set_title(
+        f"slowed {int(slow.sum())}/{int(main.converged.sum())} converging starts; "
+        f"gate-only failures {int((main.converged & ~gated.converged).sum())}",
+        fontsize=9,
+    )
+    ax.grid(alpha=0.3)
+    fig.suptitle(
+        "Appendix B: the paper's negative example, main L3 (flat for t1 >= 0), auxiliary "
+        "(t1-2)^2+(t2-0.5)^2; steepest descent, step 0.01, 600 steps",
+        fontsize=10,
+    )
     fig.tight_layout()
     return _save(fig, path)
 
@@ -150,12 +157,13 @@ def _p3_fields(points: Tensor) -> tuple[Tensor, Tensor]:
     return g_main, merged  # type: ignore[return-value]
 
 
+P3_START, P3_END = (-0.5, 0.0), (2.5, 1.5)
+
+
 def proposition3_paths() -> dict[str, list[tuple[float, float]]]:
-    """Corner points of the two polygonal paths from ``P = (-0.5, 0)`` to ``Q = (2.5, 0)``."""
-    return {
-        "A": [(-0.5, 0.0), (2.5, 0.0)],
-        "B": [(-0.5, 0.0), (-0.5, 1.5), (2.5, 1.5), (2.5, 0.0)],
-    }
+    """The paper's two paths from ``P`` to ``Q``: A goes up then right, B right then up (corners)."""
+    (px, py), (qx, qy) = P3_START, P3_END
+    return {"A": [(px, py), (px, qy), (qx, qy)], "B": [(px, py), (qx, py), (qx, qy)]}
 
 
 def line_integral(corners: Sequence[tuple[float, float]], per_unit: int = 4000) -> tuple[float, float]:
@@ -189,13 +197,14 @@ def proposition3(path: str = "figures/proposition3.png") -> str:
         circle = plt.Circle((1.0, 0.0), 1.0, color="tab:red", alpha=0.12, label="gate closed (cos < 0)")
         if k == 1:
             ax.add_patch(circle)
-        for name, style in (("A", "-"), ("B", "--")):
+        for name, style in (("A", ":"), ("B", "--")):
             c = torch.tensor(paths[name])
             value = integrals[name][k]
             ax.plot(c[:, 0], c[:, 1], style, linewidth=2.5, label=f"path {name}: integral = {value:.3f}")
-        ax.plot([-0.5, 2.5], [0, 0], "ko")
-        ax.annotate("P", (-0.5, 0), textcoords="offset points", xytext=(-12, -12))
-        ax.annotate("Q", (2.5, 0), textcoords="offset points", xytext=(6, -12))
+        ax.plot(*P3_START, "g*", markersize=12)
+        ax.plot(*P3_END, "k*", markersize=12)
+        ax.annotate("P", P3_START, textcoords="offset points", xytext=(-12, -12))
+        ax.annotate("Q", P3_END, textcoords="offset points", xytext=(6, -12))
         ax.set_title(title, fontsize=10)
         ax.set_aspect("equal")
         ax.legend(fontsize=8, loc="lower left")
@@ -204,82 +213,115 @@ def proposition3(path: str = "figures/proposition3.png") -> str:
     return _save(fig, path)
 
 
-# ------------------------------------------------------------------ cosine against dimension
+# ------------------------------------------------------------------ Appendix E: cosine against dimension
+#: the sigma values of the noise model (ours: the paper's are not given in our copy)
+APPENDIX_E_SIGMAS = (0.25, 1.0, 4.0)
+APPENDIX_E_DIMS = (2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+
+
 def _expected_abs_cosine(d: int) -> float:
     """E|cos| of two independent isotropic vectors in R^d: Gamma(d/2) / (sqrt(pi) Gamma((d+1)/2))."""
     return math.exp(math.lgamma(d / 2) - math.lgamma((d + 1) / 2)) / math.sqrt(math.pi)
 
 
-def cosine_curves(
-    dims: Sequence[int] = (2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000),
-    trials: int = 200,
-    noise_norm: float = 10.0,
-    seed: int = 0,
-) -> dict[str, list[float]]:
-    """Mean |cos| of independent vectors and mean cos of noisy copies, per dimension, via the gate.
+def _gate_cosine(a: Tensor, b: Tensor) -> Tensor:
+    """The gate's cosine of the rows of ``a`` and ``b`` (``combine`` with ``batch_dims=1``)."""
+    _, stats = GradientGate(rule="sum").combine(a, {"aux": b}, batch_dims=1)
+    return stats.cosine[:, 0]
 
-    Returns lists keyed ``dims``, ``independent``, ``independent_sd``, ``noisy``, ``noisy_sd``,
-    ``independent_theory`` and ``noisy_theory`` (``d / (d + s^2)``, exact as ``d`` grows).
+
+def independent_cosines(d: int, trials: int, sigma: float = 1.0, gen: torch.Generator | None = None) -> Tensor:
+    """Cosines of ``trials`` pairs of independent ``N(0, sigma^2 I_d)`` vectors (Appendix E, left)."""
+    a = sigma * torch.randn(trials, d, generator=gen, dtype=torch.float64)
+    b = sigma * torch.randn(trials, d, generator=gen, dtype=torch.float64)
+    return _gate_cosine(a, b)
+
+
+def noisy_copy_cosines(d: int, trials: int, sigma: float, gen: torch.Generator | None = None) -> Tensor:
+    """Appendix E, right: ``mu ~ N(0, I_d)``, ``theta_1, theta_2 ~ N(mu, sigma I_d)``; their cosines."""
+    mu = torch.randn(trials, d, generator=gen, dtype=torch.float64)
+    noise = math.sqrt(sigma)
+    a = mu + noise * torch.randn(trials, d, generator=gen, dtype=torch.float64)
+    b = mu + noise * torch.randn(trials, d, generator=gen, dtype=torch.float64)
+    return _gate_cosine(a, b)
+
+
+def noisy_cosine_limit(sigma: float) -> float:
+    """``lim_{d -> inf} cos = E[mu.mu] / E|theta|^2 = 1 / (1 + sigma)`` for the noise model.
+
+    >>> noisy_cosine_limit(1.0)
+    0.5
+    """
+    return 1.0 / (1.0 + sigma)
+
+
+def cosine_curves(
+    dims: Sequence[int] = APPENDIX_E_DIMS,
+    trials: int = 200,
+    sigmas: Sequence[float] = APPENDIX_E_SIGMAS,
+    seed: int = 0,
+) -> dict[str, list]:
+    """Per dimension: the independent pair's mean cosine, its s.d. and mean |cos| (with their exact
+    values 0, ``1/sqrt(d)``, :func:`_expected_abs_cosine`), and per sigma the noise model's mean
+    cosine, its s.d. and the large-d limit ``1 / (1 + sigma)``.
     """
     gen = torch.Generator().manual_seed(seed)
-    out: dict[str, list[float]] = {
+    out: dict[str, list] = {
         k: []
-        for k in ("dims", "independent", "independent_sd", "noisy", "noisy_sd", "independent_theory", "noisy_theory")
+        for k in (
+            "dims",
+            "independent",
+            "independent_sd",
+            "independent_abs",
+            "independent_sd_theory",
+            "independent_abs_theory",
+        )
     }
+    for sigma in sigmas:
+        out[f"noisy_{sigma:g}"], out[f"noisy_{sigma:g}_sd"] = [], []
+    out["sigmas"] = list(sigmas)
     for d in dims:
-        gate = GradientGate(rule="sum")
-        a, b = torch.randn(trials, d, generator=gen), torch.randn(trials, d, generator=gen)
-        _, stats = gate.combine(a, {"aux": b}, batch_dims=1)
-        ind = stats.cosine[:, 0].abs()
-        truth = torch.randn(trials, d, generator=gen)
-
-        def noise() -> Tensor:
-            n = torch.randn(trials, d, generator=gen)
-            return noise_norm * n / n.norm(dim=-1, keepdim=True)
-
-        gate = GradientGate(rule="sum")
-        _, stats = gate.combine(truth + noise(), {"aux": truth + noise()}, batch_dims=1)
-        noisy = stats.cosine[:, 0]
+        ind = independent_cosines(d, trials, 1.0, gen)
         out["dims"].append(d)
         out["independent"].append(float(ind.mean()))
         out["independent_sd"].append(float(ind.std()))
-        out["noisy"].append(float(noisy.mean()))
-        out["noisy_sd"].append(float(noisy.std()))
-        out["independent_theory"].append(_expected_abs_cosine(d))
-        out["noisy_theory"].append(d / (d + noise_norm**2))
+        out["independent_abs"].append(float(ind.abs().mean()))
+        out["independent_sd_theory"].append(1 / math.sqrt(d))
+        out["independent_abs_theory"].append(_expected_abs_cosine(d))
+        for sigma in sigmas:
+            c = noisy_copy_cosines(d, trials, sigma, gen)
+            out[f"noisy_{sigma:g}"].append(float(c.mean()))
+            out[f"noisy_{sigma:g}_sd"].append(float(c.std()))
     return out
 
 
 def cosine_vs_dimension(path: str = "figures/cosine_vs_dimension.png", trials: int = 200) -> str:
-    """Draw both curves with their theory."""
+    """Appendix E's two panels with their exact values and limits."""
     plt = _plt()
     c = cosine_curves(trials=trials)
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    ax.errorbar(
-        c["dims"],
-        c["independent"],
-        yerr=c["independent_sd"],
-        marker="o",
-        capsize=3,
-        label="|cos|, two independent N(0, I) vectors",
-    )
-    ax.plot(c["dims"], c["independent_theory"], "k:", label="theory: Gamma(d/2) / (sqrt(pi) Gamma((d+1)/2))")
-    ax.errorbar(
-        c["dims"],
-        c["noisy"],
-        yerr=c["noisy_sd"],
-        marker="s",
-        capsize=3,
-        label="cos, two copies of one N(0, I) vector + noise of norm 10",
-    )
-    ax.plot(c["dims"], c["noisy_theory"], "k--", label="theory: d / (d + 100)")
-    ax.set_xscale("log")
-    ax.set_xlabel("dimension d")
-    ax.set_ylabel("cosine similarity")
-    ax.set_ylim(-0.05, 1.05)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title("Cosine similarity against dimension")
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.4))
+    dims = c["dims"]
+    lo = [m - s for m, s in zip(c["independent"], c["independent_sd"])]
+    hi = [m + s for m, s in zip(c["independent"], c["independent_sd"])]
+    ax.fill_between(dims, lo, hi, alpha=0.2, label="mean cos +- s.d. (exact s.d. 1/sqrt(d) dotted)")
+    ax.plot(dims, c["independent"], "o-", ms=3)
+    ax.plot(dims, c["independent_sd_theory"], "k:", lw=1)
+    ax.plot(dims, [-v for v in c["independent_sd_theory"]], "k:", lw=1)
+    ax.plot(dims, c["independent_abs"], "s-", ms=3, label="mean |cos|")
+    ax.plot(dims, c["independent_abs_theory"], "k--", lw=1, label="exact E|cos|")
+    ax.set_title("two independent N(0, sigma^2 I_d) vectors", fontsize=10)
+    for sigma in c["sigmas"]:
+        m, sd = c[f"noisy_{sigma:g}"], c[f"noisy_{sigma:g}_sd"]
+        line = ax2.errorbar(dims, m, yerr=sd, marker="o", ms=3, capsize=2, label=f"sigma = {sigma:g}")
+        ax2.axhline(noisy_cosine_limit(sigma), color=line[0].get_color(), ls=":", lw=1)
+    ax2.set_title("mu ~ N(0, I_d), theta_1, theta_2 ~ N(mu, sigma I_d) (dotted: 1 / (1 + sigma))", fontsize=10)
+    for a in (ax, ax2):
+        a.set_xscale("log")
+        a.set_xlabel("dimension d")
+        a.set_ylabel("cosine similarity")
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7)
+    fig.suptitle(f"Appendix E: cosine similarity against dimension ({trials} draws per point)", fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
 

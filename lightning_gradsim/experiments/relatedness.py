@@ -9,7 +9,9 @@ A 4-layer ReLU trunk of width 100 feeds one linear head per task; Adam; early st
 main task's validation loss (the test loss is read at the best validation epoch).
 
 The sweep compares single-task training, ``sum``, ``projection`` (also with an EMA of the main
-gradient), ``unweighted`` and ``weighted`` over several lambdas and seeds. Because the tasks are
+gradient), ``unweighted`` and ``weighted`` over several lambdas and seeds. By default it runs the
+blog's third-claim comparison (:data:`CLAIM3_METHODS`: its Figure 13, alpha = 0.01) and writes the
+verdict to ``claim3.md`` (:mod:`.relatedness_claims`); ``--methods all`` adds alpha = 1 and 0.1. Because the tasks are
 tiny, all runs of the sweep train *together* as one batched network (a leading "run" dimension on
 every weight), and each method's runs are gated by one :class:`~lightning_gradsim.GradientGate`
 through ``combine(..., batch_dims=1)``, each run with its own gate state.
@@ -18,7 +20,7 @@ The blog's EMA ``M_t = alpha g_t + (1 - alpha) M_{t-1}`` weighs the *new* gradie
 ``main_grad_ema`` is the weight of the *old* value (``d_t = beta d_{t-1} + (1 - beta) g_t``), so
 blog alpha = 0.1 is ``main_grad_ema=0.9`` and alpha = 1 is plain ``projection``.
 
-Command line (writes ``runs.csv``, ``summary.csv``, ``table.md`` and ``relatedness.png``)::
+Command line (writes ``runs.csv``, ``summary.csv``, ``table.md``, ``relatedness.png``, ``claim3.md``)::
 
     gradsim relatedness --seeds 3 --lambdas 0.3,1,3 --out relatedness_out
     gradsim relatedness --full --out relatedness_full
@@ -44,11 +46,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..gate import GradientGate
 from ..methods import make_gate
+from ..rules import Rule
+from .ema_cosine import DirectionUnweighted, DirectionWeighted
+from .relatedness_claims import claim3_markdown
 
 __all__ = [
     "RELATEDNESS",
     "METHODS",
+    "CLAIM3_METHODS",
+    "BLOG_ALPHA",
     "MethodSpec",
     "TaskData",
     "SweepConfig",
@@ -69,24 +77,55 @@ RELATEDNESS: tuple[str, ...] = ("same", "similar", "unrelated")
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """One line of the sweep: a gate rule, its main-gradient EMA, and whether lambda is swept."""
+    """One line of the sweep: a gate rule, its main-gradient EMA, and whether lambda is swept.
 
-    rule: str
+    ``rule`` is a registered rule name or a :class:`~lightning_gradsim.rules.Rule` subclass (built
+    once per gate); ``main_grad_ema`` is ``1 - alpha`` of the blog.
+    """
+
+    rule: str | type[Rule]
     main_grad_ema: float = 0.0
     single_task: bool = False  #: train the trunk on the main task only (lambda is ignored)
     label: str = ""
 
+    def gate(self, aux_weight: float) -> GradientGate:
+        """A fresh gate of this method with ``aux_weight`` (0 for single-task training)."""
+        weight = 0.0 if self.single_task else aux_weight
+        if isinstance(self.rule, str):
+            return make_gate(self.rule, aux_weight=weight, main_grad_ema=self.main_grad_ema)
+        return GradientGate(rule=self.rule(), aux_weight=weight, main_grad_ema=self.main_grad_ema)
 
-#: Sweep methods by key. ``projection`` is the blog's alpha = 1.
+
+#: The blog's EMA setting of its Figure 13 (alpha = 0.01): ``main_grad_ema = 1 - alpha``.
+BLOG_ALPHA = 0.01
+
+#: Sweep methods by key. ``projection`` is the blog's alpha = 1. The ``*_alpha0.01`` cosine rules
+#: measure their cosine against the main-gradient EMA (:mod:`.ema_cosine`), our reading of Figure 13.
 METHODS: dict[str, MethodSpec] = {
     "single": MethodSpec("sum", single_task=True, label="single task"),
     "sum": MethodSpec("sum", label="sum"),
     "projection": MethodSpec("projection", label="projection (alpha=1)"),
     "projection_alpha0.1": MethodSpec("projection", main_grad_ema=0.9, label="projection (alpha=0.1)"),
-    "projection_alpha0.01": MethodSpec("projection", main_grad_ema=0.99, label="projection (alpha=0.01)"),
+    "projection_alpha0.01": MethodSpec("projection", main_grad_ema=1 - BLOG_ALPHA, label="projection (alpha=0.01)"),
     "unweighted": MethodSpec("unweighted", label="unweighted"),
     "weighted": MethodSpec("weighted", label="weighted"),
+    "unweighted_alpha0.01": MethodSpec(
+        DirectionUnweighted, main_grad_ema=1 - BLOG_ALPHA, label="unweighted (alpha=0.01)"
+    ),
+    "weighted_alpha0.01": MethodSpec(DirectionWeighted, main_grad_ema=1 - BLOG_ALPHA, label="weighted (alpha=0.01)"),
 }
+
+#: The default comparison: the blog's third claim (Figure 13, alpha = 0.01): single task, multitask,
+#: projection with the EMA, and both cosine rules (with the same EMA, and as in Du et al. without).
+CLAIM3_METHODS: tuple[str, ...] = (
+    "single",
+    "sum",
+    "projection_alpha0.01",
+    "unweighted_alpha0.01",
+    "weighted_alpha0.01",
+    "unweighted",
+    "weighted",
+)
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -254,7 +293,7 @@ class SweepConfig:
 
     seeds: tuple[int, ...] = (0, 1, 2)
     lambdas: tuple[float, ...] = (0.3, 1.0, 3.0)
-    methods: tuple[str, ...] = tuple(METHODS)
+    methods: tuple[str, ...] = CLAIM3_METHODS
     relatedness: tuple[str, ...] = RELATEDNESS
     max_epochs: int = 40
     patience: int = 5
@@ -353,7 +392,7 @@ def train_reference(
         cfg.output_dim,
     )
     net = _init_net(seed, cfg.input_dim, cfg.output_dim, cfg.width, cfg.depth)
-    gate = make_gate(spec.rule, aux_weight=0.0 if spec.single_task else lam, main_grad_ema=spec.main_grad_ema)
+    gate = spec.gate(lam)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     per_epoch = cfg.n_train // cfg.batch_size
     for step in range(steps):
@@ -409,7 +448,7 @@ def run_sweep(cfg: SweepConfig, max_steps: int | None = None, return_net: bool =
     inits = {s: _init_net(s, cfg.input_dim, cfg.output_dim, cfg.width, cfg.depth) for s in seeds}
     net = _BatchedNet([inits[r.seed] for r in runs])
     opt = _adam(net.params(), cfg.lr)
-    gates = {m: make_gate(METHODS[m].rule, aux_weight=1.0, main_grad_ema=METHODS[m].main_grad_ema) for m in cfg.methods}
+    gates = {m: METHODS[m].gate(1.0) for m in cfg.methods}
     alive = torch.arange(num_runs)  # original index of each run still in the batch
 
     best_val = torch.full((num_runs,), math.inf)
@@ -684,7 +723,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gradsim relatedness", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; 10 with --full)")
     parser.add_argument("--lambdas", type=_floats, default=None, help="comma-separated lambdas (default 0.3,1,3)")
-    parser.add_argument("--methods", type=_names, default=None, help=f"comma-separated subset of {','.join(METHODS)}")
+    parser.add_argument(
+        "--methods",
+        type=_names,
+        default=None,
+        help=f"comma-separated subset of {','.join(METHODS)}, or 'all' "
+        f"(default: the blog's third-claim comparison {','.join(CLAIM3_METHODS)})",
+    )
     parser.add_argument(
         "--relatedness", type=_names, default=None, help="comma-separated subset of same,similar,unrelated"
     )
@@ -724,7 +769,7 @@ def main(argv: list[str] | None = None) -> int:
     ):
         value = getattr(args, name)
         if value is not None:
-            overrides[name] = value
+            overrides[name] = tuple(METHODS) if name == "methods" and value == ("all",) else value
     overrides["progress"] = not args.no_progress
     cfg = replace(cfg, **overrides)  # type: ignore[arg-type]
     try:
@@ -735,6 +780,12 @@ def main(argv: list[str] | None = None) -> int:
     results = run_sweep(cfg)
     paths = write_outputs(results, args.out)
     print(markdown_table(summarize(results)))
+    claim = claim3_markdown(results)
+    if "###" in claim:  # the sweep has the methods the claim needs
+        paths["claim3.md"] = os.path.join(args.out, "claim3.md")
+        with open(paths["claim3.md"], "w") as f:
+            f.write(claim)
+        print(claim)
     print(f"{len(results)} runs in {time.perf_counter() - start:.0f} s; wrote {', '.join(paths.values())}")
     return 0
 

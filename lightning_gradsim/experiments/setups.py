@@ -1,4 +1,5 @@
-"""Built-in setups of :func:`lightning_gradsim.experiments.compare.compare`.
+"""Built-in setups of :func:`lightning_gradsim.experiments.compare.compare` (named in
+:data:`lightning_gradsim.experiments.registry.SETUPS`).
 
 * ``rotated_digits`` -- paper section 4.2: digits main task, rotated digits auxiliary task, the
   3x100 ReLU MLP with one 10-way head per task, RMSprop. Options: those of
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from .compare import register_setup
 from .modules import MultiTaskClassifier
 
 _MODEL_KEYS = ("lr", "optimizer", "hidden", "depth", "weight_decay", "momentum", "backbone", "pretrained")
@@ -25,7 +25,6 @@ def _split(options: dict[str, Any], defaults: dict[str, Any]) -> tuple[dict[str,
     return model, options
 
 
-@register_setup("rotated_digits", "digits main task + rotated digits auxiliary task, 3x100 MLP, RMSprop (paper 4.2)")
 def rotated_digits(method: str, seed: int, gate: dict[str, Any], **options: Any):
     """Digits main task + rotated digits auxiliary task (paper section 4.2)."""
     from ..data.digits import RotatedDigitsDataModule
@@ -39,7 +38,6 @@ def rotated_digits(method: str, seed: int, gate: dict[str, Any], **options: Any)
     return module, datamodule
 
 
-@register_setup("class_pair", "ImageNet class pair: 'is it a?' main, 'is it b?' auxiliary, timm backbone (paper 4.1)")
 def class_pair(method: str, seed: int, gate: dict[str, Any], **options: Any):
     """ImageNet class pair (paper section 4.1)."""
     from ..data.class_pair import ClassPairDataModule
@@ -49,11 +47,3 @@ def class_pair(method: str, seed: int, gate: dict[str, Any], **options: Any):
     datamodule = ClassPairDataModule(seed=seed, **data_kw)
     module = MultiTaskClassifier(tasks=datamodule.tasks, input_dim=None, method=method, gate=gate, **model_kw)
     return module, datamodule
-
-
-@register_setup("celeba", "CelebA: 'Attractive' main, 5 facial landmarks auxiliary, TCDCN-style CNN, Adam (blog)")
-def celeba(method: str, seed: int, gate: dict[str, Any], **options: Any):
-    """CelebA attractiveness with landmarks (the projection blog); options: ``lam``, ``root``, ``subset``..."""
-    from ..models_tcdcn import celeba_setup
-
-    return celeba_setup(method, seed, gate, **options)

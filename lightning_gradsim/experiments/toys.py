@@ -1,5 +1,14 @@
 """2-D toy problems: how each rule moves the parameters (``gradsim toy``).
 
+``gradsim toy`` has three parts:
+
+* ``gradsim toy`` / ``gradsim toy blog`` (the default) -- the projection blog's unit-circle toy
+  with the blog's own settings, Adam and gradient descent (:mod:`.toy_blog`);
+* ``gradsim toy figure2`` -- the paper's Figure 2 toys and its convergence-time measure over
+  random starts (:mod:`.toy_figure2`);
+* ``gradsim toy trajectories --problem ...`` (or ``gradsim toy --problem ...``) -- the
+  trajectories below.
+
 Problems (``theta`` in R^2, main loss and auxiliary *update field*):
 
 * ``paper`` -- the paper's toy: main ``|theta|^2``, auxiliary ``|theta - 1|^2`` (``1 = (1, 1)``).
@@ -7,8 +16,8 @@ Problems (``theta`` in R^2, main loss and auxiliary *update field*):
 * ``paper_field`` -- the same main loss with an auxiliary vector field that is *not* the gradient of
   any loss (paper section 3): ``v(theta) = 2 (theta - 1) + 2 R (theta - 1)`` with ``R`` the 90 degree
   rotation, a spiral around ``1``. The rules only need update vectors, not losses.
-* ``circle`` -- the unit-circle toy (after the blog post on the paper): every point of the unit circle
-  minimises the main loss ``(|theta|^2 - 1)^2``; the auxiliary ``|theta - (2, 0)|^2`` prefers a point
+* ``circle`` -- the blog's unit-circle losses from several starts: every point of the unit circle
+  minimises the main loss ``(|theta| - 1)^2``; the auxiliary ``|theta - (2, 0)|^2`` prefers a point
   outside it. Gated, the auxiliary only picks *where* on the circle to land (near ``(1, 0)``).
 
 Each rule runs gradient descent on ``theta`` from several starting points at once (the gate's
@@ -51,7 +60,7 @@ def _field_aux(t: Tensor) -> Tensor:
 
 
 def _circle_main(t: Tensor) -> Tensor:
-    return ((t**2).sum(-1) - 1) ** 2
+    return (t.norm(dim=-1) - 1) ** 2
 
 
 def _circle_aux(t: Tensor) -> Tensor:
@@ -134,10 +143,9 @@ def plot_trajectories(problem: str, paths: dict[str, Tensor], path: str | os.Pat
     return str(path)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``gradsim toy [--problem paper|paper_field|circle|all] [--rules ...] [--steps N] [--lr LR] [--out-dir DIR]``"""
+def _trajectories_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="gradsim toy", description="Trajectories of each rule on a 2-D toy problem, as PNGs."
+        prog="gradsim toy trajectories", description="Trajectories of each rule on a 2-D toy problem, as PNGs."
     )
     parser.add_argument("--problem", default="all", choices=[*PROBLEMS, "all"])
     parser.add_argument("--rules", nargs="+", default=["main_only", "sum", "unweighted", "weighted", "projection"])
@@ -156,3 +164,117 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gradsim toy: {err}")
         return 2
     return 0
+
+
+def _blog_main(argv: list[str]) -> int:
+    from .toy_blog import BLOG_RULES, OPTIMIZERS, BlogCircle, blog_circle_report, plot_blog_circle, run_blog_circle
+
+    d = BlogCircle()
+    parser = argparse.ArgumentParser(
+        prog="gradsim toy blog",
+        description="The projection blog's unit-circle toy with its settings: L_primary = (|theta| - 1)^2, "
+        "L_aux = |theta - (2, 0)|^2, start (0, 2), lambda 0.1, Adam and gradient descent at lr 0.01.",
+    )
+    parser.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="comma-separated subset of adam,gd")
+    parser.add_argument("--rules", nargs="+", default=list(BLOG_RULES))
+    parser.add_argument("--steps", type=int, default=d.steps, help=f"steps per run (ours: {d.steps})")
+    parser.add_argument(
+        "--random-starts",
+        type=int,
+        default=d.random_starts,
+        help=f"extra random starts in [-{d.box:g}, {d.box:g}]^2 (ours: {d.random_starts})",
+    )
+    parser.add_argument("--out-dir", default=os.path.join("runs", "toys"))
+    args = parser.parse_args(argv)
+    import time
+
+    settings = BlogCircle(steps=args.steps, random_starts=args.random_starts)
+    start = time.perf_counter()
+    try:
+        paths = {opt: run_blog_circle(opt, args.rules, settings) for opt in args.optimizers.split(",") if opt}
+    except ValueError as err:
+        print(f"gradsim toy: {err}")
+        return 2
+    report = blog_circle_report(paths, settings)
+    os.makedirs(args.out_dir, exist_ok=True)
+    png = plot_blog_circle(paths, os.path.join(args.out_dir, "blog_circle.png"))
+    with open(os.path.join(args.out_dir, "blog_circle.md"), "w") as f:
+        f.write(report)
+    print(report)
+    print(f"{time.perf_counter() - start:.1f} s; wrote {png} and {os.path.join(args.out_dir, 'blog_circle.md')}")
+    return 0
+
+
+def _figure2_main(argv: list[str]) -> int:
+    from .toy_figure2 import FIGURE2_RULES, PAPER, ROWS, figure2_markdown, figure2_table, plot_figure2
+
+    parser = argparse.ArgumentParser(
+        prog="gradsim toy figure2",
+        description="The paper's Figure 2 toys: convergence time (steps until the main loss stays below the "
+        "level) over random starts, per row (main + auxiliary) and rule.",
+    )
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
+    parser.add_argument("--rules", nargs="+", default=list(FIGURE2_RULES))
+    parser.add_argument("--starts", type=int, default=500, help="random starts per cell (ours: 500)")
+    parser.add_argument("--box", type=float, default=2.0, help="starts uniform in [-box, box]^2 (ours: 2)")
+    parser.add_argument("--steps", type=int, default=PAPER["steps"])
+    parser.add_argument("--lr", type=float, default=PAPER["lr"])
+    parser.add_argument("--level", type=float, default=PAPER["level"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out-dir", default=os.path.join("runs", "toys"))
+    args = parser.parse_args(argv)
+    import csv
+    import time
+
+    start = time.perf_counter()
+    try:
+        table, raw = figure2_table(
+            [r for r in args.rows.split(",") if r],
+            args.rules,
+            args.starts,
+            args.steps,
+            args.lr,
+            args.level,
+            args.box,
+            args.seed,
+        )
+    except ValueError as err:
+        print(f"gradsim toy: {err}")
+        return 2
+    os.makedirs(args.out_dir, exist_ok=True)
+    text = figure2_markdown(table, args.steps, args.level)
+    with open(os.path.join(args.out_dir, "figure2.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(args.out_dir, "figure2.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(table[0]))
+        writer.writeheader()
+        writer.writerows(table)
+    png = plot_figure2(raw, os.path.join(args.out_dir, "figure2.png"), args.level, box=args.box)
+    print(text)
+    print(f"{time.perf_counter() - start:.1f} s; wrote {png}, figure2.md and figure2.csv in {args.out_dir}")
+    return 0
+
+
+_PARTS = {"blog": _blog_main, "figure2": _figure2_main, "trajectories": _trajectories_main}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``gradsim toy [blog|figure2|trajectories] [options]`` (default ``blog``; ``--problem ...`` means
+    ``trajectories``, as before)."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in _PARTS:
+        return _PARTS[argv[0]](argv[1:])
+    if argv and argv[0] in {"-h", "--help"}:
+        print(
+            "usage: gradsim toy [blog|figure2|trajectories] [options]\n\n"
+            "  blog          the blog's unit-circle toy, its settings, Adam and gradient descent (default)\n"
+            "  figure2       the paper's Figure 2 convergence times over random starts\n"
+            "  trajectories  trajectories per rule on the 2-D problems (--problem paper|paper_field|circle|all)\n\n"
+            "`gradsim toy PART --help` lists each part's options."
+        )
+        return 0
+    if any(a == "--problem" or a.startswith("--problem=") for a in argv):
+        return _trajectories_main(argv)
+    return _blog_main(argv)

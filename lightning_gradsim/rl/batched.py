@@ -22,6 +22,10 @@ __all__ = ["BatchedGridworld"]
 class BatchedGridworld:
     """``N`` independent gridworld episodes (no auto-reset: call :meth:`reset` with a mask).
 
+    A step: with probability ``spec.drop`` a transition to a non-rewarding terminal state (reward
+    0, the agent stays); otherwise the chosen move, replaced with probability ``spec.noise`` by one
+    of the 3 other moves, and the reward (and termination) of the cell reached.
+
     Attributes:
         position: ``(N,)`` flat cell index of each agent.
     """
@@ -51,11 +55,17 @@ class BatchedGridworld:
         self.position = target.clone() if mask is None else torch.where(mask, target, self.position)
         return self.observe() if observe else None
 
-    def random_free_positions(self) -> Tensor:
-        """A uniformly random non-wall, non-terminal cell per gridworld (exploring starts)."""
-        ok = (self._flat != WALL) & ~self._terminal[self._flat]
-        keys = torch.rand(self._flat.shape, generator=self.generator) + ok.float()
-        return keys.argmax(1)
+    def random_free_positions(self, mask: Tensor | None = None) -> Tensor:
+        """A uniformly random non-wall, non-terminal cell per gridworld (exploring starts), ``(N,)``;
+        with ``mask`` only those rows are drawn (the others keep their position)."""
+        flat = self._flat if mask is None else self._flat[mask]
+        ok = (flat != WALL) & ~self._terminal[flat]
+        keys = torch.rand(flat.shape, generator=self.generator) + ok.float()
+        if mask is None:
+            return keys.argmax(1)
+        out = self.position.clone()
+        out[mask] = keys.argmax(1)
+        return out
 
     def step(self, actions: Tensor, observe: bool = True) -> tuple[Tensor | None, Tensor, Tensor]:
         """Move every agent; returns ``(observations, rewards, terminated)`` (``None`` observations
@@ -63,11 +73,12 @@ class BatchedGridworld:
         n = len(self)
         g = self.generator
         noisy = torch.rand(n, generator=g) < self.spec.noise
-        random_moves = torch.randint(NUM_ACTIONS, (n,), generator=g)
-        moves = torch.where(noisy, random_moves, actions.long())
-        self.position = self._next[self._rows, self.position, moves]
-        code = self._flat[self._rows, self.position]
-        reward = self._reward[code]
+        other_moves = (actions.long() + torch.randint(1, NUM_ACTIONS, (n,), generator=g)) % NUM_ACTIONS
+        moves = torch.where(noisy, other_moves, actions.long())
         dropped = torch.rand(n, generator=g) < self.spec.drop
+        moved = self._next[self._rows, self.position, moves]
+        self.position = torch.where(dropped, self.position, moved)
+        code = self._flat[self._rows, self.position]
+        reward = torch.where(dropped, torch.zeros(()), self._reward[code])
         terminated = self._terminal[code] | dropped
         return (self.observe() if observe else None), reward, terminated

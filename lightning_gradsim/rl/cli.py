@@ -3,6 +3,8 @@
 Example::
 
     gradsim gridworld --envs 200 --steps 10000 --seed 0 --out runs/gridworld
+    gradsim gridworld --transfer same --out runs/gridworld-same   # Figure 4's bottom row
+    gradsim gridworld --transfer both --out runs/gridworld-both   # both rows in one run
     gradsim gridworld --envs 1000 --out runs/gridworld-1000   # the paper's size
 """
 
@@ -19,13 +21,13 @@ __all__ = ["main", "build_parser"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .experiment import METHODS, ExperimentConfig
+    from .experiment import METHOD_ALIASES, METHODS, REMOVED_CODES, ExperimentConfig
 
     d = ExperimentConfig()
     p = argparse.ArgumentParser(
         prog="gradsim gridworld",
-        description="Distillation from a Q-learning teacher in partially observable gridworlds (Du et al., sec. 4.3). "
-        "Writes curves.csv, gate.csv, summary.csv, curves.png and layout.png.",
+        description="Distillation from a Q-learning teacher in partially observable gridworlds (Du et al., sec. 4.3, "
+        "Figure 4). Writes curves.csv, gate.csv, summary.csv, claims.md, curves.png, gate.png and layout.png.",
     )
     p.add_argument(
         "--envs", type=int, default=d.envs, help="number of gridworlds (default %(default)s; the paper: 1000)"
@@ -36,18 +38,44 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="runs/gridworld", help="output folder (default %(default)s)")
     p.add_argument(
+        "--transfer",
+        choices=["cross", "same", "both"],
+        default="cross",
+        help="cross: the student's task has the teacher's rewards removed (Figure 4, top row); same: the "
+        "student learns the teacher's own task (bottom row); both: the two in one run (default %(default)s)",
+    )
+    p.add_argument(
+        "--remove",
+        choices=list(REMOVED_CODES),
+        default=d.remove,
+        help="positive rewards the cross task removes: goal (the teacher's kind; gems still reward) or "
+        "all (no positive reward left) (default %(default)s)",
+    )
+    p.add_argument(
         "--temperatures",
         type=float,
         nargs="+",
         default=list(d.temperatures),
-        help="teacher temperatures, one panel each (default %(default)s)",
+        help="teacher temperatures, one column each (default %(default)s)",
     )
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="methods to run")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(METHODS),
+        choices=list(METHODS) + list(METHOD_ALIASES),
+        metavar="METHOD",
+        help=f"methods to run: {', '.join(METHODS)} (aliases: "
+        + ", ".join(f"{a}={m}" for a, m in METHOD_ALIASES.items())
+        + ")",
+    )
     p.add_argument(
         "--eval-every", type=int, default=d.eval_every, help="steps between evaluations (default %(default)s)"
     )
     p.add_argument("--lr", type=float, default=d.lr, help="students' learning rate (default %(default)s)")
     p.add_argument("--aux-weight", type=float, default=d.aux_weight, help="lambda of the distillation update")
+    p.add_argument(
+        "--gamma", type=float, default=d.gamma, help="discount of the students and the teacher (default %(default)s)"
+    )
     p.add_argument("--teacher-steps", type=int, default=d.teacher_steps, help="Q-learning steps per gridworld")
     p.add_argument(
         "--threads",
@@ -61,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the experiment and write its files; returns the exit code."""
-    from .experiment import ExperimentConfig, run_experiment, write_outputs
+    from .claims import assess_claims, claims_markdown
+    from .experiment import ExperimentConfig, run_experiment
+    from .report import write_outputs
 
     args = build_parser().parse_args(argv)
     if args.threads > 0:
@@ -77,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
             lr=args.lr,
             aux_weight=args.aux_weight,
             teacher_steps=args.teacher_steps,
+            gamma=args.gamma,
+            remove=args.remove,
+            transfers=("cross", "same") if args.transfer == "both" else (args.transfer,),
         )
     except ValueError as err:
         print(f"gradsim gridworld: {err}", file=sys.stderr)
@@ -94,18 +127,18 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - start
     final = result.final_returns()
     reach = result.steps_to_reach("reward")
-    print(f"random policy: {result.random_return[0]:.3f}")
-    for t in cfg.temperatures:
-        line = ", ".join(f"{m} {final[(m, t)]:.3f}" for m in cfg.methods)
-        print(f"T={t:g}: teacher {result.teacher_return[t][0]:.3f} | final: {line}")
-        if "reward" in cfg.methods:
-            print(
-                "       steps to reach reward's final return: "
-                + ", ".join(f"{m} {reach[(m, t)]}" for m in cfg.methods if m != "reward")
-            )
+    for tr in cfg.transfers:
+        print(f"[{tr}] random policy: {float(result.random_return[tr].mean()):.3f}")
+        for t in cfg.temperatures:
+            line = ", ".join(f"{m} {final[(tr, m, t)]:.3f}" for m in cfg.methods)
+            print(f"[{tr}] T={t:g}: teacher {float(result.teacher_return[(tr, t)].mean()):.3f} | final: {line}")
+            if "reward" in cfg.methods:
+                print(
+                    f"[{tr}]        steps to reach reward's final return: "
+                    + ", ".join(f"{m} {reach[(tr, m, t)]}" for m in cfg.methods)
+                )
+    print(claims_markdown(assess_claims(result)))
     print(f"wrote {', '.join(str(p) for p in paths.values())} in {elapsed:.0f} s")
     with open(paths["curves.csv"].parent / "config.json", "w") as f:
-        from .experiment import config_dict
-
-        json.dump({**config_dict(cfg), "seconds": round(elapsed, 1)}, f, indent=2)
+        json.dump({**cfg.as_dict(), "seconds": round(elapsed, 1)}, f, indent=2)
     return 0

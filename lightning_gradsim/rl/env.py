@@ -21,7 +21,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from .world import CODE_COLOURS, EMPTY, GOAL, MOVES, NUM_CODES, WALL, GridSpec, sample_layouts
+from .world import CODE_COLOURS, EMPTY, GEM, GOAL, MOVES, NUM_CODES, WALL, GridSpec, sample_layouts
 
 __all__ = ["GridworldEnv", "ENV_ID"]
 
@@ -34,13 +34,18 @@ COLOURS = np.array(CODE_COLOURS, dtype=np.uint8)
 class GridworldEnv(gym.Env):
     """One gridworld: 4 moves, transition noise, random termination, a ``(2r+1)^2`` egocentric view.
 
+    A step: with probability ``drop`` a transition to a non-rewarding terminal state (reward 0,
+    the agent stays); otherwise the chosen move, replaced with probability ``noise`` by one of
+    the 3 other moves, and the reward (and termination) of the cell reached.
+
     The observation is the window of cell codes centred on the agent (``MultiDiscrete``, outside
     the grid reads as WALL); the agent's own cell is the centre. ``info`` holds the agent's
     ``position`` (flat cell index).
 
     Args:
         layout_seed, layout_index: which layout of :func:`~lightning_gradsim.rl.world.sample_layouts`.
-        task: ``"original"`` (the teacher's) or ``"transformed"`` (GOAL cells turned EMPTY).
+        task: ``"original"`` (the teacher's) or ``"transformed"`` (the ``removed`` cells turned EMPTY).
+        removed: the reward cell codes the transformed task removes (default: GOAL).
         spec: the :class:`~lightning_gradsim.rl.world.GridSpec` (defaults when ``None``).
         cells, start: an explicit layout (``(H, W)`` int codes and flat start index) instead of a sampled one.
         render_mode: ``None`` or ``"rgb_array"``.
@@ -54,6 +59,7 @@ class GridworldEnv(gym.Env):
         layout_seed: int = 0,
         layout_index: int = 0,
         task: str = "original",
+        removed: tuple[int, ...] = (GOAL,),
         spec: GridSpec | None = None,
         cells: Any = None,
         start: int | None = None,
@@ -81,7 +87,9 @@ class GridworldEnv(gym.Env):
             if grid.flat[start] == WALL:
                 raise ValueError(f"The start cell {start} is a wall.")
         if task == "transformed":
-            grid = np.where(grid == GOAL, EMPTY, grid)
+            if any(code not in (GOAL, GEM) for code in removed):
+                raise ValueError(f"removed must hold positive reward codes (GOAL={GOAL}, GEM={GEM}), got {removed}.")
+            grid = np.where(np.isin(grid, list(removed)), EMPTY, grid)
         self.grid = grid.astype(np.int64)
         rad = self.spec_.view_radius
         self._padded = np.pad(self.grid, rad, mode="constant", constant_values=WALL)
@@ -112,8 +120,12 @@ class GridworldEnv(gym.Env):
         if not self.action_space.contains(action):
             raise ValueError(f"Invalid action {action!r}; actions are 0..{len(MOVES) - 1} (up, right, down, left).")
         spec = self.spec_
-        if self.np_random.random() < spec.noise:
-            action = int(self.np_random.integers(len(MOVES)))
+        self.steps += 1
+        if self.np_random.random() < spec.drop:  # to the non-rewarding terminal state
+            truncated = False
+            return self.observe(), 0.0, True, truncated, {"position": self.position}
+        if self.np_random.random() < spec.noise:  # one of the 3 other moves
+            action = (int(action) + int(self.np_random.integers(1, len(MOVES)))) % len(MOVES)
         dr, dc = MOVES[int(action)]
         r, c = divmod(self.position, spec.width)
         nr, nc = r + dr, c + dc
@@ -122,9 +134,6 @@ class GridworldEnv(gym.Env):
         code = int(self.grid.flat[self.position])
         reward = float(spec.rewards[code])
         terminated = code in _TERMINAL_CODES
-        if not terminated and self.np_random.random() < spec.drop:
-            terminated = True
-        self.steps += 1
         truncated = self.max_episode_steps is not None and self.steps >= self.max_episode_steps and not terminated
         return self.observe(), reward, terminated, bool(truncated), {"position": self.position}
 

@@ -14,7 +14,8 @@ updates in parameter space are ``<C1^T X, C2^T X> = tr(C1^T K C2) = <L^T C1, L^T
 Per episode (parameters fixed while it runs) the accumulator builds, online:
 
 * the REINFORCE update with the value baseline, ``sum_t (G_t - V(s_t)) grad log pi(a_t | s_t)``
-  (an eligibility trace of the score, credited with each reward: ``G_t`` is the return-to-go);
+  (an eligibility trace of the score, credited with each reward: ``G_t = sum_k gamma^k r_{t+k}``
+  is the discounted return-to-go);
 * the value update ``sum_t (G_t - V(s_t)) grad V(s_t)`` (minus the gradient of ``0.5 sum (G_t - V_t)^2``);
 * the distillation update ``-grad sum_t CE(pi_teacher(s_t), pi(s_t))``.
 
@@ -24,9 +25,9 @@ visited), and all three are *ascent* directions (``params += lr * update``).
 Example::
 
     student = LinearStudent(kernel)            # kernel: (B, S, S) from cell_kernel(features)
-    acc = EpisodeAccumulator(student)
-    probs, actions = student.act(sim.position, generator)
-    acc.record(sim.position, probs, actions, student.value(sim.position), teacher_probs)
+    acc = EpisodeAccumulator(student, gamma=0.99)
+    probs, values, actions = student.act(sim.position, generator)
+    acc.record(sim.position, probs, actions, values, teacher_probs)
     _, reward, done = sim.step(actions, observe=False)
     acc.reward(reward)
     rows, policy_update, value_update, distill_update = acc.take(done)
@@ -117,11 +118,13 @@ class LinearStudent:
     def value(self, position: Tensor) -> Tensor:
         return (self._k(position) * self.value_coef).sum(-1)
 
-    def act(self, position: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """Sample actions; returns ``(probs, actions)``."""
-        probs = torch.softmax(self.logits(position), dim=-1)
+    def act(self, position: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        """Sample actions at each row's cell; returns ``(probs (B, 4), values (B,), actions (B,))``."""
+        k = self._k(position)
+        probs = torch.softmax(torch.einsum("bs,bsa->ba", k, self.policy), dim=-1)
+        values = (k * self.value_coef).sum(-1)
         actions = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        return probs, actions
+        return probs, values, actions
 
     def primal(self, cell_feats: Tensor) -> tuple[Tensor, Tensor]:
         """The primal weights ``(W (B, 4, D), w (B, D))`` given each row's cell features ``(B, S, D)``."""
@@ -132,47 +135,76 @@ class LinearStudent:
 
 
 class EpisodeAccumulator:
-    """Online per-cell sums of the policy-gradient, value and distillation updates of each row's episode."""
+    """Online per-cell sums of the policy-gradient, value and distillation updates of each row's episode.
 
-    def __init__(self, student: LinearStudent) -> None:
+    ``gamma`` discounts the returns-to-go. The traces are kept as ``sum_k gamma^-k x_k`` with a
+    per-row ``scale = gamma^-t`` (rescaled when it grows large), so a reward at step ``t`` credits
+    step ``k`` with ``gamma^(t-k)`` without decaying every trace at every step.
+    """
+
+    def __init__(self, student: LinearStudent, gamma: float = 1.0) -> None:
+        if not 0.0 < gamma <= 1.0:
+            raise ValueError(f"gamma must be in (0, 1], got {gamma}.")
         b, s, a = student.policy.shape
+        self.gamma = float(gamma)
         self.trace_score = torch.zeros(b, s, a)
         self.trace_visits = torch.zeros(b, s)
         self.policy_update = torch.zeros(b, s, a)
         self.value_update = torch.zeros(b, s)
         self.distill_update = torch.zeros(b, s, a)
+        self.length = torch.zeros(b)
+        self.scale = torch.ones(b)
         self._rows = torch.arange(b)
 
     def record(self, position: Tensor, probs: Tensor, actions: Tensor, values: Tensor, teacher_probs: Tensor) -> None:
         """Add step ``t``'s terms (call before :meth:`reward` of the same step)."""
-        rows = self._rows
+        b, s, a = self.policy_update.shape
+        flat = self._rows * s + position  # (row, cell) of each row's step
         score = torch.nn.functional.one_hot(actions, NUM_ACTIONS).float() - probs  # d log pi / d logits
-        self.trace_score[rows, position] += score
-        self.policy_update[rows, position] -= values.unsqueeze(-1) * score
-        self.trace_visits[rows, position] += 1.0
-        self.value_update[rows, position] -= values
-        self.distill_update[rows, position] += teacher_probs - probs
+        self.trace_score.view(b * s, a).index_add_(0, flat, score * self.scale.unsqueeze(-1))
+        self.policy_update.view(b * s, a).index_add_(0, flat, -values.unsqueeze(-1) * score)
+        self.distill_update.view(b * s, a).index_add_(0, flat, teacher_probs - probs)
+        self.trace_visits.view(b * s).index_add_(0, flat, self.scale)
+        self.value_update.view(b * s).index_add_(0, flat, -values)
+        self.length += 1.0
 
     def reward(self, reward: Tensor) -> None:
-        """Credit step ``t``'s reward to every step of the episode so far (return-to-go)."""
+        """Credit step ``t``'s reward to every step ``k <= t`` of the episode so far, discounted by
+        ``gamma^(t-k)`` (return-to-go), and move to the next step."""
         rows = reward.nonzero().squeeze(1)
         if rows.numel():
-            r = reward[rows]
+            r = reward[rows] / self.scale[rows]
             self.policy_update.index_add_(0, rows, r.view(-1, 1, 1) * self.trace_score[rows])
             self.value_update.index_add_(0, rows, r.view(-1, 1) * self.trace_visits[rows])
+        if self.gamma < 1.0:
+            self.scale /= self.gamma
+            big = (self.scale > 1e6).nonzero().squeeze(1)
+            if big.numel():  # exact rescaling: traces and scale divided alike
+                c = self.scale[big]
+                self.trace_score[big] /= c.view(-1, 1, 1)
+                self.trace_visits[big] /= c.view(-1, 1)
+                self.scale[big] = 1.0
 
     def take(self, mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(rows, policy_update, value_update, distill_update)`` of the finished episodes (``rows``:
         the indices where ``mask``), in dual form and divided by the episode's length (means over its
         steps, so that a long episode does not make a step too large), and a fresh start for those rows."""
         rows = mask.nonzero().squeeze(1)
-        length = self.trace_visits[rows].sum(-1).clamp(min=1.0)  # steps in the episode
+        length = self.length[rows].clamp(min=1.0)  # steps in the episode
         out = (
             rows,
             self.policy_update[rows] / length.view(-1, 1, 1),
             self.value_update[rows] / length.view(-1, 1),
             self.distill_update[rows] / length.view(-1, 1, 1),
         )
-        for buf in (self.trace_score, self.policy_update, self.distill_update, self.trace_visits, self.value_update):
+        for buf in (
+            self.trace_score,
+            self.policy_update,
+            self.distill_update,
+            self.trace_visits,
+            self.value_update,
+            self.length,
+        ):
             buf.index_fill_(0, rows, 0.0)
+        self.scale.index_fill_(0, rows, 1.0)
         return out

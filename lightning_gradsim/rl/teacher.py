@@ -30,7 +30,8 @@ def q_learning(
     generator: torch.Generator | None = None,
     lr_exponent: float = 0.6,
 ) -> Tensor:
-    """Q-values ``(N, S, 4)`` after ``steps`` transitions per gridworld of uniform exploration."""
+    """Q-values ``(N, S, 4)`` after ``steps`` transitions per gridworld of uniform exploration, with
+    discount ``gamma`` (the targets are ``r + gamma * max_a' Q(s', a')``, 0 after a terminal step)."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}.")
     if not 0.5 < lr_exponent <= 1.0:
@@ -51,7 +52,7 @@ def q_learning(
         alpha = counts[rows, state, actions].pow(-lr_exponent)
         q[rows, state, actions] += alpha * (target - q[rows, state, actions])
         if terminated.any():
-            sim.reset(mask=terminated, positions=sim.random_free_positions(), observe=False)
+            sim.reset(mask=terminated, positions=sim.random_free_positions(terminated), observe=False)
     return q
 
 

@@ -14,12 +14,13 @@ code       name  meaning
 =========  ====  ===================================================================
 
 Dynamics (shared by :class:`~lightning_gradsim.rl.env.GridworldEnv` and
-:class:`~lightning_gradsim.rl.batched.BatchedGridworld`): with probability ``noise`` the chosen
-move is replaced by one of the 4 moves drawn uniformly (possibly the same one); a move into a wall
-or off the grid leaves the agent in place; the reward is that of the cell the agent is in after the
-move; GOAL, GEM and PIT end the episode; otherwise the episode ends with probability ``drop``
-(a non-rewarding terminal state). The *transformed* task (the experiment's main task) turns every
-GOAL cell into EMPTY.
+:class:`~lightning_gradsim.rl.batched.BatchedGridworld`): with probability ``drop`` the step is a
+transition to a non-rewarding terminal state (reward 0, the episode ends, the agent does not move);
+otherwise, with probability ``noise`` the chosen move is replaced by one of the 3 *other* moves
+(uniformly), a move into a wall or off the grid leaves the agent in place, the reward is that of
+the cell the agent is in after the move, and GOAL, GEM and PIT end the episode. The *transformed*
+task (the cross-task experiment's main task) turns the removed reward cells (GOAL by default) into
+EMPTY: no reward there, and they no longer end the episode.
 
 Example::
 
@@ -49,7 +50,10 @@ __all__ = [
     "Layouts",
     "sample_layouts",
     "windows",
+    "policy_model",
     "policy_evaluation",
+    "action_values",
+    "visitation",
     "value_iteration",
 ]
 
@@ -78,8 +82,8 @@ class GridSpec:
         wall_prob: probability that a cell is a wall (before placing the special cells).
         num_goals, num_gems, num_pits, num_mud: how many cells of each kind.
         reward_goal, reward_gem, reward_pit, reward_mud: reward on entering (or staying in) the cell.
-        noise: probability that the move is replaced by a uniformly random one.
-        drop: per-step probability of falling into a non-rewarding terminal state.
+        noise: probability that the move is replaced by one of the 3 other moves (uniformly).
+        drop: per-step probability of a transition to a non-rewarding terminal state.
         view_radius: the agent sees a ``(2r+1, 2r+1)`` egocentric window.
     """
 
@@ -149,9 +153,21 @@ class Layouts:
     def __len__(self) -> int:
         return self.cells.shape[0]
 
-    def transformed(self) -> Layouts:
-        """The main task: every GOAL cell becomes EMPTY (the GEM cells still reward)."""
-        cells = torch.where(self.cells == GOAL, torch.full_like(self.cells, EMPTY), self.cells)
+    def transformed(self, removed: tuple[int, ...] = (GOAL,)) -> Layouts:
+        """The new task: the cells of the ``removed`` codes (default: GOAL, the teacher's reward; the
+        GEM cells still reward) become EMPTY, so they neither reward nor end the episode.
+
+        >>> spec = GridSpec(2, 2, num_mud=0, num_pits=1)
+        >>> lay = Layouts(torch.tensor([[[GOAL, GEM], [EMPTY, PIT]]]), torch.tensor([2]), spec)
+        >>> lay.transformed().cells.tolist(), lay.transformed((GOAL, GEM)).cells.tolist()
+        ([[[0, 3], [0, 4]]], [[[0, 0], [0, 4]]])
+        """
+        bad = [c for c in removed if c not in (GOAL, GEM)]
+        if bad:
+            raise ValueError(f"Only positive reward cells (GOAL={GOAL}, GEM={GEM}) can be removed, got {bad}.")
+        cells = self.cells.clone()
+        for code in removed:
+            cells = torch.where(cells == code, torch.full_like(cells, EMPTY), cells)
         return Layouts(cells, self.start.clone(), self.spec)
 
     def index(self, idx: Tensor | slice | int) -> Layouts:
@@ -237,45 +253,74 @@ def windows(cells: Tensor, positions: Tensor, radius: int) -> Tensor:
 
 
 def _expected_step(layouts: Layouts) -> tuple[Tensor, Tensor, Tensor]:
-    """Per cell: next cell ``(N, S, 4)``, its reward ``(N, S, 4)``, its continuation probability ``(N, S, 4)``."""
+    """Per cell and executed move: next cell ``(N, S, 4)``, expected reward ``(N, S, 4)`` and
+    continuation probability ``(N, S, 4)``, both including the ``drop`` to the non-rewarding end."""
     spec = layouts.spec
     nxt = layouts.next_cell()
     codes = layouts.flat_cells().gather(1, nxt.flatten(1)).view_as(nxt)
-    reward = spec.reward_table(torch.float64)[codes]
+    reward = spec.reward_table(torch.float64)[codes] * (1.0 - spec.drop)
     cont = (~GridSpec.terminal_table()[codes]).double() * (1.0 - spec.drop)
     return nxt, reward, cont
 
 
 def _effective_moves(spec: GridSpec, policy: Tensor) -> Tensor:
-    """Probability of each executed move given the policy's action distribution (noise mixed in)."""
-    return (1.0 - spec.noise) * policy + spec.noise / NUM_ACTIONS
+    """Probability of each executed move given the policy's action distribution: the chosen move
+    with probability ``1 - noise``, each of the 3 others with ``noise / 3``."""
+    other = spec.noise / (NUM_ACTIONS - 1)
+    return (1.0 - spec.noise - other) * policy + other
 
 
-def policy_evaluation(layouts: Layouts, policy: Tensor) -> Tensor:
-    """Exact expected (undiscounted) return from every cell, ``(N, S)``, for ``policy`` ``(N, S, 4)``.
-
-    Solves ``v = b + M v`` on the known model; it is finite because every step ends the episode
-    with probability at least ``drop`` (which must then be > 0). Read the start value with
-    ``v.gather(1, layouts.start[:, None])``.
-    """
-    spec = layouts.spec
-    if spec.drop <= 0:
-        raise ValueError("policy_evaluation needs drop > 0 (otherwise the return may be unbounded).")
+def policy_model(layouts: Layouts, policy: Tensor) -> tuple[Tensor, Tensor]:
+    """The Markov chain of ``policy`` ``(N, S, 4)`` on the known model: expected reward per step from
+    every cell ``b`` ``(N, S)`` and the (substochastic) cell-to-cell matrix ``M`` ``(N, S, S)`` of the
+    episode going on (its missing mass is the end of the episode)."""
     n, s = layouts.flat_cells().shape
     nxt, reward, cont = _expected_step(layouts)
-    moves = _effective_moves(spec, policy.double())  # (N, S, 4)
-    b = (moves * reward).sum(-1)
+    moves = _effective_moves(layouts.spec, policy.double())  # (N, S, 4)
     m = torch.zeros(n, s, s, dtype=torch.float64)
     m.scatter_add_(2, nxt, moves * cont)
-    eye = torch.eye(s, dtype=torch.float64).expand(n, s, s)
-    return torch.linalg.solve(eye - m, b.unsqueeze(-1)).squeeze(-1)
+    return (moves * reward).sum(-1), m
+
+
+def policy_evaluation(layouts: Layouts, policy: Tensor, gamma: float = 1.0) -> Tensor:
+    """Exact expected return from every cell, ``(N, S)``, for ``policy`` ``(N, S, 4)`` (undiscounted
+    by default: the score; ``gamma < 1`` discounts).
+
+    Solves ``v = b + gamma M v`` on the known model; it is finite because every step ends the episode
+    with probability at least ``drop`` (which must then be > 0 when ``gamma == 1``). Read the start
+    value with ``v.gather(1, layouts.start[:, None])``.
+    """
+    if layouts.spec.drop <= 0 and gamma >= 1.0:
+        raise ValueError("policy_evaluation needs drop > 0 or gamma < 1 (otherwise the return may be unbounded).")
+    b, m = policy_model(layouts, policy)
+    s = b.shape[1]
+    eye = torch.eye(s, dtype=torch.float64).expand_as(m)
+    return torch.linalg.solve(eye - gamma * m, b.unsqueeze(-1)).squeeze(-1)
+
+
+def action_values(layouts: Layouts, values: Tensor, gamma: float = 1.0) -> Tensor:
+    """``Q(s, a)`` ``(N, S, 4)`` of a policy whose state values are ``values`` ``(N, S)`` (one
+    Bellman backup: ``(1 - drop) sum_m p(m | a) [r(s'_m) + gamma alive(s'_m) V(s'_m)]``)."""
+    nxt, reward, cont = _expected_step(layouts)
+    mix = _effective_moves(layouts.spec, torch.eye(NUM_ACTIONS, dtype=torch.float64))  # (a, m)
+    target = reward + gamma * cont * values.double().gather(1, nxt.flatten(1)).view_as(nxt)  # (N, S, m)
+    return target @ mix.T
+
+
+def visitation(layouts: Layouts, policy: Tensor) -> Tensor:
+    """Expected number of visits ``(N, S)`` to every cell in one episode from the start cell."""
+    _, m = policy_model(layouts, policy)
+    n, s, _ = m.shape
+    eye = torch.eye(s, dtype=torch.float64).expand_as(m)
+    start = torch.nn.functional.one_hot(layouts.start, s).double().unsqueeze(-1)
+    return torch.linalg.solve((eye - m).transpose(1, 2), start).squeeze(-1)
 
 
 def value_iteration(layouts: Layouts, gamma: float = 1.0, tol: float = 1e-10, max_iter: int = 100_000) -> Tensor:
     """Optimal action values ``(N, S, 4)`` of the model: the fixed point Q-learning converges to.
 
-    ``Q(s, a) = sum_m p(m | a) [r(s'_m) + gamma * cont(s'_m) * max_a' Q(s'_m, a')]``, with
-    ``cont`` the probability that the episode goes on after entering ``s'_m``.
+    ``Q(s, a) = (1 - drop) sum_m p(m | a) [r(s'_m) + gamma * alive(s'_m) * max_a' Q(s'_m, a')]``,
+    with ``alive`` false on terminal cells and ``p(m | a)`` the noise model.
     """
     spec = layouts.spec
     nxt, reward, cont = _expected_step(layouts)

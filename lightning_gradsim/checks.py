@@ -1,0 +1,157 @@
+"""What ``GradSimMixin`` refuses or warns about, and how it decides that a step is skipped.
+
+Everything here runs before the first gradient is written (the trainer and gate options, in
+``configure_callbacks``; the task losses, at every step) or right after the gate (one host sync
+per step to decide whether the optimizer steps).
+
+>>> import torch
+>>> check_task_losses({"main": torch.tensor(1.0, requires_grad=True), "rot": 0.5}, set())
+Traceback (most recent call last):
+...
+TypeError: task_losses()['rot'] is a float, not a tensor: return the loss computed from the model (a 0-d torch.Tensor), not a Python number.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
+
+from .distributed import check_sync_mode, world_size
+from .gate import MAIN_TASK, GateStats, GradientGate
+from .optimization import active_scaler
+
+__all__ = ["NonFiniteLossError", "check_task_losses", "check_trainer", "finite_step", "world_size_of"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when a task's loss or gradient is NaN/inf and ``gradsim_on_nonfinite == "raise"``."""
+
+
+def check_trainer(module: Any, trainer: Trainer) -> None:
+    """Trainer flags the mixin replaces, and options the gate cannot combine with this trainer."""
+    if trainer.gradient_clip_val is not None and trainer.gradient_clip_val > 0:
+        raise MisconfigurationException(
+            f"GradSimMixin clips the combined gradient itself: remove "
+            f"`Trainer(gradient_clip_val={trainer.gradient_clip_val})` and set "
+            f"`self.gradsim_clip_val = {trainer.gradient_clip_val}` in your module instead."
+        )
+    if trainer.accumulate_grad_batches != 1:
+        raise MisconfigurationException(
+            f"Lightning refuses `Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches})` "
+            "in manual optimization; remove it and set "
+            f"`self.gradsim_accumulate_grad_batches = {trainer.accumulate_grad_batches}` in your module."
+        )
+    world_size_of(trainer)
+    check_sync_mode(module.gradsim_sync)
+    k = module.gradsim_accumulate_grad_batches
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"gradsim_accumulate_grad_batches must be an integer >= 1, got {k!r}.")
+    gate = getattr(module, "gradsim", None)
+    if not isinstance(gate, GradientGate) or (gate.similarity == "parameters" and gate.every_n_steps == 1):
+        return
+    needs = []
+    if k > 1:
+        needs.append(f"gradsim_accumulate_grad_batches = {k}")
+    if trainer.world_size > 1 and module.gradsim_sync == "global":
+        needs.append("DDP with gradsim_sync = 'global'")
+    if active_scaler(trainer) is not None:
+        needs.append("16-mixed precision (a GradScaler)")
+    if needs:
+        raise MisconfigurationException(
+            f"The gate has similarity={gate.similarity!r}, every_n_steps={gate.every_n_steps}, which take no "
+            f"per-task parameter gradients, but {', '.join(needs)} needs them. Use similarity='parameters' and "
+            "every_n_steps=1 there (or gradsim_sync = 'local' under DDP)."
+        )
+
+
+def world_size_of(trainer: Trainer) -> int:
+    """The number of DDP ranks (1 without DDP); a clear error for sharded strategies."""
+    strategy = type(trainer.strategy).__name__
+    if any(name in strategy for name in ("FSDP", "DeepSpeed", "ModelParallel", "XLA")):
+        raise MisconfigurationException(
+            f"GradSimMixin supports single-device and DDP strategies (ddp, ddp_spawn, ddp_fork, multi-node "
+            f"ddp), not {strategy}: sharded parameters have no whole per-task gradient to compare."
+        )
+    return world_size() if trainer.world_size > 1 else 1
+
+
+def check_task_losses(losses: Any, warned: set[str]) -> dict[str, Tensor]:
+    """``task_losses()``'s result as ``{name: loss}``, or a clear error; warns (once per task, recorded
+    in ``warned``) about an auxiliary loss that does not require grad."""
+    if not isinstance(losses, Mapping):
+        raise TypeError(f"task_losses() must return a dict of losses by task name, got {type(losses).__name__}.")
+    if len({str(k) for k in losses}) != len(losses):
+        raise ValueError(
+            f"task_losses() returned task keys {list(losses)} that collide as names ({[str(k) for k in losses]}): "
+            "give every task a distinct string key."
+        )
+    losses = {str(k): v for k, v in losses.items()}
+    if MAIN_TASK not in losses:
+        raise KeyError(
+            f"task_losses() returned tasks {sorted(losses)} but no {MAIN_TASK!r}: the main task's loss "
+            f"must be under the key {MAIN_TASK!r}."
+        )
+    if len(losses) < 2:
+        raise ValueError(
+            "task_losses() returned only the main loss: add at least one auxiliary task, or train "
+            "without GradSimMixin (plain automatic optimization)."
+        )
+    for name, value in losses.items():
+        if not isinstance(value, Tensor):
+            raise TypeError(
+                f"task_losses()[{name!r}] is a {type(value).__name__}, not a tensor: return the loss computed "
+                "from the model (a 0-d torch.Tensor), not a Python number."
+            )
+    for name, value in losses.items():
+        if name != MAIN_TASK and not value.requires_grad and name not in warned:
+            warned.add(name)
+            warnings.warn(
+                f"task_losses()[{name!r}] does not require grad, so the task trains nothing (computed under "
+                "torch.no_grad() or detached?). Warned once per task.",
+                UserWarning,
+                stacklevel=3,
+            )
+    return losses
+
+
+def finite_step(
+    module: LightningModule,
+    losses: Mapping[str, Tensor],
+    stats: GateStats,
+    nonfinite: bool = False,
+    overflow_ok: bool = False,
+) -> bool:
+    """Whether the optimizer steps: one host sync (``stats.finite`` has the losses, the per-task and
+    head gradients and, under DDP, every rank's; ``nonfinite``: the local-sync all-reduce saw a
+    NaN/inf). A skipped step warns once per task, or raises with ``gradsim_on_nonfinite="raise"``."""
+    loss_finite = torch.stack([torch.isfinite(v.detach()).all() for v in losses.values()])
+    if not nonfinite and bool(loss_finite.all() & stats.finite.all()):  # one sync, not two
+        return True
+    if overflow_ok and bool(loss_finite.all()):
+        return False  # a 16-mixed overflow: the GradScaler backs off, as in plain AMP training
+    names = list(losses)
+    grad_finite = torch.cat([stats.main_norm.reshape(1), stats.aux_norm.reshape(-1)]).isfinite()
+    bad = [n for n, lf, gf in zip(names, loss_finite.tolist(), grad_finite.tolist()) if not (lf and gf)]
+    bad = bad or names
+    if getattr(module, "gradsim_on_nonfinite", "skip") == "raise":
+        raise NonFiniteLossError(
+            f"Non-finite loss or gradient in task(s) {bad} at step {module.global_step}. "
+            "Set gradsim_on_nonfinite='skip' to skip such steps instead."
+        )
+    warned: set[str] = module._gradsim_own("_gradsim_warned_tasks", set)  # type: ignore[attr-defined]
+    new = [n for n in bad if n not in warned]
+    if new:
+        warned.update(new)
+        warnings.warn(
+            f"Skipping a training step: non-finite loss or gradient in task(s) {new} "
+            f"(step {module.global_step}; warned once per task, counted in gradsim/skipped_steps).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return False

@@ -1,0 +1,128 @@
+"""From per-layer Gramians to weights and statistics: cosines, the rule, the state update.
+
+:func:`decide` is the step of the gate between "the Gramian is known" (local, or reduced over
+ranks or shards) and "apply the weights": it never touches a gradient.
+
+>>> import torch
+>>> from lightning_gradsim.rules import get_rule
+>>> from lightning_gradsim.state import GateState
+>>> gram = torch.tensor([[[1.0, -1.0], [-1.0, 2.0]]])   # one layer: g_main = (1, 0), g_aux = (-1, 1)
+>>> weights, stats = decide(gram, rule=get_rule("unweighted"), state=GateState(), aux_weight=torch.ones(1))
+>>> weights, stats.cosine, stats.gate_open
+(tensor([1., 0.]), tensor([-0.7071]), tensor([False]))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .rules import Rule, RuleInput
+from .state import GateState
+
+__all__ = ["GateStats", "decide", "cosine_from_gram"]
+
+
+class GateStats(NamedTuple):
+    """Per-step statistics of the gate, as tensors on the gradients' device (no host sync).
+
+    Shapes: ``(..., K-1)`` for per-auxiliary fields, ``(...)`` for the others, where ``...`` are
+    the leading batch dimensions of :meth:`GradientGate.combine` (none for ``backward``).
+    """
+
+    cosine: Tensor  #: this step's cosine of each auxiliary vector with the main one
+    smoothed_cosine: Tensor  #: the cosine the rule used (EMA over steps when ``cosine_ema > 0``)
+    weight: Tensor  #: coefficient applied to each auxiliary vector (lambda times the gate)
+    gate_open: Tensor  #: bool, whether each auxiliary vector was used (unmodified) this step
+    main_norm: Tensor  #: L2 norm of the main vector
+    aux_norm: Tensor  #: L2 norm of each auxiliary vector
+    finite: Tensor  #: bool, whether the step was finite (losses, gradients, weights); state is only updated if so
+
+
+def decide(
+    layer_gram: Tensor,
+    *,
+    rule: Rule,
+    state: GateState,
+    aux_weight: Tensor,
+    num_tasks: int | None = None,
+    threshold: float = 0.0,
+    cosine_ema: float = 0.0,
+    per_layer: bool = False,
+    finite: Tensor | None = None,
+    direction: list[Tensor] | None = None,
+    checks: Sequence[Tensor | None] = (),
+) -> tuple[Tensor, GateStats]:
+    """Weights and statistics from per-layer Gramians ``(L, *B, V, V)``, and the state update.
+
+    ``V = num_tasks`` (``K``), or ``K + 1`` when the last vector is the direction EMA ``direction``
+    (its new values, stored in ``state`` if the step is finite). For a rule that uses the main
+    direction without an EMA, the direction is the main gradient (no extra vector needed).
+    ``finite``: what else the caller knows about the step (losses, heads, other ranks); ``checks``:
+    1-D tensors (e.g. loss values, gradient norms) whose finiteness joins the step's one check.
+    Returns ``weights`` (``(*B, K)`` or ``(*B, K+1)``) and the step's :class:`GateStats`.
+    """
+    k = layer_gram.shape[-1] if num_tasks is None else num_tasks
+    gram = layer_gram.sum(0)
+    task_gram = gram[..., :k, :k]
+    raw_cos = cosine_from_gram(layer_gram[..., :k, :k] if per_layer else task_gram, per_layer=per_layer)
+    state.ensure(tuple(gram.shape[:-2]) + (k - 1,), gram)
+    smoothed = state.smooth(raw_cos, cosine_ema)
+    if rule.uses_main_direction and gram.shape[-1] == k:
+        # The direction is this step's main gradient: its row is the main one.
+        cross = gram[..., :, 0]
+        top = torch.cat([gram, cross.unsqueeze(-1)], dim=-1)
+        bottom = torch.cat([cross, gram[..., 0, 0].unsqueeze(-1)], dim=-1).unsqueeze(-2)
+        rule_gram = torch.cat([top, bottom], dim=-2)
+    elif rule.uses_main_direction:
+        rule_gram = gram
+    else:
+        rule_gram = task_gram
+    inp = RuleInput(
+        gramian=rule_gram,
+        cosine=smoothed,
+        raw_cosine=raw_cos,
+        aux_weight=aux_weight,
+        threshold=threshold,
+        generator=state.rng(),
+    )
+    weights = rule.weights(inp)
+    gate_open = rule.gate_open(inp, weights)
+    parts = [gram.flatten(-2), weights.to(gram.dtype)]
+    parts += [c.reshape(-1).to(gram.dtype).expand(gram.shape[:-2] + (-1,)) for c in checks if c is not None]
+    ok = torch.isfinite(torch.cat(parts, dim=-1)).all(-1)  # one check
+    if finite is not None:
+        ok = ok & finite
+    state.commit(smoothed, gate_open, ok, keep_cosine=cosine_ema > 0, direction=direction)
+    diag = torch.diagonal(task_gram, dim1=-2, dim2=-1).clamp(min=0).sqrt()
+    stats = GateStats(
+        cosine=raw_cos.detach(),
+        smoothed_cosine=smoothed.detach(),
+        weight=weights[..., 1:k].detach(),
+        gate_open=gate_open.detach(),
+        main_norm=diag[..., 0].detach(),
+        aux_norm=diag[..., 1:].detach(),
+        finite=ok.detach(),
+    )
+    return weights, stats
+
+
+def cosine_from_gram(gram: Tensor, per_layer: bool = False) -> Tensor:
+    """Cosine of each auxiliary vector with the main one from a ``(*B, K, K)`` Gramian, or from
+    per-layer Gramians ``(L, *B, K, K)`` averaged over the layers where both vectors are non-zero.
+
+    >>> cosine_from_gram(torch.tensor([[4.0, 2.0, 0.0], [2.0, 4.0, 0.0], [0.0, 0.0, 0.0]]))  # a zero vector: 0
+    tensor([0.5000, 0.0000])
+    """
+    main_sq = gram[..., 0, 0].unsqueeze(-1)
+    aux_sq = torch.diagonal(gram, dim1=-2, dim2=-1)[..., 1:]
+    dots = gram[..., 0, 1:]
+    valid = (main_sq > 0) & (aux_sq > 0)
+    denom = torch.where(valid, (main_sq * aux_sq).sqrt(), torch.ones_like(aux_sq))
+    cos = torch.where(valid, dots / denom, torch.zeros_like(dots))
+    if per_layer:
+        return (cos.sum(0) / valid.sum(0).clamp(min=1)).clamp(-1.0, 1.0)
+    return cos.clamp(-1.0, 1.0)

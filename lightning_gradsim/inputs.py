@@ -1,0 +1,162 @@
+"""What the gate accepts: its options, the task losses, the parameter lists (all checked up front).
+
+Every check raises before any gradient is taken, with an error that names the value and the fix.
+
+>>> import torch
+>>> names, losses = named_losses(torch.tensor(1.0, requires_grad=True), {"rotated": torch.tensor(2.0)})
+>>> names, [tuple(x.shape) for x in losses]
+(['rotated'], [(), ()])
+>>> check_options(threshold=1.5)
+Traceback (most recent call last):
+...
+ValueError: threshold must be a cosine in [-1, 1], got 1.5 (the gate would never or always open).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .weighting.base import LossWeighting
+
+__all__ = ["MAIN_TASK", "check_options", "named_losses", "check_names", "shared_list", "unique", "as_list", "weigh"]
+
+#: The key of the main task's loss.
+MAIN_TASK = "main"
+
+
+def check_options(
+    threshold: Any = 0.0,
+    cosine_ema: Any = 0.0,
+    main_grad_ema: Any = 0.0,
+    seed: Any = 0,
+    similarity: Any = "parameters",
+    every_n_steps: Any = 1,
+    loss_weighting: Any = None,
+) -> None:
+    """Raise a clear error for an option of :class:`~lightning_gradsim.GradientGate` it cannot work with."""
+    for name, value in (("threshold", threshold), ("cosine_ema", cosine_ema), ("main_grad_ema", main_grad_ema)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+            raise ValueError(f"{name} must be a finite number, got {value!r}.")
+    if not -1.0 <= threshold <= 1.0:
+        raise ValueError(
+            f"threshold must be a cosine in [-1, 1], got {threshold!r} (the gate would never or always open)."
+        )
+    if not 0.0 <= cosine_ema < 1.0:
+        raise ValueError(f"cosine_ema must be in [0, 1), got {cosine_ema}.")
+    if not 0.0 <= main_grad_ema < 1.0:
+        raise ValueError(f"main_grad_ema must be in [0, 1), got {main_grad_ema}.")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an integer, got {seed!r} ({type(seed).__name__}).")
+    if similarity not in ("parameters", "features"):
+        raise ValueError(f"similarity must be 'parameters' or 'features', got {similarity!r}.")
+    if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+        raise ValueError(f"every_n_steps must be an integer >= 1, got {every_n_steps!r}.")
+    if loss_weighting is not None and not isinstance(loss_weighting, LossWeighting):
+        raise TypeError(f"loss_weighting must be a LossWeighting, got {type(loss_weighting).__name__}.")
+    if (
+        loss_weighting is not None
+        and loss_weighting.needs_parameter_gramian
+        and (similarity != "parameters" or every_n_steps > 1)
+    ):
+        raise ValueError(
+            f"{type(loss_weighting).__name__} reads the per-layer Gramian of the parameter gradients at every "
+            "step: use it with similarity='parameters' and every_n_steps=1."
+        )
+
+
+def named_losses(
+    main_loss: Tensor, aux_losses: Sequence[Tensor] | Mapping[str, Tensor]
+) -> tuple[list[str], list[Tensor]]:
+    """The auxiliary tasks' names and the losses ``[main, aux...]`` as 0-d tensors (checked)."""
+    if isinstance(aux_losses, Mapping):
+        names, aux = [str(n) for n in aux_losses.keys()], list(aux_losses.values())
+    elif isinstance(aux_losses, Tensor):
+        names, aux = ["aux0"], [aux_losses]
+    else:
+        aux = list(aux_losses)
+        names = [f"aux{i}" for i in range(len(aux))]
+    if not aux:
+        raise ValueError(
+            "No auxiliary loss was given: the gate needs at least one. Train with plain backward() "
+            "(automatic optimization) when there is no auxiliary task."
+        )
+    for name, loss in [(MAIN_TASK, main_loss)] + list(zip(names, aux)):
+        if not isinstance(loss, Tensor):
+            raise TypeError(f"Loss {name!r} must be a torch.Tensor, got {type(loss).__name__}.")
+        if loss.numel() != 1:
+            raise ValueError(
+                f"Loss {name!r} has shape {tuple(loss.shape)}; the gate needs a scalar loss per task. "
+                "Reduce it first, e.g. loss.mean()."
+            )
+    if not main_loss.requires_grad:
+        raise ValueError(
+            "The main loss does not require grad: it must be computed from the model's parameters "
+            "(not under torch.no_grad() and not detached)."
+        )
+    return names, [main_loss.reshape(())] + [a.reshape(()) for a in aux]
+
+
+def check_names(names: list[str], known: list[str] | None, aux_weight: float | dict[str, float]) -> list[str]:
+    """The gate's auxiliary task names after this step (``known``: before it), or a clear error."""
+    if MAIN_TASK in names:
+        raise ValueError(f"{MAIN_TASK!r} names the main task; give auxiliary tasks other names.")
+    if known is None:
+        if isinstance(aux_weight, dict) and sorted(aux_weight) != sorted(names):
+            raise ValueError(
+                f"aux_weight names tasks {sorted(aux_weight)} but the auxiliary tasks are {names}; "
+                "give one weight per auxiliary task name."
+            )
+        return list(names)
+    if list(names) != known:
+        raise ValueError(
+            f"The auxiliary tasks changed from {known} to {names}; the gate keeps state per task. "
+            "Always pass the same tasks in the same order, or call gate.reset_state() and set gate.aux_names = None."
+        )
+    return known
+
+
+def shared_list(shared_params: Iterable[Tensor]) -> list[Tensor]:
+    """The distinct shared tensors that require grad, or a clear error when there is none."""
+    if isinstance(shared_params, Tensor):
+        shared_params = [shared_params]
+    params = list(unique(shared_params))
+    trainable = [p for p in params if p.requires_grad]
+    if not trainable:
+        raise ValueError(
+            "shared_params is empty"
+            + (" (all of them have requires_grad=False)" if params else "")
+            + ": pass the parameters of the backbone the tasks share, e.g. model.trunk.parameters()."
+        )
+    return trainable
+
+
+def weigh(lw: LossWeighting, names: list[str], losses: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+    """The losses times ``w_i lambda_i`` (``w`` keeping its autograd history) and ``w * lambda`` (detached)."""
+    like = losses[0].detach()
+    like = like if like.is_floating_point() else like.float()
+    terms = lw.loss_weights(len(losses), like)
+    lam = lw.lambda_values(names)
+    weighted = [w * l * loss for w, l, loss in zip(terms, lam, losses)]
+    return weighted, torch.stack([w.detach() for w in terms]) * lw.lambdas(names, like)
+
+
+def as_list(x: Tensor | Sequence[Tensor]) -> tuple[list[Tensor], bool]:
+    """``([x], True)`` for a tensor, ``(list(x), False)`` for a sequence."""
+    if isinstance(x, Tensor):
+        return [x], True
+    return list(x), False
+
+
+def unique(params: Iterable[Tensor]) -> Iterable[Tensor]:
+    """``params`` without repeats (by identity), in order."""
+    seen: set[int] = set()
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            yield p

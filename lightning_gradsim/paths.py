@@ -1,0 +1,218 @@
+"""The gate's three ways through a step, and the decision they share.
+
+* :meth:`GateStep.measured` (``similarity="parameters"``): per-task parameter gradients ->
+  transforms -> per-layer Gramian -> (reduce) -> rule and state -> apply into ``.grad``;
+* :meth:`GateStep.features` (``similarity="features"``): per-task *feature* gradients -> rule ->
+  the combined feature gradient through the trunk, once;
+* :meth:`GateStep.reused` (``every_n_steps``, between measured steps): one weighted backward with
+  the last measured weights.
+
+Each path checks once, on the device, that what it writes is finite (losses, heads, the combined
+gradient), so a NaN/inf never reaches the optimizer unnoticed: the step is reported in
+``GateStats.finite`` and counted as skipped.
+
+>>> import torch
+>>> from lightning_gradsim import GradientGate
+>>> gate = GradientGate(every_n_steps=2)
+>>> w = torch.nn.Parameter(torch.ones(2))
+>>> [gate.backward(w.sum(), [2 * w.sum()], [w]) is not None for _ in range(3)], int(gate.state.measured_steps)
+([True, True, True], 2)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from .decision import GateStats, decide
+from .gradients import backpropagate, check_features_cut, feature_gradients, loss_gradients, weighted_gradients
+from .layout import TaskGradients, accumulate_grad, all_finite
+from .state import Reuse
+from .transforms import NON_FINITE, PENDING, READY, Transforms
+
+if TYPE_CHECKING:
+    from .gate import GradientGate
+
+__all__ = ["GateStep", "decide_step"]
+
+
+def decide_step(
+    gate: GradientGate,
+    grads: TaskGradients,
+    names: list[str],
+    finite: Tensor | None = None,
+    pipeline: Transforms | None = None,
+    scale: Tensor | None = None,
+    checks: Sequence[Tensor | None] = (),
+) -> tuple[Tensor, GateStats, list[Tensor] | None]:
+    """Gramian -> (reduce) -> rule and state; the loss weighting observes. Writes no gradient.
+
+    Returns the weights, the step's statistics and the direction vectors (``None``: the main gradient).
+    """
+    direction = None
+    if gate.rule.uses_main_direction and gate.main_grad_ema > 0:
+        direction = gate.state.direction(grads.main(), gate.main_grad_ema)
+    gram = grads.gramian(direction)
+    if pipeline:
+        gram = pipeline.gramian(gram)
+    k = grads.num_tasks
+    weights, stats = decide(
+        gram,
+        rule=gate.rule,
+        state=gate.state,
+        aux_weight=gate.aux_weight_tensor(names, gram),
+        num_tasks=k,
+        threshold=gate.threshold,
+        cosine_ema=gate.cosine_ema,
+        per_layer=gate.per_layer,
+        finite=finite,
+        direction=direction,
+        checks=checks,
+    )
+    lw = gate.loss_weighting
+    if lw is not None and scale is not None:
+        applied = stats.weight * scale[1:].to(stats.weight.dtype)  # on the raw auxiliary gradient
+        stats = stats._replace(weight=applied, gate_open=stats.gate_open & (applied > 0))
+        if gate.similarity == "parameters" and grads.params is not None:
+            w = scale / lw.lambdas(names, scale)
+            lw.observe(grads.losses, gram[..., :k, :k], grads.present(), grads.params, w, stats.finite)
+    gate.last_stats = stats
+    return weights, stats, direction
+
+
+class GateStep:
+    """One call of ``gate.backward`` once its inputs are checked: the losses (weighted), the
+    parameters, the transforms, and what is known about finiteness."""
+
+    def __init__(
+        self,
+        gate: GradientGate,
+        names: list[str],
+        losses: list[Tensor],
+        raw: Tensor,
+        scale: Tensor | None,
+        shared: list[Tensor],
+        others: list[Tensor],
+        pipeline: Transforms,
+    ) -> None:
+        self.gate, self.names, self.losses, self.raw, self.scale = gate, names, losses, raw, scale
+        self.shared, self.others, self.pipeline = shared, others, pipeline
+
+    def measured(self, grads: TaskGradients) -> GateStats | None:
+        """``similarity="parameters"``: the per-task gradients through the transforms, decide, apply."""
+        gate = self.gate
+        if gate.loss_weighting is not None and gate.loss_weighting.needs_losses:
+            grads.losses = self.raw
+        status, finite, checks = READY, None, [self.raw]  # the losses join the decision's one finiteness check
+        if self.pipeline:
+            grads.finite = torch.isfinite(self.raw).all()  # a window / the ranks AND it
+            status = self.pipeline.task_gradients(grads)
+            if status == PENDING:
+                return None
+            finite, checks = grads.finite, []
+        if status == NON_FINITE:
+            finite = torch.zeros((), dtype=torch.bool, device=self.raw.device)
+        checks.append(grads.others_norms())  # the heads' gradients too
+        weights, stats, direction = decide_step(gate, grads, self.names, finite, self.pipeline, self.scale, checks)
+        if status != NON_FINITE:
+            grads.apply(weights, direction, into=grads.params)  # a sharding transform may point them at shards
+            grads.write_others()
+            self._regularize()
+        stats = gate.last_stats = self._combined(stats)
+        if gate.every_n_steps > 1:
+            gate.state.reuse = Reuse(weights.detach(), stats, grads.present())
+        return stats
+
+    def features(self, feats: list[Tensor] | None) -> GateStats:
+        """``similarity="features"``: gate on the feature gradients, one backward through the trunk."""
+        if not feats:
+            raise ValueError(
+                "similarity='features' needs the shared features: call `h = gate.mark_features(trunk(x))` "
+                "before computing the losses from h, or pass gate.backward(..., features=h)."
+            )
+        if any(not f.requires_grad for f in feats):
+            raise ValueError(
+                "A marked feature tensor does not require grad: mark the trunk's output (computed from "
+                "the shared parameters, not detached or under torch.no_grad())."
+            )
+        check_features_cut(self.losses, feats, self.shared)
+        grads = feature_gradients(self.losses, feats, self.others)
+        if all(r is None for r in grads.rows[0]):  # type: ignore[index]
+            raise ValueError(
+                "The main loss does not depend on the marked features: mark the tensor the main head reads."
+            )
+        weights, stats, direction = decide_step(
+            self.gate, grads, self.names, None, None, self.scale, [self.raw, grads.others_norms()]
+        )
+        present = grads.present()
+        feature_grad = grads.apply(weights, direction)
+        trunk = backpropagate([feats[i] for i in present], [feature_grad[i] for i in present], self.shared)  # type: ignore[misc]
+        stats = self._recheck(stats, all_finite([g for g in trunk if g is not None]))
+        for p, g in zip(self.shared, trunk):
+            if g is not None:
+                accumulate_grad(p, g)
+        grads.write_others()
+        self._regularize()
+        stats = self.gate.last_stats = self._combined(stats)
+        self.gate.state.reuse = Reuse(weights.detach(), stats, present)
+        return stats
+
+    def reused(self) -> GateStats:
+        """``every_n_steps``: one weighted backward with the last measured weights (``last_stats`` stays)."""
+        gate, shared = self.gate, self.shared
+        weights, stats, present = gate.state.reuse  # type: ignore[misc]
+        k = len(self.losses)
+        with_buffers = weights.shape[-1] > k and gate.main_grad_ema > 0 and gate.similarity == "parameters"
+        task_w = (
+            weights[:k]
+            if with_buffers or weights.shape[-1] == k
+            else torch.cat(
+                [weights[:1] + weights[k:], weights[1:k]]  # the direction is this step's main gradient
+            )
+        )
+        # The weights are in the losses: the shared gradient goes into .grad as backward writes it.
+        combined, heads = weighted_gradients(self.losses, task_w, shared, self.others, into_grad=not with_buffers)
+        finite = all_finite([g for g in combined + heads if g is not None], self.raw)
+        gate.state.count(finite)  # type: ignore[arg-type]
+        bundle = TaskGradients(rows=[combined], others=heads, params=shared, other_params=self.others)
+        if with_buffers:  # plus the main-gradient EMA of the last measured step as the direction
+            buffers = dict(zip(present, gate.state.directions()))
+            bundle.rows = [
+                [
+                    torch.zeros_like(p) if g is None and i in buffers else g
+                    for i, (g, p) in enumerate(zip(combined, shared))
+                ]
+            ]
+            direction = [buffers.get(i) for i in bundle.present()]
+            bundle.apply(torch.cat([torch.ones_like(weights[:1]), weights[k:]]), direction, into=shared)
+        bundle.write_others()
+        self._regularize()
+        return self._combined(stats._replace(finite=finite.reshape(stats.finite.shape)))  # type: ignore[union-attr]
+
+    # ------------------------------------------------------------------ shared ends
+    def _combined(self, stats: GateStats) -> GateStats:
+        """The transforms' last word once ``.grad`` is written (e.g. all-gather combined shards)."""
+        if not self.pipeline:
+            return stats
+        return self._recheck(stats, self.pipeline.combined(self.shared, self.others, stats.finite))
+
+    def _recheck(self, stats: GateStats, finite: Tensor | None) -> GateStats:
+        """A NaN/inf found after the decision (trunk backward, another rank): count the step as skipped."""
+        if finite is None or finite is stats.finite:
+            return stats
+        after = stats.finite & finite
+        self.gate.state.recount(stats.finite, after)
+        return stats._replace(finite=after)
+
+    def _regularize(self) -> None:
+        """Add the loss weighting's regulariser gradient once per step, outside any loss scale or mean."""
+        lw = self.gate.loss_weighting
+        reg = lw.regularizer() if lw is not None else None
+        if reg is not None and reg.requires_grad:
+            params = lw.own_parameters()  # type: ignore[union-attr]
+            for p, g in zip(params, loss_gradients(reg, params)):
+                if g is not None:
+                    accumulate_grad(p, g)

@@ -1,0 +1,260 @@
+"""``GateState``: everything the gate remembers between steps, in one module (and one checkpoint entry).
+
+Buffers (in ``state_dict``, so Lightning checkpoints carry them): the smoothed cosine
+``cosine_state`` and ``open_steps`` (lazily shaped ``(*B, K-1)`` once the tasks are known), the
+counters ``measured_steps``, ``skipped_steps``, ``step``, and the main-gradient EMA
+``main_grad_ema_{i}`` (one per shared tensor, created on the first step that needs them). Extra
+state: the generator of random rules, and for ``every_n_steps`` the call counter and the weights
+being reused, so that a resumed run continues exactly.
+
+Every update is masked by the step's finiteness on the device (no host sync): a non-finite step
+only counts as skipped.
+
+>>> import torch
+>>> state = GateState()
+>>> state.ensure((1,), torch.zeros(()))
+>>> state.smooth(torch.tensor([0.5]), beta=0.9)  # the first measured step takes the cosine as it is
+tensor([0.5000])
+>>> state.commit(torch.tensor([0.5]), torch.tensor([True]), finite=torch.tensor(True), keep_cosine=True)
+>>> state.smooth(torch.tensor([-0.5]), beta=0.9)
+tensor([0.4000])
+>>> int(state.measured_steps), state.open_steps
+(1, tensor([1]))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["GateState", "Reuse"]
+
+#: Names of the buffers kept at the top of a gate's ``state_dict`` before the state had its own module.
+LEGACY_BUFFERS = ("cosine_state", "open_steps", "measured_steps", "skipped_steps", "step")
+#: The loss weightings' state of version 0.1, at the top of the gate's state_dict then.
+LEGACY_WEIGHTING = ("log_vars", "task_weights", "initial_losses", "weight_updates")
+
+
+class Reuse(NamedTuple):
+    """What a step of ``every_n_steps`` that measures nothing reuses from the last measured one."""
+
+    weights: Tensor  #: the rule's weights, ``(K,)`` or ``(K+1,)``
+    stats: Any  #: the measured step's GateStats
+    present: list[int]  #: indices of the shared tensors the direction buffers belong to
+
+
+class GateState(nn.Module):
+    """The gate's state; see the module docstring. ``seed`` seeds the generator of random rules."""
+
+    cosine_state: Tensor
+    open_steps: Tensor
+    measured_steps: Tensor
+    skipped_steps: Tensor
+    step: Tensor
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.seed = int(seed)
+        self._generator: torch.Generator | None = None
+        self._num_direction_buffers = 0
+        #: calls of ``gate.backward`` so far (``every_n_steps`` measures on calls 0, n, 2n, ...).
+        self.calls = 0
+        #: the weights reused between measured steps (``every_n_steps > 1`` and ``similarity="features"``).
+        self.reuse: Reuse | None = None
+        self.register_buffer("cosine_state", torch.zeros(0))
+        self.register_buffer("open_steps", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("measured_steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    # ------------------------------------------------------------------ per step
+    def next_call(self, every_n_steps: int) -> bool:
+        """Count a call; whether it measures (always with ``every_n_steps == 1`` or nothing to reuse)."""
+        measure = self.reuse is None or every_n_steps == 1 or self.calls % every_n_steps == 0
+        self.calls += 1
+        return measure
+
+    def ensure(self, shape: tuple[int, ...], like: Tensor) -> None:
+        """Shape ``cosine_state``/``open_steps`` as ``shape`` (batch + auxiliary tasks) on first use."""
+        if tuple(self.cosine_state.shape) != tuple(shape):
+            if self.cosine_state.numel() and self.measured_steps > 0:
+                raise ValueError(
+                    f"The gate's state has shape {tuple(self.cosine_state.shape)} (batch + auxiliary tasks) "
+                    f"but this step has {tuple(shape)}; call gate.reset_state() to start over."
+                )
+            self.cosine_state = torch.zeros(shape, dtype=like.dtype, device=like.device)
+            self.open_steps = torch.zeros(shape, dtype=torch.long, device=like.device)
+        elif self.cosine_state.dtype != like.dtype:
+            self.cosine_state = self.cosine_state.to(like.dtype)
+
+    def smooth(self, raw: Tensor, beta: float) -> Tensor:
+        """``s_t = beta s_{t-1} + (1 - beta) cos_t`` (``s_0 = cos_0``); ``raw`` itself when ``beta == 0``."""
+        if beta <= 0:
+            return raw
+        return torch.where(self.measured_steps == 0, raw, beta * self.cosine_state + (1 - beta) * raw)
+
+    def direction(self, mains: Sequence[Tensor], beta: float) -> list[Tensor]:
+        """This step's main-gradient EMA ``d_t = beta d_{t-1} + (1 - beta) g_t`` (``d_0 = g_0``), one per
+        tensor of ``mains``; not stored until :meth:`commit` (which keeps it only on a finite step)."""
+        if self._num_direction_buffers != len(mains) or any(
+            getattr(self, f"main_grad_ema_{i}").shape != m.shape for i, m in enumerate(mains)
+        ):
+            for name in self.direction_buffer_names():
+                delattr(self, name)
+            for i, m in enumerate(mains):
+                self.register_buffer(f"main_grad_ema_{i}", torch.zeros_like(m))
+            self._num_direction_buffers = len(mains)
+        first = self.measured_steps == 0
+        return [torch.where(first, m, beta * b + (1 - beta) * m) for m, b in zip(mains, self.directions())]
+
+    def commit(
+        self,
+        smoothed: Tensor,
+        gate_open: Tensor,
+        finite: Tensor,
+        keep_cosine: bool = False,
+        direction: Sequence[Tensor] | None = None,
+    ) -> None:
+        """Record a measured step: the smoothed cosine (``keep_cosine``), the direction EMA, the
+        counters. ``finite`` (``(*B,)`` bool) masks everything: a non-finite step counts as skipped."""
+        if keep_cosine:
+            self.cosine_state.copy_(torch.where(finite.unsqueeze(-1), smoothed, self.cosine_state))
+        if direction is not None:
+            for buf, new in zip(self.directions(), direction):
+                keep = finite.reshape(finite.shape + (1,) * (new.dim() - finite.dim()))
+                buf.copy_(torch.where(keep, new, buf))
+        self.open_steps.add_((gate_open & finite.unsqueeze(-1)).long())
+        every = finite.all()
+        self.measured_steps.add_(every.long())
+        self.skipped_steps.add_((~every).long())
+        self.step.add_(1)
+
+    def count(self, finite: Tensor) -> None:
+        """Record a step that measured nothing (reused weights): skipped unless ``finite`` (0-d)."""
+        self.skipped_steps.add_(~finite)
+        self.step.add_(1)
+
+    def recount(self, finite_before: Tensor, finite_after: Tensor) -> None:
+        """A step found non-finite after it was recorded as measured (another rank): move it to skipped."""
+        moved = (finite_before.all() & ~finite_after.all()).long()
+        self.measured_steps.sub_(moved)
+        self.skipped_steps.add_(moved)
+
+    def rng(self) -> torch.Generator:
+        """The seeded generator handed to random rules (its state is checkpointed)."""
+        if self._generator is None:
+            self._generator = torch.Generator()
+            self._generator.manual_seed(self.seed)
+        return self._generator
+
+    def directions(self) -> list[Tensor]:
+        return [getattr(self, name) for name in self.direction_buffer_names()]
+
+    def direction_buffer_names(self) -> list[str]:
+        return [f"main_grad_ema_{i}" for i in range(self._num_direction_buffers)]
+
+    def reset(self) -> None:
+        """Forget the smoothed cosine, the main-gradient EMA, the counters and the reused weights."""
+        self.cosine_state = torch.zeros(0, device=self.step.device)
+        self.open_steps = torch.zeros(0, dtype=torch.long, device=self.step.device)
+        for name in self.direction_buffer_names():
+            delattr(self, name)
+        self._num_direction_buffers = 0
+        for b in (self.measured_steps, self.skipped_steps, self.step):
+            b.zero_()
+        self.reuse = None
+        self.calls = 0
+
+    # ------------------------------------------------------------------ checkpoints
+    def get_extra_state(self) -> Any:
+        reuse = None
+        if self.reuse is not None:
+            reuse = {
+                "weights": self.reuse.weights,
+                "present": list(self.reuse.present),
+                "stats": dict(self.reuse.stats._asdict()),
+            }
+        return {
+            "generator": self._generator.get_state() if self._generator is not None else None,
+            "calls": self.calls,
+            "reuse": reuse,
+        }
+
+    def set_extra_state(self, state: Any) -> None:
+        if not state:
+            return
+        if state.get("generator") is not None:
+            self.rng().set_state(state["generator"])
+        self.calls = int(state.get("calls", 0))
+        reuse = state.get("reuse")
+        if reuse is None:
+            self.reuse = None
+        else:
+            from .decision import GateStats
+
+            device = self.step.device
+            stats = GateStats(**{k: v.to(device) for k, v in reuse["stats"].items()})
+            self.reuse = Reuse(reuse["weights"].to(device), stats, list(reuse["present"]))
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):  # type: ignore[override]
+        # Lazily shaped buffers take the shape of the checkpoint's.
+        for name in ("cosine_state", "open_steps"):
+            key = prefix + name
+            if key in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[key], device=getattr(self, name).device))
+        n = 0
+        while prefix + f"main_grad_ema_{n}" in state_dict:
+            n += 1
+        for name in self.direction_buffer_names():
+            delattr(self, name)
+        for i in range(n):
+            src = state_dict[prefix + f"main_grad_ema_{i}"]
+            self.register_buffer(f"main_grad_ema_{i}", torch.empty_like(src, device=self.step.device))
+        self._num_direction_buffers = n
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def extra_repr(self) -> str:
+        return f"seed={self.seed}"
+
+
+def upgrade_legacy_keys(
+    state_dict: dict[str, Any],
+    prefix: str,
+    loss_weighting: nn.Module | None = None,
+    strict: bool = True,
+    error_msgs: list[str] | None = None,
+) -> None:
+    """Move a version 0.1 gate's keys (``<gate>.cosine_state``, its generator, a loss weighting's
+    ``<gate>.log_vars``...) to where this version keeps them (``<gate>.state.cosine_state``,
+    ``<gate>.loss_weighting.log_vars``), in place; explain in ``error_msgs`` what cannot load."""
+    state_prefix = prefix + "state."
+    names = list(LEGACY_BUFFERS)
+    n = 0
+    while prefix + f"main_grad_ema_{n}" in state_dict:
+        names.append(f"main_grad_ema_{n}")
+        n += 1
+    for name in names:
+        if prefix + name in state_dict and state_prefix + name not in state_dict:
+            state_dict[state_prefix + name] = state_dict.pop(prefix + name)
+    extra = state_dict.get(prefix + "_extra_state")
+    if isinstance(extra, dict) and "generator" in extra and state_prefix + "_extra_state" not in state_dict:
+        state_dict[state_prefix + "_extra_state"] = {"generator": extra["generator"], "calls": 0, "reuse": None}
+    if loss_weighting is not None:
+        for name in loss_weighting.state_dict():
+            if prefix + name in state_dict and prefix + "loss_weighting." + name not in state_dict:
+                state_dict[prefix + "loss_weighting." + name] = state_dict.pop(prefix + name)
+        return
+    found = [k for k in state_dict if k[len(prefix) :] in LEGACY_WEIGHTING or k.startswith(prefix + "loss_weighting.")]
+    if found and strict and error_msgs is not None:
+        error_msgs.append(
+            f"the checkpoint's gate has a loss weighting's state ({', '.join(sorted(found))}) but this gate has "
+            "none: build it the same way, e.g. make_gate('uncertainty', ...) or "
+            "GradientGate(rule='sum', loss_weighting=GradNorm(...))."
+        )

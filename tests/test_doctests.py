@@ -1,0 +1,70 @@
+"""The docstring examples of the core modules, run as doctests (``pytest -q`` runs them with the rest).
+
+Add a module to ``MODULES`` when its examples become ``>>>`` doctests (they must be fast and
+deterministic: no training beyond a few tiny steps, no downloads).
+"""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+
+import pytest
+import torch
+
+MODULES = [
+    "lightning_gradsim.gate",
+    "lightning_gradsim.inputs",
+    "lightning_gradsim.paths",
+    "lightning_gradsim.decision",
+    "lightning_gradsim.state",
+    "lightning_gradsim.layout",
+    "lightning_gradsim.gradients",
+    "lightning_gradsim.transforms",
+    "lightning_gradsim.distributed",
+    "lightning_gradsim.rules",
+    "lightning_gradsim.rules.base",
+    "lightning_gradsim.rules.unweighted",
+    "lightning_gradsim.rules.weighted",
+    "lightning_gradsim.rules.projection",
+    "lightning_gradsim.rules.summed",
+    "lightning_gradsim.rules.main_only",
+    "lightning_gradsim.rules.pcgrad",
+    "lightning_gradsim.weighting",
+    "lightning_gradsim.weighting.base",
+    "lightning_gradsim.weighting.uncertainty",
+    "lightning_gradsim.weighting.gradnorm",
+    "lightning_gradsim.baselines._weighting",
+    "lightning_gradsim.baselines.uncertainty",
+    "lightning_gradsim.baselines.gradnorm",
+    "lightning_gradsim.baselines.pcgrad",
+    "lightning_gradsim.mixin",
+    "lightning_gradsim.checks",
+    "lightning_gradsim.optimization",
+    "lightning_gradsim.monitor",
+]
+
+
+def _examples():
+    finder = doctest.DocTestFinder(exclude_empty=True)
+    for name in MODULES:
+        module = importlib.import_module(name)
+        for test in finder.find(module, name):
+            if test.examples and test.name.split(".")[-1] != "__init__":
+                yield pytest.param(test, id=test.name)
+
+
+@pytest.mark.parametrize("test", list(_examples()))
+def test_docstring_example(test, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # an example that writes files writes them here
+    torch.manual_seed(0)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    report: list[str] = []
+    result = runner.run(test, out=report.append)
+    assert result.failed == 0, "".join(report)
+
+
+def test_every_core_module_has_examples():
+    names = {t.values[0].name.rsplit(".", 1)[0] for t in _examples()} | {t.values[0].name for t in _examples()}
+    missing = [m for m in MODULES if not any(n == m or n.startswith(m + ".") for n in names)]
+    assert not missing, f"modules without a doctest: {missing}"
