@@ -20,6 +20,9 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import json
 import math
 import os
 import statistics
@@ -96,41 +99,27 @@ def main() -> int:
         argv += ["--root", args.root]
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or tmp
-        result = {}
-        original = table1.run_table1
-
-        def keep(cfg):  # the command as users run it; keep its result for the shape
-            result["r"] = original(cfg)
-            return result["r"]
-
-        table1.run_table1 = keep
-        try:
-            import contextlib
-            import io
-
-            with contextlib.redirect_stdout(io.StringIO()):
-                rc = table1.main(argv + ["--out", out])
-        finally:
-            table1.run_table1 = original
+        with contextlib.redirect_stdout(io.StringIO()):  # the command as users run it
+            rc = table1.main(argv + ["--out", out])
         if rc != 0:
             print(f"gradsim table1 failed with exit code {rc}", file=sys.stderr)
             return rc
+        with open(os.path.join(out, "result.json")) as f:
+            result = json.load(f)  # the run's shape, as the command wrote it
     wall_cmd, cpu_cmd = _process_age(), time.process_time() - CPU0
-    res = result["r"]
-    cfg = res.config
-    data = load_table1_data(cfg.source, cfg.root, cfg.split_seed)
-    unit_wall, unit_cpu = unit_step_times(data, len(res.rows), cfg.batch_size, cfg.hidden, cfg.depth)
+    cfg, runs, steps = result["config"], len(result["rows"]), result["steps"]
+    data = load_table1_data(cfg["source"], cfg["root"], cfg["split_seed"])
+    unit_wall, unit_cpu = unit_step_times(data, runs, cfg["batch_size"], cfg["hidden"], cfg["depth"])
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"gradsim table1 {' '.join(argv)}" + (f" --out {args.out}" if args.out else ""))
     print(
-        f"  runs stacked: {len(res.rows)}  steps: {res.steps}  threads: {torch.get_num_threads()}  load average (1 min): {load:.1f}"
+        f"  runs stacked: {runs}  steps: {steps}  threads: {torch.get_num_threads()}  load average (1 min): {load:.1f}"
     )
-    print(f"  command: wall {wall_cmd:.1f} s (training {res.seconds:.1f} s), CPU {cpu_cmd:.1f} s")
+    print(f"  command: wall {wall_cmd:.1f} s (training {result['seconds']:.1f} s), CPU {cpu_cmd:.1f} s")
+    print(f"  unit (stacked single-task step, {runs} runs): wall {1e3 * unit_wall:.1f} ms, CPU {1e3 * unit_cpu:.1f} ms")
     print(
-        f"  unit (stacked single-task step, {len(res.rows)} runs): wall {1e3 * unit_wall:.1f} ms, CPU {1e3 * unit_cpu:.1f} ms"
-    )
-    print(
-        f"  ratio (command / (steps x unit)): wall {wall_cmd / (res.steps * unit_wall):.2f}, CPU {cpu_cmd / (res.steps * unit_cpu):.2f}"
+        f"  ratio (command / (steps x unit)): wall {wall_cmd / (steps * unit_wall):.2f}, "
+        f"CPU {cpu_cmd / (steps * unit_cpu):.2f}"
         "   (target <= 2.5; a gated step is two tasks' work, floor ~1.7-2)"
     )
     return 0

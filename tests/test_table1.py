@@ -140,7 +140,7 @@ def _stacked_params(model, r):
 
 
 def _reference_params(net):
-    out = [p for p in net.trunk.parameters()]
+    out = list(net.trunk.parameters())
     for head in net.heads:
         out += [head.weight, head.bias]
     return out

@@ -95,7 +95,8 @@ class StackedMLP:
     ) -> None:
         if depth < 1 or hidden < 1 or num_tasks < 1 or not seeds:
             raise ValueError(
-                f"Need depth, hidden, num_tasks >= 1 and at least one seed; got {depth}, {hidden}, {num_tasks}, {list(seeds)}."
+                "Need depth, hidden, num_tasks >= 1 and at least one seed; "
+                f"got {depth}, {hidden}, {num_tasks}, {list(seeds)}."
             )
         self.num_runs, self.num_tasks, self.depth = len(seeds), num_tasks, depth
         self.input_dim, self.hidden, self.num_classes = input_dim, hidden, num_classes
@@ -139,7 +140,8 @@ class StackedMLP:
         r, t, b, d = x.shape
         if (r, t, d) != (self.num_runs, self.num_tasks, self.input_dim) or tuple(y.shape) != (r, t, b):
             raise ValueError(
-                f"x must be (runs={self.num_runs}, tasks={self.num_tasks}, batch, {self.input_dim}) and y (runs, tasks, batch); "
+                f"x must be (runs={self.num_runs}, tasks={self.num_tasks}, batch, {self.input_dim}) "
+                "and y (runs, tasks, batch); "
                 f"got {tuple(x.shape)} and {tuple(y.shape)}."
             )
         rt, hid = r * t, self.hidden

@@ -12,7 +12,8 @@ Example:
 >>> from lightning_gradsim.methods import make_gate
 >>> from lightning_gradsim.experiments.stacked_mlp import StackedMLP
 >>> model = StackedMLP(seeds=[0, 1, 0, 1], input_dim=4, hidden=5, depth=2)
->>> groups = [RunGroup("sum", make_gate("sum"), slice(0, 2)), RunGroup("unweighted", make_gate("unweighted"), slice(2, 4))]
+>>> groups = [RunGroup("sum", make_gate("sum"), slice(0, 2)),
+...           RunGroup("unweighted", make_gate("unweighted"), slice(2, 4))]
 >>> trainer = StackedTrainer(model, groups, lr=1e-3)
 >>> record = trainer.step(torch.rand(4, 2, 6, 4), torch.randint(0, 10, (4, 2, 6)))
 >>> tuple(record.cosine.shape), tuple(record.loss.shape)

@@ -19,8 +19,9 @@ Example::
     gradsim table1 --source digits --out runs/table1                 # the README's main job
     gradsim table1 --root /data/mnist --epochs 50 --seeds 10          # the paper's protocol
 
->>> parse_method("unweighted:threshold=0.02:per_layer=true")
-MethodSpec(label='unweighted:threshold=0.02:per_layer=true', method='unweighted', options={'threshold': 0.02, 'per_layer': True})
+>>> spec = parse_method("unweighted:threshold=0.02:per_layer=true")
+>>> spec.method, spec.options
+('unweighted', {'threshold': 0.02, 'per_layer': True})
 """
 
 from __future__ import annotations
@@ -155,7 +156,6 @@ class Table1Result:
 
 
 def _build_gates(specs: list[MethodSpec], common: dict[str, Any]) -> list[Any]:
-    from ..gate import GradientGate
     from ..methods import list_methods, make_gate
 
     known = list_methods()
@@ -164,11 +164,11 @@ def _build_gates(specs: list[MethodSpec], common: dict[str, Any]) -> list[Any]:
         if spec.method not in known:
             raise ValueError(f"Unknown method {spec.method!r}; choose from {', '.join(known)}.")
         gate = make_gate(spec.method, **{**common, **spec.options})
-        if type(gate).combine is not GradientGate.combine:
+        if gate.loss_weighting is not None:
             raise ValueError(
-                f"Method {spec.method!r} weights task losses and cannot gate given gradient vectors; gradsim table1 runs "
-                "gradient rules (e.g. main_only, sum, unweighted, weighted, projection, pcgrad). Compare it with "
-                "`gradsim compare --setup rotated_digits --methods ...` instead."
+                f"Method {spec.method!r} weights task losses and cannot gate given gradient vectors; "
+                "gradsim table1 runs gradient rules (e.g. main_only, sum, unweighted, weighted, projection, pcgrad). "
+                "Compare it with `gradsim compare --setup rotated_digits --methods ...` instead."
             )
         gates.append(gate)
     return gates
@@ -179,7 +179,7 @@ def _check(cfg: Table1Config) -> None:
         raise ValueError(f"seeds, epochs and batch_size must be >= 1, got {cfg.seeds}, {cfg.epochs}, {cfg.batch_size}.")
     if not cfg.angles or not cfg.methods:
         raise ValueError("Give at least one angle and one method.")
-    if len(set(float(a) for a in cfg.angles)) != len(cfg.angles):
+    if len({float(a) for a in cfg.angles}) != len(cfg.angles):
         raise ValueError(f"Duplicate angles in {list(cfg.angles)}.")
     if len(set(cfg.methods)) != len(cfg.methods):
         raise ValueError(f"Duplicate methods in {list(cfg.methods)}.")
@@ -223,7 +223,10 @@ class StackedProtocol:
 
 
 def build_protocol(cfg: Table1Config, data: Any) -> StackedProtocol:
-    """Stack every ``method x angle x seed`` run of ``cfg`` on ``data`` (a :class:`~lightning_gradsim.data.table1.Table1Data`)."""
+    """Stack every ``method x angle x seed`` run of ``cfg`` on ``data``.
+
+    ``data`` is a :class:`~lightning_gradsim.data.table1.Table1Data`.
+    """
     from ..data.table1 import rotated_views
     from .stacked_mlp import StackedMLP
     from .stacked_training import RunGroup, RunOrder, StackedTrainer
@@ -276,7 +279,8 @@ def run_table1(cfg: Table1Config) -> Table1Result:
     finite = proto.model.finite().cpu()
     open_frac = torch.cat([g.gate.open_fraction().reshape(-1) for g in proto.trainer.groups]).cpu()
     cos_cpu, loss_cpu = cos_epochs.cpu(), loss_last.cpu()
-    rows, curves = [], {}
+    rows: list[dict[str, Any]] = []
+    curves: dict[tuple[str, float], list[list[float]]] = {}
     for r, (si, angle, seed) in enumerate(proto.runs):
         label = proto.specs[si].label
         rows.append(

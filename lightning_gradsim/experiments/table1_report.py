@@ -8,9 +8,9 @@ and open fraction.
 
 Example:
 
+>>> runs = (("main_only", 0.0, [0.10, 0.12]), ("sum", 1.0, [0.09, 0.10]), ("unweighted", 0.8, [0.08, 0.10]))
 >>> rows = [{"angle": 0.0, "method": m, "seed": s, "test_error": e, "mean_cosine": 0.1, "open_fraction": o}
-...         for m, o, errs in (("main_only", 0.0, [0.10, 0.12]), ("sum", 1.0, [0.09, 0.10]), ("unweighted", 0.8, [0.08, 0.10]))
-...         for s, e in enumerate(errs)]
+...         for m, o, errs in runs for s, e in enumerate(errs)]
 >>> print(error_table(rows, ["main_only", "sum", "unweighted"], [0.0]))
 | rotation | single-task (`main_only`) | multi-task (`sum`) | our method (`unweighted`) |
 |---|---|---|---|
@@ -134,10 +134,11 @@ def table_markdown(result: Any, command: str, total_seconds: float | None) -> st
         parts.append(f"**Not the paper's data: {result.data_note}.**")
     parts += [
         "",
-        f"Protocol: main task = the images, auxiliary task = the same images rotated counter-clockwise by the angle; "
-        f"{cfg.depth}x{cfg.hidden} ReLU MLP trunk, one 10-way head per task; RMSprop (lr {cfg.lr:g}), batch {cfg.batch_size}, "
-        f"{cfg.epochs} epochs ({result.steps} steps); seeds 0-{n_seeds - 1} (seed = initialisation and data order, shared by all "
-        f"methods and angles); aux weight {cfg.aux_weight:g}, threshold {cfg.threshold:g}, cosine EMA {cfg.cosine_ema:g}, "
+        "Protocol: main task = the images, auxiliary task = the same images rotated counter-clockwise by the angle; "
+        f"{cfg.depth}x{cfg.hidden} ReLU MLP trunk, one 10-way head per task; RMSprop (lr {cfg.lr:g}), "
+        f"batch {cfg.batch_size}, {cfg.epochs} epochs ({result.steps} steps); seeds 0-{n_seeds - 1} "
+        "(seed = initialisation and data order, shared by all methods and angles); "
+        f"aux weight {cfg.aux_weight:g}, threshold {cfg.threshold:g}, cosine EMA {cfg.cosine_ema:g}, "
         f"per-layer cosine {'yes' if cfg.per_layer else 'no'}. Final model, no early stopping.",
         "",
         f"Command: `{command}`",
@@ -150,7 +151,8 @@ def table_markdown(result: Any, command: str, total_seconds: float | None) -> st
     if paired:
         parts += [
             "",
-            f"## Paired by seed: difference in test error (percentage points; negative = lower error), two-sided paired t-test over {n_seeds} seeds",
+            "## Paired by seed: difference in test error (percentage points; negative = lower error), "
+            f"two-sided paired t-test over {n_seeds} seeds",
             "",
             paired,
         ]
@@ -162,7 +164,10 @@ def table_markdown(result: Any, command: str, total_seconds: float | None) -> st
     ]
     if bad:
         parts += ["", f"**{len(bad)} run(s) ended with non-finite parameters** (see `finite` in runs.csv)."]
-    timing = f"Training: {_duration(result.seconds)} for {len(result.rows)} stacked runs on {result.device} ({result.threads} thread(s))"
+    timing = (
+        f"Training: {_duration(result.seconds)} for {len(result.rows)} stacked runs "
+        f"on {result.device} ({result.threads} thread(s))"
+    )
     if total_seconds is not None:
         timing += f"; whole command, start-up included: {_duration(total_seconds)}"
     parts += ["", timing + "."]
