@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .decision import GateStats
+from .fsdp import check_fsdp, is_dtensor
 from .gradients import STRATEGIES, per_task_gradients, walk_graph
 from .inputs import MAIN_TASK, as_list, check_names, check_options, named_losses, shared_list, unique, weigh
 from .layout import TaskGradients
@@ -186,6 +187,9 @@ class GradientGate(nn.Module):
                 known = {id(o) for o in others}
                 others += [p for p in lw.own_parameters() if id(p) not in known]
         step = GateStep(self, names, losses, raw, scale, shared, others, pipeline)
+        if any(is_dtensor(p) for p in shared):  # FSDP2: autograd.grad cannot reach the shards; .grad has them
+            check_fsdp(self, pipeline, other_params is not None)
+            return step.measured(per_task_gradients(losses, shared, others, "backward", on_task=pipeline.task_ready if pipeline else None))
         if not measure:
             return step.reused()
         if self.similarity == "features":
@@ -199,7 +203,11 @@ class GradientGate(nn.Module):
             )
         if self.grad_strategy not in STRATEGIES:
             raise ValueError(f"gate.grad_strategy must be one of {STRATEGIES}, got {self.grad_strategy!r}.")
-        return step.measured(per_task_gradients(losses, shared, others, self.grad_strategy, info, state=self._grad_state))
+        return step.measured(
+            per_task_gradients(
+                losses, shared, others, self.grad_strategy, info, state=self._grad_state, on_task=pipeline.task_ready if pipeline else None
+            )
+        )
 
     def mark_features(self, features: Tensor) -> Tensor:
         """Mark the shared features (trunk output) for ``similarity="features"``; returns them.

@@ -11,7 +11,9 @@ How the per-task gradients are taken depends on the autograd graph (see :func:`w
   exactly the work of one plain summed backward, and the gradients stay per task (no stacking).
 * ``"batched"``: the tasks share trunk work (one batch, one forward) on an accelerator. A single
   ``torch.autograd.grad(..., is_grads_batched=True)`` pushes the K cotangents through the graph
-  together (vmap) and returns ``(K, *param.shape)`` stacks.
+  together (vmap) and returns ``(K, *param.shape)`` stacks. When a loss is NaN/inf it would poison
+  every task's gradient (``0 * inf``), so that step goes sequential (one host read of the losses).
+* ``"backward"``: FSDP2-sharded parameters, one ``loss.backward()`` per task (:func:`backward_gradients`).
 * ``"sequential"``: the tasks share trunk work on the CPU (as fast as ``"batched"`` there, with
   less memory), or vmap cannot run (an op without a batching rule; the gate falls back by
   itself): one ``torch.autograd.grad(retain_graph=True)`` per task.
@@ -29,7 +31,7 @@ tensor([[[20.,  6.],
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -44,6 +46,7 @@ __all__ = [
     "walk_graph",
     "task_gradients",
     "per_task_gradients",
+    "backward_gradients",
     "feature_gradients",
     "weighted_gradients",
     "backpropagate",
@@ -55,7 +58,10 @@ __all__ = [
 ]
 
 #: Accepted values of ``strategy``.
-STRATEGIES = ("auto", "separate", "batched", "sequential")
+STRATEGIES = ("auto", "separate", "batched", "sequential", "backward")
+
+#: ``on_task(k, num_tasks, row, shared)``: task ``k``'s gradients on ``shared`` as soon as they are known.
+TaskReady = Callable[[int, int, Sequence["Tensor | None"], Sequence[Tensor]], None]
 
 
 class GraphInfo(NamedTuple):
@@ -177,6 +183,7 @@ def per_task_gradients(
     info: GraphInfo | None = None,
     retain_graph: bool = False,
     state: dict[str, bool] | None = None,
+    on_task: TaskReady | None = None,
 ) -> TaskGradients:
     """Per-task gradients of ``losses`` on ``shared`` and summed gradients on ``others``.
 
@@ -188,6 +195,11 @@ def per_task_gradients(
     graph is freed afterwards unless ``retain_graph``. ``state``: a dict kept by the caller
     between calls (the gate keeps one) remembering whether vmap ran or failed before: after a
     failure the batched path is skipped, after a success the graph is not kept for a retry.
+    ``on_task(k, K, row, shared)``: called with each task's gradients as soon as they are known, before
+    the next task's backward (``"separate"``, ``"sequential"``, ``"backward"``; e.g. to start a
+    collective while the next backward runs). ``"backward"`` (never chosen by ``"auto"`` unless the
+    shared parameters are FSDP2 shards) runs ``loss.backward()`` per task and reads ``.grad``: see
+    :func:`backward_gradients`.
 
     >>> w = torch.nn.Parameter(torch.ones(3))
     >>> h = w.tanh()  # one forward pass both tasks read: shared work
@@ -196,6 +208,8 @@ def per_task_gradients(
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}.")
+    if strategy == "backward":
+        return backward_gradients(losses, shared, others, retain_graph, on_task)
     if strategy == "auto":
         if info is None:
             info = inspect_graph(losses, shared)
@@ -206,13 +220,13 @@ def per_task_gradients(
             strategy = "sequential" if on_cpu else "batched"
         if strategy == "separate":
             # Disjoint graphs: nothing needs retaining, each task's graph is freed as it goes.
-            return _per_task(losses, shared, others, strategy, retain_graph, disjoint=True)
+            return _per_task(losses, shared, others, strategy, retain_graph, disjoint=True, on_task=on_task)
     if strategy == "batched":
         out = _batched(losses, shared, others, info, retain_graph, {} if state is None else state)
         if out is not None:
             return out
         strategy = "sequential"
-    return _per_task(losses, shared, others, strategy, retain_graph)
+    return _per_task(losses, shared, others, strategy, retain_graph, on_task=on_task)
 
 
 def _per_task(
@@ -222,6 +236,7 @@ def _per_task(
     strategy: str,
     retain_graph: bool,
     disjoint: bool = False,
+    on_task: TaskReady | None = None,
 ) -> TaskGradients:
     n_shared = len(shared)
     inputs = list(shared) + list(others)
@@ -237,6 +252,8 @@ def _per_task(
         keep = retain_graph or (k != last and not disjoint)
         g = torch.autograd.grad(loss, inputs, retain_graph=keep, allow_unused=True)
         rows.append(list(g[:n_shared]))
+        if on_task is not None:
+            on_task(k, len(losses), rows[k], shared)
         for j, r in enumerate(g[n_shared:]):
             if r is not None:
                 total = other_sum[j]
@@ -263,6 +280,11 @@ def _batched(
         return None
     inputs = list(shared) + list(others)
     outputs = torch.stack([losses[k] for k in live])
+    if not bool(torch.isfinite(outputs.detach()).all()):
+        # A NaN/inf loss: the other tasks' zero cotangent meets its infinite derivatives (0 * inf = NaN) and
+        # would poison every task's gradient. One backward per task keeps the finite tasks' gradients and
+        # statistics (the step is skipped all the same). One host read of K numbers, batched path only.
+        return None
     ref = outputs
     eye = torch.eye(len(live), dtype=ref.dtype, device=ref.device)
     try:
@@ -299,6 +321,51 @@ def _batched(
         info = inspect_graph(losses, shared)
     reached = list(info.reaches_shared)
     return TaskGradients(stacked=stacked, others=other_sum, reached=reached, strategy="batched", params=shared, other_params=others)
+
+
+def backward_gradients(
+    losses: Sequence[Tensor],
+    shared: Sequence[Tensor],
+    others: Sequence[Tensor],
+    retain_graph: bool = False,
+    on_task: TaskReady | None = None,
+) -> TaskGradients:
+    """Per-task gradients read from ``.grad`` after one ``loss.backward()`` per task (``"backward"``).
+
+    The way under FSDP2 (``fully_shard``): ``torch.autograd.grad`` cannot reach a sharded parameter
+    (autograd sees the gathered copy), but after each backward FSDP2 leaves the task's reduce-scattered
+    shard (a DTensor) in ``.grad``, which this takes and clears. Per-task gradient memory is then ``K``
+    shards, ``K S / N`` per rank. Every other parameter the losses reach gets ``.grad`` summed over
+    tasks, as ``backward`` gives it; ``.grad`` of ``shared`` and ``others`` is left as it was.
+
+    >>> w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    >>> backward_gradients([(w * w).sum(), w.sum()], [w], []).rows, w.grad
+    ([[tensor([2., 4.])], [tensor([1., 1.])]], None)
+    """
+    params = list(shared) + list(others)
+    saved = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    rows: list[list[Tensor | None]] = []
+    live = [k for k, loss in enumerate(losses) if loss.grad_fn is not None]
+    last = live[-1] if live else -1
+    try:
+        for k, loss in enumerate(losses):
+            if loss.grad_fn is None:
+                rows.append([None] * len(shared))
+                continue
+            loss.backward(retain_graph=retain_graph or k != last)
+            rows.append([p.grad for p in shared])
+            for p in shared:
+                p.grad = None
+            if on_task is not None:
+                on_task(k, len(losses), rows[k], shared)
+        other_sum: list[Tensor | None] = [p.grad for p in others]
+    finally:
+        for p, g in zip(params, saved):
+            p.grad = g
+    reached = [any(g is not None for g in row) for row in rows]
+    return TaskGradients(rows=rows, others=other_sum, reached=reached, strategy="backward", params=shared, other_params=others)
 
 
 def task_gradients(losses: Sequence[Tensor], shared: Sequence[Tensor], others: Sequence[Tensor]) -> TaskGradients:
