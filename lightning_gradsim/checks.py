@@ -125,8 +125,9 @@ def parallel_mode(trainer: Trainer) -> str:
         return "fsdp2"
     if "FSDP" in strategy:
         raise MisconfigurationException(
-            f"GradSimMixin does not support {strategy} (FSDP1: flat parameters, whose per-task gradient shards it "
-            "cannot read). Use ModelParallelStrategy with fully_shard() in configure_model() (FSDP2; docs/scaling.md)."
+            f"GradSimMixin supports FSDP2 through ModelParallelStrategy, not {strategy} (FSDP1, whose flat "
+            "parameters hide the per-task gradient shards): use ModelParallelStrategy and call fully_shard() in "
+            "configure_model() (docs/scaling.md)."
         )
     if any(name in strategy for name in ("DeepSpeed", "XLA")):
         raise MisconfigurationException(

@@ -35,6 +35,7 @@ running statistics) are not synchronised by manual optimisation: :func:`broadcas
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -48,6 +49,8 @@ __all__ = [
     "SYNC_BUFFERS",
     "check_sync_buffers",
     "broadcast_buffers",
+    "reduce_scatter",
+    "all_gather",
 ]
 
 #: Valid values of ``GradSimMixin.gradsim_sync``.
@@ -160,3 +163,17 @@ def broadcast_buffers(tensors: Sequence[Tensor], src: int = 0, group: dist.Proce
         for t in members:
             t.copy_(buffer[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
+
+
+def reduce_scatter(output: Tensor, input: Tensor, group: dist.ProcessGroup | None = None, async_op: bool = False) -> Any:
+    """Sum ``input`` (``world * output.numel()`` elements) over the ranks; rank ``r`` gets chunk ``r`` in
+    ``output`` (``reduce_scatter_single``, ``reduce_scatter_tensor`` in torch before 2.12)."""
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    return fn(output, input, group=group, async_op=async_op)
+
+
+def all_gather(output: Tensor, input: Tensor, group: dist.ProcessGroup | None = None, async_op: bool = False) -> Any:
+    """Every rank's ``input`` concatenated in rank order into ``output`` (``all_gather_single``,
+    ``all_gather_into_tensor`` in torch before 2.12)."""
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return fn(output, input, group=group, async_op=async_op)

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .distributed import all_reduce_mean, world_size
+from .distributed import all_gather, all_reduce_mean, reduce_scatter, world_size
 from .layout import TaskGradients
 from .transforms import READY, GradientTransform, Status
 
@@ -162,7 +162,7 @@ class ReduceScatter(GradientTransform):
             return finite
         assert self._combined is not None and self.layout is not None
         gathered = self._combined.new_empty(self.layout.world * self.layout.chunk)
-        dist.all_gather_into_tensor(gathered, self._combined, group=self.group)
+        all_gather(gathered, self._combined, group=self.group)
         for p, g in zip(params, self.layout.whole(gathered, [p.shape for p in params])):
             if p.grad is None:
                 p.grad = g.to(p.dtype)
@@ -188,7 +188,7 @@ class ReduceScatter(GradientTransform):
             if g is not None:
                 send[offset : offset + n].copy_(g.reshape(-1))
             offset += n
-        self._works[k] = dist.reduce_scatter_tensor(self._out[k], send, group=self.group, async_op=True)
+        self._works[k] = reduce_scatter(self._out[k], send, group=self.group, async_op=True)
 
 
 def _any_rank(flag: Tensor, group: dist.ProcessGroup | None) -> Tensor:
@@ -213,7 +213,7 @@ def gather_directions(
     for key, view in zip(keys, layout.local(chunk)):
         view.copy_(state_dict[key].reshape(-1))
     gathered = chunk.new_empty(layout.world * layout.chunk)
-    dist.all_gather_into_tensor(gathered, chunk, group=group)
+    all_gather(gathered, chunk, group=group)
     for key, whole in zip(keys, layout.whole(gathered, [p.shape for p in params])):
         state_dict[key] = whole.clone()
 

@@ -18,8 +18,9 @@ from .scale_utils import HIDDEN, IN, BatchList, TinyNet, make_batches, rank_slic
 
 
 class CpuSyncBatchNorm1d(nn.BatchNorm1d):
-    """SyncBatchNorm's arithmetic on the CPU (torch's SyncBatchNorm runs on GPUs only): batch statistics
-    summed over the ranks with a differentiable all-reduce, so every per-task backward runs a collective."""
+    """SyncBatchNorm's arithmetic on the CPU (torch's SyncBatchNorm and DDP refuse CPU modules): batch
+    statistics summed over the ranks with a differentiable all-reduce, so every per-task backward runs a
+    collective. (Not an nn.SyncBatchNorm, so the mixin warns about it as about any BatchNorm.)"""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_initialized()):
@@ -69,7 +70,7 @@ class ShardedTinyNet(TinyNet):
 
 
 MODELS = {"tiny": TinyNet, "bn": BNTinyNet, "fsdp": ShardedTinyNet}
-COLLECTIVES = ("all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor", "broadcast")
+COLLECTIVES = ("all_reduce", "reduce_scatter_single", "all_gather_single", "broadcast")
 
 
 def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
