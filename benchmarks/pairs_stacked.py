@@ -78,11 +78,17 @@ def main() -> None:
             if step >= 2:  # warm-up
                 timings[name].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in timings.items()}
-    print(f"{r} runs of {args.model}, batch {args.batch} per task, {args.threads} thread(s), median of {args.steps} steps")
+    print(
+        f"{r} runs of {args.model}, batch {args.batch} per task, {args.threads} thread(s), median of {args.steps} steps"
+    )
     print(f"separate: {med['separate']:.3f} s per step of all runs")
-    print(f"stacked : {med['stacked']:.3f} s per step of all runs  (stacked / separate = {med['stacked'] / med['separate']:.2f})")
-    print(f"stacked cost per run-step = {med['stacked'] / r / med['single']:.2f} plain single-task steps "
-          f"(separate: {med['separate'] / r / med['single']:.2f})")
+    print(
+        f"stacked : {med['stacked']:.3f} s per step of all runs  (stacked / separate = {med['stacked'] / med['separate']:.2f})"
+    )
+    print(
+        f"stacked cost per run-step = {med['stacked'] / r / med['single']:.2f} plain single-task steps "
+        f"(separate: {med['separate'] / r / med['single']:.2f})"
+    )
 
 
 if __name__ == "__main__":

@@ -40,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", type=Path, help="another checkout of the repository to compare with")
     args = parser.parse_args(argv)
     trees = {"this": REPO, **({"baseline": args.baseline.resolve()} if args.baseline else {})}
-    print(f"{'command':<26}" + "".join(f"{name + ' (s)':>16}" for name in trees) + ("   ratio" if args.baseline else ""))
+    print(
+        f"{'command':<26}" + "".join(f"{name + ' (s)':>16}" for name in trees) + ("   ratio" if args.baseline else "")
+    )
     for label, cmd in COMMANDS.items():
         times: dict[str, list[float]] = {name: [] for name in trees}
         for _ in range(args.repeats):

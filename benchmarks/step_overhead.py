@@ -55,7 +55,9 @@ class MLP(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(784, 100), nn.ReLU(), nn.Linear(100, 100), nn.ReLU(), nn.Linear(100, 100), nn.ReLU())
+        self.net = nn.Sequential(
+            nn.Linear(784, 100), nn.ReLU(), nn.Linear(100, 100), nn.ReLU(), nn.Linear(100, 100), nn.ReLU()
+        )
         self.num_features = 100
 
     def forward(self, x: Tensor) -> Tensor:
@@ -80,7 +82,16 @@ def input_shape(name: str, image_size: int) -> tuple[int, ...]:
 class Setup:
     """A trunk, one head per task, and the batches (one, or one per task)."""
 
-    def __init__(self, model: str, num_aux: int, separate: bool, batch: int, image_size: int, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        model: str,
+        num_aux: int,
+        separate: bool,
+        batch: int,
+        image_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
         torch.manual_seed(0)
         self.trunk = make_trunk(model).to(device)
         feats = self.trunk.num_features
@@ -157,7 +168,9 @@ def naive_step(s: Setup) -> Callable[[], None]:
             for p in s.params:
                 p.grad = None
             loss.backward(retain_graph=k < len(losses) - 1)
-            vecs.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in s.shared]))
+            vecs.append(
+                torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in s.shared])
+            )
             for j, p in enumerate(s.others):
                 if p.grad is not None:
                     head_grads[j] = p.grad.clone() if head_grads[j] is None else head_grads[j] + p.grad
@@ -219,7 +232,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_round_robin(s: Setup, configs: list[tuple[str, Callable[[], None]]], warmup: int, steps: int) -> dict[str, float]:
+def time_round_robin(
+    s: Setup, configs: list[tuple[str, Callable[[], None]]], warmup: int, steps: int
+) -> dict[str, float]:
     times: dict[str, list[float]] = {name: [] for name, _ in configs}
     for r in range(warmup + steps):
         for name, step in configs:
@@ -282,7 +297,9 @@ def peak_memory(s: Setup, step: Callable[[], None]) -> float:
     return float(data.decode()) if data else float("nan")
 
 
-def run_table(model: str, num_aux: int, separate: bool, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> None:
+def run_table(
+    model: str, num_aux: int, separate: bool, args: argparse.Namespace, device: torch.device, dtype: torch.dtype
+) -> None:
     s = Setup(model, num_aux, separate, args.batch, args.image_size, device, dtype)
     rules = tuple(args.rules.split(",")) if args.rules else CORE_RULES
     configs = configurations(s, rules)
@@ -292,11 +309,20 @@ def run_table(model: str, num_aux: int, separate: bool, args: argparse.Namespace
     base_m = mems.get("plain sum", float("nan"))
     section = "separate batches" if separate else "shared batch"
     dt = str(dtype).replace("torch.", "")
-    print(f"\n### {model}, {num_aux} aux task(s), {section} ({device.type}, {dt}, batch {args.batch}"
-          + (f", {args.image_size}x{args.image_size}" if model != "mlp" else "") + ")")
-    print(f"shared parameters: {s.shared_bytes() / 2**20:.1f} MiB; memory budget of exact mode "
-          f"(plain + {s.num_tasks} x shared + 10%): "
-          + (f"{1.1 * (base_m + s.num_tasks * s.shared_bytes()) / base_m:.2f}x" if base_m == base_m and base_m > 0 else "n/a"))
+    print(
+        f"\n### {model}, {num_aux} aux task(s), {section} ({device.type}, {dt}, batch {args.batch}"
+        + (f", {args.image_size}x{args.image_size}" if model != "mlp" else "")
+        + ")"
+    )
+    print(
+        f"shared parameters: {s.shared_bytes() / 2**20:.1f} MiB; memory budget of exact mode "
+        f"(plain + {s.num_tasks} x shared + 10%): "
+        + (
+            f"{1.1 * (base_m + s.num_tasks * s.shared_bytes()) / base_m:.2f}x"
+            if base_m == base_m and base_m > 0
+            else "n/a"
+        )
+    )
     print("| configuration | step ms | time x plain | peak MiB | memory x plain |")
     print("|---|---:|---:|---:|---:|")
     for name, _ in configs:
@@ -315,11 +341,15 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="\n\n".join(__doc__.split("\n\n")[1:]),
     )
-    parser.add_argument("--quick", action="store_true", help="smoke run: mlp + resnet18, 1 aux task, unweighted only, 3 steps")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: mlp + resnet18, 1 aux task, unweighted only, 3 steps"
+    )
     parser.add_argument("--models", default="resnet18,mlp", help="comma list of resnet18, mlp (default: both)")
     parser.add_argument("--aux", default="1,3", help="comma list of auxiliary-task counts (default: 1,3)")
     parser.add_argument("--sections", default="shared,separate", help="comma list of shared, separate (default: both)")
-    parser.add_argument("--rules", default="", help=f"comma list of gate rules in exact mode (default: {','.join(CORE_RULES)})")
+    parser.add_argument(
+        "--rules", default="", help=f"comma list of gate rules in exact mode (default: {','.join(CORE_RULES)})"
+    )
     parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration (median; default 10)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps per configuration (default 2)")
     parser.add_argument("--batch", type=int, default=32, help="batch size per task batch (default 32)")
@@ -333,10 +363,18 @@ def main(argv: list[str] | None = None) -> int:
         args.aux, args.rules, args.steps, args.warmup = "1", "unweighted", 3, 1
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    print(f"# step_overhead: torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}"
-          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(
+        args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32
+    )
+    print(
+        f"# step_overhead: torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}"
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+    )
     for section in args.sections.split(","):
         for model in args.models.split(","):
             for num_aux in (int(a) for a in args.aux.split(",")):

@@ -133,7 +133,9 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: An
         if mode == "ddp":
             sum(losses).backward()
         else:
-            gate.backward(losses[0], losses[1:], net.trunk.parameters(), net.heads.parameters(), transforms=[transform(mode)])
+            gate.backward(
+                losses[0], losses[1:], net.trunk.parameters(), net.heads.parameters(), transforms=[transform(mode)]
+            )
         opt.step()
 
     counter = Counter(world)
@@ -198,8 +200,10 @@ def main(argv: list[str] | None = None) -> None:
             calls, elements, moved = res["counts"][mode]
         print(f"| {mode} | {ms:.1f} | {ms / (1e3 * base):.2f} | {calls} | {elements:,} | {elements / ddp_elements:.2f} | "
               f"{moved / 1e6:.2f} | {moved / ddp_bytes:.2f} |")  # fmt: skip
-    print(f"formulas (elements handed to collectives): ddp S+H; global K S+H+1; sharded K N c + (H+1) + L K^2 + N c "
-          f"(c = ceil(S/N): K S reduce-scattered, S all-gathered); local S+H+1. Wall time {wall:.0f} s.")
+    print(
+        f"formulas (elements handed to collectives): ddp S+H; global K S+H+1; sharded K N c + (H+1) + L K^2 + N c "
+        f"(c = ceil(S/N): K S reduce-scattered, S all-gathered); local S+H+1. Wall time {wall:.0f} s."
+    )
 
 
 if __name__ == "__main__":

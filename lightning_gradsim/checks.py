@@ -156,7 +156,9 @@ def check_buffers(module: nn.Module, warned: set[str]) -> None:
     names = [
         name
         for name, m in module.named_modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, nn.SyncBatchNorm) and m.track_running_stats
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and not isinstance(m, nn.SyncBatchNorm)
+        and m.track_running_stats
     ]
     if names:
         warnings.warn(
@@ -209,7 +211,11 @@ def check_task_losses(losses: Any, warned: set[str]) -> dict[str, Tensor]:
 
 
 def finite_step(
-    module: LightningModule, losses: Mapping[str, Tensor], stats: GateStats, nonfinite: bool = False, overflow_ok: bool = False
+    module: LightningModule,
+    losses: Mapping[str, Tensor],
+    stats: GateStats,
+    nonfinite: bool = False,
+    overflow_ok: bool = False,
 ) -> bool:
     """Whether the optimizer steps: one host sync (``stats.finite`` has the losses, the per-task and
     head gradients and, under DDP, every rank's; ``nonfinite``: the local-sync all-reduce saw a

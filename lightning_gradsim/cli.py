@@ -28,12 +28,24 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "test": ("lightning_gradsim.experiments.cli:test", "test a config/checkpoint (LightningCLI)"),
     "compare": ("lightning_gradsim.experiments.compare_cli:main", "methods x seeds on one setup: error table, plots"),
     "distances": ("lightning_gradsim.experiments.distances:main", "LCA level vs Frechet distance of class pairs"),
-    "pairs": ("lightning_gradsim.experiments.pairs:main", "paper Fig. 3: single/multi-task/gate on a near and a far class pair"),
+    "pairs": (
+        "lightning_gradsim.experiments.pairs:main",
+        "paper Fig. 3: single/multi-task/gate on a near and a far class pair",
+    ),
     "toy": ("lightning_gradsim.experiments.toys:main", "2-D toys: blog's unit circle (default), paper's Figure 2"),
     "gridworld": ("lightning_gradsim.rl.cli:main", "RL distillation from a teacher in gridworlds: curves + figures"),
-    "atari": ("lightning_gradsim.rl.atari.cli:main", "Atari/MinAtar distillation from a sub-optimal teacher, V-trace (4.4)"),
-    "relatedness": ("lightning_gradsim.experiments.relatedness:main", "blog's synthetic task-relatedness sweep: table + plot"),
-    "figures": ("lightning_gradsim.experiments.figures:main", "paper's Appendix B, Proposition 3, cosine-vs-dimension PNGs"),
+    "atari": (
+        "lightning_gradsim.rl.atari.cli:main",
+        "Atari/MinAtar distillation from a sub-optimal teacher, V-trace (4.4)",
+    ),
+    "relatedness": (
+        "lightning_gradsim.experiments.relatedness:main",
+        "blog's synthetic task-relatedness sweep: table + plot",
+    ),
+    "figures": (
+        "lightning_gradsim.experiments.figures:main",
+        "paper's Appendix B, Proposition 3, cosine-vs-dimension PNGs",
+    ),
     "configs": ("lightning_gradsim.configs:main", "list the packaged configs (--config NAME), or print one"),
 }
 
@@ -62,8 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         if (err.name or "").startswith("lightning_gradsim"):
             raise
         extra = "rl" if entry.startswith("lightning_gradsim.rl.") else "experiments"
-        print(f"gradsim {name}: needs the package {err.name!r}; install it with pip install 'lightning-gradsim[{extra}]'.",
-              file=sys.stderr)
+        print(
+            f"gradsim {name}: needs the package {err.name!r}; install it with pip install 'lightning-gradsim[{extra}]'.",
+            file=sys.stderr,
+        )
         return 2
     return int(command(rest) or 0)
 

@@ -165,7 +165,9 @@ def broadcast_buffers(tensors: Sequence[Tensor], src: int = 0, group: dist.Proce
             offset += t.numel()
 
 
-def reduce_scatter(output: Tensor, input: Tensor, group: dist.ProcessGroup | None = None, async_op: bool = False) -> Any:
+def reduce_scatter(
+    output: Tensor, input: Tensor, group: dist.ProcessGroup | None = None, async_op: bool = False
+) -> Any:
     """Sum ``input`` (``world * output.numel()`` elements) over the ranks; rank ``r`` gets chunk ``r`` in
     ``output`` (``reduce_scatter_single``, ``reduce_scatter_tensor`` in torch before 2.12)."""
     fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor

@@ -150,7 +150,9 @@ def _check_sharded(params: Sequence[Tensor]) -> dist.ProcessGroup:
             "mesh=self.device_mesh['data_parallel'])); tensor parallelism and HSDP (2-D meshes) are not supported."
         )
     if any(not pl.is_shard() for p in params for pl in p.placements):  # type: ignore[attr-defined]
-        raise NotImplementedError("The gate needs parameters sharded (Shard placements) by fully_shard, not replicated.")
+        raise NotImplementedError(
+            "The gate needs parameters sharded (Shard placements) by fully_shard, not replicated."
+        )
     return mesh.get_group()  # type: ignore[no-any-return]
 
 
@@ -162,7 +164,9 @@ def check_fsdp(gate: GradientGate, pipeline: Transforms, others_given: bool) -> 
             "the Gramian is reduced over the shards (GradSimMixin does this under ModelParallelStrategy)."
         )
     if not others_given:
-        raise ValueError("Under FSDP2 pass other_params= (the heads) to gate.backward(): the autograd graph cannot name them.")
+        raise ValueError(
+            "Under FSDP2 pass other_params= (the heads) to gate.backward(): the autograd graph cannot name them."
+        )
     if gate.similarity != "parameters" or gate.every_n_steps != 1:
         raise ValueError(
             f"Under FSDP2 the gate takes the per-task parameter gradients: similarity='parameters' and every_n_steps=1, "

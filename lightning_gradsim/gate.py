@@ -189,7 +189,11 @@ class GradientGate(nn.Module):
         step = GateStep(self, names, losses, raw, scale, shared, others, pipeline)
         if any(is_dtensor(p) for p in shared):  # FSDP2: autograd.grad cannot reach the shards; .grad has them
             check_fsdp(self, pipeline, other_params is not None)
-            return step.measured(per_task_gradients(losses, shared, others, "backward", on_task=pipeline.task_ready if pipeline else None))
+            return step.measured(
+                per_task_gradients(
+                    losses, shared, others, "backward", on_task=pipeline.task_ready if pipeline else None
+                )
+            )
         if not measure:
             return step.reused()
         if self.similarity == "features":
@@ -205,7 +209,13 @@ class GradientGate(nn.Module):
             raise ValueError(f"gate.grad_strategy must be one of {STRATEGIES}, got {self.grad_strategy!r}.")
         return step.measured(
             per_task_gradients(
-                losses, shared, others, self.grad_strategy, info, state=self._grad_state, on_task=pipeline.task_ready if pipeline else None
+                losses,
+                shared,
+                others,
+                self.grad_strategy,
+                info,
+                state=self._grad_state,
+                on_task=pipeline.task_ready if pipeline else None,
             )
         )
 
@@ -310,10 +320,14 @@ class GradientGate(nn.Module):
         if state:
             self.aux_names = state.get("aux_names")
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):  # type: ignore[override]
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):  # type: ignore[override]
         # Checkpoints of version 0.1 (before the state module and composed loss weightings): move their keys.
         upgrade_legacy_keys(state_dict, prefix, self.loss_weighting, strict, error_msgs)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     # Former attributes of the gate, now in its state: gate.cosine_state, gate.step, gate.main_grad_ema_0, ...
     def __getattr__(self, name: str) -> Any:
@@ -332,11 +346,11 @@ class GradientGate(nn.Module):
 
     def aux_weight_tensor(self, names: list[str], like: Tensor) -> Tensor:
         """The lambdas of the auxiliary ``names`` as a tensor like ``like`` (cached: no copy per step)."""
-        values = [self.aux_weight[n] for n in names] if isinstance(self.aux_weight, dict) else [self.aux_weight] * len(names)
+        values = (
+            [self.aux_weight[n] for n in names] if isinstance(self.aux_weight, dict) else [self.aux_weight] * len(names)
+        )
         key = (tuple(values), like.dtype, like.device)
         if self._weight_cache is None or self._weight_cache[0] != key:
             # Built once: no host-to-device copy on every step.
             self._weight_cache = (key, torch.tensor(values, dtype=like.dtype, device=like.device))
         return self._weight_cache[1]
-
-

@@ -260,7 +260,9 @@ def _per_task(
                 # Out of place: autograd may hand the same tensor to several inputs.
                 other_sum[j] = r if total is None else total + r
     reached = [any(x is not None for x in r) for r in rows]
-    return TaskGradients(rows=rows, others=other_sum, reached=reached, strategy=strategy, params=shared, other_params=others)
+    return TaskGradients(
+        rows=rows, others=other_sum, reached=reached, strategy=strategy, params=shared, other_params=others
+    )
 
 
 def _batched(
@@ -320,7 +322,9 @@ def _batched(
     if info is None:
         info = inspect_graph(losses, shared)
     reached = list(info.reaches_shared)
-    return TaskGradients(stacked=stacked, others=other_sum, reached=reached, strategy="batched", params=shared, other_params=others)
+    return TaskGradients(
+        stacked=stacked, others=other_sum, reached=reached, strategy="batched", params=shared, other_params=others
+    )
 
 
 def backward_gradients(
@@ -365,7 +369,9 @@ def backward_gradients(
         for p, g in zip(params, saved):
             p.grad = g
     reached = [any(g is not None for g in row) for row in rows]
-    return TaskGradients(rows=rows, others=other_sum, reached=reached, strategy="backward", params=shared, other_params=others)
+    return TaskGradients(
+        rows=rows, others=other_sum, reached=reached, strategy="backward", params=shared, other_params=others
+    )
 
 
 def task_gradients(losses: Sequence[Tensor], shared: Sequence[Tensor], others: Sequence[Tensor]) -> TaskGradients:
@@ -398,7 +404,9 @@ def feature_gradients(losses: Sequence[Tensor], feats: Sequence[Tensor], others:
     return grads
 
 
-def backpropagate(outputs: Sequence[Tensor], grad_outputs: Sequence[Tensor], inputs: Sequence[Tensor]) -> list[Tensor | None]:
+def backpropagate(
+    outputs: Sequence[Tensor], grad_outputs: Sequence[Tensor], inputs: Sequence[Tensor]
+) -> list[Tensor | None]:
     """The gradients on ``inputs`` of ``sum_j <outputs[j], grad_outputs[j]>`` (frees the graph).
 
     >>> w = torch.nn.Parameter(torch.ones(2))
@@ -409,7 +417,11 @@ def backpropagate(outputs: Sequence[Tensor], grad_outputs: Sequence[Tensor], inp
 
 
 def weighted_gradients(
-    losses: Sequence[Tensor], weights: Tensor, shared: Sequence[Tensor], others: Sequence[Tensor], into_grad: bool = False
+    losses: Sequence[Tensor],
+    weights: Tensor,
+    shared: Sequence[Tensor],
+    others: Sequence[Tensor],
+    into_grad: bool = False,
 ) -> tuple[list[Tensor | None], list[Tensor | None]]:
     """``grad sum_k w_k L_k`` on ``shared`` and ``grad sum_k L_k`` on ``others`` (the heads get their own tasks').
 

@@ -44,7 +44,9 @@ def check_options(
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
             raise ValueError(f"{name} must be a finite number, got {value!r}.")
     if not -1.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must be a cosine in [-1, 1], got {threshold!r} (the gate would never or always open).")
+        raise ValueError(
+            f"threshold must be a cosine in [-1, 1], got {threshold!r} (the gate would never or always open)."
+        )
     if not 0.0 <= cosine_ema < 1.0:
         raise ValueError(f"cosine_ema must be in [0, 1), got {cosine_ema}.")
     if not 0.0 <= main_grad_ema < 1.0:
@@ -57,8 +59,10 @@ def check_options(
         raise ValueError(f"every_n_steps must be an integer >= 1, got {every_n_steps!r}.")
     if loss_weighting is not None and not isinstance(loss_weighting, LossWeighting):
         raise TypeError(f"loss_weighting must be a LossWeighting, got {type(loss_weighting).__name__}.")
-    if loss_weighting is not None and loss_weighting.needs_parameter_gramian and (
-        similarity != "parameters" or every_n_steps > 1
+    if (
+        loss_weighting is not None
+        and loss_weighting.needs_parameter_gramian
+        and (similarity != "parameters" or every_n_steps > 1)
     ):
         raise ValueError(
             f"{type(loss_weighting).__name__} reads the per-layer Gramian of the parameter gradients at every "
@@ -66,7 +70,9 @@ def check_options(
         )
 
 
-def named_losses(main_loss: Tensor, aux_losses: Sequence[Tensor] | Mapping[str, Tensor]) -> tuple[list[str], list[Tensor]]:
+def named_losses(
+    main_loss: Tensor, aux_losses: Sequence[Tensor] | Mapping[str, Tensor]
+) -> tuple[list[str], list[Tensor]]:
     """The auxiliary tasks' names and the losses ``[main, aux...]`` as 0-d tensors (checked)."""
     if isinstance(aux_losses, Mapping):
         names, aux = [str(n) for n in aux_losses.keys()], list(aux_losses.values())
@@ -123,7 +129,8 @@ def shared_list(shared_params: Iterable[Tensor]) -> list[Tensor]:
     trainable = [p for p in params if p.requires_grad]
     if not trainable:
         raise ValueError(
-            "shared_params is empty" + (" (all of them have requires_grad=False)" if params else "")
+            "shared_params is empty"
+            + (" (all of them have requires_grad=False)" if params else "")
             + ": pass the parameters of the backbone the tasks share, e.g. model.trunk.parameters()."
         )
     return trainable

@@ -61,8 +61,19 @@ class TaskGradients:
         params / other_params: the tensors the gradients belong to (``.grad`` is written there).
     """
 
-    __slots__ = ("stacked", "rows", "others", "reached", "strategy", "batch_dims", "finite", "losses",
-                 "params", "other_params", "_present")
+    __slots__ = (
+        "stacked",
+        "rows",
+        "others",
+        "reached",
+        "strategy",
+        "batch_dims",
+        "finite",
+        "losses",
+        "params",
+        "other_params",
+        "_present",
+    )
 
     def __init__(
         self,
@@ -84,7 +95,9 @@ class TaskGradients:
         self.rows = rows
         self.others: list[Tensor | None] = list(others) if others is not None else []
         if reached is None:  # every task (the number of rows, or of stacked vectors)
-            reached = [True] * (len(rows) if rows is not None else next(s for s in stacked if s is not None).shape[batch_dims])  # type: ignore[union-attr]
+            reached = [True] * (
+                len(rows) if rows is not None else next(s for s in stacked if s is not None).shape[batch_dims]
+            )  # type: ignore[union-attr]
         self.reached = list(reached)
         self.strategy = strategy
         self.batch_dims = batch_dims
@@ -156,7 +169,10 @@ class TaskGradients:
         if direction is None:
             return gram
         cross = torch.stack(
-            [torch.stack([zero if r[i] is None else _dot(r[i], d).to(zero.dtype) for r in rows]) for i, d in zip(present, direction)]  # type: ignore[arg-type]
+            [
+                torch.stack([zero if r[i] is None else _dot(r[i], d).to(zero.dtype) for r in rows])
+                for i, d in zip(present, direction)
+            ]  # type: ignore[arg-type]
         )
         dd = torch.stack([_dot(d, d).to(zero.dtype) for d in direction])
         return _extend(gram, cross, dd)
@@ -289,7 +305,9 @@ class TaskGradients:
         stacked: list[Tensor | None] = []
         for col in zip(*self.rows):  # type: ignore[misc]
             ref = next((c for c in col if c is not None), None)
-            stacked.append(None if ref is None else torch.stack([c if c is not None else torch.zeros_like(ref) for c in col]))
+            stacked.append(
+                None if ref is None else torch.stack([c if c is not None else torch.zeros_like(ref) for c in col])
+            )
         return self._like(stacked=stacked)
 
     def to_rows(self) -> TaskGradients:
@@ -301,8 +319,15 @@ class TaskGradients:
 
     def _like(self, **layout: Any) -> TaskGradients:
         return TaskGradients(
-            **layout, others=self.others, reached=self.reached, strategy=self.strategy, batch_dims=self.batch_dims,
-            finite=self.finite, losses=self.losses, params=self.params, other_params=self.other_params,
+            **layout,
+            others=self.others,
+            reached=self.reached,
+            strategy=self.strategy,
+            batch_dims=self.batch_dims,
+            finite=self.finite,
+            losses=self.losses,
+            params=self.params,
+            other_params=self.other_params,
         )
 
     @property
@@ -319,7 +344,13 @@ class TaskGradients:
 PerTaskGradients = TaskGradients
 
 
-def _write_stacked(grads: TaskGradients, params: Sequence[Tensor], w: Tensor, wd: Tensor | None, direction: Sequence[Tensor | None] | None) -> None:
+def _write_stacked(
+    grads: TaskGradients,
+    params: Sequence[Tensor],
+    w: Tensor,
+    wd: Tensor | None,
+    direction: Sequence[Tensor | None] | None,
+) -> None:
     """``.grad += sum_k w_k g_k (+ w_d d)`` from stacked gradients: one ``addmv_`` per tensor."""
     for b, i in enumerate(grads.present()):
         p, s = params[i], grads.stacked[i]  # type: ignore[index]
@@ -333,7 +364,14 @@ def _write_stacked(grads: TaskGradients, params: Sequence[Tensor], w: Tensor, wd
         if wd is not None and direction is not None and direction[b] is not None:
             p.grad.add_((direction[b] * wd.to(direction[b].dtype)).view(p.shape).to(p.grad.dtype))  # type: ignore[union-attr]
 
-def _write_rows(grads: TaskGradients, params: Sequence[Tensor], w: Tensor, wd: Tensor | None, direction: Sequence[Tensor | None] | None) -> None:
+
+def _write_rows(
+    grads: TaskGradients,
+    params: Sequence[Tensor],
+    w: Tensor,
+    wd: Tensor | None,
+    direction: Sequence[Tensor | None] | None,
+) -> None:
     """``.grad += sum_k w_k g_k (+ w_d d)`` from per-task rows: per task, one multi-tensor pass."""
     num_tasks, rows = grads.num_tasks, grads.rows  # the first term initialises .grad
     assert rows is not None

@@ -21,7 +21,8 @@ True
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ._lazy import load_entry
 from .gate import GradientGate

@@ -147,7 +147,9 @@ class GradSimMixin:
             "'main' loss and one loss per auxiliary task."
         )
 
-    def gradsim_backward(self, gate: GradientGate, main_loss: Tensor, aux_losses: Mapping[str, Tensor]) -> GateStats | None:
+    def gradsim_backward(
+        self, gate: GradientGate, main_loss: Tensor, aux_losses: Mapping[str, Tensor]
+    ) -> GateStats | None:
         """Run the gate and fill ``.grad``; override to customise how gradients are obtained.
 
         An override must pass ``transforms=self.gradsim_transforms()`` to ``gate.backward`` (the
@@ -201,7 +203,9 @@ class GradSimMixin:
         self._gradsim_step_params = None
         if self._gradsim_mode() == "fsdp2":  # the sharded parameters, before a forward swaps them out
             self._gradsim_step_params = self.gradsim_parameters()
-        losses = check_task_losses(self.task_losses(batch, batch_idx), self._gradsim_own("_gradsim_warned_no_grad", set))
+        losses = check_task_losses(
+            self.task_losses(batch, batch_idx), self._gradsim_own("_gradsim_warned_no_grad", set)
+        )
         optimizers = self._gradsim_optimizers()
         final = self._gradsim_is_step_batch(batch_idx)
         if final:
@@ -236,7 +240,9 @@ class GradSimMixin:
         return total  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ the step's gradient transforms
-    def _gradsim_run_gate(self, gate: GradientGate, losses: dict[str, Tensor], final: bool, scaler: Any) -> GateStats | None:
+    def _gradsim_run_gate(
+        self, gate: GradientGate, losses: dict[str, Tensor], final: bool, scaler: Any
+    ) -> GateStats | None:
         """Run ``gradsim_backward`` with this step's transforms; ``None`` on a micro-batch that only
         accumulated. Under a GradScaler the losses are scaled here and unscaled by a transform."""
         items: list[GradientTransform] = []
@@ -349,13 +355,13 @@ class GradSimMixin:
         if isinstance(gate, LossWeighting):
             raise AttributeError(
                 f"self.gradsim is a {type(gate).__name__} (a loss weighting); compose it with a gate: "
-                f"`self.gradsim = GradientGate(rule=\"sum\", loss_weighting={type(gate).__name__}(...))` or make_gate(...)."
+                f'`self.gradsim = GradientGate(rule="sum", loss_weighting={type(gate).__name__}(...))` or make_gate(...).'
             )
         if not isinstance(gate, GradientGate):
             raise AttributeError(
                 f"{type(self).__name__} has no GradientGate at self.gradsim"
                 + ("" if gate is None else f" (found {type(gate).__name__})")
-                + ": add `self.gradsim = GradientGate(rule=\"unweighted\")` to __init__."
+                + ': add `self.gradsim = GradientGate(rule="unweighted")` to __init__.'
             )
         return gate
 

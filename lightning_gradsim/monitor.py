@@ -61,7 +61,9 @@ class GradSimMonitor(Callback):
         self.plot_path: str | None = None
 
     # ------------------------------------------------------------------ hooks
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self._batches_seen += 1
         if (self._batches_seen - 1) % self.logging_interval != 0:
             return
@@ -71,7 +73,11 @@ class GradSimMonitor(Callback):
             stats = gate.last_stats
             # The mixin knows (after its one host sync) whether the step was skipped; a gate used
             # without it reports a skipped measured step in stats.finite.
-            skipped = getattr(pl_module, "gradsim_last_step_skipped", None) if getattr(pl_module, "gradsim", None) is gate else None
+            skipped = (
+                getattr(pl_module, "gradsim_last_step_skipped", None)
+                if getattr(pl_module, "gradsim", None) is gate
+                else None
+            )
             if stats is None or gate.aux_names is None or (stats is self._last_logged.get(prefix) and not skipped):
                 continue
             self._last_logged[prefix] = stats  # a reference, so a new step's stats are never mistaken for it
@@ -89,7 +95,11 @@ class GradSimMonitor(Callback):
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.plot:
-            path = self.plot if isinstance(self.plot, (str, os.PathLike)) else os.path.join(trainer.log_dir or trainer.default_root_dir, "gradsim.png")
+            path = (
+                self.plot
+                if isinstance(self.plot, (str, os.PathLike))
+                else os.path.join(trainer.log_dir or trainer.default_root_dir, "gradsim.png")
+            )
             self.plot_path = str(path)
             self._save_plot(self.plot_path)
 
@@ -101,7 +111,9 @@ class GradSimMonitor(Callback):
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
-    def metrics_from(stats: GateStats, gate: GradientGate, prefix: str = "gradsim", skipped: bool | None = None) -> dict[str, float]:
+    def metrics_from(
+        stats: GateStats, gate: GradientGate, prefix: str = "gradsim", skipped: bool | None = None
+    ) -> dict[str, float]:
         """The logged metrics of one step, as Python floats (one host sync).
 
         ``skipped``: whether the step was skipped (``None``: read it from ``stats.finite``). A skipped

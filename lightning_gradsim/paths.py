@@ -40,8 +40,13 @@ __all__ = ["GateStep", "decide_step"]
 
 
 def decide_step(
-    gate: GradientGate, grads: TaskGradients, names: list[str], finite: Tensor | None = None,
-    pipeline: Transforms | None = None, scale: Tensor | None = None, checks: Sequence[Tensor | None] = (),
+    gate: GradientGate,
+    grads: TaskGradients,
+    names: list[str],
+    finite: Tensor | None = None,
+    pipeline: Transforms | None = None,
+    scale: Tensor | None = None,
+    checks: Sequence[Tensor | None] = (),
 ) -> tuple[Tensor, GateStats, list[Tensor] | None]:
     """Gramian -> (reduce) -> rule and state; the loss weighting observes. Writes no gradient.
 
@@ -55,8 +60,16 @@ def decide_step(
         gram = pipeline.gramian(gram)
     k = grads.num_tasks
     weights, stats = decide(
-        gram, rule=gate.rule, state=gate.state, aux_weight=gate.aux_weight_tensor(names, gram), num_tasks=k,
-        threshold=gate.threshold, cosine_ema=gate.cosine_ema, per_layer=gate.per_layer, finite=finite, direction=direction,
+        gram,
+        rule=gate.rule,
+        state=gate.state,
+        aux_weight=gate.aux_weight_tensor(names, gram),
+        num_tasks=k,
+        threshold=gate.threshold,
+        cosine_ema=gate.cosine_ema,
+        per_layer=gate.per_layer,
+        finite=finite,
+        direction=direction,
         checks=checks,
     )
     lw = gate.loss_weighting
@@ -75,8 +88,15 @@ class GateStep:
     parameters, the transforms, and what is known about finiteness."""
 
     def __init__(
-        self, gate: GradientGate, names: list[str], losses: list[Tensor], raw: Tensor, scale: Tensor | None,
-        shared: list[Tensor], others: list[Tensor], pipeline: Transforms,
+        self,
+        gate: GradientGate,
+        names: list[str],
+        losses: list[Tensor],
+        raw: Tensor,
+        scale: Tensor | None,
+        shared: list[Tensor],
+        others: list[Tensor],
+        pipeline: Transforms,
     ) -> None:
         self.gate, self.names, self.losses, self.raw, self.scale = gate, names, losses, raw, scale
         self.shared, self.others, self.pipeline = shared, others, pipeline
@@ -121,8 +141,12 @@ class GateStep:
         check_features_cut(self.losses, feats, self.shared)
         grads = feature_gradients(self.losses, feats, self.others)
         if all(r is None for r in grads.rows[0]):  # type: ignore[index]
-            raise ValueError("The main loss does not depend on the marked features: mark the tensor the main head reads.")
-        weights, stats, direction = decide_step(self.gate, grads, self.names, None, None, self.scale, [self.raw, grads.others_norms()])
+            raise ValueError(
+                "The main loss does not depend on the marked features: mark the tensor the main head reads."
+            )
+        weights, stats, direction = decide_step(
+            self.gate, grads, self.names, None, None, self.scale, [self.raw, grads.others_norms()]
+        )
         present = grads.present()
         feature_grad = grads.apply(weights, direction)
         trunk = backpropagate([feats[i] for i in present], [feature_grad[i] for i in present], self.shared)  # type: ignore[misc]
@@ -142,8 +166,12 @@ class GateStep:
         weights, stats, present = gate.state.reuse  # type: ignore[misc]
         k = len(self.losses)
         with_buffers = weights.shape[-1] > k and gate.main_grad_ema > 0 and gate.similarity == "parameters"
-        task_w = weights[:k] if with_buffers or weights.shape[-1] == k else torch.cat(
-            [weights[:1] + weights[k:], weights[1:k]]  # the direction is this step's main gradient
+        task_w = (
+            weights[:k]
+            if with_buffers or weights.shape[-1] == k
+            else torch.cat(
+                [weights[:1] + weights[k:], weights[1:k]]  # the direction is this step's main gradient
+            )
         )
         # The weights are in the losses: the shared gradient goes into .grad as backward writes it.
         combined, heads = weighted_gradients(self.losses, task_w, shared, self.others, into_grad=not with_buffers)
@@ -152,7 +180,12 @@ class GateStep:
         bundle = TaskGradients(rows=[combined], others=heads, params=shared, other_params=self.others)
         if with_buffers:  # plus the main-gradient EMA of the last measured step as the direction
             buffers = dict(zip(present, gate.state.directions()))
-            bundle.rows = [[torch.zeros_like(p) if g is None and i in buffers else g for i, (g, p) in enumerate(zip(combined, shared))]]
+            bundle.rows = [
+                [
+                    torch.zeros_like(p) if g is None and i in buffers else g
+                    for i, (g, p) in enumerate(zip(combined, shared))
+                ]
+            ]
             direction = [buffers.get(i) for i in bundle.present()]
             bundle.apply(torch.cat([torch.ones_like(weights[:1]), weights[k:]]), direction, into=shared)
         bundle.write_others()

@@ -184,10 +184,16 @@ class GateState(nn.Module):
     def get_extra_state(self) -> Any:
         reuse = None
         if self.reuse is not None:
-            reuse = {"weights": self.reuse.weights, "present": list(self.reuse.present),
-                     "stats": dict(self.reuse.stats._asdict())}
-        return {"generator": self._generator.get_state() if self._generator is not None else None,
-                "calls": self.calls, "reuse": reuse}
+            reuse = {
+                "weights": self.reuse.weights,
+                "present": list(self.reuse.present),
+                "stats": dict(self.reuse.stats._asdict()),
+            }
+        return {
+            "generator": self._generator.get_state() if self._generator is not None else None,
+            "calls": self.calls,
+            "reuse": reuse,
+        }
 
     def set_extra_state(self, state: Any) -> None:
         if not state:
@@ -219,7 +225,9 @@ class GateState(nn.Module):
             buf = getattr(self, name) if keep_vars else getattr(self, name).detach()
             destination[prefix + name] = specs[i].wrap(buf) if i < len(specs) and specs[i] is not None else buf
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):  # type: ignore[no-untyped-def]
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):  # type: ignore[no-untyped-def]
         packed = state_dict.get(prefix + "_extra_state")
         if isinstance(packed, (bytes, bytearray)):  # saved packed (distributed checkpoint): unpack
             content = torch.load(io.BytesIO(packed), weights_only=True)
@@ -242,14 +250,21 @@ class GateState(nn.Module):
             src = state_dict[prefix + f"main_grad_ema_{i}"]
             self.register_buffer(f"main_grad_ema_{i}", torch.empty_like(src, device=self.step.device))
         self._num_direction_buffers = n
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def extra_repr(self) -> str:
         return f"seed={self.seed}"
 
 
-def upgrade_legacy_keys(state_dict: dict[str, Any], prefix: str, loss_weighting: nn.Module | None = None,
-                        strict: bool = True, error_msgs: list[str] | None = None) -> None:
+def upgrade_legacy_keys(
+    state_dict: dict[str, Any],
+    prefix: str,
+    loss_weighting: nn.Module | None = None,
+    strict: bool = True,
+    error_msgs: list[str] | None = None,
+) -> None:
     """Move a version 0.1 gate's keys (``<gate>.cosine_state``, its generator, a loss weighting's
     ``<gate>.log_vars``...) to where this version keeps them (``<gate>.state.cosine_state``,
     ``<gate>.loss_weighting.log_vars``), in place; explain in ``error_msgs`` what cannot load."""
@@ -270,7 +285,7 @@ def upgrade_legacy_keys(state_dict: dict[str, Any], prefix: str, loss_weighting:
             if prefix + name in state_dict and prefix + "loss_weighting." + name not in state_dict:
                 state_dict[prefix + "loss_weighting." + name] = state_dict.pop(prefix + name)
         return
-    found = [k for k in state_dict if k[len(prefix):] in LEGACY_WEIGHTING or k.startswith(prefix + "loss_weighting.")]
+    found = [k for k in state_dict if k[len(prefix) :] in LEGACY_WEIGHTING or k.startswith(prefix + "loss_weighting.")]
     if found and strict and error_msgs is not None:
         error_msgs.append(
             f"the checkpoint's gate has a loss weighting's state ({', '.join(sorted(found))}) but this gate has "

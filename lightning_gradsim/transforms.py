@@ -175,7 +175,9 @@ class Accumulate(GradientTransform):
 
     def task_gradients(self, grads: TaskGradients) -> Status:
         if self.sums is None:
-            self.sums = grads._like(stacked=grads.stacked) if grads.stacked is not None else grads._like(rows=grads.rows)
+            self.sums = (
+                grads._like(stacked=grads.stacked) if grads.stacked is not None else grads._like(rows=grads.rows)
+            )
         else:
             self.sums.add(grads)
         self.count += 1
@@ -196,16 +198,27 @@ class Accumulate(GradientTransform):
         if self.sums is None:
             return {}
         sums = self.sums.to_stacked()
-        return {"shared": sums.stacked, "others": sums.others, "reached": sums.reached, "count": self.count,
-                "nonfinite": None if sums.finite is None else ~sums.finite, "losses": sums.losses}
+        return {
+            "shared": sums.stacked,
+            "others": sums.others,
+            "reached": sums.reached,
+            "count": self.count,
+            "nonfinite": None if sums.finite is None else ~sums.finite,
+            "losses": sums.losses,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state or not int(state.get("count", 0)):
             self.sums, self.count = None, 0
             return
         nonfinite = state.get("nonfinite")
-        self.sums = TaskGradients(stacked=list(state["shared"]), others=list(state["others"]), reached=list(state["reached"]),
-                                  finite=None if nonfinite is None else ~nonfinite, losses=state.get("losses"))
+        self.sums = TaskGradients(
+            stacked=list(state["shared"]),
+            others=list(state["others"]),
+            reached=list(state["reached"]),
+            finite=None if nonfinite is None else ~nonfinite,
+            losses=state.get("losses"),
+        )
         self.count = int(state["count"])
 
 

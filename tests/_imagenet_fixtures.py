@@ -18,7 +18,9 @@ def red_code(wnid: str) -> int:
     return 20 * (PRESET_CLASSES.index(wnid) + 1)
 
 
-def make_image_folder(root: Path, n_train: int = 10, n_val: int = 4, size: int = 20, classes: list[str] = CLASSES) -> Path:
+def make_image_folder(
+    root: Path, n_train: int = 10, n_val: int = 4, size: int = 20, classes: list[str] = CLASSES
+) -> Path:
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -58,7 +60,11 @@ def make_downsampled(root: Path, n_per_class: int = 8, side: int = 8, seed: int 
         perm = rng.permutation(len(labels))
         return {"data": np.stack(data)[perm], "labels": [labels[i] for i in perm], "mean": None}
 
-    for name, n in (("train_data_batch_1", n_per_class // 2), ("train_data_batch_2", n_per_class - n_per_class // 2), ("val_data", 3)):
+    for name, n in (
+        ("train_data_batch_1", n_per_class // 2),
+        ("train_data_batch_2", n_per_class - n_per_class // 2),
+        ("val_data", 3),
+    ):
         with open(root / name, "wb") as f:
             pickle.dump(batch(n), f)
     return root, {v: k for k, v in label_of.items()}
@@ -87,8 +93,17 @@ def make_is_a(path: Path) -> Path:
 def make_meta_mat(path: Path) -> Path:
     from scipy.io import savemat
 
-    wnids = ["n04483307", "n02981792", "n02110185", "n02110063", "n06874185",  # leaves: IDs 1..5
-             "n02858304", "n00015388", "n02084071", "n00001740"]             # inner: IDs 6..9
+    wnids = [
+        "n04483307",
+        "n02981792",
+        "n02110185",
+        "n02110063",
+        "n06874185",  # leaves: IDs 1..5
+        "n02858304",
+        "n00015388",
+        "n02084071",
+        "n00001740",
+    ]  # inner: IDs 6..9
     ident = {w: i + 1 for i, w in enumerate(wnids)}
     kids: dict[str, list[int]] = {w: [] for w in wnids}
     for p, c in IS_A:
@@ -96,7 +111,12 @@ def make_meta_mat(path: Path) -> Path:
     dtype = [("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("num_children", "O"), ("children", "O")]
     arr = np.zeros((len(wnids),), dtype=dtype)
     for i, w in enumerate(wnids):
-        arr[i] = (np.array([[ident[w]]], dtype=np.uint16), w, w, np.array([[len(kids[w])]], dtype=np.uint16),
-                  np.array(kids[w], dtype=np.uint16).reshape(1, -1) if kids[w] else np.zeros((1, 0), dtype=np.uint16))
+        arr[i] = (
+            np.array([[ident[w]]], dtype=np.uint16),
+            w,
+            w,
+            np.array([[len(kids[w])]], dtype=np.uint16),
+            np.array(kids[w], dtype=np.uint16).reshape(1, -1) if kids[w] else np.zeros((1, 0), dtype=np.uint16),
+        )
     savemat(str(path), {"synsets": arr.reshape(-1, 1)})
     return path

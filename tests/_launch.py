@@ -77,8 +77,16 @@ def clean_env(**extra: str) -> dict[str, str]:
     """This environment without any launcher's variables (a CI job on SLURM must not leak in), plus ``extra``."""
     launcher_vars = ("SLURM_", "TORCHELASTIC_", "PL_")
     env = {k: v for k, v in os.environ.items() if not k.startswith(launcher_vars)}
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE",
-                "MASTER_ADDR", "MASTER_PORT"):
+    for key in (
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "NODE_RANK",
+        "GROUP_RANK",
+        "LOCAL_WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+    ):
         env.pop(key, None)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")
@@ -121,12 +129,26 @@ def _tail(text: str, n: int = 6000) -> str:
     return text if len(text) <= n else "...\n" + text[-n:]
 
 
-def run_together(commands: list[list[str]], envs: list[dict[str, str]] | None = None, timeout: float = TIMEOUT,
-                 cwd: Path | None = None) -> list[str]:
+def run_together(
+    commands: list[list[str]],
+    envs: list[dict[str, str]] | None = None,
+    timeout: float = TIMEOUT,
+    cwd: Path | None = None,
+) -> list[str]:
     """Start every command at once; return their outputs. Fail (killing them all) on a timeout or an error exit."""
     envs = envs or [clean_env() for _ in commands]
-    procs = [subprocess.Popen(cmd, env=env, cwd=cwd or REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, start_new_session=True) for cmd, env in zip(commands, envs)]
+    procs = [
+        subprocess.Popen(
+            cmd,
+            env=env,
+            cwd=cwd or REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        for cmd, env in zip(commands, envs)
+    ]
     deadline = time.monotonic() + timeout
     outputs: list[str] = [""] * len(procs)
     hung = False
@@ -163,8 +185,18 @@ def run(command: list[str], env: dict[str, str] | None = None, timeout: float = 
 
 def shortened(path: Path, root_dir: Path, data_root: Path | None = None, probe: Path | None = None) -> list[str]:
     """CLI overrides making ``path`` a run of 2 steps on tiny data, its own settings otherwise kept."""
-    args = ["--config", path.stem, "--trainer.default_root_dir", str(root_dir), "--trainer.max_steps", "2",
-            "--trainer.val_check_interval", "2", "--trainer.enable_progress_bar", "false"]
+    args = [
+        "--config",
+        path.stem,
+        "--trainer.default_root_dir",
+        str(root_dir),
+        "--trainer.max_steps",
+        "2",
+        "--trainer.val_check_interval",
+        "2",
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
     if is_multi_process(path):
         args += ["--trainer.accelerator", "cpu", "--trainer.devices", "2"]
     if data_class(path) == "ClassPairDataModule":
@@ -200,5 +232,5 @@ def assert_ranks_and_shards(records: list[dict[str, Any]], world: int = 2, stage
         assert all(len(s["indices"]) == (n + padded) // world for s in shards)
         seen = [set(s["indices"]) for s in shards]
         assert set().union(*seen) == set(range(n)), f"{loader}: the ranks together must see every item once"
-        overlap = sum(len(a & b) for i, a in enumerate(seen) for b in seen[i + 1:])
+        overlap = sum(len(a & b) for i, a in enumerate(seen) for b in seen[i + 1 :])
         assert overlap <= padded, f"{loader}: ranks share {overlap} items; only the {padded} padding items may repeat"

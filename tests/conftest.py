@@ -11,7 +11,9 @@ os.environ.setdefault("PYTHONWARNINGS", "ignore")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: The real MNIST test split (torchvision layout): $GRADSIM_MNIST_ROOT (.ci/run sets it), else the CI
 #: machine's copy at ../shared/data/mnist next to the repository. The package itself has no default.
-MNIST_ROOT = os.environ.get("GRADSIM_MNIST_ROOT") or os.path.abspath(os.path.join(REPO_ROOT, "..", "shared", "data", "mnist"))
+MNIST_ROOT = os.environ.get("GRADSIM_MNIST_ROOT") or os.path.abspath(
+    os.path.join(REPO_ROOT, "..", "shared", "data", "mnist")
+)
 
 
 @pytest.fixture(autouse=True)

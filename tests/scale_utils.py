@@ -182,8 +182,14 @@ def ddp_worker(rank: int, world: int, port: int, out_dir: str, scenarios: list[d
 
     torch.set_num_threads(1)
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-        NODE_RANK="0", GROUP_RANK="0", RANK=str(rank), PL_DISABLE_FORK="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        NODE_RANK="0",
+        GROUP_RANK="0",
+        RANK=str(rank),
+        PL_DISABLE_FORK="1",
     )
     for sc in scenarios:
         model = TinyNet(**sc["model"])
@@ -193,7 +199,14 @@ def ddp_worker(rank: int, world: int, port: int, out_dir: str, scenarios: list[d
         kwargs = dict(sc.get("trainer", {}))
         callbacks = []
         if sc.get("checkpoint_every"):
-            callbacks.append(ModelCheckpoint(dirpath=os.path.join(out_dir, sc["name"]), every_n_train_steps=sc["checkpoint_every"], save_top_k=-1, filename="{step}"))
+            callbacks.append(
+                ModelCheckpoint(
+                    dirpath=os.path.join(out_dir, sc["name"]),
+                    every_n_train_steps=sc["checkpoint_every"],
+                    save_top_k=-1,
+                    filename="{step}",
+                )
+            )
         plugins = []
         if sc.get("scaler"):
             from lightning.pytorch.plugins.precision import MixedPrecision
@@ -211,14 +224,26 @@ def ddp_worker(rank: int, world: int, port: int, out_dir: str, scenarios: list[d
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             t = L.Trainer(
-                accelerator="cpu", devices=world, strategy=DDPStrategy(process_group_backend="gloo"),
-                logger=False, enable_checkpointing=bool(callbacks), callbacks=callbacks, plugins=plugins,
-                enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+                accelerator="cpu",
+                devices=world,
+                strategy=DDPStrategy(process_group_backend="gloo"),
+                logger=False,
+                enable_checkpointing=bool(callbacks),
+                callbacks=callbacks,
+                plugins=plugins,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                use_distributed_sampler=False,
                 **{"max_epochs": 1, **kwargs},
             )
             t.fit(model, train_dataloaders=BatchList(batches), ckpt_path=os.path.join(out_dir, ckpt) if ckpt else None)
         torch.distributed.all_reduce = real_all_reduce
-        result = {"all_reduce_sizes": sizes, "params": params(model), "gate_log": model.gate_log, "gate": {k: v.clone() for k, v in model.gradsim.state_dict().items() if isinstance(v, torch.Tensor)}}
+        result = {
+            "all_reduce_sizes": sizes,
+            "params": params(model),
+            "gate_log": model.gate_log,
+            "gate": {k: v.clone() for k, v in model.gradsim.state_dict().items() if isinstance(v, torch.Tensor)},
+        }
         if sc.get("scaler"):
             result["scale"] = t.precision_plugin.scaler.get_scale()
         torch.save(result, os.path.join(out_dir, f"{sc['name']}_rank{rank}.pt"))

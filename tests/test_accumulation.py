@@ -8,7 +8,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_gradsim.layout import TaskGradients
 from lightning_gradsim.transforms import Accumulate
 
-from .scale_utils import TinyNet, fit, make_batches, merge_pairs, params, trainer, BatchList
+from .scale_utils import BatchList, TinyNet, fit, make_batches, merge_pairs, params, trainer
 
 
 @pytest.mark.parametrize(

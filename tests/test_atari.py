@@ -11,12 +11,16 @@ import torch
 
 pytest.importorskip("minatar")
 
-from lightning_gradsim.rl.atari.envs import MinAtarVectorEnv  # noqa: E402
-from lightning_gradsim.rl.atari.learner import (  # noqa: E402
-    BatchedLearner, LearnerConfig, Rollout, actor_critic_losses, distillation_loss,
+from lightning_gradsim.rl.atari.envs import MinAtarVectorEnv
+from lightning_gradsim.rl.atari.learner import (
+    BatchedLearner,
+    LearnerConfig,
+    Rollout,
+    actor_critic_losses,
+    distillation_loss,
 )
-from lightning_gradsim.rl.atari.nets import StackedActorCritic  # noqa: E402
-from lightning_gradsim.rl.atari.teacher import default_teacher_path, evaluate_policy, load_teacher  # noqa: E402
+from lightning_gradsim.rl.atari.nets import StackedActorCritic
+from lightning_gradsim.rl.atari.teacher import default_teacher_path, evaluate_policy, load_teacher
 
 
 def test_distillation_loss_and_gradient_by_hand():
@@ -40,9 +44,17 @@ def test_actor_critic_loss_on_policy_by_hand():
     # T=2, M=1, N=1, two actions; on-policy (behaviour = target) so V-trace is the 2-step return.
     logits = torch.tensor([[[[0.0, 0.0]]], [[[math.log(3.0), 0.0]]]], requires_grad=True)
     values = torch.tensor([[[0.5]], [[1.0]]])
-    loss = actor_critic_losses(logits, values, torch.tensor([[2.0]]), torch.tensor([[[0]], [[1]]]), logits.detach(),
-                               torch.tensor([[[1.0]], [[0.0]]]), torch.tensor([[[0.5]], [[0.5]]]),
-                               entropy_cost=0.1, baseline_cost=0.5)
+    loss = actor_critic_losses(
+        logits,
+        values,
+        torch.tensor([[2.0]]),
+        torch.tensor([[[0]], [[1]]]),
+        logits.detach(),
+        torch.tensor([[[1.0]], [[0.0]]]),
+        torch.tensor([[[0.5]], [[0.5]]]),
+        entropy_cost=0.1,
+        baseline_cost=0.5,
+    )
     vs1 = 0.0 + 0.5 * 2.0
     vs0 = 1.0 + 0.5 * vs1
     adv0, adv1 = 1.0 + 0.5 * vs1 - 0.5, 0.0 + 0.5 * 2.0 - 1.0
@@ -64,9 +76,9 @@ def test_stacked_members_are_independent_networks():
     l1, v1 = single(obs[1:2])
     torch.testing.assert_close(logits[1:2], l1)
     torch.testing.assert_close(values[1:2], v1)
-    loss = (logits ** 2).sum() + values.sum()
+    loss = (logits**2).sum() + values.sum()
     g_all = torch.autograd.grad(loss, net.fc_weight)[0]
-    g_one = torch.autograd.grad((l1 ** 2).sum() + v1.sum(), single.fc_weight)[0]
+    g_one = torch.autograd.grad((l1**2).sum() + v1.sum(), single.fc_weight)[0]
     torch.testing.assert_close(g_all[1:2], g_one)
 
 
@@ -106,9 +118,17 @@ def test_gate_on_the_two_update_vectors_matches_hand_gating():
             logits, values = single(obs)
             logits = logits.reshape(1, t_len + 1, n, -1).transpose(0, 1)
             values = values.reshape(1, t_len + 1, n).transpose(0, 1)
-            rl = actor_critic_losses(logits[:-1], values[:-1], values[-1], b.actions[:, i : i + 1],
-                                     b.behaviour_logits[:, i : i + 1], b.rewards[:, i : i + 1],
-                                     0.99 * (~b.dones[:, i : i + 1]).float(), 0.01, 0.5)
+            rl = actor_critic_losses(
+                logits[:-1],
+                values[:-1],
+                values[-1],
+                b.actions[:, i : i + 1],
+                b.behaviour_logits[:, i : i + 1],
+                b.rewards[:, i : i + 1],
+                0.99 * (~b.dones[:, i : i + 1]).float(),
+                0.01,
+                0.5,
+            )
             t_logits, _ = teacher(b.obs[:-1, i : i + 1].reshape(1, t_len * n, *shape))
             kl = distillation_loss(logits[:-1], t_logits.reshape(t_len, 1, n, -1))
             g_rl = torch.autograd.grad(rl.sum(), shared + heads, retain_graph=True)
@@ -204,8 +224,27 @@ def test_cli_end_to_end_single_multi_and_teacher(tmp_path):
     from lightning_gradsim.cli import main
 
     out = tmp_path / "single"
-    assert main(["atari", "--frames", "320", "--seeds", "1", "--envs", "4", "--unroll", "8", "--out", str(out),
-                 "--no-progress", "--log-every", "64"]) == 0
+    assert (
+        main(
+            [
+                "atari",
+                "--frames",
+                "320",
+                "--seeds",
+                "1",
+                "--envs",
+                "4",
+                "--unroll",
+                "8",
+                "--out",
+                str(out),
+                "--no-progress",
+                "--log-every",
+                "64",
+            ]
+        )
+        == 0
+    )
     rows = _read_curves(out / "curves.csv")
     assert list(rows[0])[:6] == ["method", "seed", "frames", "game", "mean_return", "cosine"]
     assert {"aux_weight"} <= set(rows[0])
@@ -216,21 +255,64 @@ def test_cli_end_to_end_single_multi_and_teacher(tmp_path):
     assert (out / "curves.png").stat().st_size > 10_000
 
     teacher = tmp_path / "teacher.pt"
-    assert main(["atari", "teacher", "--frames", "256", "--envs", "4", "--unroll", "8", "--eval-episodes", "2",
-                 "--out", str(teacher), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "atari",
+                "teacher",
+                "--frames",
+                "256",
+                "--envs",
+                "4",
+                "--unroll",
+                "8",
+                "--eval-episodes",
+                "2",
+                "--out",
+                str(teacher),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     _, info = load_teacher(teacher)
     assert info["frames"] == 256 and info["command"].startswith("gradsim atari teacher")
 
     out2 = tmp_path / "multi"
-    assert main(["atari", "--env", "breakout,asterix", "--frames", "256", "--seeds", "1", "--envs", "4", "--unroll", "8",
-                 "--methods", "rl,rl_kl_cos", "--teacher", str(teacher), "--out", str(out2), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "atari",
+                "--env",
+                "breakout,asterix",
+                "--frames",
+                "256",
+                "--seeds",
+                "1",
+                "--envs",
+                "4",
+                "--unroll",
+                "8",
+                "--methods",
+                "rl,rl_kl_cos",
+                "--teacher",
+                str(teacher),
+                "--out",
+                str(out2),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     rows = _read_curves(out2 / "curves.csv")
     assert {r["game"] for r in rows} == {"breakout", "asterix"}
     gated = [r for r in rows if r["method"] == "rl_kl_cos"]
     assert all(-1.0 <= float(r["cosine"]) <= 1.0 for r in gated)
     assert (out2 / "curves.png").stat().st_size > 10_000
-    assert main(["atari", "--env", "breakout,seaquest", "--frames", "64", "--out", str(tmp_path / "x"),
-                 "--no-progress"]) == 2
+    assert (
+        main(["atari", "--env", "breakout,seaquest", "--frames", "64", "--out", str(tmp_path / "x"), "--no-progress"])
+        == 2
+    )
 
 
 @pytest.mark.slow
@@ -239,10 +321,20 @@ def test_ale_backend_smoke(tmp_path):
     from lightning_gradsim.rl.atari.experiment import AtariConfig, run_experiment
     from lightning_gradsim.rl.atari.teacher import save_teacher
 
-    teacher = save_teacher(StackedActorCritic(1, (4, 84, 84), 18, arch="nature"), 0, tmp_path / "ale.pt",
-                           backend="ale", game="breakout")
-    cfg = AtariConfig(games=("breakout", "ms_pacman"), backend="ale", frames=320, seeds=1,
-                      methods=("rl", "rl_kl_cos"), envs=2, unroll=10, teacher=str(teacher), random_episodes=0)
+    teacher = save_teacher(
+        StackedActorCritic(1, (4, 84, 84), 18, arch="nature"), 0, tmp_path / "ale.pt", backend="ale", game="breakout"
+    )
+    cfg = AtariConfig(
+        games=("breakout", "ms_pacman"),
+        backend="ale",
+        frames=320,
+        seeds=1,
+        methods=("rl", "rl_kl_cos"),
+        envs=2,
+        unroll=10,
+        teacher=str(teacher),
+        random_episodes=0,
+    )
     result = run_experiment(cfg)
     assert result.frames_total == 2 * 320
     assert {r[3] for r in result.curves} == {"breakout", "ms_pacman"}

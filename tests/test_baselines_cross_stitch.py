@@ -6,12 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_gradsim import GradientGate
 from lightning_gradsim.baselines import (
     CrossStitchMultiHeadNet,
-    CrossStitchNet,
     CrossStitchUnit,
-    UncertaintyWeighting,
     cross_stitch_mlp,
     cross_stitch_resnet,
 )
@@ -100,7 +97,9 @@ def test_shared_parameters_are_exactly_those_both_tasks_reach(stitch_after):
     assert {id(p) for p in net.task_parameters("a")} == reach_a - reach_b
 
 
-@pytest.mark.parametrize("method", ["unweighted", "weighted", "projection", "sum", "main_only", "pcgrad", "uncertainty", "gradnorm"])
+@pytest.mark.parametrize(
+    "method", ["unweighted", "weighted", "projection", "sum", "main_only", "pcgrad", "uncertainty", "gradnorm"]
+)
 def test_every_method_trains_a_cross_stitch_net(method):
     from lightning_gradsim.methods import make_gate
 
@@ -117,7 +116,12 @@ def test_every_method_trains_a_cross_stitch_net(method):
         main = nn.functional.cross_entropy(model(x, "main"), y)
         aux = nn.functional.cross_entropy(model(x, "aux"), (y + 1) % 3)
         first = float(main.detach()) if first is None else first
-        gate.backward(main, {"aux": aux}, model.shared_parameters(), other_params=[p for p in params if all(p is not q for q in model.shared_parameters())])
+        gate.backward(
+            main,
+            {"aux": aux},
+            model.shared_parameters(),
+            other_params=[p for p in params if all(p is not q for q in model.shared_parameters())],
+        )
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
         opt.step()
     assert not torch.equal(model.net.units["0"].alpha.detach(), alpha0)
@@ -148,7 +152,9 @@ def test_cross_stitch_classifier_fits_with_a_loss_weighting():
 
     assert "rotated_digits_cross_stitch" in list_setups()
     torch.manual_seed(0)
-    model = CrossStitchClassifier(tasks={"main": 3, "aux": 3}, input_dim=6, hidden=5, depth=2, method="uncertainty", stitch_lr=0.5)
+    model = CrossStitchClassifier(
+        tasks={"main": 3, "aux": 3}, input_dim=6, hidden=5, depth=2, method="uncertainty", stitch_lr=0.5
+    )
     groups = model.configure_optimizers().param_groups
     assert [g["lr"] for g in groups] == [1e-3, 0.5]
     assert {id(p) for p in groups[1]["params"]} == {id(p) for p in model.net.net.stitch_parameters()}
@@ -157,7 +163,13 @@ def test_cross_stitch_classifier_fits_with_a_loss_weighting():
     batch = {"main": (x, y), "aux": (x.flip(1), (y + 1) % 3)}
     loader = torch.utils.data.DataLoader([batch] * 3, batch_size=None)
     alpha0 = model.net.net.units["0"].alpha.detach().clone()
-    L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False, accelerator="cpu").fit(model, loader)
+    L.Trainer(
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    ).fit(model, loader)
     assert not torch.equal(model.net.net.units["0"].alpha.detach(), alpha0)
     assert model.gradsim.loss_weighting.log_vars.grad is not None

@@ -190,8 +190,7 @@ def test_agrees_with_torchjd_pcgrad():
     gram = g @ g.T
     rows = [[[j for j in perm] for perm in itertools.permutations(range(3))] for _ in range(3)]
     candidates = [
-        pcgrad_coefficients(gram, torch.tensor([r0, r1, r2])).sum(0) @ g
-        for r0, r1, r2 in itertools.product(*rows)
+        pcgrad_coefficients(gram, torch.tensor([r0, r1, r2])).sum(0) @ g for r0, r1, r2 in itertools.product(*rows)
     ]
     theirs = aggregation.PCGrad()(g)
     assert any(torch.allclose(theirs, c, atol=1e-9) for c in candidates)

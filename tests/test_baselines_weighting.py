@@ -93,7 +93,9 @@ def test_uncertainty_optimum_is_log_of_loss():
         # losses with values 3 and 0.5 that depend on w (value w / w.detach() = 1)
         gate.backward(3.0 * w.sum() / w.sum().detach(), [0.5 * w.sum() / w.sum().detach()], [w])
         opt.step()
-    torch.testing.assert_close(gate.loss_weighting.log_vars.detach(), torch.log(torch.tensor([3.0, 0.5])), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(
+        gate.loss_weighting.log_vars.detach(), torch.log(torch.tensor([3.0, 0.5])), rtol=1e-3, atol=1e-3
+    )
 
 
 def test_uncertainty_task_count_errors():
@@ -139,8 +141,13 @@ def _fit(gate, steps=3):
     model = _Net(gate)
     monitor = GradSimMonitor()
     trainer = L.Trainer(
-        max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[monitor], accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[monitor],
+        accelerator="cpu",
     )
     trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=8))
     return model, monitor
@@ -212,14 +219,18 @@ def test_gradnorm_uses_only_the_last_shared_layer():
     torch.testing.assert_close(explicit.loss_weighting.task_weights, 2 * w / w.sum())
     torch.testing.assert_close(default.loss_weighting.task_weights, explicit.loss_weighting.task_weights)
     with pytest.raises(ValueError, match="not among the shared"):
-        gradnorm(last_shared_layer=[nn.Parameter(torch.ones(2, 2))]).backward(l1.detach() + trunk(x).sum(), [trunk(x).mean()], trunk.parameters())
+        gradnorm(last_shared_layer=[nn.Parameter(torch.ones(2, 2))]).backward(
+            l1.detach() + trunk(x).sum(), [trunk(x).mean()], trunk.parameters()
+        )
 
 
 def test_gradnorm_state_dict_roundtrip_and_monitor():
     gate = gradnorm(lr=0.1)
     model, monitor = _fit(gate, steps=3)
     assert len(monitor.history["gradsim/task_weight/main"]) == 3
-    assert monitor.history["gradsim/task_weight/main"][-1] + monitor.history["gradsim/task_weight/aux"][-1] == pytest.approx(2.0)
+    assert monitor.history["gradsim/task_weight/main"][-1] + monitor.history["gradsim/task_weight/aux"][
+        -1
+    ] == pytest.approx(2.0)
     fresh = gradnorm()
     fresh.load_state_dict(gate.state_dict())
     torch.testing.assert_close(fresh.loss_weighting.task_weights, gate.loss_weighting.task_weights)
@@ -259,7 +270,9 @@ def test_gradnorm_uses_the_norm_of_the_prior_weighted_gradient():
 
 def test_gradnorm_refuses_options_without_the_parameter_gramian_at_construction():
     for kwargs in (dict(similarity="features"), dict(every_n_steps=2)):
-        with pytest.raises(ValueError, match="reads the per-layer Gramian.*similarity='parameters' and every_n_steps=1"):
+        with pytest.raises(
+            ValueError, match="reads the per-layer Gramian.*similarity='parameters' and every_n_steps=1"
+        ):
             GradientGate(rule="sum", loss_weighting=GradNorm(), **kwargs)
         with pytest.raises(ValueError, match="per-layer Gramian"):
             make_gate("gradnorm", **kwargs)

@@ -12,9 +12,18 @@ from lightning_gradsim.experiments.tcdcn import CelebATCDCN
 ATTRS = ["5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Young"]
 # image index -> (partition, Attractive as +-1, RGB colour)
 IMAGES = {
-    1: (0, 1, (200, 100, 50)), 2: (0, -1, (10, 20, 30)), 3: (0, 1, (255, 255, 255)), 4: (0, -1, (0, 0, 0)),
-    5: (0, 1, (90, 160, 220)), 6: (0, -1, (128, 64, 32)), 7: (1, 1, (50, 50, 50)), 8: (1, -1, (70, 80, 90)),
-    9: (2, -1, (30, 30, 200)), 10: (2, 1, (220, 30, 30)), 11: (2, -1, (100, 200, 100)), 12: (1, 1, (5, 250, 5)),
+    1: (0, 1, (200, 100, 50)),
+    2: (0, -1, (10, 20, 30)),
+    3: (0, 1, (255, 255, 255)),
+    4: (0, -1, (0, 0, 0)),
+    5: (0, 1, (90, 160, 220)),
+    6: (0, -1, (128, 64, 32)),
+    7: (1, 1, (50, 50, 50)),
+    8: (1, -1, (70, 80, 90)),
+    9: (2, -1, (30, 30, 200)),
+    10: (2, 1, (220, 30, 30)),
+    11: (2, -1, (100, 200, 100)),
+    12: (1, 1, (5, 250, 5)),
 }
 WIDTH, HEIGHT = 178, 218
 
@@ -29,8 +38,10 @@ def write_celeba(folder) -> None:
     img_dir = folder / "img_align_celeba"
     img_dir.mkdir(parents=True)
     attr_lines = [str(len(IMAGES)), " ".join(ATTRS)]
-    lm_lines = [str(len(IMAGES)), "lefteye_x lefteye_y righteye_x righteye_y nose_x nose_y leftmouth_x leftmouth_y "
-                "rightmouth_x rightmouth_y"]
+    lm_lines = [
+        str(len(IMAGES)),
+        "lefteye_x lefteye_y righteye_x righteye_y nose_x nose_y leftmouth_x leftmouth_y rightmouth_x rightmouth_y",
+    ]
     part_lines = []
     for i, (part, attractive, colour) in IMAGES.items():
         name = f"{i:06d}.jpg"
@@ -118,9 +129,16 @@ def test_tcdcn_shapes_and_gate():
 def test_compare_setup_runs_on_the_tiny_folder(celeba_root, tmp_path):
     from lightning_gradsim.experiments.compare import RunSpec, run_one
 
-    spec = RunSpec(setup="celeba", method="projection", seed=0, gate={},
-                   options={"root": str(celeba_root), "lam": 2.0, "batch_size": 3, "subset": None},
-                   variant="lam=2.0", max_steps=4, eval_every=2)
+    spec = RunSpec(
+        setup="celeba",
+        method="projection",
+        seed=0,
+        gate={},
+        options={"root": str(celeba_root), "lam": 2.0, "batch_size": 3, "subset": None},
+        variant="lam=2.0",
+        max_steps=4,
+        eval_every=2,
+    )
     out = run_one(spec)
     row = out["row"]
     assert row["steps"] == 4
@@ -134,8 +152,22 @@ def test_example_config_is_a_valid_compare_config():
     path = CONFIG_DIR / "celeba" / "celeba.yaml"
     with open(path) as f:
         cfg = yaml.safe_load(f)
-    allowed = {"setup", "methods", "seeds", "variants", "options", "gate", "max_steps", "eval_every", "log_every",
-               "jobs", "out_dir", "trainer", "progress", "select"}
+    allowed = {
+        "setup",
+        "methods",
+        "seeds",
+        "variants",
+        "options",
+        "gate",
+        "max_steps",
+        "eval_every",
+        "log_every",
+        "jobs",
+        "out_dir",
+        "trainer",
+        "progress",
+        "select",
+    }
     assert set(cfg) <= allowed
     assert cfg["setup"] == "celeba" and len(cfg["variants"]["lam"]) >= 3
     # the blog: lambda up to 30000 (it names lambda <= 10000 and 30000); 40x40; 10000 images per split
@@ -186,9 +218,27 @@ def _write_graded_celeba(folder, n=(24, 10, 10)) -> None:
     img_dir = folder / "img_align_celeba"
     img_dir.mkdir(parents=True)
     gen = torch.Generator().manual_seed(0)
-    attr_lines, lm_lines, part_lines = [str(sum(n)), " ".join(ATTRS)], [str(sum(n)), " ".join(
-        ["lefteye_x", "lefteye_y", "righteye_x", "righteye_y", "nose_x", "nose_y", "leftmouth_x", "leftmouth_y",
-         "rightmouth_x", "rightmouth_y"])], []
+    attr_lines, lm_lines, part_lines = (
+        [str(sum(n)), " ".join(ATTRS)],
+        [
+            str(sum(n)),
+            " ".join(
+                [
+                    "lefteye_x",
+                    "lefteye_y",
+                    "righteye_x",
+                    "righteye_y",
+                    "nose_x",
+                    "nose_y",
+                    "leftmouth_x",
+                    "leftmouth_y",
+                    "rightmouth_x",
+                    "rightmouth_y",
+                ]
+            ),
+        ],
+        [],
+    )
     i = 0
     for part, count in enumerate(n):
         for _ in range(count):
@@ -236,9 +286,18 @@ def test_compare_reports_the_test_auc_of_the_best_validation_epoch(tmp_path):
 
     record = Record()
     options = {"root": str(root), "lam": 100.0, "batch_size": 8, "subset": None, "lr": 0.01, "patience": 0}
-    spec = RunSpec(setup="celeba", method="projection", seed=0, gate={}, options=options, variant="lam=100",
-                   max_steps=18, eval_every=3, trainer={"callbacks": [record]},
-                   select={"monitor": "val/auroc", "mode": "max", "patience": 0})
+    spec = RunSpec(
+        setup="celeba",
+        method="projection",
+        seed=0,
+        gate={},
+        options=options,
+        variant="lam=100",
+        max_steps=18,
+        eval_every=3,
+        trainer={"callbacks": [record]},
+        select={"monitor": "val/auroc", "mode": "max", "patience": 0},
+    )
     row = run_one(spec)["row"]
     assert len(record.val) == 6
     best = best_index(record.val)
@@ -265,10 +324,18 @@ def test_compare_reports_the_test_auc_of_the_best_validation_epoch(tmp_path):
 def test_compare_celeba_tables_best_epoch_auc_per_lambda_and_method(celeba_root, tmp_path):
     from lightning_gradsim.experiments.compare import compare
 
-    result = compare("celeba", methods=["main_only", "projection"], seeds=[0], variants={"lam": [1, 30000]},
-                     options={"root": str(celeba_root), "batch_size": 3, "subset": None, "patience": 0},
-                     select={"monitor": "val/auroc", "mode": "max", "patience": 2},
-                     max_steps=6, eval_every=2, out_dir=tmp_path / "out", progress=False)
+    result = compare(
+        "celeba",
+        methods=["main_only", "projection"],
+        seeds=[0],
+        variants={"lam": [1, 30000]},
+        options={"root": str(celeba_root), "batch_size": 3, "subset": None, "patience": 0},
+        select={"monitor": "val/auroc", "mode": "max", "patience": 2},
+        max_steps=6,
+        eval_every=2,
+        out_dir=tmp_path / "out",
+        progress=False,
+    )
     assert all(1 <= r["selected_validation"] <= 3 and r["test_auroc"] is not None for r in result.rows)
     table = result.markdown("auroc")
     assert "| method | lam=1 | lam=30000 |" in table and "| projection |" in table

@@ -33,8 +33,14 @@ def test_commands_registered(capsys):
 def test_example_configs_exist():
     assert len(DIGIT_CONFIGS) == 5
     names = {p.stem for p in PAIR_CONFIGS}
-    for pair in ("near_trimaran_catamaran", "near_husky_malamute", "near_swissdog_entlebucher",
-                 "far_trafficlight_rockpython", "far_hotpot_slot", "far_komodo_trafficlight"):
+    for pair in (
+        "near_trimaran_catamaran",
+        "near_husky_malamute",
+        "near_swissdog_entlebucher",
+        "far_trafficlight_rockpython",
+        "far_hotpot_slot",
+        "far_komodo_trafficlight",
+    ):
         assert {pair, pair + "_ddp"} <= names
     for path in PAIR_CONFIGS:
         trainer = yaml.safe_load(path.read_text())["trainer"]
@@ -49,10 +55,34 @@ def test_example_configs_exist():
 
 @pytest.mark.slow
 def test_fit_then_test_with_workers(tmp_path, tiny_imagenet):
-    args = ["--config", "far_hotpot_slot", "--trainer.default_root_dir", str(tmp_path),
-            "--trainer.accelerator", "cpu", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
-            "--data.root", str(tiny_imagenet), "--data.pair", "null", "--data.main_class", "trimaran", "--data.aux_class", "catamaran",
-            "--data.image_size", "16", "--data.batch_size", "2", "--data.num_workers", "1", "--model.backbone", "tiny_cnn"]
+    args = [
+        "--config",
+        "far_hotpot_slot",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.max_steps",
+        "2",
+        "--trainer.val_check_interval",
+        "2",
+        "--data.root",
+        str(tiny_imagenet),
+        "--data.pair",
+        "null",
+        "--data.main_class",
+        "trimaran",
+        "--data.aux_class",
+        "catamaran",
+        "--data.image_size",
+        "16",
+        "--data.batch_size",
+        "2",
+        "--data.num_workers",
+        "1",
+        "--model.backbone",
+        "tiny_cnn",
+    ]
     assert gradsim(["fit", *args]) == 0
     ckpts = list(tmp_path.rglob("*.ckpt"))
     assert ckpts, "ModelCheckpoint should have saved the best val/auroc model"
@@ -61,7 +91,9 @@ def test_fit_then_test_with_workers(tmp_path, tiny_imagenet):
 
 def test_fit_bad_config_is_a_clear_error(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("model:\n  class_path: lightning_gradsim.experiments.MultiTaskClassifier\n  init_args:\n    methodd: sum\n")
+    bad.write_text(
+        "model:\n  class_path: lightning_gradsim.experiments.MultiTaskClassifier\n  init_args:\n    methodd: sum\n"
+    )
     assert gradsim(["fit", "--config", str(bad)]) != 0
 
 

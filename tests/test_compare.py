@@ -19,8 +19,15 @@ TINY = {"max_images": 300, "batch_size": 16}
 @pytest.mark.slow
 def test_compare_table_files_and_main_only_ignores_aux(tmp_path):
     result = compare(
-        "rotated_digits", methods=["main_only", "sum"], seeds=[0, 1], variants={"angle": [0, 180]},
-        options=TINY, max_steps=12, eval_every=6, out_dir=tmp_path, progress=False,
+        "rotated_digits",
+        methods=["main_only", "sum"],
+        seeds=[0, 1],
+        variants={"angle": [0, 180]},
+        options=TINY,
+        max_steps=12,
+        eval_every=6,
+        out_dir=tmp_path,
+        progress=False,
     )
     assert len(result.rows) == 8 and len(result.summary) == 4
     assert result.variants == ["angle=0", "angle=180"]
@@ -45,12 +52,21 @@ def test_compare_table_files_and_main_only_ignores_aux(tmp_path):
     errs = [by[("angle=0", "sum", s)] for s in (0, 1)]
     s = next(s for s in result.summary if s["variant"] == "angle=0" and s["method"] == "sum")
     assert s["mean_error"] == pytest.approx(sum(errs) / 2)
-    assert s["std_error"] == pytest.approx(abs(errs[0] - errs[1]) / 2 ** 0.5)
+    assert s["std_error"] == pytest.approx(abs(errs[0] - errs[1]) / 2**0.5)
 
 
 def test_sum_with_zero_aux_weight_equals_main_only():
-    result = compare("rotated_digits", methods=["main_only", "sum"], seeds=[3], options=TINY, gate={"aux_weight": 0.0},
-                     max_steps=8, eval_every=8, out_dir=None, progress=False)
+    result = compare(
+        "rotated_digits",
+        methods=["main_only", "sum"],
+        seeds=[3],
+        options=TINY,
+        gate={"aux_weight": 0.0},
+        max_steps=8,
+        eval_every=8,
+        out_dir=None,
+        progress=False,
+    )
     a, b = (r["test_error"] for r in result.rows)
     assert a == b
 
@@ -72,7 +88,16 @@ def test_registered_method_and_setup_plug_in():
         return build_setup("rotated_digits", method, seed, gate, **TINY, **options)
 
     assert list_setups()[setup_name] == "tiny digits for tests"
-    result = compare(setup_name, methods=[name], seeds=[0], options={"angle": 90}, max_steps=4, eval_every=4, out_dir=None, progress=False)
+    result = compare(
+        setup_name,
+        methods=[name],
+        seeds=[0],
+        options={"angle": 90},
+        max_steps=4,
+        eval_every=4,
+        out_dir=None,
+        progress=False,
+    )
     assert calls == [(name, 0, {}, {"angle": 90})]
     assert result.rows[0]["method"] == name
     with pytest.raises(ValueError, match="already registered"):
@@ -103,9 +128,33 @@ def test_compare_errors():
 @pytest.mark.slow
 def test_compare_command_with_config_and_parallel_jobs(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump({"setup": "rotated_digits", "methods": ["main_only", "unweighted"], "seeds": [0, 1],
-                                   "options": TINY, "max_steps": 6, "eval_every": 3, "jobs": 2}))
-    code = gradsim(["compare", "--config", str(cfg), "--vary", "angle=45", "--seeds", "0", "--out-dir", str(tmp_path / "out"), "--no-progress"])
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "setup": "rotated_digits",
+                "methods": ["main_only", "unweighted"],
+                "seeds": [0, 1],
+                "options": TINY,
+                "max_steps": 6,
+                "eval_every": 3,
+                "jobs": 2,
+            }
+        )
+    )
+    code = gradsim(
+        [
+            "compare",
+            "--config",
+            str(cfg),
+            "--vary",
+            "angle=45",
+            "--seeds",
+            "0",
+            "--out-dir",
+            str(tmp_path / "out"),
+            "--no-progress",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert "| method | angle=45 |" in out and "| unweighted |" in out and "over 1 seed(s)" in out
@@ -125,8 +174,22 @@ def test_class_pair_setup(tmp_path):
     from ._imagenet_fixtures import CATAMARAN, TRIMARAN, make_image_folder
 
     root = make_image_folder(tmp_path / "imagenet", n_train=6, n_val=3, size=16)
-    result = compare("class_pair", methods=["unweighted"], seeds=[0], max_steps=3, eval_every=3, out_dir=None, progress=False,
-                     options={"root": str(root), "main_class": TRIMARAN, "aux_class": CATAMARAN, "image_size": 16,
-                              "batch_size": 4, "backbone": "tiny_cnn"})
+    result = compare(
+        "class_pair",
+        methods=["unweighted"],
+        seeds=[0],
+        max_steps=3,
+        eval_every=3,
+        out_dir=None,
+        progress=False,
+        options={
+            "root": str(root),
+            "main_class": TRIMARAN,
+            "aux_class": CATAMARAN,
+            "image_size": 16,
+            "batch_size": 4,
+            "backbone": "tiny_cnn",
+        },
+    )
     row = result.rows[0]
     assert row["steps"] == 3 and 0.0 <= row["test_error"] <= 1.0 and 0.0 <= row["test_auroc"] <= 1.0

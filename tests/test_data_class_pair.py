@@ -17,7 +17,15 @@ from lightning_gradsim.data import (
     resolve_class,
 )
 
-from ._imagenet_fixtures import CATAMARAN, CLASSES, TRIMARAN, make_downsampled, make_image_folder, make_meta_mat, red_code
+from ._imagenet_fixtures import (
+    CATAMARAN,
+    CLASSES,
+    TRIMARAN,
+    make_downsampled,
+    make_image_folder,
+    make_meta_mat,
+    red_code,
+)
 
 IMAGENET_MEAN_R, IMAGENET_STD_R = 0.485, 0.229
 
@@ -74,7 +82,9 @@ def test_balanced_negatives_spread_evenly_and_exclude():
 
 
 def test_image_folder_tasks_splits_and_labels(folder):
-    dm = ClassPairDataModule(str(folder), main_class="trimaran", aux_class=CATAMARAN, image_size=16, val_fraction=0.2, batch_size=4)
+    dm = ClassPairDataModule(
+        str(folder), main_class="trimaran", aux_class=CATAMARAN, image_size=16, val_fraction=0.2, batch_size=4
+    )
     dm.setup("fit")
     d = dm.datasets
     # positives are exactly the class's images; negatives balanced over the 4 other classes, never a or b
@@ -103,7 +113,9 @@ def test_image_folder_tasks_splits_and_labels(folder):
 
 
 def test_pair_preset_and_include_pair_in_negatives(folder):
-    dm = ClassPairDataModule(str(folder), pair="trimaran_catamaran", exclude_pair_from_negatives=False, val_fraction=0.0, negative_ratio=2.0)
+    dm = ClassPairDataModule(
+        str(folder), pair="trimaran_catamaran", exclude_pair_from_negatives=False, val_fraction=0.0, negative_ratio=2.0
+    )
     dm.setup()
     labels = Counter(_codes(dm.datasets["main"]))
     assert labels[TRIMARAN] == 10 and labels[CATAMARAN] == 4 and sum(labels.values()) == 30
@@ -131,8 +143,15 @@ def test_downsampled_uses_the_users_label_map(tmp_path):
     # every row's red plane (the first 64 values) matches the class its mapped WNID encodes
     for wnid, img in zip(ds.wnids, ds.data):
         assert (img[0] == red_code(str(wnid))).all()
-    dm = ClassPairDataModule(str(root), pair="trimaran_catamaran", source="downsampled", map_file=str(root / "map_clsloc.txt"),
-                             image_size=8, val_fraction=0.25, batch_size=4)
+    dm = ClassPairDataModule(
+        str(root),
+        pair="trimaran_catamaran",
+        source="downsampled",
+        map_file=str(root / "map_clsloc.txt"),
+        image_size=8,
+        val_fraction=0.25,
+        batch_size=4,
+    )
     dm.setup()
     assert Counter(_codes(dm.datasets["main"]))[TRIMARAN] == 6
     assert Counter(_codes(dm.datasets["test"]))[TRIMARAN] == 3
@@ -170,7 +189,11 @@ def test_generic_labelled_dataset_source():
         def __getitem__(self, i):
             return torch.full((3, 4, 4), float(self.targets[i]) / 4), self.targets[i]
 
-    dm = ClassPairDataModule(source="dataset", train_dataset=Tiny(40), test_dataset=Tiny(12), main_class="cat", aux_class="dog", batch_size=5)
+    dm = ClassPairDataModule(
+        source="dataset", train_dataset=Tiny(40), test_dataset=Tiny(12), main_class="cat", aux_class="dog", batch_size=5
+    )
     dm.setup()
-    assert Counter(_codes(dm.datasets["main"])) == Counter({"cat": 9, "car": 5, "bus": 4}) or Counter(_codes(dm.datasets["main"])) == Counter({"cat": 9, "car": 4, "bus": 5})
+    assert Counter(_codes(dm.datasets["main"])) == Counter({"cat": 9, "car": 5, "bus": 4}) or Counter(
+        _codes(dm.datasets["main"])
+    ) == Counter({"cat": 9, "car": 4, "bus": 5})
     assert Counter(_codes(dm.datasets["test"]))["cat"] == 3

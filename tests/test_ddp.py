@@ -45,7 +45,12 @@ SCENARIOS = [
     # GradNorm: its weights adapt from the global losses and gradient norms.
     {"name": "gradnorm", "model": {"method": "gradnorm", "optimizer": "sgd", "gate": {"lr": 1.0}}},
     # 16-mixed with a CPU GradScaler; rank 1 alone overflows on its 3rd batch (see worker).
-    {"name": "scaler", "model": {"rule": "unweighted", "inject_inf_at": (2,)}, "inject_rank": 1, "scaler": {"init_scale": 2.0**8}},
+    {
+        "name": "scaler",
+        "model": {"rule": "unweighted", "inject_inf_at": (2,)},
+        "inject_rank": 1,
+        "scaler": {"init_scale": 2.0**8},
+    },
 ]
 for sc in SCENARIOS:
     sc.setdefault("num_batches", NUM_BATCHES)
@@ -63,7 +68,9 @@ def ddp_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     mp.spawn(ddp_worker, args=(WORLD, _free_port(), str(out), SCENARIOS), nprocs=WORLD, join=True)
     return {
-        sc["name"]: [torch.load(os.path.join(out, f"{sc['name']}_rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+        sc["name"]: [
+            torch.load(os.path.join(out, f"{sc['name']}_rank{r}.pt"), weights_only=False) for r in range(WORLD)
+        ]
         for sc in SCENARIOS
     }
 
@@ -111,7 +118,9 @@ def test_ddp_gradnorm_equals_single_process_on_the_concatenated_batch(ddp_result
         rank = ddp_results["gradnorm"][r]
         _assert_same_params(rank["params"], params(ref))
         torch.testing.assert_close(rank["gate"]["loss_weighting.task_weights"], weights, atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(rank["gate"]["loss_weighting.initial_losses"], ref.gradsim.loss_weighting.initial_losses)
+        torch.testing.assert_close(
+            rank["gate"]["loss_weighting.initial_losses"], ref.gradsim.loss_weighting.initial_losses
+        )
 
 
 def test_ddp_sync_is_one_bucketed_all_reduce_per_step(ddp_results):

@@ -81,7 +81,9 @@ def test_backward_matches_reference_on_shared_and_heads(rule, separate_batches):
     expected_shared = reference_combination(rule, g_main, g_aux, lam=0.7)
     expected_heads = {
         "main": torch.autograd.grad(main, list(net.main_head.parameters()), retain_graph=True),
-        **{i: torch.autograd.grad(a, list(net.aux_heads[i].parameters()), retain_graph=True) for i, a in enumerate(aux)},
+        **{
+            i: torch.autograd.grad(a, list(net.aux_heads[i].parameters()), retain_graph=True) for i, a in enumerate(aux)
+        },
     }
     gate = GradientGate(rule=rule, aux_weight=0.7)
     gate.backward(main, {"a": aux[0], "b": aux[1]}, shared)  # heads found in the autograd graph

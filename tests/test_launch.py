@@ -50,8 +50,13 @@ COMPARE = [p for p in CONFIGS if is_compare_config(p)]
 SINGLE = [p for p in FIT if not is_multi_process(p)]
 MULTI = [p for p in FIT if is_multi_process(p)]
 #: run fully (fit, validate, test); every other fit config differs from one of these only in FAMILY_KEYS
-FULL = {"digits/rotated_90", "imagenet_pairs/near_trimaran_catamaran", "imagenet_pairs/near_trimaran_catamaran_ddp",
-        "baselines/cross_stitch_digits", "baselines/cross_stitch_resnet_pairs"}
+FULL = {
+    "digits/rotated_90",
+    "imagenet_pairs/near_trimaran_catamaran",
+    "imagenet_pairs/near_trimaran_catamaran_ddp",
+    "baselines/cross_stitch_digits",
+    "baselines/cross_stitch_resnet_pairs",
+}
 FAMILY_KEYS = {"data.init_args.pair", "data.init_args.angle", "trainer.default_root_dir"}
 DDP_FULL = "imagenet_pairs/near_trimaran_catamaran_ddp"
 
@@ -86,8 +91,11 @@ def test_configs_are_found_and_sorted_into_families():
         assert named, f"{path} names no ModelCheckpoint"
         if config_id(path) in FULL:
             continue
-        siblings = [q for q in FIT if config_id(q) in FULL and q.parent == path.parent
-                    and is_multi_process(q) == is_multi_process(path)]
+        siblings = [
+            q
+            for q in FIT
+            if config_id(q) in FULL and q.parent == path.parent and is_multi_process(q) == is_multi_process(path)
+        ]
         diffs = [_differences(load(path), load(q)) for q in siblings]
         assert any(d <= FAMILY_KEYS for d in diffs), (
             f"{config_id(path)} differs from every fully run config in more than class names/angle ({diffs}): "
@@ -111,8 +119,9 @@ def test_single_device_config(config, tiny_imagenet, tmp_path, capfd):
 
 
 # ---------------------------------------------------------------------------------- Lightning's own launcher
-def _assert_one_ddp_run(probe: Path, config: Path, cluster: str, launcher: str = "_SubprocessScriptLauncher",
-                        nodes: int = 1) -> None:
+def _assert_one_ddp_run(
+    probe: Path, config: Path, cluster: str, launcher: str = "_SubprocessScriptLauncher", nodes: int = 1
+) -> None:
     records = probe_records(probe, "fit")
     assert_ranks_and_shards(records)
     assert {r["launcher"] for r in records} == {launcher}
@@ -179,9 +188,25 @@ def test_torchrun_two_nodes_one_process_each(tiny_imagenet, tmp_path):
     port = str(free_port())
     script = gradsim_command()[1]  # the console script's path: torchrun runs it with python
     commands = [
-        torchrun_command("--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1", "--master_addr",
-                         "127.0.0.1", "--master_port", port,
-                         script, "fit", *args, "--trainer.devices", "1", "--trainer.num_nodes", "2")
+        torchrun_command(
+            "--nnodes",
+            "2",
+            "--node_rank",
+            str(node),
+            "--nproc_per_node",
+            "1",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            port,
+            script,
+            "fit",
+            *args,
+            "--trainer.devices",
+            "1",
+            "--trainer.num_nodes",
+            "2",
+        )
         for node in (0, 1)
     ]
     run_together(commands)
@@ -197,9 +222,18 @@ def test_slurm_srun_two_nodes_one_task_each(tiny_imagenet, tmp_path):
     args = shortened(DDP_CONFIG, tmp_path / "run", tiny_imagenet, probe=tmp_path / "probe")
     port = str(free_port())
     envs = [
-        clean_env(SLURM_JOB_ID="4242", SLURM_JOB_NAME="gradsim", SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="1",
-                  SLURM_NNODES="2", SLURM_NODELIST="127.0.0.1", SLURM_PROCID=str(node), SLURM_LOCALID="0",
-                  SLURM_NODEID=str(node), MASTER_PORT=port)
+        clean_env(
+            SLURM_JOB_ID="4242",
+            SLURM_JOB_NAME="gradsim",
+            SLURM_NTASKS="2",
+            SLURM_NTASKS_PER_NODE="1",
+            SLURM_NNODES="2",
+            SLURM_NODELIST="127.0.0.1",
+            SLURM_PROCID=str(node),
+            SLURM_LOCALID="0",
+            SLURM_NODEID=str(node),
+            MASTER_PORT=port,
+        )
         for node in (0, 1)
     ]
     command = gradsim_command("fit", *args, "--trainer.devices", "1", "--trainer.num_nodes", "2")
@@ -212,8 +246,21 @@ def test_slurm_srun_two_nodes_one_task_each(tiny_imagenet, tmp_path):
 def _compare_args(config: Path, tmp_path: Path, mnist_root: str, celeba_root: Path) -> list[str]:
     cfg = load(config)
     one_variant = [f"{k}={v[len(v) // 2]}" for k, v in (cfg.get("variants") or {}).items()]
-    args = ["compare", "--config", config.stem, "--seeds", "0", "--max-steps", "2", "--eval-every", "2",
-            "--out-dir", str(tmp_path / "out"), "--no-progress", *(a for v in one_variant for a in ("--vary", v))]
+    args = [
+        "compare",
+        "--config",
+        config.stem,
+        "--seeds",
+        "0",
+        "--max-steps",
+        "2",
+        "--eval-every",
+        "2",
+        "--out-dir",
+        str(tmp_path / "out"),
+        "--no-progress",
+        *(a for v in one_variant for a in ("--vary", v)),
+    ]
     source = (cfg.get("options") or {}).get("source")
     if source == "mnist":
         args += ["--set", f"root={mnist_root}"]
@@ -241,16 +288,33 @@ def test_compare_config(config, tmp_path, mnist_root, celeba_root, capsys):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("trainer", [{"devices": 2}, {"devices": [0, 1]}, {"devices": "0,1"}, {"devices": -1},
-                                     {"num_nodes": 2}, {"strategy": "ddp_spawn"}],
-                         ids=["devices=2", "devices=[0,1]", "devices='0,1'", "devices=-1", "num_nodes=2", "ddp_spawn"])
+@pytest.mark.parametrize(
+    "trainer",
+    [
+        {"devices": 2},
+        {"devices": [0, 1]},
+        {"devices": "0,1"},
+        {"devices": -1},
+        {"num_nodes": 2},
+        {"strategy": "ddp_spawn"},
+    ],
+    ids=["devices=2", "devices=[0,1]", "devices='0,1'", "devices=-1", "num_nodes=2", "ddp_spawn"],
+)
 def test_compare_refuses_several_processes_per_run(trainer):
     """compare's runs are one process each (parallel with ``jobs``): a DDP trainer would re-run the whole compare."""
     from lightning_gradsim.experiments.compare import compare
 
     with pytest.raises(ValueError, match="one process and runs them in parallel with jobs="):
-        compare("rotated_digits", methods=["sum"], seeds=[0], max_steps=1, eval_every=1, out_dir=None, progress=False,
-                trainer=trainer)
+        compare(
+            "rotated_digits",
+            methods=["sum"],
+            seeds=[0],
+            max_steps=1,
+            eval_every=1,
+            out_dir=None,
+            progress=False,
+            trainer=trainer,
+        )
 
 
 def test_in_process_call_under_lightnings_launcher_warns(tmp_path):
@@ -259,8 +323,18 @@ def test_in_process_call_under_lightnings_launcher_warns(tmp_path):
 
     from lightning_gradsim.experiments.cli import GradSimCLI
 
-    args = ["--config", DIGITS.stem, "--trainer.accelerator", "cpu", "--trainer.devices", "2",
-            "--trainer.strategy", "ddp", "--trainer.default_root_dir", str(tmp_path)]
+    args = [
+        "--config",
+        DIGITS.stem,
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+    ]
     cli = GradSimCLI(args, run=False)  # builds the trainer, launches nothing
     with pytest.warns(UserWarning, match="re-run `.*pytest.*`, not `gradsim --config"):
         cli.before_fit()

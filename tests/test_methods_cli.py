@@ -44,7 +44,9 @@ def test_cli_lists_commands_and_rejects_unknown(capsys):
 
 
 def test_cli_names_the_extra_when_a_command_lacks_a_dependency(capsys, monkeypatch, tmp_path):
-    (tmp_path / "gradsim_needs_missing.py").write_text("import no_such_dependency_xyz\n\ndef main(argv):\n    return 0\n")
+    (tmp_path / "gradsim_needs_missing.py").write_text(
+        "import no_such_dependency_xyz\n\ndef main(argv):\n    return 0\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setitem(cli.COMMANDS, "needy", ("gradsim_needs_missing:main", "test command"))
     assert cli.main(["needy"]) == 2

@@ -83,8 +83,13 @@ class ReferenceNet(L.LightningModule):
 
 def trainer(**kw):
     defaults = dict(
-        max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, accelerator="cpu", devices=1,
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
     )
     defaults.update(kw)
     return L.Trainer(**defaults)
@@ -196,10 +201,13 @@ def test_missing_gate_is_an_error():
 
 def test_defining_training_step_or_wrong_base_order_fails_at_class_creation():
     with pytest.raises(TypeError, match="defines training_step"):
-        class WithStep(GradSimMixin, L.LightningModule):  # noqa: F811
+
+        class WithStep(GradSimMixin, L.LightningModule):
             def training_step(self, batch, batch_idx):
                 return None
+
     with pytest.raises(TypeError, match="put GradSimMixin before LightningModule"):
+
         class WrongOrder(L.LightningModule, GradSimMixin):
             pass
 
@@ -306,7 +314,11 @@ def test_a_reused_step_with_an_inf_gradient_skips_the_step():
 @pytest.mark.parametrize(
     "losses_fn,error,match",
     [
-        (lambda d: {"main": d["main"], "parity": 0.5}, TypeError, "task_losses\\(\\)\\['parity'\\] is a float, not a tensor"),
+        (
+            lambda d: {"main": d["main"], "parity": 0.5},
+            TypeError,
+            "task_losses\\(\\)\\['parity'\\] is a float, not a tensor",
+        ),
         (lambda d: {"main": d["main"], 1: d["parity"], "1": d["parity"]}, ValueError, "collide as names"),
     ],
 )

@@ -30,8 +30,14 @@ def run(tmp_path, logger, **monitor_kwargs):
     monitor = GradSimMonitor(**monitor_kwargs)
     model = TwoAux()
     trainer = L.Trainer(
-        max_epochs=1, logger=logger, callbacks=[monitor], enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, log_every_n_steps=1,
+        max_epochs=1,
+        logger=logger,
+        callbacks=[monitor],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        log_every_n_steps=1,
     )
     trainer.fit(model, make_loader())
     return monitor, model, trainer
@@ -53,7 +59,11 @@ def test_csv_logger_gets_every_metric_with_stable_names(tmp_path):
     last = gated_rows[-1]
     assert float(last["gradsim/open_fraction/parity"]) == pytest.approx(model.gradsim.open_fraction()[0].item())
     for r in gated_rows:
-        w, o, c = float(r["gradsim/weight/parity"]), float(r["gradsim/gate_open/parity"]), float(r["gradsim/cos_smoothed/parity"])
+        w, o, c = (
+            float(r["gradsim/weight/parity"]),
+            float(r["gradsim/gate_open/parity"]),
+            float(r["gradsim/cos_smoothed/parity"]),
+        )
         assert o == float(c >= 0.0) and w == o  # unweighted, lambda 1
     assert os.path.exists(monitor.plot_path) and os.path.getsize(monitor.plot_path) > 10_000
     assert monitor.plot_path.endswith("gradsim.png")
@@ -105,8 +115,14 @@ def test_one_step_number_per_batch_and_a_skipped_step_logs_as_skipped(tmp_path):
     monitor = GradSimMonitor()
     logger = CSVLogger(tmp_path)
     trainer = L.Trainer(
-        max_epochs=1, logger=logger, callbacks=[monitor], enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path, log_every_n_steps=1,
+        max_epochs=1,
+        logger=logger,
+        callbacks=[monitor],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        log_every_n_steps=1,
     )
     with pytest.warns(RuntimeWarning, match="Skipping a training step"):
         trainer.fit(Flaky(), make_loader())
@@ -119,6 +135,8 @@ def test_one_step_number_per_batch_and_a_skipped_step_logs_as_skipped(tmp_path):
     assert float(skipped["gradsim/skipped"]) == 1.0 and float(skipped["gradsim/skipped_steps"]) == 1.0
     for key in ("cos", "weight", "gate_open", "grad_norm"):
         assert skipped[f"gradsim/{key}/parity"] == "", key  # it decided nothing
-    assert all(float(gate_rows[s]["gradsim/skipped"]) == 0.0 and gate_rows[s]["gradsim/cos/parity"] for s in (0, 1, 3, 4, 5))
+    assert all(
+        float(gate_rows[s]["gradsim/skipped"]) == 0.0 and gate_rows[s]["gradsim/cos/parity"] for s in (0, 1, 3, 4, 5)
+    )
     cos = monitor.history["gradsim/cos/parity"]
     assert len(cos) == len(monitor.history["step"]) == 6 and cos[2] != cos[2]  # NaN keeps the curves aligned

@@ -32,11 +32,20 @@ def _exact_gaussian(mu: list[float], sigma: float, n: int, seed: int) -> torch.T
 
 def test_pick_pairs_on_gaussians_with_known_distances():
     # Fréchet distance of N(m1, s1^2 I) and N(m2, s2^2 I) in D dims: |m1 - m2|^2 + D (s1 - s2)^2
-    spec = {"a": ([0, 0, 0], 1.0), "b": ([0.5, 0, 0], 1.0), "c": ([0, 3, 0], 2.0), "d": ([10, 0, 0], 1.0), "e": ([0, 0, -4], 0.5)}
+    spec = {
+        "a": ([0, 0, 0], 1.0),
+        "b": ([0.5, 0, 0], 1.0),
+        "c": ([0, 3, 0], 2.0),
+        "d": ([10, 0, 0], 1.0),
+        "e": ([0, 0, -4], 0.5),
+    }
     feats = {c: _exact_gaussian(mu, s, 300, i) for i, (c, (mu, s)) in enumerate(spec.items())}
     truth = {}
     for (ca, (ma, sa)), (cb, (mb, sb)) in itertools.combinations(spec.items(), 2):
-        truth[(ca, cb)] = float(((torch.tensor(ma, dtype=torch.float64) - torch.tensor(mb, dtype=torch.float64)) ** 2).sum()) + 3 * (sa - sb) ** 2
+        truth[(ca, cb)] = (
+            float(((torch.tensor(ma, dtype=torch.float64) - torch.tensor(mb, dtype=torch.float64)) ** 2).sum())
+            + 3 * (sa - sb) ** 2
+        )
     choice = pick_pairs(feats)
     for pair, value in truth.items():
         assert choice.distances[pair] == pytest.approx(value, rel=1e-7, abs=1e-7)
@@ -56,7 +65,11 @@ def test_mnist_pair_tasks(mnist_root):
     x_tr, y_tr, x_te, y_te, note = load_mnist(mnist_root)
     assert (len(y_tr), len(y_te)) == (8000, 2000) and "split once" in note
     pair = mnist_pair(x_tr, y_tr, x_te, y_te, "4", "9", kind="near", max_per_class=60)
-    for task, positive, pool_x, pool_y in (("main", "4", x_tr, y_tr), ("aux", "9", x_tr, y_tr), ("test", "4", x_te, y_te)):
+    for task, positive, pool_x, pool_y in (
+        ("main", "4", x_tr, y_tr),
+        ("aux", "9", x_tr, y_tr),
+        ("test", "4", x_te, y_te),
+    ):
         t = getattr(pair, task)
         # the images are the source's, with their true classes
         assert torch.equal(t.x, pool_x[torch.as_tensor(t.source_index)])
@@ -74,8 +87,13 @@ def test_mnist_pair_tasks(mnist_root):
 
 def _small_net(seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    trunk = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    trunk = nn.Sequential(
+        nn.Conv2d(1, 4, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    )
     return MultiHeadNet(trunk, 4, {"main": 2, "aux": 2})
 
 
@@ -88,7 +106,11 @@ def test_stacked_runs_equal_separate_runs():
     for _ in range(8):  # every method of a (group, seed) gets the same batches
         step = {}
         for task in ("main", "aux"):
-            per_key = {(gr, s): (torch.randn(6, 1, 8, 8, generator=g), torch.randint(2, (6,), generator=g)) for gr in (0, 1) for s in (0, 1)}
+            per_key = {
+                (gr, s): (torch.randn(6, 1, 8, 8, generator=g), torch.randint(2, (6,), generator=g))
+                for gr in (0, 1)
+                for s in (0, 1)
+            }
             step[task] = tuple(torch.stack([per_key[(r.group, r.seed)][k] for r in runs]) for k in (0, 1))
         steps.append(step)
     stats = [stack.step(s["main"], s["aux"]) for s in steps]
@@ -128,8 +150,28 @@ def _rows(path):
 @pytest.mark.slow
 def test_pairs_command_mnist(mnist_root, tmp_path, capsys):
     out = tmp_path / "out"
-    code = gradsim(["pairs", "--source", "mnist", "--root", str(mnist_root), "--steps", "6", "--eval-every", "3", "--seeds", "2",
-                    "--max-per-class", "40", "--batch-size", "8", "--no-progress", "--out", str(out)])
+    code = gradsim(
+        [
+            "pairs",
+            "--source",
+            "mnist",
+            "--root",
+            str(mnist_root),
+            "--steps",
+            "6",
+            "--eval-every",
+            "3",
+            "--seeds",
+            "2",
+            "--max-per-class",
+            "40",
+            "--batch-size",
+            "8",
+            "--no-progress",
+            "--out",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0, printed
     rows = _rows(out / "curves.csv")
@@ -153,16 +195,42 @@ def test_pairs_command_imagefolder(tmp_path, capsys):
     root = make_image_folder(tmp_path / "imagenet", n_train=6, n_val=2, size=16)
     out = tmp_path / "out"
     # the default model (timm resnetv2_18, BatchNorm buffers stacked) is slow on CPU: two runs, two steps
-    code = gradsim(["pairs", "--root", str(root), "--image-size", "16", "--steps", "2", "--eval-every", "1", "--seeds", "1",
-                    "--batch-size", "4", "--methods", "unweighted", "--no-progress", "--out", str(out)])
+    code = gradsim(
+        [
+            "pairs",
+            "--root",
+            str(root),
+            "--image-size",
+            "16",
+            "--steps",
+            "2",
+            "--eval-every",
+            "1",
+            "--seeds",
+            "1",
+            "--batch-size",
+            "4",
+            "--methods",
+            "unweighted",
+            "--no-progress",
+            "--out",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0, printed
     rows = _rows(out / "curves.csv")
     # the paper's default pairs, by name
-    assert {(r["kind"], r["pair"]) for r in rows} == {("near", "trimaran / catamaran"), ("far", "traffic light / rock python")}
+    assert {(r["kind"], r["pair"]) for r in rows} == {
+        ("near", "trimaran / catamaran"),
+        ("far", "traffic light / rock python"),
+    }
     assert len(rows) == 2 * 3 and "model=resnetv2_18" in (out / "summary.md").read_text()
     # near: trimaran positives; negatives from the four classes that are neither trimaran nor catamaran
-    assert "near pair: main 'trimaran' (n04483307) vs aux 'catamaran' (n02981792); 12 main / 12 aux training images" in printed
+    assert (
+        "near pair: main 'trimaran' (n04483307) vs aux 'catamaran' (n02981792); 12 main / 12 aux training images"
+        in printed
+    )
     assert (out / "figure3.png").is_file()
     assert gradsim(["pairs", "--source", "downsampled", "--root", str(root), "--out", str(out)]) == 2
     assert "map_file" in capsys.readouterr().out

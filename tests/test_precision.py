@@ -38,7 +38,9 @@ class Recorder(Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        self.grad_norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+        self.grad_norms.append(
+            torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+        )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.weights.append(params(pl_module))
@@ -113,4 +115,3 @@ def test_16_mixed_uncertainty_weighting_trains_like_fp32():
     s_amp, s_ref = amp.gradsim.loss_weighting.log_vars.detach(), ref.gradsim.loss_weighting.log_vars.detach()
     assert s_ref.abs().min() > 0.1  # the log-variances moved
     torch.testing.assert_close(s_amp, s_ref, atol=5e-3, rtol=0)
-

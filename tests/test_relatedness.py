@@ -133,8 +133,16 @@ def test_batched_sweep_equals_plain_gate_backward_per_run():
 
 
 def test_dropping_stopped_runs_does_not_change_results(monkeypatch):
-    cfg = SweepConfig(seeds=(0, 1), lambdas=(1.0,), methods=("single", "sum", "projection_alpha0.1", "unweighted"),
-                      max_epochs=12, patience=1, lr=3e-2, progress=False, **TINY)
+    cfg = SweepConfig(
+        seeds=(0, 1),
+        lambdas=(1.0,),
+        methods=("single", "sum", "projection_alpha0.1", "unweighted"),
+        max_epochs=12,
+        patience=1,
+        lr=3e-2,
+        progress=False,
+        **TINY,
+    )
     calls = []
     original = rel._compact
 
@@ -171,11 +179,31 @@ def test_summary_mean_and_standard_error_by_hand():
 @pytest.mark.slow
 def test_cli_two_seed_smoke_run_writes_table_csv_and_plot(tmp_path):
     out = tmp_path / "rel"
-    code = rel.main([
-        "--seeds", "2", "--lambdas", "0.5,2", "--max-epochs", "2", "--relatedness", "same,unrelated",
-        "--methods", "single,sum,projection_alpha0.01,weighted", "--no-progress", "--out", str(out),
-        "--n-train", "200", "--n-val", "100", "--n-test", "300", "--batch-size", "50",
-    ])
+    code = rel.main(
+        [
+            "--seeds",
+            "2",
+            "--lambdas",
+            "0.5,2",
+            "--max-epochs",
+            "2",
+            "--relatedness",
+            "same,unrelated",
+            "--methods",
+            "single,sum,projection_alpha0.01,weighted",
+            "--no-progress",
+            "--out",
+            str(out),
+            "--n-train",
+            "200",
+            "--n-val",
+            "100",
+            "--n-test",
+            "300",
+            "--batch-size",
+            "50",
+        ]
+    )
     assert code == 0
     assert sorted(os.listdir(out)) == ["claim3.md", "relatedness.png", "runs.csv", "summary.csv", "table.md"]
     assert "Verdict (plain)" in (out / "claim3.md").read_text()

@@ -31,7 +31,9 @@ def _assert_same_state(resumed: TinyNet, full: TinyNet, skip_log: int) -> None:
     for idx, state in full_opt["state"].items():
         for key, value in state.items():
             torch.testing.assert_close(resumed_opt["state"][idx][key], value, atol=1e-6, rtol=0)
-    assert resumed.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(full.trainer.optimizers[0].param_groups[0]["lr"])
+    assert resumed.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(
+        full.trainer.optimizers[0].param_groups[0]["lr"]
+    )
     assert resumed.global_step == full.global_step
     # The steps after the checkpoint took the same gate decisions.
     assert [o for _, o, _ in resumed.gate_log] == [o for _, o, _ in full.gate_log[skip_log:]]
@@ -52,7 +54,13 @@ class SaveAt(Callback):
 def test_resume_mid_epoch_equals_the_uninterrupted_run(tmp_path, rule, optimizer):
     batches = make_batches(5, 8)
     ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1, filename="{step}")
-    full = fit(TinyNet(rule, optimizer, GATE, scheduler=True), batches, max_epochs=2, callbacks=[ckpt], enable_checkpointing=True)
+    full = fit(
+        TinyNet(rule, optimizer, GATE, scheduler=True),
+        batches,
+        max_epochs=2,
+        callbacks=[ckpt],
+        enable_checkpointing=True,
+    )
     assert full.global_step == 10
     for step in (3, 6):  # epoch 0 batch 2, epoch 1 batch 0: both mid-epoch
         resumed = TinyNet(rule, optimizer, GATE, scheduler=True, seed=99)  # other init: all must come from the file
@@ -78,16 +86,26 @@ def test_resume_mid_accumulation_window_under_a_grad_scaler(tmp_path):
     batches = make_batches(6, 8)
     kwargs = dict(accumulate=2, scheduler=True)
     saver = SaveAt(tmp_path, at={(0, 2), (1, 4)})  # the first micro-batch of a window: half accumulated
-    full = fit(TinyNet("projection", "adam", GATE, **kwargs), batches, max_epochs=2, callbacks=[saver],
-               plugins=[scaler_plugin(init_scale=2.0**6, growth_interval=2)])
+    full = fit(
+        TinyNet("projection", "adam", GATE, **kwargs),
+        batches,
+        max_epochs=2,
+        callbacks=[saver],
+        plugins=[scaler_plugin(init_scale=2.0**6, growth_interval=2)],
+    )
     full_scale = full.trainer.precision_plugin.scaler.get_scale()
     assert full_scale != 2.0**6  # the scale moved, so resuming it matters
     for name, skip in (("e0b2", 1), ("e1b4", 5)):
         ckpt = torch.load(tmp_path / f"{name}.ckpt", weights_only=False)
         assert ckpt["gradsim_accumulator"]["count"] == 1
         resumed = TinyNet("projection", "adam", GATE, seed=7, **kwargs)
-        fit(resumed, batches, max_epochs=2, ckpt_path=str(tmp_path / f"{name}.ckpt"),
-            plugins=[scaler_plugin(init_scale=2.0**6, growth_interval=2)])
+        fit(
+            resumed,
+            batches,
+            max_epochs=2,
+            ckpt_path=str(tmp_path / f"{name}.ckpt"),
+            plugins=[scaler_plugin(init_scale=2.0**6, growth_interval=2)],
+        )
         _assert_same_state(resumed, full, skip_log=skip)
         assert resumed.trainer.precision_plugin.scaler.get_scale() == full_scale
 

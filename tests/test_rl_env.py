@@ -19,7 +19,9 @@ UP, RIGHT, DOWN, LEFT = range(4)
 
 def _layout(grid: list[list[int]], start: int, **spec_kw) -> tuple[Layouts, GridSpec]:
     cells = torch.tensor(grid)
-    spec = GridSpec(height=cells.shape[0], width=cells.shape[1], num_goals=0, num_gems=0, num_pits=0, num_mud=0, **spec_kw)
+    spec = GridSpec(
+        height=cells.shape[0], width=cells.shape[1], num_goals=0, num_gems=0, num_pits=0, num_mud=0, **spec_kw
+    )
     return Layouts(cells[None], torch.tensor([start]), spec), spec
 
 

@@ -255,8 +255,16 @@ def test_teacher_is_q_learning_on_the_original_task():
     """The teacher's Q-values match value iteration on the ORIGINAL task (goal rewarding), not on the
     student's cross task."""
     spec = GridSpec(height=5, width=5, wall_prob=0.1, num_pits=1, num_mud=1)
-    cfg = ExperimentConfig(envs=4, steps=2, eval_every=1, teacher_steps=2500, temperatures=(0.0,),
-                           methods=("reward", "distill"), spec=spec, seed=3)
+    cfg = ExperimentConfig(
+        envs=4,
+        steps=2,
+        eval_every=1,
+        teacher_steps=2500,
+        temperatures=(0.0,),
+        methods=("reward", "distill"),
+        spec=spec,
+        seed=3,
+    )
     res = run_experiment(cfg)
     assert torch.equal(res.layouts.cells, sample_layouts(4, spec, seed=3).cells)
     q_orig = value_iteration(res.layouts, gamma=cfg.gamma)
@@ -300,8 +308,9 @@ def test_gate_cosine_is_one_policy_gradient_sample():
     g = torch.Generator().manual_seed(0)
     teacher = torch.softmax(3 * torch.randn(2, spec.num_cells, 4, generator=g), -1)
     gamma, lr = 0.9, 0.05
-    tr = StudentTrainer(layouts, cell_kernel(layouts), torch.arange(2), teacher, ["cos-unweighted"], block=2,
-                        lr=lr, gamma=gamma, seed=1)
+    tr = StudentTrainer(
+        layouts, cell_kernel(layouts), torch.arange(2), teacher, ["cos-unweighted"], block=2, lr=lr, gamma=gamma, seed=1
+    )
     # dual coefficients (logits = K C, K ~ 80 per entry): small, so that the policy is far from greedy
     tr.student.policy = torch.randn(tr.student.policy.shape, generator=g) * 2e-3
     tr.student.value_coef = torch.randn(tr.student.value_coef.shape, generator=g) * 2e-3
@@ -344,12 +353,46 @@ def test_gridworld_command_end_to_end(tmp_path, capsys):
     from lightning_gradsim.cli import main
 
     out = tmp_path / "gw"
-    code = main(["gridworld", "--envs", "4", "--steps", "60", "--eval-every", "30", "--teacher-steps", "200",
-                 "--temperatures", "0", "0.5", "--seed", "2", "--transfer", "both", "--out", str(out), "--no-progress",
-                 "--methods", "reward", "distill", "add", "cos", "strict_cos"])
+    code = main(
+        [
+            "gridworld",
+            "--envs",
+            "4",
+            "--steps",
+            "60",
+            "--eval-every",
+            "30",
+            "--teacher-steps",
+            "200",
+            "--temperatures",
+            "0",
+            "0.5",
+            "--seed",
+            "2",
+            "--transfer",
+            "both",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--methods",
+            "reward",
+            "distill",
+            "add",
+            "cos",
+            "strict_cos",
+        ]
+    )
     assert code == 0
-    for name in ("curves.csv", "gate.csv", "summary.csv", "claims.md", "curves.png", "gate.png", "layout.png",
-                 "config.json"):
+    for name in (
+        "curves.csv",
+        "gate.csv",
+        "summary.csv",
+        "claims.md",
+        "curves.png",
+        "gate.png",
+        "layout.png",
+        "config.json",
+    ):
         assert (out / name).stat().st_size > 0, name
     with open(out / "curves.csv") as f:
         rows = list(csv.DictReader(f))
@@ -360,7 +403,8 @@ def test_gridworld_command_end_to_end(tmp_path, capsys):
     with open(out / "gate.csv") as f:
         gate = list(csv.DictReader(f))
     assert {(r["transfer"], r["method"]) for r in gate} == {
-        (t, m) for t in ("cross", "same") for m in ("cos-weighted", "cos-unweighted")}
+        (t, m) for t in ("cross", "same") for m in ("cos-weighted", "cos-unweighted")
+    }
     assert all(0.0 <= float(r["open_fraction"]) <= 1.0 for r in gate)
     assert all(-1.0 <= float(r["expected_cosine"]) <= 1.0 and 0 <= float(r["expected_positive"]) <= 1 for r in gate)
     claims = (out / "claims.md").read_text()
@@ -383,8 +427,9 @@ def _fake_result(curves: dict[tuple[str, str], list[float]], transfer: str = "cr
     from lightning_gradsim.rl.experiment import ExperimentResult
 
     steps = [0, 100, 200, 300, 400, 500, 600]
-    cfg = ExperimentConfig(envs=4, steps=600, temperatures=(0.0,), methods=tuple(m for _, m in curves),
-                           transfers=(transfer,))
+    cfg = ExperimentConfig(
+        envs=4, steps=600, temperatures=(0.0,), methods=tuple(m for _, m in curves), transfers=(transfer,)
+    )
     wiggle = torch.tensor([-0.01, 0.01, -0.01, 0.01], dtype=torch.float64)
     returns = {(tr, m, 0.0): torch.tensor(c, dtype=torch.float64)[:, None] + wiggle for (tr, m), c in curves.items()}
     lay = sample_layouts(4)
@@ -394,13 +439,15 @@ def _fake_result(curves: dict[tuple[str, str], list[float]], transfer: str = "cr
 def test_claims_decided_from_the_curves():
     from lightning_gradsim.rl.claims import assess_claims
 
-    paper_like = _fake_result({
-        ("cross", "reward"): [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6],
-        ("cross", "distill"): [0.0, 0.3, 0.3, 0.2, 0.2, 0.2, 0.2],
-        ("cross", "add"): [0.0, 0.4, 0.45, 0.45, 0.45, 0.45, 0.45],
-        ("cross", "cos-weighted"): [0.0, 0.4, 0.6, 0.7, 0.7, 0.7, 0.7],  # reaches 0.6 at 200 = 600 / 3
-        ("cross", "cos-unweighted"): [0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.8],  # only at 300
-    })
+    paper_like = _fake_result(
+        {
+            ("cross", "reward"): [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6],
+            ("cross", "distill"): [0.0, 0.3, 0.3, 0.2, 0.2, 0.2, 0.2],
+            ("cross", "add"): [0.0, 0.4, 0.45, 0.45, 0.45, 0.45, 0.45],
+            ("cross", "cos-weighted"): [0.0, 0.4, 0.6, 0.7, 0.7, 0.7, 0.7],  # reaches 0.6 at 200 = 600 / 3
+            ("cross", "cos-unweighted"): [0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.8],  # only at 300
+        }
+    )
     held = {c.claim: c.held for c in assess_claims(paper_like)}
     assert held == {
         "cos-weighted reaches reward's final level in 1/3 of reward's steps": True,
@@ -410,9 +457,14 @@ def test_claims_decided_from_the_curves():
         "add saturates low (below the gated methods, flat at the end)": True,
         "distill ends lower than reward": True,
     }
-    same = _fake_result({("same", "add"): [0, 0.5, 0.6, 0.6, 0.6, 0.6, 0.6],
-                         ("same", "cos-weighted"): [0, 0.4, 0.5, 0.6, 0.6, 0.6, 0.62],
-                         ("same", "cos-unweighted"): [0, 0.4, 0.5, 0.5, 0.5, 0.5, 0.5]}, transfer="same")
+    same = _fake_result(
+        {
+            ("same", "add"): [0, 0.5, 0.6, 0.6, 0.6, 0.6, 0.6],
+            ("same", "cos-weighted"): [0, 0.4, 0.5, 0.6, 0.6, 0.6, 0.62],
+            ("same", "cos-unweighted"): [0, 0.4, 0.5, 0.5, 0.5, 0.5, 0.5],
+        },
+        transfer="same",
+    )
     claims = assess_claims(same)
     assert [(c.claim, c.held, c.note) for c in claims] == [
         ("add at least as good as cos-weighted", False, ""),

@@ -17,7 +17,9 @@ RULES = list_rules()  # the library's rules, at collection time
 GEN = torch.Generator().manual_seed(0)
 
 
-def _vectors(num_aux: int, dim: int = 5, batch: tuple[int, ...] = (), seed: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _vectors(
+    num_aux: int, dim: int = 5, batch: tuple[int, ...] = (), seed: int = 0
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
     main = torch.randn(batch + (dim,), generator=gen, dtype=torch.float64)
     aux = [torch.randn(batch + (dim,), generator=gen, dtype=torch.float64) * (1 + k) for k in range(num_aux)]
@@ -34,7 +36,9 @@ def test_output_shapes(rule, num_aux):
         vecs = torch.cat([vecs, main.unsqueeze(-2)], dim=-2)
     gram = vecs @ vecs.mT
     cos = torch.zeros(4, num_aux, dtype=torch.float64)
-    inp = RuleInput(gram, cos, cos, torch.full((num_aux,), 0.5, dtype=torch.float64), 0.0, torch.Generator().manual_seed(0))
+    inp = RuleInput(
+        gram, cos, cos, torch.full((num_aux,), 0.5, dtype=torch.float64), 0.0, torch.Generator().manual_seed(0)
+    )
     weights = r.weights(inp)
     assert weights.shape == (4, num_aux + 1 + int(r.uses_main_direction))
     assert weights.dtype == torch.float64 and torch.isfinite(weights).all()
@@ -80,11 +84,14 @@ def test_equivariant_to_the_order_of_the_auxiliary_tasks(rule):
         torch.testing.assert_close(stats_p.weight, stats.weight[idx])
         assert torch.equal(stats_p.gate_open, stats.gate_open[idx])
         return
+
     # A random rule: the same set of outcomes over seeds, whatever the order of the tasks.
     def outcomes(order):
         seen = set()
         for seed in range(64):
-            out, _ = GradientGate(rule=rule, aux_weight=lam, seed=seed).combine(main, {n: aux["abc".index(n)] for n in order})
+            out, _ = GradientGate(rule=rule, aux_weight=lam, seed=seed).combine(
+                main, {n: aux["abc".index(n)] for n in order}
+            )
             seen.add(tuple(round(v, 6) for v in out.tolist()))
         return seen
 

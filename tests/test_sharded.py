@@ -135,7 +135,10 @@ def test_resume_from_sharded_checkpoints_is_exact(runs, name):
             p.shape for p in TinyNet().trunk.parameters()
         ]
     else:  # a distributed checkpoint: one file per rank
-        assert len([f for f in os.listdir(os.path.join(runs["dir"], "fsdp_full", "step=4.ckpt")) if f.endswith(".distcp")]) == 2
+        assert (
+            len([f for f in os.listdir(os.path.join(runs["dir"], "fsdp_full", "step=4.ckpt")) if f.endswith(".distcp")])
+            == 2
+        )
     for r in range(WORLD):
         _same_params(resumed[r]["params"], full[r]["params"], atol=1e-6)
         for key, value in full[r]["gate"].items():
@@ -212,7 +215,9 @@ def test_trainer_sync_batchnorm_layers_are_recognised_and_plain_ones_warned_abou
     model = BNTinyNet(rule="unweighted", bn="hidden")
     with pytest.warns(UserWarning, match=r"1 BatchNorm layer\(s\) \(trunk.1\).*sync_batchnorm=True"):
         check_buffers(model, set())
-    converted = nn.SyncBatchNorm.convert_sync_batchnorm(BNTinyNet(rule="unweighted", bn="hidden"))  # what Lightning does
+    converted = nn.SyncBatchNorm.convert_sync_batchnorm(
+        BNTinyNet(rule="unweighted", bn="hidden")
+    )  # what Lightning does
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_buffers(converted, set())

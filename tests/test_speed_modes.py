@@ -63,7 +63,9 @@ def task_vectors(net: Net, structure: str, xs: list[torch.Tensor]) -> tuple[list
         ref = copy.deepcopy(net)
         ref.zero_grad(set_to_none=True)
         forward(ref, structure, xs)[k].backward()
-        vecs.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in ref.shared()]))
+        vecs.append(
+            torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in ref.shared()])
+        )
         hg = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in ref.others()]
         heads = hg if heads is None else [a + b for a, b in zip(heads, hg)]
     return vecs, heads
@@ -315,8 +317,13 @@ def test_features_mode_and_every_n_steps_in_the_mixin():
         model = Module(**kw)
         used = model.net.shared() + list(model.net.heads[0].parameters()) + list(model.net.heads[1].parameters())
         before = [p.detach().clone() for p in used]
-        L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                  enable_model_summary=False).fit(model, data)
+        L.Trainer(
+            max_epochs=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        ).fit(model, data)
         assert model.gradsim.step.item() == 6 and model.gradsim.measured_steps.item() == measured
         assert all(not torch.equal(b, p) for b, p in zip(before, used))
 

@@ -25,7 +25,10 @@ from lightning_gradsim.experiments.toys import PROBLEMS, run_toy
 
 def test_main_only_is_plain_gradient_descent():
     paths = run_toy("paper", rules=["main_only"], steps=10, lr=0.1, starts=[[1.0, -2.0]])
-    expected = torch.tensor([1.0, -2.0], dtype=torch.float64) * (1 - 2 * 0.1) ** torch.arange(11.0, dtype=torch.float64)[:, None]
+    expected = (
+        torch.tensor([1.0, -2.0], dtype=torch.float64)
+        * (1 - 2 * 0.1) ** torch.arange(11.0, dtype=torch.float64)[:, None]
+    )
     assert torch.allclose(paths["main_only"][:, 0], expected)
 
 
@@ -49,7 +52,10 @@ def test_circle_gating_stays_on_the_main_minimum_set():
 
 
 def test_toy_command_writes_pngs(tmp_path, capsys):
-    assert gradsim(["toy", "--problem", "all", "--steps", "5", "--rules", "sum", "unweighted", "--out-dir", str(tmp_path)]) == 0
+    assert (
+        gradsim(["toy", "--problem", "all", "--steps", "5", "--rules", "sum", "unweighted", "--out-dir", str(tmp_path)])
+        == 0
+    )
     for problem in PROBLEMS:
         assert (tmp_path / f"{problem}.png").stat().st_size > 1000
     assert gradsim(["toy", "trajectories", "--problem", "paper", "--rules", "nope", "--out-dir", str(tmp_path)]) == 2
@@ -107,8 +113,12 @@ def test_blog_toy_multitask_fixed_point_and_gd_gate_stops_on_the_circle():
 
 
 def test_toy_blog_command_end_to_end(tmp_path, capsys):
-    assert gradsim(["toy", "--steps", "40", "--random-starts", "3", "--rules", "sum", "projection",
-                    "--out-dir", str(tmp_path)]) == 0
+    assert (
+        gradsim(
+            ["toy", "--steps", "40", "--random-starts", "3", "--rules", "sum", "projection", "--out-dir", str(tmp_path)]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "| adam | sum |" in out and "| gd | projection |" in out and "The blog's statements" in out
     assert (tmp_path / "blog_circle.png").stat().st_size > 10_000
@@ -121,8 +131,9 @@ def test_convergence_time_closed_form_for_the_quadratic():
     starts = random_starts(40, box=2.0, seed=3)
     res = convergence_times("L1+L2", "main_only", starts, steps=600, lr=0.01, level=0.1)
     l0 = (starts**2).sum(-1)
-    expected = torch.where(l0 < 0.1, torch.zeros_like(l0),
-                           torch.floor(torch.log(0.1 / l0) / (2 * math.log(0.98))) + 1).long()
+    expected = torch.where(
+        l0 < 0.1, torch.zeros_like(l0), torch.floor(torch.log(0.1 / l0) / (2 * math.log(0.98))) + 1
+    ).long()
     assert res.steps.tolist() == expected.tolist()
     assert res.converged.all() and not res.diverged.any()
     short = convergence_times("L1+L2", "main_only", torch.tensor([[2.0, 0.0]], dtype=torch.float64), steps=50)
@@ -143,15 +154,35 @@ def test_figure2_rows_sum_and_gate_outcomes():
         assert (ROWS["L1+V"].main_loss(res.paths).diff(dim=0) <= 1e-12).all()
     # V: g_main + V = (-t2 + t2^2, t1 + t1^2) by hand
     t = torch.tensor([[0.3, -0.7]], dtype=torch.float64)
-    torch.testing.assert_close(ROWS["L1+V"].main_grad(t) + ROWS["L1+V"].aux_field(t),
-                               torch.tensor([[0.7 + 0.49, 0.3 + 0.09]], dtype=torch.float64))
+    torch.testing.assert_close(
+        ROWS["L1+V"].main_grad(t) + ROWS["L1+V"].aux_field(t),
+        torch.tensor([[0.7 + 0.49, 0.3 + 0.09]], dtype=torch.float64),
+    )
     with pytest.raises(ValueError, match="Unknown Figure 2 row"):
         convergence_times("L9", "sum", starts)
 
 
 def test_toy_figure2_command_end_to_end(tmp_path, capsys):
-    assert gradsim(["toy", "figure2", "--rows", "L1+L2,L3+L4", "--rules", "main_only", "unweighted", "--starts", "6",
-                    "--steps", "60", "--out-dir", str(tmp_path)]) == 0
+    assert (
+        gradsim(
+            [
+                "toy",
+                "figure2",
+                "--rows",
+                "L1+L2,L3+L4",
+                "--rules",
+                "main_only",
+                "unweighted",
+                "--starts",
+                "6",
+                "--steps",
+                "60",
+                "--out-dir",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "| L3+L4 | unweighted |" in out
     with open(tmp_path / "figure2.csv") as f:

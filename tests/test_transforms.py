@@ -59,7 +59,9 @@ def test_the_seam_per_layer_gramian_then_rule_then_combined():
 def test_a_reduced_gramian_is_what_the_rule_decides_on():
     trunk, heads, losses = _setup()
     open_ = GradientGate(rule="unweighted").backward(*losses()[:1], [losses()[1]], trunk.parameters())
-    flipped = GradientGate(rule="unweighted").backward(*losses()[:1], [losses()[1]], trunk.parameters(), transforms=[Record(flip=True)])
+    flipped = GradientGate(rule="unweighted").backward(
+        *losses()[:1], [losses()[1]], trunk.parameters(), transforms=[Record(flip=True)]
+    )
     assert open_.gate_open.item() != flipped.gate_open.item()
     torch.testing.assert_close(flipped.cosine, -open_.cosine)
 
@@ -70,7 +72,9 @@ def test_a_non_finite_status_writes_nothing_and_counts_the_step_as_skipped():
     main, aux = losses()
     stats = gate.backward(main, [aux], trunk.parameters(), transforms=[Record(status=NON_FINITE)])
     assert not bool(stats.finite)
-    assert all(p.grad is None for p in trunk.parameters()) and all(p.grad is None for h in heads for p in h.parameters())
+    assert all(p.grad is None for p in trunk.parameters()) and all(
+        p.grad is None for h in heads for p in h.parameters()
+    )
     assert gate.state.skipped_steps.item() == 1 and gate.state.measured_steps.item() == 0
 
 
@@ -92,7 +96,9 @@ def test_pending_returns_none_and_the_window_mean_equals_the_large_batch():
     for i in range(2):
         acc.final = i == 1
         half = xs[2 * i : 2 * i + 2]
-        out = gate.backward((half @ w).pow(2).mean() * 8, [(half @ w).sin().mean() * 8], [w], transforms=[acc, Unscale(1 / 8)])
+        out = gate.backward(
+            (half @ w).pow(2).mean() * 8, [(half @ w).sin().mean() * 8], [w], transforms=[acc, Unscale(1 / 8)]
+        )
         assert (out is None) == (i == 0)
     w_ref = nn.Parameter(w.detach().clone())
     ref.backward((xs @ w_ref).pow(2).mean(), [(xs @ w_ref).sin().mean()], [w_ref])
@@ -107,7 +113,9 @@ def test_a_pipeline_serves_one_call_and_needs_the_parameter_path():
     with pytest.raises(RuntimeError, match="serves one gate.backward"):
         GradientGate().backward(*losses()[:1], [losses()[1]], trunk.parameters(), transforms=pipeline)
     with pytest.raises(ValueError, match="need the per-task parameter gradients"):
-        GradientGate(every_n_steps=2).backward(*losses()[:1], [losses()[1]], trunk.parameters(), transforms=[Unscale(0.5)])
+        GradientGate(every_n_steps=2).backward(
+            *losses()[:1], [losses()[1]], trunk.parameters(), transforms=[Unscale(0.5)]
+        )
     with pytest.raises(TypeError, match="GradientTransform"):
         Transforms([lambda g: "ready"])
 
@@ -115,7 +123,9 @@ def test_a_pipeline_serves_one_call_and_needs_the_parameter_path():
 def test_accumulate_keeps_a_window_across_a_checkpoint():
     acc = Accumulate()
     acc.final = False
-    acc.task_gradients(TaskGradients(rows=[[torch.ones(2)], [2 * torch.ones(2)]], others=[torch.ones(1)], finite=torch.tensor(True)))
+    acc.task_gradients(
+        TaskGradients(rows=[[torch.ones(2)], [2 * torch.ones(2)]], others=[torch.ones(1)], finite=torch.tensor(True))
+    )
     state = acc.state_dict()
     assert state["count"] == 1 and state["shared"][0].shape == (2, 2)  # saved stacked, as before
     restored = Accumulate()

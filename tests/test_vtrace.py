@@ -77,8 +77,10 @@ def test_on_policy_vtrace_is_the_n_step_return():
 
 
 def test_vtrace_trailing_dims_no_grad_and_errors():
-    inputs = [x.float().reshape(7, 5, 1).expand(7, 5, 2).contiguous() if x.dim() == 2 else x.float()
-              for x in _random_inputs(4)]
+    inputs = [
+        x.float().reshape(7, 5, 1).expand(7, 5, 2).contiguous() if x.dim() == 2 else x.float()
+        for x in _random_inputs(4)
+    ]
     inputs[4] = inputs[4].reshape(5, 1).expand(5, 2).contiguous()
     values = inputs[3].clone().requires_grad_(True)
     out = from_importance_weights(inputs[0], inputs[1], inputs[2], values, inputs[4])

@@ -38,7 +38,13 @@ _EXPORTS: dict[str, str] = {
 __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:
-    from .cross_stitch import CrossStitchMultiHeadNet, CrossStitchNet, CrossStitchUnit, cross_stitch_mlp, cross_stitch_resnet
+    from .cross_stitch import (
+        CrossStitchMultiHeadNet,
+        CrossStitchNet,
+        CrossStitchUnit,
+        cross_stitch_mlp,
+        cross_stitch_resnet,
+    )
     from .gradnorm import GradNorm
     from .pcgrad import PCGrad, draw_pcgrad_orders, pcgrad_coefficients
     from .uncertainty import UncertaintyWeighting

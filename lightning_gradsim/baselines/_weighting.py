@@ -12,7 +12,8 @@ any gate); the factories here build ``GradientGate(rule="sum", loss_weighting=..
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..gate import GradientGate
 from ..weighting import LossWeighting
@@ -32,7 +33,9 @@ def drop_cosine_options(method: str, kwargs: dict) -> dict:
     """
     dropped = {k: kwargs.pop(k) for k in list(kwargs) if k in COSINE_OPTIONS}
     if dropped:
-        warnings.warn(f"{method!r} ignores the cosine-gate option(s) {dropped} (it weights losses).", UserWarning, stacklevel=4)
+        warnings.warn(
+            f"{method!r} ignores the cosine-gate option(s) {dropped} (it weights losses).", UserWarning, stacklevel=4
+        )
     return kwargs
 
 

@@ -59,7 +59,9 @@ class CrossStitchUnit(nn.Module):
 
     def forward(self, x_a: Tensor, x_b: Tensor) -> tuple[Tensor, Tensor]:
         if x_a.shape != x_b.shape:
-            raise ValueError(f"Cross-stitch inputs must have the same shape, got {tuple(x_a.shape)} and {tuple(x_b.shape)}.")
+            raise ValueError(
+                f"Cross-stitch inputs must have the same shape, got {tuple(x_a.shape)} and {tuple(x_b.shape)}."
+            )
         if self.num_channels is None:
             a = self.alpha
             return a[0, 0] * x_a + a[0, 1] * x_b, a[1, 0] * x_a + a[1, 1] * x_b
@@ -110,7 +112,9 @@ class CrossStitchNet(nn.Module):
     ) -> None:
         super().__init__()
         if len(stages_a) != len(stages_b) or not stages_a:
-            raise ValueError(f"Both columns need the same, non-zero number of stages; got {len(stages_a)} and {len(stages_b)}.")
+            raise ValueError(
+                f"Both columns need the same, non-zero number of stages; got {len(stages_a)} and {len(stages_b)}."
+            )
         n = len(stages_a)
         stitch_after = sorted(set(int(i) for i in stitch_after))
         bad = [i for i in stitch_after if not 0 <= i < n]
@@ -209,7 +213,9 @@ def cross_stitch_mlp(
 
     def column() -> list[nn.Module]:
         sizes = [in_features] + list(hidden)
-        stages: list[nn.Module] = [nn.Sequential(nn.Linear(sizes[i], sizes[i + 1]), nn.ReLU()) for i in range(len(hidden))]
+        stages: list[nn.Module] = [
+            nn.Sequential(nn.Linear(sizes[i], sizes[i + 1]), nn.ReLU()) for i in range(len(hidden))
+        ]
         stages[0] = nn.Sequential(nn.Flatten(), *stages[0])  # accept (N, 8, 8) digits as well as (N, 64)
         return stages
 

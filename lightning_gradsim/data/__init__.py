@@ -5,7 +5,7 @@ Example::
     from lightning_gradsim.data import ClassPairDataModule, ImageNetHierarchy, RotatedDigitsDataModule
 """
 
-from .celeba import CelebADataModule, CelebAMultiTask  # noqa: F401
+from .celeba import CelebADataModule, CelebAMultiTask
 from .class_pair import BinaryTaskDataset, ClassPairDataModule, balanced_negatives
 from .digits import RotatedDigitsDataModule, rotate_images
 from .hierarchy import ImageNetHierarchy

@@ -79,4 +79,6 @@ def task_loaders(
 
 
 def eval_loader(ds: Dataset, batch_size: int, num_workers: int) -> DataLoader:
-    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, persistent_workers=num_workers > 0)
+    return DataLoader(
+        ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, persistent_workers=num_workers > 0
+    )

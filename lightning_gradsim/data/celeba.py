@@ -29,13 +29,30 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["CelebAMultiTask", "CelebADataModule", "find_celeba_folder", "read_celeba_table", "CELEBA_FILES",
-           "SPLITS", "LANDMARK_NAMES"]
+__all__ = [
+    "CelebAMultiTask",
+    "CelebADataModule",
+    "find_celeba_folder",
+    "read_celeba_table",
+    "CELEBA_FILES",
+    "SPLITS",
+    "LANDMARK_NAMES",
+]
 
 CELEBA_FILES = ("list_attr_celeba.txt", "list_landmarks_align_celeba.txt", "list_eval_partition.txt")
 SPLITS = {"train": 0, "valid": 1, "test": 2}
-LANDMARK_NAMES = ("lefteye_x", "lefteye_y", "righteye_x", "righteye_y", "nose_x", "nose_y",
-                  "leftmouth_x", "leftmouth_y", "rightmouth_x", "rightmouth_y")
+LANDMARK_NAMES = (
+    "lefteye_x",
+    "lefteye_y",
+    "righteye_x",
+    "righteye_y",
+    "nose_x",
+    "nose_y",
+    "leftmouth_x",
+    "leftmouth_y",
+    "rightmouth_x",
+    "rightmouth_y",
+)
 
 
 def find_celeba_folder(root: str | os.PathLike) -> Path:
@@ -44,7 +61,11 @@ def find_celeba_folder(root: str | os.PathLike) -> Path:
     for folder in (root / "celeba", root):
         if all((folder / f).is_file() for f in CELEBA_FILES) and (folder / "img_align_celeba").is_dir():
             return folder
-    missing = [f for f in (*CELEBA_FILES, "img_align_celeba/") if not (root / "celeba" / f).exists() and not (root / f).exists()]
+    missing = [
+        f
+        for f in (*CELEBA_FILES, "img_align_celeba/")
+        if not (root / "celeba" / f).exists() and not (root / f).exists()
+    ]
     raise FileNotFoundError(
         f"No CelebA copy under {root} (missing {', '.join(missing)}). Point root at the folder that holds "
         "img_align_celeba/ and the list_*.txt files (or its parent, torchvision's layout), or pass "
@@ -104,11 +125,15 @@ class CelebAMultiTask(Dataset):
         attr_cols, attr_names, attrs = read_celeba_table(self.folder / "list_attr_celeba.txt")
         lm_cols, lm_names, landmarks = read_celeba_table(self.folder / "list_landmarks_align_celeba.txt")
         if attribute not in attr_cols:
-            raise ValueError(f"Attribute {attribute!r} is not in list_attr_celeba.txt; choose from {', '.join(attr_cols)}.")
+            raise ValueError(
+                f"Attribute {attribute!r} is not in list_attr_celeba.txt; choose from {', '.join(attr_cols)}."
+            )
         if tuple(lm_cols) != LANDMARK_NAMES:
             raise ValueError(f"list_landmarks_align_celeba.txt has columns {lm_cols}, expected {list(LANDMARK_NAMES)}.")
         if not (part_names == attr_names == lm_names):
-            raise ValueError("The CelebA list files do not list the same images in the same order; is the copy complete?")
+            raise ValueError(
+                "The CelebA list files do not list the same images in the same order; is the copy complete?"
+            )
         index = (part[:, 0] == SPLITS[split]).nonzero().flatten()
         if subset is not None:
             if subset < 1:
@@ -185,14 +210,20 @@ class CelebADataModule(L.LightningDataModule):
     def _make(self, split: str) -> CelebAMultiTask:
         if split not in self.sets:
             self.sets[split] = CelebAMultiTask(
-                self.root, split, self.image_size, self.subset, self.seed + SPLITS[split], self.attribute,
+                self.root,
+                split,
+                self.image_size,
+                self.subset,
+                self.seed + SPLITS[split],
+                self.attribute,
                 self.normalize_landmarks,
             )
         return self.sets[split]
 
     def setup(self, stage: str | None = None) -> None:
         splits: Sequence[str] = {"fit": ("train", "valid"), "validate": ("valid",), "test": ("test",)}.get(
-            stage or "", ("train", "valid", "test"))
+            stage or "", ("train", "valid", "test")
+        )
         for split in splits:
             self._make(split)
 

@@ -211,7 +211,9 @@ class ClassPairDataModule(L.LightningDataModule):
         if self.main_class == self.aux_class:
             raise ValueError(f"main_class and aux_class are the same class ({self.main_class}); pick two classes.")
         if not 0.0 <= val_fraction < 1.0 or negative_ratio <= 0:
-            raise ValueError(f"Need 0 <= val_fraction < 1 and negative_ratio > 0; got {val_fraction}, {negative_ratio}.")
+            raise ValueError(
+                f"Need 0 <= val_fraction < 1 and negative_ratio > 0; got {val_fraction}, {negative_ratio}."
+            )
         self.save_hyperparameters(ignore=["train_dataset", "test_dataset"])
         self.root, self.source, self.map_file = root, source, map_file
         self.train_dataset, self.test_dataset = train_dataset, test_dataset
@@ -231,8 +233,10 @@ class ClassPairDataModule(L.LightningDataModule):
     def _pools(self) -> tuple[_Pool, _Pool]:
         if self.source == "imagefolder":
             root = str(self.root)
-            return (_FolderPool(os.path.join(root, self.train_dir), self.image_size),
-                    _FolderPool(os.path.join(root, self.test_dir), self.image_size))
+            return (
+                _FolderPool(os.path.join(root, self.train_dir), self.image_size),
+                _FolderPool(os.path.join(root, self.test_dir), self.image_size),
+            )
         if self.source == "dataset":
             return _DatasetPool(self.train_dataset), _DatasetPool(self.test_dataset)
         pair = {self.main_class, self.aux_class}
@@ -306,7 +310,9 @@ class ClassPairDataModule(L.LightningDataModule):
             self.datasets["val"] = self._task(train_pool, val_idx, self.main_class, s + 17)
 
     def train_dataloader(self):  # type: ignore[override]
-        return task_loaders({k: self.datasets[k] for k in ("main", "aux")}, self.batch_size, self.num_workers, self.seed)
+        return task_loaders(
+            {k: self.datasets[k] for k in ("main", "aux")}, self.batch_size, self.num_workers, self.seed
+        )
 
     def val_dataloader(self):  # type: ignore[override]
         if "val" not in self.datasets:  # val_fraction=0: no validation

@@ -41,7 +41,9 @@ def rotate_images(images: Tensor, angle: float) -> Tensor:
     return rotate(images, float(angle), interpolation=InterpolationMode.BILINEAR)
 
 
-def load_digits_source(source: str = "digits", root: str | Path | None = None, mnist_train: bool = False) -> tuple[Tensor, Tensor]:
+def load_digits_source(
+    source: str = "digits", root: str | Path | None = None, mnist_train: bool = False
+) -> tuple[Tensor, Tensor]:
     """Images ``(N, 1, H, W)`` in [0, 1] and labels ``(N,)`` of ``"digits"`` or ``"mnist"``."""
     if source == "digits":
         from sklearn.datasets import load_digits
@@ -62,7 +64,9 @@ def load_digits_source(source: str = "digits", root: str | Path | None = None, m
             )
         x = _read_idx(images)
         return torch.from_numpy(x).unsqueeze(1).float() / 255.0, torch.from_numpy(_read_idx(labels)).long()
-    raise ValueError(f"Unknown digits source {source!r}; choose 'digits' (bundled, 8x8) or 'mnist' (local 28x28 files).")
+    raise ValueError(
+        f"Unknown digits source {source!r}; choose 'digits' (bundled, 8x8) or 'mnist' (local 28x28 files)."
+    )
 
 
 def _find_idx(folder: Path, stem: str) -> Path | None:
@@ -72,7 +76,7 @@ def _find_idx(folder: Path, stem: str) -> Path | None:
     return None
 
 
-def _read_idx(path: Path) -> "np.ndarray":
+def _read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (MNIST's format), gzipped or not. torchvision's MNIST class insists on all four
     unpacked files, so a read-only folder with only the gzipped test split needs this."""
     import gzip
@@ -152,7 +156,11 @@ class RotatedDigitsDataModule(L.LightningDataModule):
         if self.max_images is not None:
             keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.split_seed))[: self.max_images]
             x, y = x[keep], y[keep]
-        test_idx, val_idx, train_idx = seeded_split(len(y), [self.test_fraction, self.val_fraction, 1.0 - self.test_fraction - self.val_fraction], self.split_seed)
+        test_idx, val_idx, train_idx = seeded_split(
+            len(y),
+            [self.test_fraction, self.val_fraction, 1.0 - self.test_fraction - self.val_fraction],
+            self.split_seed,
+        )
         n_main = int(round(self.main_fraction * len(train_idx)))
         main_idx, aux_idx = train_idx[:n_main], train_idx[n_main:]
         self.datasets = {
@@ -164,7 +172,9 @@ class RotatedDigitsDataModule(L.LightningDataModule):
         self.split_indices = {"main": main_idx, AUX_TASK: aux_idx, "val": val_idx, "test": test_idx}
 
     def train_dataloader(self):  # type: ignore[override]
-        return task_loaders({k: self.datasets[k] for k in ("main", AUX_TASK)}, self.batch_size, self.num_workers, self.seed)
+        return task_loaders(
+            {k: self.datasets[k] for k in ("main", AUX_TASK)}, self.batch_size, self.num_workers, self.seed
+        )
 
     def val_dataloader(self):  # type: ignore[override]
         return eval_loader(self.datasets["val"], 256, self.num_workers)

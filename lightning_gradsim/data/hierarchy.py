@@ -52,7 +52,7 @@ class ImageNetHierarchy:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_file(cls, path: str | os.PathLike) -> "ImageNetHierarchy":
+    def from_file(cls, path: str | os.PathLike) -> ImageNetHierarchy:
         """Read ``wordnet.is_a.txt`` (text) or the devkit's ``meta.mat`` (by extension ``.mat``)."""
         path = Path(path)
         if not path.is_file():
@@ -65,7 +65,7 @@ class ImageNetHierarchy:
         return cls.from_is_a(path)
 
     @classmethod
-    def from_is_a(cls, path: str | os.PathLike) -> "ImageNetHierarchy":
+    def from_is_a(cls, path: str | os.PathLike) -> ImageNetHierarchy:
         """Read ``"<parent> <child>"`` lines (blank lines and ``#`` comments skipped)."""
         edges = []
         with open(path) as f:
@@ -82,7 +82,7 @@ class ImageNetHierarchy:
         return cls(edges)
 
     @classmethod
-    def from_meta_mat(cls, path: str | os.PathLike) -> "ImageNetHierarchy":
+    def from_meta_mat(cls, path: str | os.PathLike) -> ImageNetHierarchy:
         """Read the ``synsets`` of the ILSVRC2012 devkit's ``meta.mat``."""
         from scipy.io import loadmat
 
@@ -134,7 +134,12 @@ class ImageNetHierarchy:
         return self.lowest_common_ancestor(wnid_a, wnid_b)[1]
 
     def sample_pairs(
-        self, wnids: Iterable[str], per_level: int, levels: Iterable[int] | None = None, seed: int = 0, max_tries: int = 200_000
+        self,
+        wnids: Iterable[str],
+        per_level: int,
+        levels: Iterable[int] | None = None,
+        seed: int = 0,
+        max_tries: int = 200_000,
     ) -> dict[int, list[tuple[str, str]]]:
         """Up to ``per_level`` random distinct pairs of ``wnids`` per LCA level (seeded)."""
         pool = sorted(set(wnids))

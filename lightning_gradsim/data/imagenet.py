@@ -116,7 +116,9 @@ def read_label_map(path: str | os.PathLike) -> dict[int, str]:
                 if not parts:
                     continue
                 if len(parts) < 2 or not _WNID.match(parts[0]) or not parts[1].isdigit():
-                    raise ValueError(f"{path}:{lineno}: expected '<wnid> <1-based label> <name>', got {line.strip()!r}.")
+                    raise ValueError(
+                        f"{path}:{lineno}: expected '<wnid> <1-based label> <name>', got {line.strip()!r}."
+                    )
                 mapping[int(parts[1])] = parts[0]
     if not mapping:
         raise ValueError(f"{path} maps no label to a WNID.")

@@ -49,7 +49,11 @@ def find_cached_weights(name: str) -> str | None:
         from huggingface_hub import try_to_load_from_cache
 
         repo, _, revision = cfg.hf_hub_id.partition("@")
-        names = [cfg.hf_hub_filename] if getattr(cfg, "hf_hub_filename", None) else ["model.safetensors", "pytorch_model.bin"]
+        names = (
+            [cfg.hf_hub_filename]
+            if getattr(cfg, "hf_hub_filename", None)
+            else ["model.safetensors", "pytorch_model.bin"]
+        )
         for filename in names:
             found = try_to_load_from_cache(repo, filename, revision=revision or None)
             if isinstance(found, str) and os.path.isfile(found):

@@ -90,13 +90,13 @@ class GradSimCLI(LightningCLI):
                 stacklevel=2,
             )
 
-    def before_fit(self) -> None:  # noqa: D102 - LightningCLI calls before_<subcommand>
+    def before_fit(self) -> None:
         self._warn_if_relaunch_differs()
 
-    def before_validate(self) -> None:  # noqa: D102
+    def before_validate(self) -> None:
         self._warn_if_relaunch_differs()
 
-    def before_test(self) -> None:  # noqa: D102
+    def before_test(self) -> None:
         self._warn_if_relaunch_differs()
 
 

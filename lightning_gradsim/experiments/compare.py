@@ -62,6 +62,7 @@ __all__ = [
     "DEFAULT_METHODS",
 ]
 
+
 @dataclass(frozen=True)
 class RunSpec:
     """One training run of :func:`compare`."""
@@ -157,7 +158,13 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
     }
     if best is not None:  # the tested weights are those of this validation
         row.update(selected_step=best.best_step, selected_validation=best.best + 1, selected_value=best.best_value)
-    return {"row": row, "val_steps": curve.steps, "val_acc": curve.acc, "cos_steps": monitor.history.get("step", []), "cos": cos}
+    return {
+        "row": row,
+        "val_steps": curve.steps,
+        "val_acc": curve.acc,
+        "cos_steps": monitor.history.get("step", []),
+        "cos": cos,
+    }
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -270,8 +277,19 @@ def compare(
         raise ValueError(f"Unknown setup {setup!r}; choose from {', '.join(list_setups())}.")
     grid = _variant_grid(variants)
     specs = [
-        RunSpec(setup, m, int(s), {**dict(options or {}), **opts}, dict(gate or {}), label, max_steps, eval_every,
-                log_every, dict(trainer or {}), dict(select or {}))
+        RunSpec(
+            setup,
+            m,
+            int(s),
+            {**dict(options or {}), **opts},
+            dict(gate or {}),
+            label,
+            max_steps,
+            eval_every,
+            log_every,
+            dict(trainer or {}),
+            dict(select or {}),
+        )
         for (label, opts), m, s in product(grid, methods, seeds)
     ]
     runs = _execute(specs, jobs, progress)
@@ -351,7 +369,12 @@ def _indexed_run(item: tuple[int, RunSpec]) -> tuple[int, dict[str, Any]]:
 
 def _write(result: CompareResult, out: Path, setup: str) -> dict[str, str]:
     out.mkdir(parents=True, exist_ok=True)
-    files = {"runs": out / "runs.csv", "summary": out / "summary.csv", "table": out / "table.md", "json": out / "result.json"}
+    files = {
+        "runs": out / "runs.csv",
+        "summary": out / "summary.csv",
+        "table": out / "table.md",
+        "json": out / "result.json",
+    }
     with open(files["runs"], "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(result.rows[0]))
         writer.writeheader()
@@ -364,7 +387,9 @@ def _write(result: CompareResult, out: Path, setup: str) -> dict[str, str]:
     if result.has_auroc:
         table += "\n" + result.markdown("auroc") + "\n"
     files["table"].write_text(table)
-    files["json"].write_text(json.dumps({"rows": result.rows, "summary": result.summary, "runs": result.runs}, indent=1))
+    files["json"].write_text(
+        json.dumps({"rows": result.rows, "summary": result.summary, "runs": result.runs}, indent=1)
+    )
     files["accuracy"], files["cosine"] = out / "accuracy.png", out / "cosine.png"
     _plot(result, files["accuracy"], files["cosine"])
     return {k: str(v) for k, v in files.items()}
@@ -402,7 +427,11 @@ def _plot(result: CompareResult, acc_path: Path, cos_path: Path) -> None:
     for ax, variant in zip(axes.flat, result.variants):
         for m in result.methods:
             steps, acc = _mean_curve(
-                [(r["val_steps"], r["val_acc"]) for r in result.runs if r["row"]["variant"] == variant and r["row"]["method"] == m]
+                [
+                    (r["val_steps"], r["val_acc"])
+                    for r in result.runs
+                    if r["row"]["variant"] == variant and r["row"]["method"] == m
+                ]
             )
             ax.plot(steps, acc, label=m, lw=1.3)
         ax.set_title(variant, fontsize="small")

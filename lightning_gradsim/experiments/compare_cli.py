@@ -49,8 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--setup", help="setup name (default rotated_digits)")
     parser.add_argument("--methods", nargs="+", help=f"methods (default: {' '.join(DEFAULT_METHODS)})")
     parser.add_argument("--seeds", nargs="+", type=int, help="seeds (default 0 1 2)")
-    parser.add_argument("--vary", action="append", metavar="KEY=V1,V2", help="sweep a setup option, e.g. angle=0,90,180")
-    parser.add_argument("--set", dest="options", action="append", metavar="KEY=VALUE", help="a setup option for every run")
+    parser.add_argument(
+        "--vary", action="append", metavar="KEY=V1,V2", help="sweep a setup option, e.g. angle=0,90,180"
+    )
+    parser.add_argument(
+        "--set", dest="options", action="append", metavar="KEY=VALUE", help="a setup option for every run"
+    )
     parser.add_argument("--gate", action="append", metavar="KEY=VALUE", help="a gate argument, e.g. aux_weight=0.5")
     parser.add_argument("--max-steps", type=int)
     parser.add_argument("--eval-every", type=int)
@@ -59,8 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out-dir", help="output folder (default runs/compare/<setup>)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--list", action="store_true", help="list setups and methods, then exit")
-    parser.add_argument("--import", dest="imports", action="append", metavar="MODULE",
-                        help="import a module first (one that registers setups or methods)")
+    parser.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        metavar="MODULE",
+        help="import a module first (one that registers setups or methods)",
+    )
     return parser
 
 
@@ -93,7 +102,22 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(str(err))
         with open(args.config) as f:
             cfg = yaml.safe_load(f) or {}
-        allowed = {"setup", "methods", "seeds", "variants", "options", "gate", "max_steps", "eval_every", "log_every", "jobs", "out_dir", "trainer", "progress", "select"}
+        allowed = {
+            "setup",
+            "methods",
+            "seeds",
+            "variants",
+            "options",
+            "gate",
+            "max_steps",
+            "eval_every",
+            "log_every",
+            "jobs",
+            "out_dir",
+            "trainer",
+            "progress",
+            "select",
+        }
         bad = set(cfg) - allowed
         if bad:
             parser.error(f"unknown key(s) {sorted(bad)} in {args.config}; allowed: {sorted(allowed)}")
@@ -102,8 +126,13 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None:
             cfg[key] = value
     if args.vary:
-        cfg["variants"] = {**cfg.get("variants", {}), **{k: v if isinstance(v, list) else [v] for k, v in (
-            (k, yaml.safe_load("[" + v + "]")) for k, v in (item.split("=", 1) for item in args.vary))}}
+        cfg["variants"] = {
+            **cfg.get("variants", {}),
+            **{
+                k: v if isinstance(v, list) else [v]
+                for k, v in ((k, yaml.safe_load("[" + v + "]")) for k, v in (item.split("=", 1) for item in args.vary))
+            },
+        }
     cfg["options"] = {**(cfg.get("options") or {}), **_parse_assignments(args.options, "--set")}
     cfg["gate"] = {**(cfg.get("gate") or {}), **_parse_assignments(args.gate, "--gate")}
     if args.no_progress:

@@ -75,8 +75,18 @@ class CrossStitchClassifier(MultiTaskClassifier):
     ) -> None:
         # The parent builds a plain MLP trunk (cheap) that is replaced below.
         super().__init__(
-            tasks=tasks, backbone="mlp", input_dim=input_dim or 1, in_chans=in_chans, hidden=hidden, depth=depth,
-            method=method, gate=gate, optimizer=optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum,
+            tasks=tasks,
+            backbone="mlp",
+            input_dim=input_dim or 1,
+            in_chans=in_chans,
+            hidden=hidden,
+            depth=depth,
+            method=method,
+            gate=gate,
+            optimizer=optimizer,
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
         )
         self.save_hyperparameters()
         if backbone == "mlp":
@@ -109,8 +119,21 @@ def _resnet_feature_dim(net) -> int:
     return int(bns[-1].num_features if bns else convs[-1].out_channels)
 
 
-_MODEL_KEYS = ("lr", "optimizer", "hidden", "depth", "weight_decay", "momentum", "backbone", "stitch_after",
-               "same_weight", "per_channel", "small_input", "stitch_lr", "in_chans")
+_MODEL_KEYS = (
+    "lr",
+    "optimizer",
+    "hidden",
+    "depth",
+    "weight_decay",
+    "momentum",
+    "backbone",
+    "stitch_after",
+    "same_weight",
+    "per_channel",
+    "small_input",
+    "stitch_lr",
+    "in_chans",
+)
 
 
 def _split(options: dict[str, Any], defaults: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -126,7 +149,9 @@ def rotated_digits_cross_stitch(method: str, seed: int, gate: dict[str, Any], **
     model_kw, data_kw = _split(dict(options), {"lr": 1e-3, "optimizer": "rmsprop", "hidden": 100, "depth": 3})
     model_kw["backbone"] = "mlp"
     datamodule = RotatedDigitsDataModule(seed=seed, **data_kw)
-    module = CrossStitchClassifier(tasks=datamodule.tasks, input_dim=datamodule.input_dim, method=method, gate=gate, **model_kw)
+    module = CrossStitchClassifier(
+        tasks=datamodule.tasks, input_dim=datamodule.input_dim, method=method, gate=gate, **model_kw
+    )
     return module, datamodule
 
 

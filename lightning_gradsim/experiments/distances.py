@@ -38,8 +38,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["frechet_distance", "gaussian_frechet_distance", "class_features", "class_distances", "d1_fallbacks",
-           "DistancesResult", "main"]
+__all__ = [
+    "frechet_distance",
+    "gaussian_frechet_distance",
+    "class_features",
+    "class_distances",
+    "d1_fallbacks",
+    "DistancesResult",
+    "main",
+]
 
 
 def gaussian_frechet_distance(mu_a: Tensor, cov_a: Tensor, mu_b: Tensor, cov_b: Tensor) -> float:
@@ -55,7 +62,9 @@ def gaussian_frechet_distance(mu_a: Tensor, cov_a: Tensor, mu_b: Tensor, cov_b: 
 def frechet_distance(features_a: Tensor, features_b: Tensor) -> float:
     """Fréchet distance between the Gaussians fitted to two ``(N, D)`` feature sets (N >= 2 each)."""
     if features_a.dim() != 2 or features_b.dim() != 2 or features_a.shape[1] != features_b.shape[1]:
-        raise ValueError(f"Need two (N, D) feature matrices with the same D, got {tuple(features_a.shape)} and {tuple(features_b.shape)}.")
+        raise ValueError(
+            f"Need two (N, D) feature matrices with the same D, got {tuple(features_a.shape)} and {tuple(features_b.shape)}."
+        )
     if len(features_a) < 2 or len(features_b) < 2:
         raise ValueError("Each class needs at least 2 images for a covariance.")
     a, b = features_a.double(), features_b.double()
@@ -67,7 +76,9 @@ def frechet_distance(features_a: Tensor, features_b: Tensor) -> float:
     # X_a X_b^T / sqrt((n_a - 1)(n_b - 1)), so tr((S_a S_b)^{1/2}) is their sum: an n_a x n_b problem.
     ac, bc = a - a.mean(0), b - b.mean(0)
     trace_sqrt = torch.linalg.svdvals(ac @ bc.T).sum() / math.sqrt((na - 1) * (nb - 1))
-    value = (a.mean(0) - b.mean(0)).pow(2).sum() + ac.pow(2).sum() / (na - 1) + bc.pow(2).sum() / (nb - 1) - 2 * trace_sqrt
+    value = (
+        (a.mean(0) - b.mean(0)).pow(2).sum() + ac.pow(2).sum() / (na - 1) + bc.pow(2).sum() / (nb - 1) - 2 * trace_sqrt
+    )
     return float(value.clamp(min=0))
 
 
@@ -75,12 +86,25 @@ def frechet_distance(features_a: Tensor, features_b: Tensor) -> float:
 def class_features(model: nn.Module, images: Tensor, batch_size: int = 64, device: str = "cpu") -> Tensor:
     """Embeddings ``(N, D)`` of ``images`` ``(N, C, H, W)``, in eval mode."""
     model = model.eval().to(device)
-    return torch.cat([model(images[i : i + batch_size].to(device)).flatten(1).double().cpu() for i in range(0, len(images), batch_size)])
+    return torch.cat(
+        [
+            model(images[i : i + batch_size].to(device)).flatten(1).double().cpu()
+            for i in range(0, len(images), batch_size)
+        ]
+    )
 
 
 def _load_class_images(
-    root: str, source: str, map_file: str | None, wnids: set[str], per_class: int, image_size: int, seed: int, split: str,
-    mean: Sequence[float], std: Sequence[float],
+    root: str,
+    source: str,
+    map_file: str | None,
+    wnids: set[str],
+    per_class: int,
+    image_size: int,
+    seed: int,
+    split: str,
+    mean: Sequence[float],
+    std: Sequence[float],
 ) -> dict[str, Tensor]:
     from ..data.class_pair import _ArrayPool, _FolderPool
     from ..data.imagenet import DownsampledImageNet
@@ -90,8 +114,12 @@ def _load_class_images(
         pool: Any = _FolderPool(os.path.join(root, split), image_size)
     elif source == "downsampled":
         if map_file is None:
-            raise ValueError("--source downsampled needs --map-file <map_clsloc.txt or meta.mat> (labels follow the devkit order).")
-        ds = DownsampledImageNet(root, "train" if split == "train" else "val", map_file, keep=lambda w: np.isin(w, list(wnids)))
+            raise ValueError(
+                "--source downsampled needs --map-file <map_clsloc.txt or meta.mat> (labels follow the devkit order)."
+            )
+        ds = DownsampledImageNet(
+            root, "train" if split == "train" else "val", map_file, keep=lambda w: np.isin(w, list(wnids))
+        )
         pool = _ArrayPool(ds.data, ds.wnids, image_size)
     else:
         raise ValueError(f"source must be 'imagefolder' or 'downsampled', got {source!r}.")
@@ -131,26 +159,39 @@ def d1_fallbacks(backbone: str, trained: bool, per_level: int, found: dict[int, 
     """
     out = []
     if not trained:
-        out.append("random weights: no --weights/--pretrained given, so the embedding is untrained and the Fréchet "
-                   "distances only test the pipeline (they do not measure how alike the classes look)")
+        out.append(
+            "random weights: no --weights/--pretrained given, so the embedding is untrained and the Fréchet "
+            "distances only test the pipeline (they do not measure how alike the classes look)"
+        )
     if backbone != D1_BACKBONE:
         out.append(f"other model: {backbone!r} instead of D.1's pretrained ResNetV2-50 ({D1_BACKBONE!r})")
     if per_level < D1_PAIRS_PER_LEVEL:
         out.append(f"fewer pairs: {per_level} per LCA level asked for instead of D.1's {D1_PAIRS_PER_LEVEL}")
     short = {lv: n for lv, n in found.items() if n < per_level}
     if short:
-        out.append("fewer pairs found than asked for (not enough classes) at LCA level(s) "
-                   + ", ".join(f"{lv}: {n}" for lv, n in sorted(short.items())))
+        out.append(
+            "fewer pairs found than asked for (not enough classes) at LCA level(s) "
+            + ", ".join(f"{lv}: {n}" for lv, n in sorted(short.items()))
+        )
     return out
 
 
-def _protocol_text(result: DistancesResult, backbone: str, per_level: int, found: dict[int, int], images: int, size: int) -> str:
-    lines = ["# gradsim distances: protocol of this run", "",
-             "| appendix D.1 says | this run |", "|---|---|",
-             f"| pretrained ResNetV2-50, penultimate layer | {backbone}, weights: {result.weights} |",
-             f"| 50 random pairs per LCA level | {per_level} asked for; found " + ", ".join(f"level {lv}: {n}" for lv, n in sorted(found.items())) + " |",
-             f"| images per class: not given in the paper | {images} |",
-             f"| image size: not given in the paper | {size}x{size} |", ""]
+def _protocol_text(
+    result: DistancesResult, backbone: str, per_level: int, found: dict[int, int], images: int, size: int
+) -> str:
+    lines = [
+        "# gradsim distances: protocol of this run",
+        "",
+        "| appendix D.1 says | this run |",
+        "|---|---|",
+        f"| pretrained ResNetV2-50, penultimate layer | {backbone}, weights: {result.weights} |",
+        f"| 50 random pairs per LCA level | {per_level} asked for; found "
+        + ", ".join(f"level {lv}: {n}" for lv, n in sorted(found.items()))
+        + " |",
+        f"| images per class: not given in the paper | {images} |",
+        f"| image size: not given in the paper | {size}x{size} |",
+        "",
+    ]
     if result.fallbacks:
         lines += ["**Falls back from D.1:**", ""] + [f"* {f}" for f in result.fallbacks]
     else:
@@ -202,12 +243,25 @@ def class_distances(
     found = {lv: len(items) for lv, items in pairs.items()}
     result = DistancesResult([], d1_fallbacks(backbone, info.trained, per_level, found), info.source)
     wanted = {w for items in pairs.values() for pair in items for w in pair}
-    images = _load_class_images(root, source, map_file, wanted, images_per_class, size, seed, split, info.mean, info.std)
-    feats = {w: class_features(model, x, device=device) for w, x in tqdm(images.items(), desc="embedding classes", disable=not progress)}
+    images = _load_class_images(
+        root, source, map_file, wanted, images_per_class, size, seed, split, info.mean, info.std
+    )
+    feats = {
+        w: class_features(model, x, device=device)
+        for w, x in tqdm(images.items(), desc="embedding classes", disable=not progress)
+    }
     flat = [(lv, a, b) for lv, items in pairs.items() for a, b in items]
     for level, a, b in tqdm(flat, desc="pair distances", disable=not progress):
-        result.rows.append({"wnid_a": a, "name_a": class_name(a), "wnid_b": b, "name_b": class_name(b),
-                            "lca_level": level, "frechet_distance": frechet_distance(feats[a], feats[b])})
+        result.rows.append(
+            {
+                "wnid_a": a,
+                "name_a": class_name(a),
+                "wnid_b": b,
+                "name_b": class_name(b),
+                "lca_level": level,
+                "frechet_distance": frechet_distance(feats[a], feats[b]),
+            }
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "distances.csv", "w", newline="") as f:
@@ -241,16 +295,25 @@ def _scatter(rows: list[dict[str, Any]], path: Path, backbone: str, trained: boo
 
 def main(argv: list[str] | None = None) -> int:
     """``gradsim distances --root DIR --hierarchy FILE [--weights FILE | --pretrained] [...]``"""
-    p = argparse.ArgumentParser(prog="gradsim distances", description="LCA level vs Fréchet distance of ImageNet class pairs (paper app. D.1, Fig. 10).")
+    p = argparse.ArgumentParser(
+        prog="gradsim distances",
+        description="LCA level vs Fréchet distance of ImageNet class pairs (paper app. D.1, Fig. 10).",
+    )
     p.add_argument("--root", required=True, help="ImageNet folder (ImageFolder layout) or downsampled-ImageNet folder")
     p.add_argument("--hierarchy", required=True, help="wordnet.is_a.txt or the devkit's meta.mat")
     p.add_argument("--source", default="imagefolder", choices=["imagefolder", "downsampled"])
     p.add_argument("--map-file", help="map_clsloc.txt or meta.mat (downsampled source)")
     p.add_argument("--split", default="train", help="sub-folder / split whose images are embedded")
     p.add_argument("--backbone", default=D1_BACKBONE, help=f"timm model name (or tiny_cnn); D.1: {D1_BACKBONE}")
-    p.add_argument("--weights", "--checkpoint", dest="weights", help="local weights file of the backbone (.pth/.bin/.safetensors)")
-    p.add_argument("--pretrained", action="store_true", help="timm's pretrained weights from the LOCAL cache (never downloaded)")
-    p.add_argument("--per-level", type=int, default=D1_PAIRS_PER_LEVEL, help=f"pairs per LCA level (D.1: {D1_PAIRS_PER_LEVEL})")
+    p.add_argument(
+        "--weights", "--checkpoint", dest="weights", help="local weights file of the backbone (.pth/.bin/.safetensors)"
+    )
+    p.add_argument(
+        "--pretrained", action="store_true", help="timm's pretrained weights from the LOCAL cache (never downloaded)"
+    )
+    p.add_argument(
+        "--per-level", type=int, default=D1_PAIRS_PER_LEVEL, help=f"pairs per LCA level (D.1: {D1_PAIRS_PER_LEVEL})"
+    )
     p.add_argument("--levels", type=int, nargs="+")
     p.add_argument("--images-per-class", type=int, default=50)
     p.add_argument("--image-size", type=int, help="default: the backbone's pretrained input size (224 for resnetv2_50)")
@@ -259,9 +322,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", default=os.path.join("runs", "distances"))
     args = p.parse_args(argv)
     try:
-        result = class_distances(args.root, args.hierarchy, args.source, args.map_file, args.backbone, args.pretrained,
-                                 args.weights, args.per_level, args.levels, args.images_per_class, args.image_size,
-                                 args.split, args.seed, args.out_dir, args.device)
+        result = class_distances(
+            args.root,
+            args.hierarchy,
+            args.source,
+            args.map_file,
+            args.backbone,
+            args.pretrained,
+            args.weights,
+            args.per_level,
+            args.levels,
+            args.images_per_class,
+            args.image_size,
+            args.split,
+            args.seed,
+            args.out_dir,
+            args.device,
+        )
     except (ValueError, FileNotFoundError, KeyError) as err:
         print(f"gradsim distances: {err}")
         return 2

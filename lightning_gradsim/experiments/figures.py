@@ -81,8 +81,12 @@ NEGATIVE_ROW = "L3+L4"  # the paper's negative example, a row of Figure 2 (see t
 
 
 def negative_example_runs(
-    rules: Sequence[str] = ("main_only", "unweighted", "weighted", "sum"), n_starts: int = 200, seed: int = 0,
-    steps: int = 600, lr: float = 0.01, level: float = 0.1,
+    rules: Sequence[str] = ("main_only", "unweighted", "weighted", "sum"),
+    n_starts: int = 200,
+    seed: int = 0,
+    steps: int = 600,
+    lr: float = 0.01,
+    level: float = 0.1,
 ) -> dict[str, ConvergenceResult]:
     """Steepest descent on the paper's negative example from the same random starts, per rule."""
     starts = random_starts(n_starts, 2.0, seed)
@@ -125,11 +129,17 @@ def negative_example(path: str = "figures/negative_example.png", n_starts: int =
     ax.plot([0, top], [0, top], "k:", lw=1)
     ax.set_xlabel("main_only: steps to main loss < 0.1")
     ax.set_ylabel("unweighted: steps")
-    ax.set_title(f"slowed {int(slow.sum())}/{int(main.converged.sum())} converging starts; "
-                 f"gate-only failures {int((main.converged & ~gated.converged).sum())}", fontsize=9)
+    ax.set_title(
+        f"slowed {int(slow.sum())}/{int(main.converged.sum())} converging starts; "
+        f"gate-only failures {int((main.converged & ~gated.converged).sum())}",
+        fontsize=9,
+    )
     ax.grid(alpha=0.3)
-    fig.suptitle("Appendix B: the paper's negative example, main L3 (flat for t1 >= 0), auxiliary "
-                 "(t1-2)^2+(t2-0.5)^2; steepest descent, step 0.01, 600 steps", fontsize=10)
+    fig.suptitle(
+        "Appendix B: the paper's negative example, main L3 (flat for t1 >= 0), auxiliary "
+        "(t1-2)^2+(t2-0.5)^2; steepest descent, step 0.01, 600 steps",
+        fontsize=10,
+    )
     fig.tight_layout()
     return _save(fig, path)
 
@@ -256,8 +266,17 @@ def cosine_curves(
     cosine, its s.d. and the large-d limit ``1 / (1 + sigma)``.
     """
     gen = torch.Generator().manual_seed(seed)
-    out: dict[str, list] = {k: [] for k in ("dims", "independent", "independent_sd", "independent_abs",
-                                            "independent_sd_theory", "independent_abs_theory")}
+    out: dict[str, list] = {
+        k: []
+        for k in (
+            "dims",
+            "independent",
+            "independent_sd",
+            "independent_abs",
+            "independent_sd_theory",
+            "independent_abs_theory",
+        )
+    }
     for sigma in sigmas:
         out[f"noisy_{sigma:g}"], out[f"noisy_{sigma:g}_sd"] = [], []
     out["sigmas"] = list(sigmas)
@@ -307,7 +326,11 @@ def cosine_vs_dimension(path: str = "figures/cosine_vs_dimension.png", trials: i
     return _save(fig, path)
 
 
-FIGURES = {"negative_example": negative_example, "proposition3": proposition3, "cosine_vs_dimension": cosine_vs_dimension}
+FIGURES = {
+    "negative_example": negative_example,
+    "proposition3": proposition3,
+    "cosine_vs_dimension": cosine_vs_dimension,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

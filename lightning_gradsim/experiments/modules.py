@@ -29,7 +29,12 @@ from ..models import MultiHeadNet, build_trunk
 
 __all__ = ["MultiTaskClassifier"]
 
-_OPTIMIZERS = {"rmsprop": torch.optim.RMSprop, "adam": torch.optim.Adam, "sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
+_OPTIMIZERS = {
+    "rmsprop": torch.optim.RMSprop,
+    "adam": torch.optim.Adam,
+    "sgd": torch.optim.SGD,
+    "adamw": torch.optim.AdamW,
+}
 
 
 class MultiTaskClassifier(GradSimMixin, L.LightningModule):
@@ -99,7 +104,9 @@ class MultiTaskClassifier(GradSimMixin, L.LightningModule):
                 f"{type(batch).__name__}. Use a datamodule that delivers per-task batches (CombinedLoader)."
             )
         if set(batch) != set(self.tasks):
-            raise KeyError(f"Batch tasks {sorted(batch)} differ from the model's tasks {sorted(self.tasks)}; make them match.")
+            raise KeyError(
+                f"Batch tasks {sorted(batch)} differ from the model's tasks {sorted(self.tasks)}; make them match."
+            )
         return {name: F.cross_entropy(self.net(x, name), y) for name, (x, y) in batch.items()}
 
     def _evaluate(self, batch: Any, stage: str) -> None:

@@ -117,9 +117,15 @@ def train_pairs(
     for d in data:
         for t in d.values():
             t.x, t.y = t.x.to(stack.device), t.y.to(stack.device)
-    samplers = {(g, s, task): EpochSampler(len(data[g][task]), batch_size, 1_000_003 * s + 101 * g + (task == "aux"))
-                for g in range(len(pairs)) for s in seeds for task in ("main", "aux")}
-    groups = {g: torch.tensor([i for i, r in enumerate(runs) if r.group == g], device=stack.device) for g in range(len(pairs))}
+    samplers = {
+        (g, s, task): EpochSampler(len(data[g][task]), batch_size, 1_000_003 * s + 101 * g + (task == "aux"))
+        for g in range(len(pairs))
+        for s in seeds
+        for task in ("main", "aux")
+    }
+    groups = {
+        g: torch.tensor([i for i, r in enumerate(runs) if r.group == g], device=stack.device) for g in range(len(pairs))
+    }
     rows: list[dict[str, Any]] = []
     step_rows: list[dict[str, Any]] = []
     since: list[tuple[Tensor, Tensor, Tensor]] = []
@@ -133,10 +139,19 @@ def train_pairs(
             acc = stack.accuracy(data[g]["test"].x, data[g]["test"].y, index=idx).tolist()
             for a, i in zip(acc, idx.tolist()):
                 r = runs[i]
-                rows.append({"pair": pairs[g].label, "kind": pairs[g].kind, "method": r.method, "seed": r.seed, "step": step,
-                             "test_accuracy": a, "cosine": None if cos is None else cos[i],
-                             "open_fraction": None if opened is None else opened[i],
-                             "train_main_loss": None if loss is None else loss[i]})
+                rows.append(
+                    {
+                        "pair": pairs[g].label,
+                        "kind": pairs[g].kind,
+                        "method": r.method,
+                        "seed": r.seed,
+                        "step": step,
+                        "test_accuracy": a,
+                        "cosine": None if cos is None else cos[i],
+                        "open_fraction": None if opened is None else opened[i],
+                        "train_main_loss": None if loss is None else loss[i],
+                    }
+                )
         since.clear()
 
     evaluate(0)
@@ -152,8 +167,17 @@ def train_pairs(
         cos, opened = st.cosine.detach().cpu(), st.gate_open.detach().cpu()
         since.append((cos, opened, st.main_loss.detach().cpu()))
         for i, r in enumerate(runs):
-            step_rows.append({"pair": pairs[r.group].label, "kind": pairs[r.group].kind, "method": r.method, "seed": r.seed,
-                              "step": step, "cosine": float(cos[i]), "gate_open": int(opened[i])})
+            step_rows.append(
+                {
+                    "pair": pairs[r.group].label,
+                    "kind": pairs[r.group].kind,
+                    "method": r.method,
+                    "seed": r.seed,
+                    "step": step,
+                    "cosine": float(cos[i]),
+                    "gate_open": int(opened[i]),
+                }
+            )
         if step % eval_every == 0 or step == steps:
             evaluate(step)
     return PairsResult(rows, step_rows, list(pairs), time.perf_counter() - start)
@@ -162,7 +186,9 @@ def train_pairs(
 def _parse_pair(text: str, flag: str) -> tuple[str, str]:
     parts = [p.strip() for p in text.split(",")]
     if len(parts) != 2 or not all(parts):
-        raise ValueError(f"{flag} takes two classes separated by a comma, e.g. {flag} trimaran,catamaran; got {text!r}.")
+        raise ValueError(
+            f"{flag} takes two classes separated by a comma, e.g. {flag} trimaran,catamaran; got {text!r}."
+        )
     return parts[0], parts[1]
 
 
@@ -187,9 +213,13 @@ def _build_pairs(args: argparse.Namespace) -> tuple[list[PairData], list[str], A
             other = "random_conv" if args.features == "pixels" else "pixels"
             check = pick_pairs(class_feature_sets(x_tr, y_tr, other), other)
             agree = "the same pairs" if (check.near, check.far) == (near, far) else "DIFFERENT pairs"
-            notes.append(f"check: `{other}` features pick near {'/'.join(check.near)} and far {'/'.join(check.far)} ({agree})")
-        pairs = [mnist_pair(x_tr, y_tr, x_te, y_te, *near, kind="near", max_per_class=args.max_per_class),
-                 mnist_pair(x_tr, y_tr, x_te, y_te, *far, kind="far", max_per_class=args.max_per_class)]
+            notes.append(
+                f"check: `{other}` features pick near {'/'.join(check.near)} and far {'/'.join(check.far)} ({agree})"
+            )
+        pairs = [
+            mnist_pair(x_tr, y_tr, x_te, y_te, *near, kind="near", max_per_class=args.max_per_class),
+            mnist_pair(x_tr, y_tr, x_te, y_te, *far, kind="far", max_per_class=args.max_per_class),
+        ]
         return pairs, notes, choice
     near = _parse_pair(args.near, "--near") if args.near else PAPER_NEAR
     far = _parse_pair(args.far, "--far") if args.far else PAPER_FAR
@@ -201,13 +231,25 @@ def _build_pairs(args: argparse.Namespace) -> tuple[list[PairData], list[str], A
 
 def main(argv: list[str] | None = None) -> int:
     """``gradsim pairs [--source mnist|imagefolder|downsampled] --root DIR [...]``"""
-    p = argparse.ArgumentParser(prog="gradsim pairs", description="Paper Figure 3: single-task / multi-task / gate on a near and a far class pair.")
+    p = argparse.ArgumentParser(
+        prog="gradsim pairs",
+        description="Paper Figure 3: single-task / multi-task / gate on a near and a far class pair.",
+    )
     p.add_argument("--source", default="imagefolder", choices=["imagefolder", "downsampled", "mnist"])
-    p.add_argument("--root", required=True, help="ImageNet folder (train/ val/ of WNID folders), downsampled files, or MNIST folder holding MNIST/raw")
+    p.add_argument(
+        "--root",
+        required=True,
+        help="ImageNet folder (train/ val/ of WNID folders), downsampled files, or MNIST folder holding MNIST/raw",
+    )
     p.add_argument("--map-file", help="map_clsloc.txt or meta.mat (downsampled ImageNet)")
     p.add_argument("--near", help="A,B: near pair (ImageNet default trimaran,catamaran; MNIST default: picked)")
     p.add_argument("--far", help="C,D: far pair (ImageNet default traffic light,rock python; MNIST default: picked)")
-    p.add_argument("--features", default="pixels", choices=["pixels", "random_conv"], help="MNIST: class features for picking the pairs")
+    p.add_argument(
+        "--features",
+        default="pixels",
+        choices=["pixels", "random_conv"],
+        help="MNIST: class features for picking the pairs",
+    )
     p.add_argument("--methods", default="main_only,sum,unweighted", help="comma-separated methods (any registered)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
     p.add_argument("--steps", type=int)
@@ -215,7 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, help="images per task per step")
     p.add_argument("--lr", type=float)
     p.add_argument("--optimizer", default="adam", choices=["adam", "sgd", "rmsprop"])
-    p.add_argument("--model", help="small_cnn, tiny_cnn or a timm name (default: small_cnn for MNIST, resnetv2_18 for ImageNet)")
+    p.add_argument(
+        "--model", help="small_cnn, tiny_cnn or a timm name (default: small_cnn for MNIST, resnetv2_18 for ImageNet)"
+    )
     p.add_argument("--aux-weight", type=float, default=1.0)
     p.add_argument("--threshold", type=float, default=0.0)
     p.add_argument("--image-size", type=int, default=64, help="ImageNet image side")
@@ -241,17 +285,40 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gradsim pairs: {err}")
         return 2
     for pair in pairs:
-        print(f"{pair.kind} pair: main '{pair.main_name}' ({pair.main_class}) vs aux '{pair.aux_name}' ({pair.aux_class}); "
-              f"{len(pair.main)} main / {len(pair.aux)} aux training images, {len(pair.test)} test images")
-    result = train_pairs(pairs, methods, list(range(args.seeds)), settings["steps"], settings["eval_every"], settings["batch_size"],
-                         settings["model"], args.optimizer, settings["lr"], {"aux_weight": args.aux_weight, "threshold": args.threshold},
-                         args.device, not args.no_progress)
+        print(
+            f"{pair.kind} pair: main '{pair.main_name}' ({pair.main_class}) vs aux '{pair.aux_name}' ({pair.aux_class}); "
+            f"{len(pair.main)} main / {len(pair.aux)} aux training images, {len(pair.test)} test images"
+        )
+    result = train_pairs(
+        pairs,
+        methods,
+        list(range(args.seeds)),
+        settings["steps"],
+        settings["eval_every"],
+        settings["batch_size"],
+        settings["model"],
+        args.optimizer,
+        settings["lr"],
+        {"aux_weight": args.aux_weight, "threshold": args.threshold},
+        args.device,
+        not args.no_progress,
+    )
     result.notes = notes
     from .pairs_report import write_outputs
 
-    config = {**settings, "source": args.source, "methods": methods, "seeds": args.seeds, "optimizer": args.optimizer,
-              "aux_weight": args.aux_weight, "threshold": args.threshold, "device": args.device, "features": args.features,
-              "image_size": args.image_size if args.source != "mnist" else None, "max_per_class": args.max_per_class}
+    config = {
+        **settings,
+        "source": args.source,
+        "methods": methods,
+        "seeds": args.seeds,
+        "optimizer": args.optimizer,
+        "aux_weight": args.aux_weight,
+        "threshold": args.threshold,
+        "device": args.device,
+        "features": args.features,
+        "image_size": args.image_size if args.source != "mnist" else None,
+        "max_per_class": args.max_per_class,
+    }
     summary = write_outputs(result, args.out, config, choice, start)
     print(summary)
     return 0

@@ -91,10 +91,18 @@ def load_mnist(root: str | Path, split_seed: int = 0) -> tuple[Tensor, Tensor, T
     x_te, y_te = load_digits_source("mnist", root, mnist_train=False)
     if _has_idx(raw, "train-images-idx3-ubyte") and _has_idx(raw, "train-labels-idx1-ubyte"):
         x_tr, y_tr = load_digits_source("mnist", root, mnist_train=True)
-        return x_tr, y_tr, x_te, y_te, f"MNIST training file ({len(y_tr)} images) for training, test file ({len(y_te)}) for test"
+        return (
+            x_tr,
+            y_tr,
+            x_te,
+            y_te,
+            f"MNIST training file ({len(y_tr)} images) for training, test file ({len(y_te)}) for test",
+        )
     test_idx, train_idx = seeded_split(len(y_te), [0.2, 0.8], split_seed)
-    note = (f"only the 10k MNIST test file is under {raw}: split once (seed {split_seed}) into "
-            f"{len(train_idx)} training and {len(test_idx)} test images")
+    note = (
+        f"only the 10k MNIST test file is under {raw}: split once (seed {split_seed}) into "
+        f"{len(train_idx)} training and {len(test_idx)} test images"
+    )
     return x_te[train_idx], y_te[train_idx], x_te[test_idx], y_te[test_idx], note
 
 
@@ -108,31 +116,69 @@ def tensorize(ds: Dataset) -> TaskTensors:
 
 def _from_datamodule(dm, kind: str, main_name: str, aux_name: str) -> PairData:
     dm.setup("fit")
-    return PairData(kind, dm.main_class, dm.aux_class, main_name, aux_name,
-                    tensorize(dm.datasets["main"]), tensorize(dm.datasets["aux"]), tensorize(dm.datasets["test"]))
+    return PairData(
+        kind,
+        dm.main_class,
+        dm.aux_class,
+        main_name,
+        aux_name,
+        tensorize(dm.datasets["main"]),
+        tensorize(dm.datasets["aux"]),
+        tensorize(dm.datasets["test"]),
+    )
 
 
 def mnist_pair(
-    x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor, a: str, b: str, kind: str,
-    max_per_class: int | None = None, split_seed: int = 0,
+    x_train: Tensor,
+    y_train: Tensor,
+    x_test: Tensor,
+    y_test: Tensor,
+    a: str,
+    b: str,
+    kind: str,
+    max_per_class: int | None = None,
+    split_seed: int = 0,
 ) -> PairData:
     """The pair ``(a, b)`` of MNIST digits (as strings, ``"4"``) as tasks (see the module docs)."""
     from ..data.class_pair import ClassPairDataModule
 
-    dm = ClassPairDataModule(source="dataset", train_dataset=_TensorImages(x_train, y_train),
-                             test_dataset=_TensorImages(x_test, y_test), main_class=a, aux_class=b,
-                             val_fraction=0.0, max_per_class=max_per_class, split_seed=split_seed)
+    dm = ClassPairDataModule(
+        source="dataset",
+        train_dataset=_TensorImages(x_train, y_train),
+        test_dataset=_TensorImages(x_test, y_test),
+        main_class=a,
+        aux_class=b,
+        val_fraction=0.0,
+        max_per_class=max_per_class,
+        split_seed=split_seed,
+    )
     return _from_datamodule(dm, kind, f"digit {a}", f"digit {b}")
 
 
 def imagenet_pair(
-    root: str, a: str, b: str, kind: str, source: str = "imagefolder", map_file: str | None = None,
-    image_size: int = 64, max_per_class: int | None = None, split_seed: int = 0,
+    root: str,
+    a: str,
+    b: str,
+    kind: str,
+    source: str = "imagefolder",
+    map_file: str | None = None,
+    image_size: int = 64,
+    max_per_class: int | None = None,
+    split_seed: int = 0,
 ) -> PairData:
     """An ImageNet pair (WNIDs, indices or names) from the ImageFolder layout or downsampled files."""
     from ..data.class_pair import ClassPairDataModule
     from ..data.imagenet import class_name
 
-    dm = ClassPairDataModule(root, main_class=a, aux_class=b, source=source, map_file=map_file, image_size=image_size,
-                             val_fraction=0.0, max_per_class=max_per_class, split_seed=split_seed)
+    dm = ClassPairDataModule(
+        root,
+        main_class=a,
+        aux_class=b,
+        source=source,
+        map_file=map_file,
+        image_size=image_size,
+        val_fraction=0.0,
+        max_per_class=max_per_class,
+        split_seed=split_seed,
+    )
     return _from_datamodule(dm, kind, class_name(dm.main_class), class_name(dm.aux_class))

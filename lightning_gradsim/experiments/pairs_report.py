@@ -99,7 +99,9 @@ def summarize(rows: list[dict[str, Any]], step_rows: list[dict[str, Any]], steps
         near = np.mean([interval[("near", cos_method, s)][1] for s in seeds], 0)
         far = np.mean([interval[("far", cos_method, s)][1] for s in seeds], 0)
         out["separation"] = {
-            "seeds_near_above_far": sum(n > f for n, f in zip(out["cosine"]["near"]["mean"], out["cosine"]["far"]["mean"])),
+            "seeds_near_above_far": sum(
+                n > f for n, f in zip(out["cosine"]["near"]["mean"], out["cosine"]["far"]["mean"])
+            ),
             "intervals_near_above_far": float((near > far).mean()),
         }
     opened = _series(rows, "open_fraction")
@@ -122,21 +124,31 @@ def summarize(rows: list[dict[str, Any]], step_rows: list[dict[str, Any]], steps
 def _markdown(stats: dict[str, Any], result: Any, config: dict[str, Any], choice: Any, wall: float) -> str:
     lines = ["# gradsim pairs: Figure 3 on a near and a far class pair", ""]
     for pair in result.pairs:
-        lines.append(f"* **{pair.kind}** pair: main '{pair.main_name}' vs auxiliary '{pair.aux_name}' "
-                     f"({len(pair.main)} main / {len(pair.aux)} auxiliary training images, {len(pair.test)} test images)")
+        lines.append(
+            f"* **{pair.kind}** pair: main '{pair.main_name}' vs auxiliary '{pair.aux_name}' "
+            f"({len(pair.main)} main / {len(pair.aux)} auxiliary training images, {len(pair.test)} test images)"
+        )
     for note in result.notes:
         lines.append(f"* {note}")
     if choice is not None:
         ranked = choice.ranked()
         fmt = ", ".join
-        lines.append(f"* pairs picked by the Fréchet distance of `{choice.features}` class features (not the paper's "
-                     f"Inception/ResNetV2 embedding): near = smallest distance, far = largest. Nearest: "
-                     f"{fmt(f'{a}/{b} {d:.2f}' for (a, b), d in ranked[:3])}; farthest: {fmt(f'{a}/{b} {d:.2f}' for (a, b), d in ranked[-3:])}")
+        lines.append(
+            f"* pairs picked by the Fréchet distance of `{choice.features}` class features (not the paper's "
+            f"Inception/ResNetV2 embedding): near = smallest distance, far = largest. Nearest: "
+            f"{fmt(f'{a}/{b} {d:.2f}' for (a, b), d in ranked[:3])}; farthest: {fmt(f'{a}/{b} {d:.2f}' for (a, b), d in ranked[-3:])}"
+        )
     lines.append("* settings: " + ", ".join(f"{k}={v}" for k, v in config.items() if v is not None))
-    lines += ["", "## Main-task test accuracy (%), mean ± std over seeds", "",
-              "early = mean over the evaluations in the first quarter of training; final = last step; "
-              "Δ = paired by seed against single-task (`main_only`), with the number of seeds where it is > 0.", "",
-              "| pair | method | early | final | Δ early | Δ final |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Main-task test accuracy (%), mean ± std over seeds",
+        "",
+        "early = mean over the evaluations in the first quarter of training; final = last step; "
+        "Δ = paired by seed against single-task (`main_only`), with the number of seeds where it is > 0.",
+        "",
+        "| pair | method | early | final | Δ early | Δ final |",
+        "|---|---|---|---|---|---|",
+    ]
     methods = stats["methods"]
     for kind in stats["kinds"]:
         base = stats["accuracy"].get((kind, "main_only"))
@@ -147,31 +159,53 @@ def _markdown(stats: dict[str, Any], result: Any, config: dict[str, Any], choice
             else:
                 e = np.subtract(a["early"], base["early"])
                 f = np.subtract(a["final"], base["final"])
-                de, dfin = f"{_ms(e, 100)} ({int((e > 0).sum())}/{len(e)})", f"{_ms(f, 100)} ({int((f > 0).sum())}/{len(f)})"
+                de, dfin = (
+                    f"{_ms(e, 100)} ({int((e > 0).sum())}/{len(e)})",
+                    f"{_ms(f, 100)} ({int((f > 0).sum())}/{len(f)})",
+                )
             lines.append(f"| {kind} | {m} | {_ms(a['early'], 100)} | {_ms(a['final'], 100)} | {de} | {dfin} |")
     lines += _glance(result.rows, methods, stats["cosine_method"])
     cm = stats["cosine_method"]
-    lines += ["", f"## Cosine of the main and auxiliary gradients on the shared parameters (`{cm}` runs)", "",
-              "| pair | mean over training | first half | second half | steps with cosine < 0 |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"## Cosine of the main and auxiliary gradients on the shared parameters (`{cm}` runs)",
+        "",
+        "| pair | mean over training | first half | second half | steps with cosine < 0 |",
+        "|---|---|---|---|---|",
+    ]
     for kind in stats["kinds"]:
         c = stats["cosine"][kind]
-        lines.append(f"| {kind} | {_ms(c['mean'])} | {_ms(c['first_half'])} | {_ms(c['second_half'])} | {_ms(c['negative'], 100)} % |")
+        lines.append(
+            f"| {kind} | {_ms(c['mean'])} | {_ms(c['first_half'])} | {_ms(c['second_half'])} | {_ms(c['negative'], 100)} % |"
+        )
     if "separation" in stats:
         sep = stats["separation"]
-        lines.append(f"\nNear above far: in {sep['seeds_near_above_far']}/{len(stats['seeds'])} seeds (mean over training), "
-                     f"and in {100 * sep['intervals_near_above_far']:.0f} % of the evaluation intervals (mean over seeds).")
+        lines.append(
+            f"\nNear above far: in {sep['seeds_near_above_far']}/{len(stats['seeds'])} seeds (mean over training), "
+            f"and in {100 * sep['intervals_near_above_far']:.0f} % of the evaluation intervals (mean over seeds)."
+        )
     if stats["gate"]:
-        lines += ["", "## The gate", "",
-                  "open = fraction of steps on which the auxiliary gradient was used, per quarter of training (mean over seeds); "
-                  "switch-off = end of the last evaluation interval with the gate open on at least half of its steps.", "",
-                  "| pair | method | open, quarters 1-4 | switch-off step per seed |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "## The gate",
+            "",
+            "open = fraction of steps on which the auxiliary gradient was used, per quarter of training (mean over seeds); "
+            "switch-off = end of the last evaluation interval with the gate open on at least half of its steps.",
+            "",
+            "| pair | method | open, quarters 1-4 | switch-off step per seed |",
+            "|---|---|---|---|",
+        ]
         for (kind, m), g in stats["gate"].items():
             q = " / ".join("-" if math.isnan(v) else f"{100 * v:.0f} %" for v in g["quarters"])
             so = ", ".join("never" if s is None else str(s) for s in g["switch_off"])
             lines.append(f"| {kind} | {m} | {q} | {so} |")
-    lines += ["", f"Wall time of the command from argument parsing to the last file (data, pair picking, training, outputs; Python start-up and imports not included): {wall:.0f} s.",
-              f"Training all {len(set((r['kind'], r['method'], r['seed']) for r in result.rows))} runs together: {result.seconds:.0f} s.",
-              "", "Files: `curves.csv`, `cosine_steps.csv`, `figure3.png`, `summary.md`."]
+    lines += [
+        "",
+        f"Wall time of the command from argument parsing to the last file (data, pair picking, training, outputs; Python start-up and imports not included): {wall:.0f} s.",
+        f"Training all {len(set((r['kind'], r['method'], r['seed']) for r in result.rows))} runs together: {result.seconds:.0f} s.",
+        "",
+        "Files: `curves.csv`, `cosine_steps.csv`, `figure3.png`, `summary.md`.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -190,13 +224,20 @@ def _glance(rows: list[dict[str, Any]], methods: Sequence[str], cos_method: str)
         return float(np.mean(vals)) if vals else float("nan")
 
     head = ["pair", "step"] + [f"acc {m}" for m in methods] + [f"cosine ({cos_method})"] + [f"open {m}" for m in gated]
-    lines = ["", "### The curves at a glance (mean over seeds; cosine and open fraction: mean over the interval ending at the step)", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [
+        "",
+        "### The curves at a glance (mean over seeds; cosine and open fraction: mean over the interval ending at the step)",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     kinds = list(dict.fromkeys(r["kind"] for r in rows))
     for kind in kinds:
         for step in picked:
             cells = [kind, str(step)] + [f"{100 * at(acc, kind, m, step):.1f}" for m in methods]
-            cells += [f"{at(cos, kind, cos_method, step):+.3f}"] + [f"{100 * at(opened, kind, m, step):.0f} %" for m in gated]
+            cells += [f"{at(cos, kind, cos_method, step):+.3f}"] + [
+                f"{100 * at(opened, kind, m, step):.0f} %" for m in gated
+            ]
             lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -231,8 +272,13 @@ def draw_figure3(rows: list[dict[str, Any]], path: Path, pairs: Sequence[Any]) -
     for ax, kind, letter in ((axes[1], "near", "b"), (axes[2], "far", "c")):
         for m in methods:
             if (kind, m, seeds[0]) in acc:
-                band(ax, {k: (s, 100 * v) for k, (s, v) in acc.items()}, lambda s, m=m: (kind, m, s),
-                     linestyle=STYLES.get(m, "-."), label=LABELS.get(m, m))
+                band(
+                    ax,
+                    {k: (s, 100 * v) for k, (s, v) in acc.items()},
+                    lambda s, m=m: (kind, m, s),
+                    linestyle=STYLES.get(m, "-."),
+                    label=LABELS.get(m, m),
+                )
         ax.set_title(f"({letter}) {kind} pair: {names.get(kind, '')}", fontsize="small")
         ax.set_ylabel("main-task test accuracy (%)")
     for ax in axes:
@@ -249,7 +295,9 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         for r in rows:
-            writer.writerow({k: ("" if v is None or (isinstance(v, float) and math.isnan(v)) else v) for k, v in r.items()})
+            writer.writerow(
+                {k: ("" if v is None or (isinstance(v, float) and math.isnan(v)) else v) for k, v in r.items()}
+            )
 
 
 def write_outputs(result: Any, out_dir: str | Path, config: dict[str, Any], choice: Any, start_time: float) -> str:

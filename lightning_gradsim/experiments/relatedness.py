@@ -109,15 +109,22 @@ METHODS: dict[str, MethodSpec] = {
     "projection_alpha0.01": MethodSpec("projection", main_grad_ema=1 - BLOG_ALPHA, label="projection (alpha=0.01)"),
     "unweighted": MethodSpec("unweighted", label="unweighted"),
     "weighted": MethodSpec("weighted", label="weighted"),
-    "unweighted_alpha0.01": MethodSpec(DirectionUnweighted, main_grad_ema=1 - BLOG_ALPHA,
-                                       label="unweighted (alpha=0.01)"),
+    "unweighted_alpha0.01": MethodSpec(
+        DirectionUnweighted, main_grad_ema=1 - BLOG_ALPHA, label="unweighted (alpha=0.01)"
+    ),
     "weighted_alpha0.01": MethodSpec(DirectionWeighted, main_grad_ema=1 - BLOG_ALPHA, label="weighted (alpha=0.01)"),
 }
 
 #: The default comparison: the blog's third claim (Figure 13, alpha = 0.01): single task, multitask,
 #: projection with the EMA, and both cosine rules (with the same EMA, and as in Du et al. without).
 CLAIM3_METHODS: tuple[str, ...] = (
-    "single", "sum", "projection_alpha0.01", "unweighted_alpha0.01", "weighted_alpha0.01", "unweighted", "weighted",
+    "single",
+    "sum",
+    "projection_alpha0.01",
+    "unweighted_alpha0.01",
+    "weighted_alpha0.01",
+    "unweighted",
+    "weighted",
 )
 
 
@@ -237,14 +244,18 @@ class _BatchedNet:
 
     def __init__(self, nets: Sequence[RelatednessNet]) -> None:
         layers = [net.linears() for net in nets]
-        self.weights = [torch.stack([ls[i].weight.detach().T for ls in layers]).contiguous() for i in range(len(layers[0]))]
-        self.biases = [torch.stack([ls[i].bias.detach() for ls in layers]).unsqueeze(1).contiguous() for i in range(len(layers[0]))]
+        self.weights = [
+            torch.stack([ls[i].weight.detach().T for ls in layers]).contiguous() for i in range(len(layers[0]))
+        ]
+        self.biases = [
+            torch.stack([ls[i].bias.detach() for ls in layers]).unsqueeze(1).contiguous() for i in range(len(layers[0]))
+        ]
         for t in self.weights + self.biases:
             t.requires_grad_(True)
         self.depth = len(self.weights) - 2
 
     @classmethod
-    def from_tensors(cls, params: Sequence[Tensor]) -> "_BatchedNet":
+    def from_tensors(cls, params: Sequence[Tensor]) -> _BatchedNet:
         """Build from ``params()``-ordered tensors (copied into new leaves)."""
         net = cls.__new__(cls)
         n = len(params) // 2
@@ -301,9 +312,11 @@ class SweepConfig:
     compact: bool = True  #: drop early-stopped runs from the batch (same results, less compute)
 
     @classmethod
-    def full(cls, **overrides: object) -> "SweepConfig":
+    def full(cls, **overrides: object) -> SweepConfig:
         """The complete sweep: 10 seeds, 6 lambdas, smaller learning rate, longer patience."""
-        base = cls(seeds=tuple(range(10)), lambdas=(0.03, 0.1, 0.3, 1.0, 3.0, 10.0), lr=1e-3, max_epochs=150, patience=10)
+        base = cls(
+            seeds=tuple(range(10)), lambdas=(0.03, 0.1, 0.3, 1.0, 3.0, 10.0), lr=1e-3, max_epochs=150, patience=10
+        )
         return replace(base, **overrides)  # type: ignore[arg-type]
 
     def validate(self) -> None:
@@ -367,8 +380,17 @@ def train_reference(
     The independent reference the batched sweep is tested against (same data, order and init).
     """
     spec = METHODS[method]
-    data = make_tasks(relatedness, seed, cfg.n_train, cfg.n_val, cfg.n_test, cfg.main_scale, cfg.aux_scale,
-                      cfg.input_dim, cfg.output_dim)
+    data = make_tasks(
+        relatedness,
+        seed,
+        cfg.n_train,
+        cfg.n_val,
+        cfg.n_test,
+        cfg.main_scale,
+        cfg.aux_scale,
+        cfg.input_dim,
+        cfg.output_dim,
+    )
     net = _init_net(seed, cfg.input_dim, cfg.output_dim, cfg.width, cfg.depth)
     gate = spec.gate(lam)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
@@ -381,8 +403,12 @@ def train_reference(
         opt.zero_grad()
         loss_main = F.mse_loss(net.main_head(net.trunk(data.main_train[0][im])), data.main_train[1][im])
         loss_aux = F.mse_loss(net.aux_head(net.trunk(data.aux_train[0][ia])), data.aux_train[1][ia])
-        gate.backward(loss_main, {"aux": loss_aux}, net.trunk.parameters(),
-                      other_params=list(net.main_head.parameters()) + list(net.aux_head.parameters()))
+        gate.backward(
+            loss_main,
+            {"aux": loss_aux},
+            net.trunk.parameters(),
+            other_params=list(net.main_head.parameters()) + list(net.aux_head.parameters()),
+        )
         opt.step()
     return net
 
@@ -401,8 +427,9 @@ def run_sweep(cfg: SweepConfig, max_steps: int | None = None, return_net: bool =
     seeds = list(dict.fromkeys(r.seed for r in runs))
     combos = list(dict.fromkeys((r.seed, r.relatedness) for r in runs))
     datasets = {
-        (s, rel): make_tasks(rel, s, cfg.n_train, cfg.n_val, cfg.n_test, cfg.main_scale, cfg.aux_scale,
-                             cfg.input_dim, cfg.output_dim)
+        (s, rel): make_tasks(
+            rel, s, cfg.n_train, cfg.n_val, cfg.n_test, cfg.main_scale, cfg.aux_scale, cfg.input_dim, cfg.output_dim
+        )
         for s, rel in combos
     }
     # The main task depends on the seed only: keep one copy per seed.
@@ -527,7 +554,9 @@ def _compact(net: _BatchedNet, opt: torch.optim.Adam, gates: dict, methods: list
     for p_old, p_new in zip(old, new_net.params()):
         state = opt.state.get(p_old)
         if state:
-            new_opt.state[p_new] = {k: (v[keep].clone() if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in state.items()}
+            new_opt.state[p_new] = {
+                k: (v[keep].clone() if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in state.items()
+            }
     for method, sl in _groups(methods):
         gate = gates[method]
         local = keep[sl]
@@ -636,8 +665,14 @@ def plot_sweep(summary: Sequence[dict], path: str) -> str:
                 ax.axhline(m, color="k", linestyle="--", label=METHODS[method].label)
                 ax.axhspan(m - e, m + e, color="k", alpha=0.1)
                 continue
-            ax.errorbar([s["lam"] for s in mrows], [s["mean"] for s in mrows], yerr=se, marker="o", capsize=3,
-                        label=METHODS[method].label)
+            ax.errorbar(
+                [s["lam"] for s in mrows],
+                [s["mean"] for s in mrows],
+                yerr=se,
+                marker="o",
+                capsize=3,
+                label=METHODS[method].label,
+            )
         ax.set_xscale("log")
         ax.set_xticks(lams, [f"{v:g}" for v in lams])
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
@@ -688,11 +723,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gradsim relatedness", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; 10 with --full)")
     parser.add_argument("--lambdas", type=_floats, default=None, help="comma-separated lambdas (default 0.3,1,3)")
-    parser.add_argument("--methods", type=_names, default=None,
-                        help=f"comma-separated subset of {','.join(METHODS)}, or 'all' "
-                             f"(default: the blog's third-claim comparison {','.join(CLAIM3_METHODS)})")
-    parser.add_argument("--relatedness", type=_names, default=None, help="comma-separated subset of same,similar,unrelated")
-    parser.add_argument("--full", action="store_true", help="the complete sweep (10 seeds, 6 lambdas, lr 1e-3, up to 150 epochs)")
+    parser.add_argument(
+        "--methods",
+        type=_names,
+        default=None,
+        help=f"comma-separated subset of {','.join(METHODS)}, or 'all' "
+        f"(default: the blog's third-claim comparison {','.join(CLAIM3_METHODS)})",
+    )
+    parser.add_argument(
+        "--relatedness", type=_names, default=None, help="comma-separated subset of same,similar,unrelated"
+    )
+    parser.add_argument(
+        "--full", action="store_true", help="the complete sweep (10 seeds, 6 lambdas, lr 1e-3, up to 150 epochs)"
+    )
     parser.add_argument("--max-epochs", type=int, default=None)
     parser.add_argument("--patience", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None)
@@ -712,8 +755,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.seeds < 1:
             parser.error(f"--seeds must be at least 1, got {args.seeds}")
         overrides["seeds"] = tuple(range(args.seeds))
-    for name in ("lambdas", "methods", "relatedness", "max_epochs", "patience", "lr", "batch_size", "n_train", "n_val",
-                 "n_test"):
+    for name in (
+        "lambdas",
+        "methods",
+        "relatedness",
+        "max_epochs",
+        "patience",
+        "lr",
+        "batch_size",
+        "n_train",
+        "n_val",
+        "n_test",
+    ):
         value = getattr(args, name)
         if value is not None:
             overrides[name] = tuple(METHODS) if name == "methods" and value == ("all",) else value

@@ -115,8 +115,9 @@ def claim3_holds(cells: Sequence[Claim3Cell]) -> tuple[bool | None, str]:
         wins = sum(c.better for c in unrel)
         if wins * 2 < len(unrel):
             ok = False
-            reasons.append(f"{rule} is better than both baselines for unrelated tasks at only "
-                           f"{wins}/{len(unrel)} lambdas")
+            reasons.append(
+                f"{rule} is better than both baselines for unrelated tasks at only {wins}/{len(unrel)} lambdas"
+            )
         for rel in ("same", "similar"):
             bad = [c for c in cells if c.rule == rule and c.relatedness == rel and c.better]
             if bad:
@@ -135,17 +136,25 @@ def claim3_markdown(results: Sequence) -> str:
         f"Cells: mean paired difference of main-task test MSE (rule - baseline) and its t statistic; "
         f"'better' = below both with t <= -{T_BETTER:g}.",
     ]
-    for variant, label in (("alpha0.01", "cosine measured against the EMA M(t), alpha = 0.01 (our reading)"),
-                           ("plain", "cosine against this step's main gradient (alpha = 1, as in Du et al.)")):
+    for variant, label in (
+        ("alpha0.01", "cosine measured against the EMA M(t), alpha = 0.01 (our reading)"),
+        ("plain", "cosine against this step's main gradient (alpha = 1, as in Du et al.)"),
+    ):
         cells = claim3_cells(results, variant)
         if not cells:
             continue
-        lines += ["", f"### {label}", "",
-                  "| relatedness | lambda | rule | seeds | - sum (t) | - projection a=0.01 (t) | better |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"### {label}",
+            "",
+            "| relatedness | lambda | rule | seeds | - sum (t) | - projection a=0.01 (t) | better |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for c in cells:
-            lines.append(f"| {c.relatedness} | {c.lam:g} | {c.rule} | {c.n} | {c.diff_sum:+.4f} ({c.t_sum:+.1f}) | "
-                         f"{c.diff_projection:+.4f} ({c.t_projection:+.1f}) | {'yes' if c.better else 'no'} |")
+            lines.append(
+                f"| {c.relatedness} | {c.lam:g} | {c.rule} | {c.n} | {c.diff_sum:+.4f} ({c.t_sum:+.1f}) | "
+                f"{c.diff_projection:+.4f} ({c.t_projection:+.1f}) | {'yes' if c.better else 'no'} |"
+            )
         held, reason = claim3_holds(cells)
         verdict = "not decided" if held is None else "HELD" if held else "NOT HELD"
         lines += ["", f"**Verdict ({variant}): {verdict}** - {reason}."]

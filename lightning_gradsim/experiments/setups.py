@@ -47,4 +47,3 @@ def class_pair(method: str, seed: int, gate: dict[str, Any], **options: Any):
     datamodule = ClassPairDataModule(seed=seed, **data_kw)
     module = MultiTaskClassifier(tasks=datamodule.tasks, input_dim=None, method=method, gate=gate, **model_kw)
     return module, datamodule
-

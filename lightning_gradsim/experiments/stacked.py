@@ -107,8 +107,12 @@ class StackedRuns:
         self.shared_names = [n for n in names if n.startswith("trunk.")]
         if not self.shared_names:
             raise ValueError("make_net's network has no trunk parameters to share between the tasks.")
-        self.params = {n: torch.stack([dict(net.named_parameters())[n].detach() for net in nets]).requires_grad_() for n in names}
-        self.buffers = {n: torch.stack([dict(net.named_buffers())[n] for net in nets]) for n, _ in nets[0].named_buffers()}
+        self.params = {
+            n: torch.stack([dict(net.named_parameters())[n].detach() for net in nets]).requires_grad_() for n in names
+        }
+        self.buffers = {
+            n: torch.stack([dict(net.named_buffers())[n] for net in nets]) for n, _ in nets[0].named_buffers()
+        }
         self._base = copy.deepcopy(nets[0]).to("meta")
         self.optimizer = _OPTIMIZERS[optimizer](list(self.params.values()), lr=lr, **dict(optimizer_kwargs or {}))
         self.methods = list(dict.fromkeys(r.method for r in self.runs))
@@ -118,7 +122,9 @@ class StackedRuns:
         for m in self.methods:
             rows = [i for i, r in enumerate(self.runs) if r.method == m]
             contiguous = rows == list(range(rows[0], rows[-1] + 1))
-            self.method_index[m] = slice(rows[0], rows[-1] + 1) if contiguous else torch.tensor(rows, device=self.device)
+            self.method_index[m] = (
+                slice(rows[0], rows[-1] + 1) if contiguous else torch.tensor(rows, device=self.device)
+            )
 
     def __len__(self) -> int:
         return len(self.runs)
@@ -150,7 +156,9 @@ class StackedRuns:
         losses = {}
         for task, (x, y) in (("main", main), ("aux", aux)):
             if x.shape[0] != len(self.runs) or y.shape[:1] != x.shape[:1]:
-                raise ValueError(f"The {task} batch must be (R={len(self.runs)}, B, ...) with labels (R, B); got {tuple(x.shape)}, {tuple(y.shape)}.")
+                raise ValueError(
+                    f"The {task} batch must be (R={len(self.runs)}, B, ...) with labels (R, B); got {tuple(x.shape)}, {tuple(y.shape)}."
+                )
             per_run = self._losses(x, y, task)
             g = torch.autograd.grad(per_run.sum(), leaves, allow_unused=True)
             grads[task] = {n: torch.zeros_like(p) if gi is None else gi for n, p, gi in zip(names, leaves, g)}

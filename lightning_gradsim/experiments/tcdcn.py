@@ -39,10 +39,17 @@ class TCDCNTrunk(nn.Module):
     def __init__(self, image_size: int = 40, features: int = 256) -> None:
         super().__init__()
         self.conv = nn.Sequential(
-            nn.Conv2d(1, 20, 5), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True),
-            nn.Conv2d(20, 48, 5), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True),
-            nn.Conv2d(48, 64, 3), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True),
-            nn.Conv2d(64, 80, 2), nn.ReLU(),
+            nn.Conv2d(1, 20, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2, ceil_mode=True),
+            nn.Conv2d(20, 48, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2, ceil_mode=True),
+            nn.Conv2d(48, 64, 3),
+            nn.ReLU(),
+            nn.MaxPool2d(2, ceil_mode=True),
+            nn.Conv2d(64, 80, 2),
+            nn.ReLU(),
         )
         with torch.no_grad():
             flat = self.conv(torch.zeros(1, 1, image_size, image_size)).numel()
@@ -96,7 +103,10 @@ class CelebATCDCN(GradSimMixin, L.LightningModule):
     def task_losses(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         x, attractive, landmarks = batch
         logit, coords = self(x)
-        return {"main": F.binary_cross_entropy_with_logits(logit, attractive), "landmarks": F.mse_loss(coords, landmarks)}
+        return {
+            "main": F.binary_cross_entropy_with_logits(logit, attractive),
+            "landmarks": F.mse_loss(coords, landmarks),
+        }
 
     def _evaluate(self, batch: Any, stage: str) -> None:
         x, attractive, landmarks = batch
@@ -126,7 +136,9 @@ class CelebATCDCN(GradSimMixin, L.LightningModule):
         return callbacks
 
 
-def celeba_setup(method: str, seed: int, gate: dict[str, Any], **options: Any) -> tuple[CelebATCDCN, L.LightningDataModule]:
+def celeba_setup(
+    method: str, seed: int, gate: dict[str, Any], **options: Any
+) -> tuple[CelebATCDCN, L.LightningDataModule]:
     """Factory of the ``celeba`` setup of ``gradsim compare``.
 
     Options: ``lam`` (lambda, default 1.0; sweep it with ``variants: {lam: [...]}``), ``lr``

@@ -35,8 +35,18 @@ from torch import Tensor
 
 from ..methods import make_gate
 
-__all__ = ["BlogCircle", "BLOG_RULES", "OPTIMIZERS", "primary_loss", "primary_grad", "auxiliary_grad",
-           "run_blog_circle", "settling_step", "blog_circle_report", "plot_blog_circle"]
+__all__ = [
+    "BlogCircle",
+    "BLOG_RULES",
+    "OPTIMIZERS",
+    "primary_loss",
+    "primary_grad",
+    "auxiliary_grad",
+    "run_blog_circle",
+    "settling_step",
+    "blog_circle_report",
+    "plot_blog_circle",
+]
 
 #: the blog's four training modes (multitask is ``sum``).
 BLOG_RULES: tuple[str, ...] = ("sum", "projection", "unweighted", "weighted")
@@ -98,8 +108,9 @@ def run_blog_circle(
         gate = make_gate(rule, aux_weight=settings.aux_weight).double()
         theta = starts.clone().requires_grad_(True)
         if optimizer == "adam":
-            opt: torch.optim.Optimizer = torch.optim.Adam([theta], lr=settings.lr, betas=settings.betas,
-                                                          eps=settings.eps)
+            opt: torch.optim.Optimizer = torch.optim.Adam(
+                [theta], lr=settings.lr, betas=settings.betas, eps=settings.eps
+            )
         else:
             opt = torch.optim.SGD([theta], lr=settings.lr)
         path = torch.empty(settings.steps + 1, *starts.shape, dtype=torch.float64)
@@ -128,9 +139,11 @@ def _dist(p: Tensor, point: Sequence[float]) -> Tensor:
 def blog_circle_report(paths: Mapping[str, Mapping[str, Tensor]], settings: BlogCircle = BlogCircle()) -> str:
     """Markdown: per optimizer and rule, the blog start's end point and settling step, the random
     starts' summary, and the blog's statements checked one by one."""
-    lines = ["| optimizer | rule | end from (0, 2) | distance to (1, 0) | settling step (0, 2) | "
-             f"random starts settled | median settling step | ended on the circle far from (1, 0) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| optimizer | rule | end from (0, 2) | distance to (1, 0) | settling step (0, 2) | "
+        "random starts settled | median settling step | ended on the circle far from (1, 0) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     info: dict[tuple[str, str], dict[str, float]] = {}
     for opt, by_rule in paths.items():
         for rule, p in by_rule.items():
@@ -141,16 +154,25 @@ def blog_circle_report(paths: Mapping[str, Mapping[str, Tensor]], settings: Blog
             ok = rnd[rnd >= 0]
             med = float(ok.float().median()) if len(ok) else float("nan")
             near_cross = (_dist(p[:, 0], CROSSING) < settings.tol).sum().item()
-            info[(opt, rule)] = {"settle": float(settle[0]), "dist": float(_dist(end[0], TARGET)),
-                                 "r": float(end[0].norm()), "median": med, "near_crossing": near_cross,
-                                 "far_on_circle": bool(far_on_circle[0])}
+            info[(opt, rule)] = {
+                "settle": float(settle[0]),
+                "dist": float(_dist(end[0], TARGET)),
+                "r": float(end[0].norm()),
+                "median": med,
+                "near_crossing": near_cross,
+                "far_on_circle": bool(far_on_circle[0]),
+            }
             n = len(rnd)
             lines.append(
                 f"| {opt} | {rule} | ({end[0, 0]:.4f}, {end[0, 1]:.4f}) | {float(_dist(end[0], TARGET)):.4f} | "
                 f"{'never' if settle[0] < 0 else int(settle[0])} | {len(ok)}/{n} | "
-                f"{'-' if math.isnan(med) else int(med)} | {int(far_on_circle[1:].sum())}/{n} |")
-    lines += ["", f"Settling step: first step from which the point stays within {settings.tol} of (1, 0) "
-              f"({settings.steps} steps; 'never' = not by the end)."]
+                f"{'-' if math.isnan(med) else int(med)} | {int(far_on_circle[1:].sum())}/{n} |"
+            )
+    lines += [
+        "",
+        f"Settling step: first step from which the point stays within {settings.tol} of (1, 0) "
+        f"({settings.steps} steps; 'never' = not by the end).",
+    ]
     lines += ["", "The blog's statements:", ""] + _claims(info, settings)
     return "\n".join(lines) + "\n"
 
@@ -170,26 +192,40 @@ def _claims(info: dict[tuple[str, str], dict[str, float]], s: BlogCircle) -> lis
     gated = [r for r in ("projection", "unweighted", "weighted") if get("adam", r)]
     if gated:
         settles = {r: get("adam", r)["settle"] for r in gated}  # type: ignore[index]
-        say("Adam, the gated rules reach (1, 0)", all(v >= 0 for v in settles.values()),
-            ", ".join(f"{r} settles at step {int(v)}" if v >= 0 else f"{r} never" for r, v in settles.items()))
+        say(
+            "Adam, the gated rules reach (1, 0)",
+            all(v >= 0 for v in settles.values()),
+            ", ".join(f"{r} settles at step {int(v)}" if v >= 0 else f"{r} never" for r, v in settles.items()),
+        )
         if "projection" in settles and len(settles) > 1:
             p = settles["projection"]
             others = [v for r, v in settles.items() if r != "projection"]
-            say("Adam, projection converges notably quicker (from (0, 2))",
-                p >= 0 and all(v < 0 or v > p for v in others), ", ".join(f"{r} {int(v)}" for r, v in settles.items()))
+            say(
+                "Adam, projection converges notably quicker (from (0, 2))",
+                p >= 0 and all(v < 0 or v > p for v in others),
+                ", ".join(f"{r} {int(v)}" for r, v in settles.items()),
+            )
             meds = {r: get("adam", r)["median"] for r in gated}  # type: ignore[index]
-            say("Adam, ... also for other starting points (median over random starts)",
+            say(
+                "Adam, ... also for other starting points (median over random starts)",
                 all(math.isnan(v) or v > meds["projection"] for r, v in meds.items() if r != "projection"),
-                ", ".join(f"{r} {v:.0f}" for r, v in meds.items()))
+                ", ".join(f"{r} {v:.0f}" for r, v in meds.items()),
+            )
     w = get("adam", "weighted")
     if w:
-        say("Adam, weighted stagnates near where the unit circle meets the circle around (1, 0)",
-            w["near_crossing"] >= 100, f"{int(w['near_crossing'])} steps within {s.tol} of (0.5, 0.866)")
+        say(
+            "Adam, weighted stagnates near where the unit circle meets the circle around (1, 0)",
+            w["near_crossing"] >= 100,
+            f"{int(w['near_crossing'])} steps within {s.tol} of (0.5, 0.866)",
+        )
     for rule in ("unweighted", "weighted"):
         g = get("gd", rule)
         if g:
-            say(f"gradient descent, {rule} stops on the unit circle far from (1, 0)", bool(g["far_on_circle"]),
-                f"radius {g['r']:.4f}, distance to (1, 0) {g['dist']:.4f}")
+            say(
+                f"gradient descent, {rule} stops on the unit circle far from (1, 0)",
+                bool(g["far_on_circle"]),
+                f"radius {g['r']:.4f}, distance to (1, 0) {g['dist']:.4f}",
+            )
     return out
 
 
@@ -216,8 +252,10 @@ def plot_blog_circle(paths: Mapping[str, Mapping[str, Tensor]], path: str | os.P
         ax.set_xlim(-0.6, 2.2)
         ax.set_ylim(-0.6, 2.2)
         ax.set_aspect("equal")
-        ax.set_title(f"{'Adam (lr 0.01)' if opt == 'adam' else 'gradient descent (lr 0.01)'}: start (0, 2), lambda 0.1",
-                     fontsize="small")
+        ax.set_title(
+            f"{'Adam (lr 0.01)' if opt == 'adam' else 'gradient descent (lr 0.01)'}: start (0, 2), lambda 0.1",
+            fontsize="small",
+        )
         ax.legend(fontsize="x-small", loc="upper right")
         ax2.set_xlabel("step")
         ax2.set_ylabel("distance to (1, 0)")

@@ -43,8 +43,19 @@ from torch import Tensor
 
 from ..methods import make_gate
 
-__all__ = ["Row", "ROWS", "PAPER", "ConvergenceResult", "convergence_times", "random_starts", "figure2_table",
-           "figure2_markdown", "plot_figure2", "FIGURE2_RULES", "settle_step"]
+__all__ = [
+    "Row",
+    "ROWS",
+    "PAPER",
+    "ConvergenceResult",
+    "convergence_times",
+    "random_starts",
+    "figure2_table",
+    "figure2_markdown",
+    "plot_figure2",
+    "FIGURE2_RULES",
+    "settle_step",
+]
 
 #: the paper's three columns (g_main alone, the sum, the cosine method) plus the weighted variant.
 FIGURE2_RULES: tuple[str, ...] = ("main_only", "sum", "unweighted", "weighted")
@@ -164,8 +175,14 @@ def convergence_times(
 
 
 def figure2_table(
-    rows: Sequence[str] = tuple(ROWS), rules: Sequence[str] = FIGURE2_RULES, n_starts: int = 500,
-    steps: int = 600, lr: float = 0.01, level: float = 0.1, box: float = 2.0, seed: int = 0,
+    rows: Sequence[str] = tuple(ROWS),
+    rules: Sequence[str] = FIGURE2_RULES,
+    n_starts: int = 500,
+    steps: int = 600,
+    lr: float = 0.01,
+    level: float = 0.1,
+    box: float = 2.0,
+    seed: int = 0,
 ) -> tuple[list[dict], dict[tuple[str, str], ConvergenceResult]]:
     """Every row x rule from the same random starts: summary rows and the raw results."""
     starts = random_starts(n_starts, box, seed)
@@ -175,15 +192,19 @@ def figure2_table(
         for rule in rules:
             res = raw[(row, rule)]
             ok = res.steps[res.converged].double()
-            table.append({
-                "row": row, "rule": rule, "n": n_starts,
-                "converged": float(res.converged.double().mean()),
-                "diverged": float(res.diverged.double().mean()),
-                "stalled": float((~res.converged & ~res.diverged).double().mean()),
-                "mean_steps": float(ok.mean()) if len(ok) else math.nan,
-                "median_steps": float(ok.median()) if len(ok) else math.nan,
-                **_paired_with_main(res, raw.get((row, "main_only"))),
-            })
+            table.append(
+                {
+                    "row": row,
+                    "rule": rule,
+                    "n": n_starts,
+                    "converged": float(res.converged.double().mean()),
+                    "diverged": float(res.diverged.double().mean()),
+                    "stalled": float((~res.converged & ~res.diverged).double().mean()),
+                    "mean_steps": float(ok.mean()) if len(ok) else math.nan,
+                    "median_steps": float(ok.median()) if len(ok) else math.nan,
+                    **_paired_with_main(res, raw.get((row, "main_only"))),
+                }
+            )
     return table, raw
 
 
@@ -195,18 +216,24 @@ def _paired_with_main(res: ConvergenceResult, main: ConvergenceResult | None) ->
     n = int(both.sum())
     if n == 0:
         return {"slower": math.nan, "faster": math.nan}
-    return {"slower": float((res.steps[both] > main.steps[both]).sum()) / n,
-            "faster": float((res.steps[both] < main.steps[both]).sum()) / n}
+    return {
+        "slower": float((res.steps[both] > main.steps[both]).sum()) / n,
+        "faster": float((res.steps[both] < main.steps[both]).sum()) / n,
+    }
 
 
 def figure2_markdown(table: Sequence[dict], steps: int = 600, level: float = 0.1) -> str:
     """Rows x rules: converged / diverged / stalled fractions and mean / median convergence time."""
-    lines = [f"Convergence time = first step from which the main loss stays below {level:g} "
-             f"(steepest descent, {steps} steps); mean and median over the converged starts.", "",
-             "Slower / faster: among the starts converged under both, the fraction where the rule needs more /"
-             " fewer steps than `main_only`.", "",
-             "| row | rule | converged | diverged | stalled | mean steps | median steps | slower | faster |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Convergence time = first step from which the main loss stays below {level:g} "
+        f"(steepest descent, {steps} steps); mean and median over the converged starts.",
+        "",
+        "Slower / faster: among the starts converged under both, the fraction where the rule needs more /"
+        " fewer steps than `main_only`.",
+        "",
+        "| row | rule | converged | diverged | stalled | mean steps | median steps | slower | faster |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
 
     def pct(v: float) -> str:
         return "-" if math.isnan(v) else f"{v:.1%}"
@@ -214,13 +241,20 @@ def figure2_markdown(table: Sequence[dict], steps: int = 600, level: float = 0.1
     for r in table:
         mean = "-" if math.isnan(r["mean_steps"]) else f"{r['mean_steps']:.1f}"
         med = "-" if math.isnan(r["median_steps"]) else f"{r['median_steps']:.0f}"
-        lines.append(f"| {r['row']} | {r['rule']} | {r['converged']:.1%} | {r['diverged']:.1%} | {r['stalled']:.1%} | "
-                     f"{mean} | {med} | {pct(r['slower'])} | {pct(r['faster'])} |")
+        lines.append(
+            f"| {r['row']} | {r['rule']} | {r['converged']:.1%} | {r['diverged']:.1%} | {r['stalled']:.1%} | "
+            f"{mean} | {med} | {pct(r['slower'])} | {pct(r['faster'])} |"
+        )
     return "\n".join(lines) + "\n"
 
 
-def plot_figure2(raw: dict[tuple[str, str], ConvergenceResult], path: str | os.PathLike, level: float = 0.1,
-                 shown: int = 25, box: float = 2.0) -> str:
+def plot_figure2(
+    raw: dict[tuple[str, str], ConvergenceResult],
+    path: str | os.PathLike,
+    level: float = 0.1,
+    shown: int = 25,
+    box: float = 2.0,
+) -> str:
     """Rows x rules grid: background = cosine of the auxiliary vector with the main gradient
     (green aligned, red opposed), grey = main loss below the level, ``shown`` trajectories."""
     import matplotlib
@@ -242,8 +276,9 @@ def plot_figure2(raw: dict[tuple[str, str], ConvergenceResult], path: str | os.P
         below = spec.main_loss(pts) < level
         for j, rule in enumerate(rules):
             ax, res = axes[i][j], raw[(row, rule)]
-            ax.imshow(cos.numpy(), extent=(-lim, lim, -lim, lim), origin="lower", cmap="RdYlGn", vmin=-1, vmax=1,
-                      alpha=0.35)
+            ax.imshow(
+                cos.numpy(), extent=(-lim, lim, -lim, lim), origin="lower", cmap="RdYlGn", vmin=-1, vmax=1, alpha=0.35
+            )
             ax.contourf(xx.numpy(), yy.numpy(), below.double().numpy(), levels=[0.5, 1.5], colors="0.5", alpha=0.5)
             for s in range(min(shown, res.paths.shape[1])):
                 p = res.paths[:, s].clamp(-lim, lim)

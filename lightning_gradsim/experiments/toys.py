@@ -74,7 +74,9 @@ def _grad(loss: Callable[[Tensor], Tensor], t: Tensor) -> Tensor:
 
 
 #: name -> (main loss, auxiliary update field, starting points, plot limits)
-PROBLEMS: dict[str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor], list[list[float]], tuple[float, float]]] = {
+PROBLEMS: dict[
+    str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor], list[list[float]], tuple[float, float]]
+] = {
     "paper": (_paper_main, _paper_aux, [[-1.5, 2.0], [2.0, -1.0], [-1.0, -1.5], [1.8, 1.2]], (-2.2, 2.4)),
     "paper_field": (_paper_main, _field_aux, [[-1.5, 2.0], [2.0, -1.0], [-1.0, -1.5], [1.8, 1.2]], (-2.2, 2.4)),
     "circle": (_circle_main, _circle_aux, [[-0.3, 0.2], [0.1, -1.6], [-1.5, 1.0], [0.5, 1.5]], (-2.0, 2.5)),
@@ -142,8 +144,9 @@ def plot_trajectories(problem: str, paths: dict[str, Tensor], path: str | os.Pat
 
 
 def _trajectories_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="gradsim toy trajectories",
-                                     description="Trajectories of each rule on a 2-D toy problem, as PNGs.")
+    parser = argparse.ArgumentParser(
+        prog="gradsim toy trajectories", description="Trajectories of each rule on a 2-D toy problem, as PNGs."
+    )
     parser.add_argument("--problem", default="all", choices=[*PROBLEMS, "all"])
     parser.add_argument("--rules", nargs="+", default=["main_only", "sum", "unweighted", "weighted", "projection"])
     parser.add_argument("--steps", type=int, default=200)
@@ -170,12 +173,17 @@ def _blog_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="gradsim toy blog",
         description="The projection blog's unit-circle toy with its settings: L_primary = (|theta| - 1)^2, "
-                    "L_aux = |theta - (2, 0)|^2, start (0, 2), lambda 0.1, Adam and gradient descent at lr 0.01.")
+        "L_aux = |theta - (2, 0)|^2, start (0, 2), lambda 0.1, Adam and gradient descent at lr 0.01.",
+    )
     parser.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="comma-separated subset of adam,gd")
     parser.add_argument("--rules", nargs="+", default=list(BLOG_RULES))
     parser.add_argument("--steps", type=int, default=d.steps, help=f"steps per run (ours: {d.steps})")
-    parser.add_argument("--random-starts", type=int, default=d.random_starts,
-                        help=f"extra random starts in [-{d.box:g}, {d.box:g}]^2 (ours: {d.random_starts})")
+    parser.add_argument(
+        "--random-starts",
+        type=int,
+        default=d.random_starts,
+        help=f"extra random starts in [-{d.box:g}, {d.box:g}]^2 (ours: {d.random_starts})",
+    )
     parser.add_argument("--out-dir", default=os.path.join("runs", "toys"))
     args = parser.parse_args(argv)
     import time
@@ -203,7 +211,8 @@ def _figure2_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="gradsim toy figure2",
         description="The paper's Figure 2 toys: convergence time (steps until the main loss stays below the "
-                    "level) over random starts, per row (main + auxiliary) and rule.")
+        "level) over random starts, per row (main + auxiliary) and rule.",
+    )
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
     parser.add_argument("--rules", nargs="+", default=list(FIGURE2_RULES))
     parser.add_argument("--starts", type=int, default=500, help="random starts per cell (ours: 500)")
@@ -219,8 +228,16 @@ def _figure2_main(argv: list[str]) -> int:
 
     start = time.perf_counter()
     try:
-        table, raw = figure2_table([r for r in args.rows.split(",") if r], args.rules, args.starts, args.steps,
-                                   args.lr, args.level, args.box, args.seed)
+        table, raw = figure2_table(
+            [r for r in args.rows.split(",") if r],
+            args.rules,
+            args.starts,
+            args.steps,
+            args.lr,
+            args.level,
+            args.box,
+            args.seed,
+        )
     except ValueError as err:
         print(f"gradsim toy: {err}")
         return 2
@@ -250,11 +267,13 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in _PARTS:
         return _PARTS[argv[0]](argv[1:])
     if argv and argv[0] in {"-h", "--help"}:
-        print("usage: gradsim toy [blog|figure2|trajectories] [options]\n\n"
-              "  blog          the blog's unit-circle toy, its settings, Adam and gradient descent (default)\n"
-              "  figure2       the paper's Figure 2 convergence times over random starts\n"
-              "  trajectories  trajectories per rule on the 2-D problems (--problem paper|paper_field|circle|all)\n\n"
-              "`gradsim toy PART --help` lists each part's options.")
+        print(
+            "usage: gradsim toy [blog|figure2|trajectories] [options]\n\n"
+            "  blog          the blog's unit-circle toy, its settings, Adam and gradient descent (default)\n"
+            "  figure2       the paper's Figure 2 convergence times over random starts\n"
+            "  trajectories  trajectories per rule on the 2-D problems (--problem paper|paper_field|circle|all)\n\n"
+            "`gradsim toy PART --help` lists each part's options."
+        )
         return 0
     if any(a == "--problem" or a.startswith("--problem=") for a in argv):
         return _trajectories_main(argv)

@@ -72,29 +72,62 @@ def assess_claims(result: ExperimentResult) -> list[Claim]:
                 for m in gated:
                     t_m = reach[(tr, m, t)]
                     held = t_m is not None and t_reward is not None and t_m <= t_reward / 3
-                    out.append(Claim(tr, t, f"{m} reaches reward's final level in 1/3 of reward's steps",
-                                     f"{m} at step {t_m if t_m is not None else 'never'}, reward at {t_reward}",
-                                     held, ""))
+                    out.append(
+                        Claim(
+                            tr,
+                            t,
+                            f"{m} reaches reward's final level in 1/3 of reward's steps",
+                            f"{m} at step {t_m if t_m is not None else 'never'}, reward at {t_reward}",
+                            held,
+                            "",
+                        )
+                    )
                 for m in gated:
                     d, se, note = _diff(ret[m], ret["reward"])
-                    out.append(Claim(tr, t, f"{m} ends above reward", f"final {m} - reward = {d:+.3f} ± {se:.3f}",
-                                     d > 0, note))
+                    out.append(
+                        Claim(tr, t, f"{m} ends above reward", f"final {m} - reward = {d:+.3f} ± {se:.3f}", d > 0, note)
+                    )
                 if "add" in ret and gated:
                     finals = {m: float(ret[m][-1].mean()) for m in ["add", *gated]}
                     g_add, g_reward = _half_gain(ret["add"], result.steps), _half_gain(ret["reward"], result.steps)
                     held = finals["add"] < min(finals[m] for m in gated) and g_add < g_reward
-                    out.append(Claim(tr, t, "add saturates low (below the gated methods, flat at the end)",
-                                     "final " + ", ".join(f"{m} {v:.3f}" for m, v in finals.items())
-                                     + f"; 2nd-half gain add {g_add:+.3f}, reward {g_reward:+.3f}", held, ""))
+                    out.append(
+                        Claim(
+                            tr,
+                            t,
+                            "add saturates low (below the gated methods, flat at the end)",
+                            "final "
+                            + ", ".join(f"{m} {v:.3f}" for m, v in finals.items())
+                            + f"; 2nd-half gain add {g_add:+.3f}, reward {g_reward:+.3f}",
+                            held,
+                            "",
+                        )
+                    )
                 if "distill" in ret:
                     d, se, note = _diff(ret["distill"], ret["reward"])
-                    out.append(Claim(tr, t, "distill ends lower than reward",
-                                     f"final distill - reward = {d:+.3f} ± {se:.3f}", d < 0, note))
+                    out.append(
+                        Claim(
+                            tr,
+                            t,
+                            "distill ends lower than reward",
+                            f"final distill - reward = {d:+.3f} ± {se:.3f}",
+                            d < 0,
+                            note,
+                        )
+                    )
             if tr == "same" and "add" in ret:
                 for m in gated:
                     d, se, note = _diff(ret["add"], ret[m])
-                    out.append(Claim(tr, t, f"add at least as good as {m}", f"final add - {m} = {d:+.3f} ± {se:.3f}",
-                                     d >= 0, note))
+                    out.append(
+                        Claim(
+                            tr,
+                            t,
+                            f"add at least as good as {m}",
+                            f"final add - {m} = {d:+.3f} ± {se:.3f}",
+                            d >= 0,
+                            note,
+                        )
+                    )
     return out
 
 

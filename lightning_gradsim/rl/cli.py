@@ -29,29 +29,60 @@ def build_parser() -> argparse.ArgumentParser:
         description="Distillation from a Q-learning teacher in partially observable gridworlds (Du et al., sec. 4.3, "
         "Figure 4). Writes curves.csv, gate.csv, summary.csv, claims.md, curves.png, gate.png and layout.png.",
     )
-    p.add_argument("--envs", type=int, default=d.envs, help="number of gridworlds (default %(default)s; the paper: 1000)")
+    p.add_argument(
+        "--envs", type=int, default=d.envs, help="number of gridworlds (default %(default)s; the paper: 1000)"
+    )
     p.add_argument("--steps", type=int, default=d.steps, help="training steps per student (default %(default)s)")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of layouts, teachers and episodes (default %(default)s)")
+    p.add_argument(
+        "--seed", type=int, default=d.seed, help="seed of layouts, teachers and episodes (default %(default)s)"
+    )
     p.add_argument("--out", default="runs/gridworld", help="output folder (default %(default)s)")
-    p.add_argument("--transfer", choices=["cross", "same", "both"], default="cross",
-                   help="cross: the student's task has the teacher's rewards removed (Figure 4, top row); same: the "
-                   "student learns the teacher's own task (bottom row); both: the two in one run (default %(default)s)")
-    p.add_argument("--remove", choices=list(REMOVED_CODES), default=d.remove,
-                   help="positive rewards the cross task removes: goal (the teacher's kind; gems still reward) or "
-                   "all (no positive reward left) (default %(default)s)")
-    p.add_argument("--temperatures", type=float, nargs="+", default=list(d.temperatures),
-                   help="teacher temperatures, one column each (default %(default)s)")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS) + list(METHOD_ALIASES),
-                   metavar="METHOD", help=f"methods to run: {', '.join(METHODS)} (aliases: "
-                   + ", ".join(f"{a}={m}" for a, m in METHOD_ALIASES.items()) + ")")
-    p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between evaluations (default %(default)s)")
+    p.add_argument(
+        "--transfer",
+        choices=["cross", "same", "both"],
+        default="cross",
+        help="cross: the student's task has the teacher's rewards removed (Figure 4, top row); same: the "
+        "student learns the teacher's own task (bottom row); both: the two in one run (default %(default)s)",
+    )
+    p.add_argument(
+        "--remove",
+        choices=list(REMOVED_CODES),
+        default=d.remove,
+        help="positive rewards the cross task removes: goal (the teacher's kind; gems still reward) or "
+        "all (no positive reward left) (default %(default)s)",
+    )
+    p.add_argument(
+        "--temperatures",
+        type=float,
+        nargs="+",
+        default=list(d.temperatures),
+        help="teacher temperatures, one column each (default %(default)s)",
+    )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(METHODS),
+        choices=list(METHODS) + list(METHOD_ALIASES),
+        metavar="METHOD",
+        help=f"methods to run: {', '.join(METHODS)} (aliases: "
+        + ", ".join(f"{a}={m}" for a, m in METHOD_ALIASES.items())
+        + ")",
+    )
+    p.add_argument(
+        "--eval-every", type=int, default=d.eval_every, help="steps between evaluations (default %(default)s)"
+    )
     p.add_argument("--lr", type=float, default=d.lr, help="students' learning rate (default %(default)s)")
     p.add_argument("--aux-weight", type=float, default=d.aux_weight, help="lambda of the distillation update")
-    p.add_argument("--gamma", type=float, default=d.gamma,
-                   help="discount of the students and the teacher (default %(default)s)")
+    p.add_argument(
+        "--gamma", type=float, default=d.gamma, help="discount of the students and the teacher (default %(default)s)"
+    )
     p.add_argument("--teacher-steps", type=int, default=d.teacher_steps, help="Q-learning steps per gridworld")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default %(default)s: the per-step tensors are small; 0 leaves torch's default)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default %(default)s: the per-step tensors are small; 0 leaves torch's default)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -67,9 +98,17 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         cfg = ExperimentConfig(
-            envs=args.envs, steps=args.steps, seed=args.seed, temperatures=tuple(args.temperatures),
-            methods=tuple(args.methods), eval_every=args.eval_every, lr=args.lr, aux_weight=args.aux_weight,
-            teacher_steps=args.teacher_steps, gamma=args.gamma, remove=args.remove,
+            envs=args.envs,
+            steps=args.steps,
+            seed=args.seed,
+            temperatures=tuple(args.temperatures),
+            methods=tuple(args.methods),
+            eval_every=args.eval_every,
+            lr=args.lr,
+            aux_weight=args.aux_weight,
+            teacher_steps=args.teacher_steps,
+            gamma=args.gamma,
+            remove=args.remove,
             transfers=("cross", "same") if args.transfer == "both" else (args.transfer,),
         )
     except ValueError as err:
@@ -94,8 +133,10 @@ def main(argv: list[str] | None = None) -> int:
             line = ", ".join(f"{m} {final[(tr, m, t)]:.3f}" for m in cfg.methods)
             print(f"[{tr}] T={t:g}: teacher {float(result.teacher_return[(tr, t)].mean()):.3f} | final: {line}")
             if "reward" in cfg.methods:
-                print(f"[{tr}]        steps to reach reward's final return: "
-                      + ", ".join(f"{m} {reach[(tr, m, t)]}" for m in cfg.methods))
+                print(
+                    f"[{tr}]        steps to reach reward's final return: "
+                    + ", ".join(f"{m} {reach[(tr, m, t)]}" for m in cfg.methods)
+                )
     print(claims_markdown(assess_claims(result)))
     print(f"wrote {', '.join(str(p) for p in paths.values())} in {elapsed:.0f} s")
     with open(paths["curves.csv"].parent / "config.json", "w") as f:

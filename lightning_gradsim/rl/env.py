@@ -79,7 +79,9 @@ class GridworldEnv(gym.Env):
         else:
             grid = np.asarray(cells, dtype=np.int64)
             if grid.shape != (self.spec_.height, self.spec_.width):
-                raise ValueError(f"cells has shape {grid.shape}; the spec says {(self.spec_.height, self.spec_.width)}.")
+                raise ValueError(
+                    f"cells has shape {grid.shape}; the spec says {(self.spec_.height, self.spec_.width)}."
+                )
             if start is None:
                 raise ValueError("Give the start cell (flat index) together with cells.")
             if grid.flat[start] == WALL:

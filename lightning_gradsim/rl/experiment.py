@@ -233,8 +233,9 @@ def run_experiment(
     n, temps = cfg.envs, cfg.temperatures
     layouts = sample_layouts(n, spec, seed=cfg.seed)
     # The teacher: Q-learning on the ORIGINAL task, whatever the transfer.
-    q = q_learning(layouts, steps=cfg.teacher_steps, gamma=cfg.gamma,
-                   generator=torch.Generator().manual_seed(cfg.seed * 7919 + 1))
+    q = q_learning(
+        layouts, steps=cfg.teacher_steps, gamma=cfg.gamma, generator=torch.Generator().manual_seed(cfg.seed * 7919 + 1)
+    )
     teachers = {t: teacher_policy(q, t) for t in temps}  # (N, S, 4) each
     tasks = {tr: main_task(layouts, tr, cfg.remove) for tr in cfg.transfers}
     uniform = torch.full((n, spec.num_cells, 4), 0.25)
@@ -254,8 +255,16 @@ def run_experiment(
     row_kernel = torch.cat([cfg.transfers.index(tr) * n + torch.arange(n) for tr, _, _ in groups])
     teacher_rows = torch.cat([teachers[t] if t is not None else uniform for _, _, t in groups])
     trainer = StudentTrainer(
-        task_rows, kernel, row_kernel, teacher_rows, [m for _, m, _ in groups], block=n,
-        lr=cfg.lr, aux_weight=cfg.aux_weight, gamma=cfg.gamma, seed=cfg.seed,
+        task_rows,
+        kernel,
+        row_kernel,
+        teacher_rows,
+        [m for _, m, _ in groups],
+        block=n,
+        lr=cfg.lr,
+        aux_weight=cfg.aux_weight,
+        gamma=cfg.gamma,
+        seed=cfg.seed,
     )
     gate_sums = torch.zeros(3, len(trainer))  # per row: finished gated episodes, opens, sum of cosines
     eval_steps: list[int] = []
@@ -277,9 +286,18 @@ def run_experiment(
                 episodes, opens, cos_sum = gate_sums[:, rows].sum(1).tolist()
                 k = cfg.transfers.index(tr) * n
                 exact = expected_cosine(tasks[tr], kernel[k : k + n], probs, teachers[t], cfg.gamma)
-                gate_rows.append((tr, m, float(t), step, opens / max(episodes, 1.0),
-                                  cos_sum / episodes if episodes else float("nan"),
-                                  float(exact.mean()), float((exact > 0).double().mean())))
+                gate_rows.append(
+                    (
+                        tr,
+                        m,
+                        float(t),
+                        step,
+                        opens / max(episodes, 1.0),
+                        cos_sum / episodes if episodes else float("nan"),
+                        float(exact.mean()),
+                        float((exact > 0).double().mean()),
+                    )
+                )
         gate_sums.zero_()
 
     evaluate(0)
@@ -302,5 +320,6 @@ def run_experiment(
             stacked[(tr, m, tt)] = ret
         if t is None or t == temps[0]:
             example[(tr, m)] = trainer.policies(slice(gi * n, gi * n + 1))[0]
-    return ExperimentResult(cfg, eval_steps, stacked, gate_rows, teacher_ret, teacher_orig, random_ret, layouts, tasks,
-                            q, example)
+    return ExperimentResult(
+        cfg, eval_steps, stacked, gate_rows, teacher_ret, teacher_orig, random_ret, layouts, tasks, q, example
+    )

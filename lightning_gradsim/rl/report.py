@@ -63,8 +63,18 @@ def write_outputs(result: ExperimentResult, out: str | os.PathLike) -> dict[str,
                 w.writerow([tr, "random", t, cfg.steps, *(f"{x:.6f}" for x in mean_stderr(ret))])
     with open(paths["gate.csv"], "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["transfer", "method", "temperature", "step", "open_fraction", "mean_cosine", "expected_cosine",
-                    "expected_positive"])
+        w.writerow(
+            [
+                "transfer",
+                "method",
+                "temperature",
+                "step",
+                "open_fraction",
+                "mean_cosine",
+                "expected_cosine",
+                "expected_positive",
+            ]
+        )
         for tr, m, t, s, *values in result.gate:
             w.writerow([tr, m, t, s, *(f"{x:.6f}" for x in values)])
     reach = result.steps_to_reach("reward")
@@ -94,8 +104,9 @@ def _plot_curves(result: ExperimentResult, path: Path) -> None:
     plt = _pyplot()
     cfg = result.config
     temps, transfers = cfg.temperatures, cfg.transfers
-    fig, axes = plt.subplots(len(transfers), len(temps), figsize=(4.2 * len(temps), 3.4 * len(transfers)),
-                             sharex=True, squeeze=False)
+    fig, axes = plt.subplots(
+        len(transfers), len(temps), figsize=(4.2 * len(temps), 3.4 * len(transfers)), sharex=True, squeeze=False
+    )
     steps = torch.tensor(result.steps, dtype=torch.float64)
     for row, tr in zip(axes, transfers):
         for ax, t in zip(row, temps):
@@ -122,8 +133,9 @@ def _plot_gate(result: ExperimentResult, path: Path) -> None:
     cfg = result.config
     temps, transfers = cfg.temperatures, cfg.transfers
     gated = [m for m in cfg.methods if m in GATED_RULES]
-    fig, axes = plt.subplots(2 * len(transfers), len(temps), figsize=(4.2 * len(temps), 2.6 * 2 * len(transfers)),
-                             sharex=True, squeeze=False)
+    fig, axes = plt.subplots(
+        2 * len(transfers), len(temps), figsize=(4.2 * len(temps), 2.6 * 2 * len(transfers)), sharex=True, squeeze=False
+    )
     for i, tr in enumerate(transfers):
         for j, t in enumerate(temps):
             ax_open, ax_cos = axes[2 * i][j], axes[2 * i + 1][j]
@@ -160,8 +172,9 @@ def _plot_layout(result: ExperimentResult, path: Path) -> None:
     tr = result.config.transfers[0]
     original = result.layouts.index(0)
     task = result.tasks[tr].index(0)
-    method = next((m for m in ("cos-unweighted", "cos-weighted") if (tr, m) in result.example_policies),
-                  result.config.methods[0])
+    method = next(
+        (m for m in ("cos-unweighted", "cos-weighted") if (tr, m) in result.example_policies), result.config.methods[0]
+    )
     panels = [
         ("original task", original, None),
         ("teacher's solution (Q-learning)", original, teacher_policy(result.q[0], 0.0)),
@@ -179,8 +192,13 @@ def _plot_layout(result: ExperimentResult, path: Path) -> None:
         ax.set_title(title, fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.text(0.5, 0.01, "green: goal (the teacher's reward; removed in the cross task), blue: gem, red: pit, "
-             "brown: mud", ha="center", fontsize=8)
+    fig.text(
+        0.5,
+        0.01,
+        "green: goal (the teacher's reward; removed in the cross task), blue: gem, red: pit, brown: mud",
+        ha="center",
+        fontsize=8,
+    )
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -129,7 +129,9 @@ class LinearStudent:
     def primal(self, cell_feats: Tensor) -> tuple[Tensor, Tensor]:
         """The primal weights ``(W (B, 4, D), w (B, D))`` given each row's cell features ``(B, S, D)``."""
 
-        return torch.einsum("bsa,bsd->bad", self.policy, cell_feats), torch.einsum("bs,bsd->bd", self.value_coef, cell_feats)
+        return torch.einsum("bsa,bsd->bad", self.policy, cell_feats), torch.einsum(
+            "bs,bsd->bd", self.value_coef, cell_feats
+        )
 
 
 class EpisodeAccumulator:
@@ -195,8 +197,14 @@ class EpisodeAccumulator:
             self.value_update[rows] / length.view(-1, 1),
             self.distill_update[rows] / length.view(-1, 1, 1),
         )
-        for buf in (self.trace_score, self.policy_update, self.distill_update, self.trace_visits, self.value_update,
-                    self.length):
+        for buf in (
+            self.trace_score,
+            self.policy_update,
+            self.distill_update,
+            self.trace_visits,
+            self.value_update,
+            self.length,
+        ):
             buf.index_fill_(0, rows, 0.0)
         self.scale.index_fill_(0, rows, 1.0)
         return out

@@ -33,7 +33,9 @@ class VTraceReturns(NamedTuple):
     """Outputs of :func:`from_importance_weights` (no gradient flows through them)."""
 
     vs: Tensor  #: ``[T, B]`` V-trace value targets ``v_s``
-    pg_advantages: Tensor  #: ``[T, B]`` ``rho_s (r_s + gamma_s v_{s+1} - V(x_s))``, rho clipped at ``clip_pg_rho_threshold``
+    pg_advantages: (
+        Tensor  #: ``[T, B]`` ``rho_s (r_s + gamma_s v_{s+1} - V(x_s))``, rho clipped at ``clip_pg_rho_threshold``
+    )
 
 
 def _check(name: str, x: Tensor, shape: torch.Size) -> None:

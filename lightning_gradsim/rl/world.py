@@ -64,7 +64,12 @@ MOVES: tuple[tuple[int, int], ...] = ((-1, 0), (0, 1), (1, 0), (0, -1))
 NUM_ACTIONS = len(MOVES)
 #: RGB colour of each cell code in pictures: empty, wall, goal, gem, pit, mud.
 CODE_COLOURS: tuple[tuple[int, int, int], ...] = (
-    (235, 235, 235), (60, 60, 60), (40, 170, 60), (60, 120, 230), (200, 40, 40), (150, 100, 50)
+    (235, 235, 235),
+    (60, 60, 60),
+    (40, 170, 60),
+    (60, 120, 230),
+    (200, 40, 40),
+    (150, 100, 50),
 )
 
 

@@ -27,8 +27,9 @@ Write your own rule without editing the library (and register it by name with
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import torch
 from torch import Tensor

@@ -26,7 +26,9 @@ from .base import Rule, RuleInput, register_rule
 __all__ = ["PCGrad", "pcgrad_coefficients", "draw_pcgrad_orders"]
 
 
-def draw_pcgrad_orders(batch_shape: tuple[int, ...], num_tasks: int, generator: torch.Generator | None = None) -> Tensor:
+def draw_pcgrad_orders(
+    batch_shape: tuple[int, ...], num_tasks: int, generator: torch.Generator | None = None
+) -> Tensor:
     """Random visiting orders, ``(*batch_shape, K, K)`` long: row ``i`` is a permutation of the tasks.
 
     Drawn on the CPU from ``generator`` (the gate's seeded generator), one permutation per task and
@@ -64,7 +66,9 @@ def pcgrad_coefficients(gramian: Tensor, orders: Tensor) -> Tensor:
     sq_norms = torch.diagonal(gramian, dim1=-2, dim2=-1)  # (..., K)
     g_jj = one_hot @ sq_norms.unsqueeze(-2).unsqueeze(-1)  # (..., K, K, 1): |g_j|^2 per (row, position)
     not_self = (orders != tasks.unsqueeze(-1)).unsqueeze(-1)  # skip j == i
-    inv = torch.where((g_jj > 0) & not_self, 1.0 / torch.where(g_jj > 0, g_jj, torch.ones_like(g_jj)), torch.zeros_like(g_jj))
+    inv = torch.where(
+        (g_jj > 0) & not_self, 1.0 / torch.where(g_jj > 0, g_jj, torch.ones_like(g_jj)), torch.zeros_like(g_jj)
+    )
     for position in range(k):
         pick = one_hot[..., position, :]  # (..., K, K)
         dots = (coef * (pick @ gramian)).sum(-1, keepdim=True)  # (..., K, 1): v_i . g_j

@@ -51,7 +51,11 @@ def check_aux_weight(aux_weight: float | Mapping[str, float]) -> float | dict[st
         items = {"": aux_weight}
     out: dict[str, float] = {}
     for name, value in items.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) and not (isinstance(value, Tensor) and value.numel() == 1):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            and not (isinstance(value, Tensor) and value.numel() == 1)
+        ):
             raise TypeError(f"aux_weight{'[' + repr(name) + ']' if name else ''} must be a number, got {value!r}.")
         v = float(value)
         if not math.isfinite(v) or v < 0:
@@ -88,8 +92,15 @@ class LossWeighting(nn.Module):
         """
         raise NotImplementedError
 
-    def observe(self, losses: Tensor | None, layer_gram: Tensor, layers: Sequence[int], shared: Sequence[Tensor],
-                weights: Tensor, finite: Tensor) -> None:
+    def observe(
+        self,
+        losses: Tensor | None,
+        layer_gram: Tensor,
+        layers: Sequence[int],
+        shared: Sequence[Tensor],
+        weights: Tensor,
+        finite: Tensor,
+    ) -> None:
         """After the rule: ``losses`` ``(K,)`` (raw, reduced), ``layer_gram`` ``(L, K, K)`` of the weighted
         per-task gradients on ``shared[layers[l]]``, this step's ``weights`` ``w`` and its finiteness."""
 

@@ -122,8 +122,15 @@ class GradNorm(LossWeighting):
             self.initial_losses = torch.ones(num_tasks, dtype=like.dtype, device=like.device)
         return list(self.task_weights.clone().unbind(0))
 
-    def observe(self, losses: Tensor | None, layer_gram: Tensor, layers: Sequence[int], shared: Sequence[Tensor],
-                weights: Tensor, finite: Tensor) -> None:
+    def observe(
+        self,
+        losses: Tensor | None,
+        layer_gram: Tensor,
+        layers: Sequence[int],
+        shared: Sequence[Tensor],
+        weights: Tensor,
+        finite: Tensor,
+    ) -> None:
         wanted = set(self.last_layer_indices(shared))
         rows = [r for r, i in enumerate(layers) if i in wanted]
         if not rows:
@@ -137,9 +144,18 @@ class GradNorm(LossWeighting):
         norms = sq.sqrt().to(weights.dtype)  # G_i = |grad_W w_i lambda_i L_i|
         positive = weights > 0
         # d G_i / d w_i = |grad_W lambda_i L_i| = G_i / w_i (0 for a task switched off, w_i = 0).
-        raw_norms = torch.where(positive, norms / torch.where(positive, weights, torch.ones_like(weights)), torch.zeros_like(norms))
+        raw_norms = torch.where(
+            positive, norms / torch.where(positive, weights, torch.ones_like(weights)), torch.zeros_like(norms)
+        )
         new, initial = gradnorm_update(
-            weights, norms, raw_norms, losses.to(weights.dtype), self.initial_losses, self.weight_updates == 0, self.alpha, self.lr
+            weights,
+            norms,
+            raw_norms,
+            losses.to(weights.dtype),
+            self.initial_losses,
+            self.weight_updates == 0,
+            self.alpha,
+            self.lr,
         )
         ok = finite.all() & torch.isfinite(losses).all()
         self.initial_losses.copy_(torch.where(ok, initial, self.initial_losses))
@@ -157,12 +173,16 @@ class GradNorm(LossWeighting):
         self.initial_losses = torch.zeros(0, device=self.weight_updates.device)
         self.weight_updates.zero_()
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):  # type: ignore[override]
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):  # type: ignore[override]
         for name in ("task_weights", "initial_losses"):
             key = prefix + name
             if key in state_dict:
                 setattr(self, name, torch.empty_like(state_dict[key], device=self.weight_updates.device))
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, lr={self.lr}, aux_weight={self.aux_weight}"
@@ -197,5 +217,7 @@ def gradnorm_update(
     new = (weights - lr * grad).clamp(min=0)
     total = new.sum()
     k = weights.shape[0]
-    new = torch.where(total > 0, new * (k / torch.where(total > 0, total, torch.ones_like(total))), torch.ones_like(new))
+    new = torch.where(
+        total > 0, new * (k / torch.where(total > 0, total, torch.ones_like(total))), torch.ones_like(new)
+    )
     return new, initial

@@ -62,7 +62,9 @@ class UncertaintyWeighting(LossWeighting):
                 raise ValueError(f"aux_tasks must be >= 1 (the number of auxiliary tasks), got {aux_tasks}.")
             num_aux, names = aux_tasks, None
         elif isinstance(aux_tasks, str):
-            raise TypeError(f"aux_tasks must be a count or a list of names; got the string {aux_tasks!r} (use [{aux_tasks!r}]).")
+            raise TypeError(
+                f"aux_tasks must be a count or a list of names; got the string {aux_tasks!r} (use [{aux_tasks!r}])."
+            )
         else:
             names = [str(n) for n in aux_tasks]
             if not names:

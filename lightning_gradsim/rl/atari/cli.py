@@ -26,16 +26,26 @@ def _add_common(p: argparse.ArgumentParser, frames: int, envs: int) -> None:
     from .learner import LearnerConfig
 
     d = LearnerConfig()
-    p.add_argument("--backend", choices=["minatar", "ale"], default="minatar",
-                   help="minatar: 10x10 MinAtar games on CPU (default); ale: full Atari, 84x84x4 (GPU recipe)")
+    p.add_argument(
+        "--backend",
+        choices=["minatar", "ale"],
+        default="minatar",
+        help="minatar: 10x10 MinAtar games on CPU (default); ale: full Atari, 84x84x4 (GPU recipe)",
+    )
     p.add_argument("--frames", type=int, default=frames, help="training frames per run (default %(default)s)")
-    p.add_argument("--envs", type=int, default=envs, help="games per run, the batch of one unroll (default %(default)s)")
+    p.add_argument(
+        "--envs", type=int, default=envs, help="games per run, the batch of one unroll (default %(default)s)"
+    )
     p.add_argument("--unroll", type=int, default=20, help="unroll length T, the V-trace horizon (default %(default)s)")
     p.add_argument("--lr", type=float, default=d.lr, help="RMSprop learning rate (default %(default)s)")
     p.add_argument("--entropy-cost", type=float, default=d.entropy_cost, help="entropy bonus (default %(default)s)")
     p.add_argument("--discount", type=float, default=d.discount, help="discount (default %(default)s)")
-    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm,
-                   help="per-run gradient clipping norm, 0: none (default %(default)s)")
+    p.add_argument(
+        "--max-grad-norm",
+        type=float,
+        default=d.max_grad_norm,
+        help="per-run gradient clipping norm, 0: none (default %(default)s)",
+    )
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default; default %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -50,21 +60,38 @@ def build_parser() -> argparse.ArgumentParser:
         description="Distillation from a sub-optimal Breakout teacher with a V-trace actor-critic (Du et al., "
         "sec. 4.4). Writes curves.csv, curves.png, summary.csv, config.json. `gradsim atari teacher -h`: the teacher.",
     )
-    p.add_argument("--env", default="breakout",
-                   help="game(s), comma-separated: breakout (Figure 5) or breakout,asterix (Figure 6; ALE: breakout,ms_pacman)")
+    p.add_argument(
+        "--env",
+        default="breakout",
+        help="game(s), comma-separated: breakout (Figure 5) or breakout,asterix (Figure 6; ALE: breakout,ms_pacman)",
+    )
     p.add_argument("--seeds", type=int, default=3, help="seeds per method (default %(default)s)")
     p.add_argument("--seed-offset", type=int, default=0, help="first seed (default %(default)s)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     p.add_argument("--out", default="runs/atari", help="output folder (default %(default)s)")
     p.add_argument("--teacher", default=None, help="teacher checkpoint (default: the packaged MinAtar Breakout one)")
-    p.add_argument("--aux-weight", type=float, default=d.aux_weight, help="lambda on the KL update (default %(default)s)")
-    p.add_argument("--rule", default=d.rule, help="gate rule of rl_kl_cos (default %(default)s: KL scaled by the cosine)")
-    p.add_argument("--threshold", type=float, default=None,
-                   help="gate threshold on the cosine (default: 0.02 for one game, 0.01 for several, as in D.3)")
-    p.add_argument("--cosine-ema", type=float, default=d.cosine_ema, help="EMA factor of the cosine (default %(default)s)")
+    p.add_argument(
+        "--aux-weight", type=float, default=d.aux_weight, help="lambda on the KL update (default %(default)s)"
+    )
+    p.add_argument(
+        "--rule", default=d.rule, help="gate rule of rl_kl_cos (default %(default)s: KL scaled by the cosine)"
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="gate threshold on the cosine (default: 0.02 for one game, 0.01 for several, as in D.3)",
+    )
+    p.add_argument(
+        "--cosine-ema", type=float, default=d.cosine_ema, help="EMA factor of the cosine (default %(default)s)"
+    )
     p.add_argument("--log-every", type=int, default=0, help="frames between curve points (default frames/40)")
-    p.add_argument("--random-episodes", type=int, default=32,
-                   help="episodes of the random policy measured per game for the plots, 0: none (default %(default)s)")
+    p.add_argument(
+        "--random-episodes",
+        type=int,
+        default=32,
+        help="episodes of the random policy measured per game for the plots, 0: none (default %(default)s)",
+    )
     _add_common(p, frames=300_000, envs=16)
     return p
 
@@ -76,7 +103,9 @@ def build_teacher_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--env", default="breakout", help="the teacher's game (default %(default)s)")
     p.add_argument("--seed", type=int, default=1000, help="seed (default %(default)s, distinct from the runs' seeds)")
-    p.add_argument("--eval-episodes", type=int, default=100, help="episodes of the final evaluation (default %(default)s)")
+    p.add_argument(
+        "--eval-episodes", type=int, default=100, help="episodes of the final evaluation (default %(default)s)"
+    )
     p.add_argument("--out", required=True, help="checkpoint path, e.g. teacher.pt")
     _add_common(p, frames=50_000, envs=16)
     return p
@@ -85,8 +114,9 @@ def build_teacher_parser() -> argparse.ArgumentParser:
 def _learner_config(args: argparse.Namespace, **extra):
     from .learner import LearnerConfig
 
-    return LearnerConfig(lr=args.lr, entropy_cost=args.entropy_cost, discount=args.discount,
-                         max_grad_norm=args.max_grad_norm, **extra)
+    return LearnerConfig(
+        lr=args.lr, entropy_cost=args.entropy_cost, discount=args.discount, max_grad_norm=args.max_grad_norm, **extra
+    )
 
 
 def _progress(total: int, desc: str, off: bool):
@@ -107,9 +137,18 @@ def teacher_main(argv: list[str]) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     try:
-        cfg = AtariConfig(games=(args.env,), backend=args.backend, frames=args.frames, seeds=1, seed_offset=args.seed,
-                          methods=("rl",), envs=args.envs, unroll=args.unroll, learner=_learner_config(args),
-                          device=args.device)
+        cfg = AtariConfig(
+            games=(args.env,),
+            backend=args.backend,
+            frames=args.frames,
+            seeds=1,
+            seed_offset=args.seed,
+            methods=("rl",),
+            envs=args.envs,
+            unroll=args.unroll,
+            learner=_learner_config(args),
+            device=args.device,
+        )
     except ValueError as err:
         print(f"gradsim atari teacher: {err}", file=sys.stderr)
         return 2
@@ -119,16 +158,27 @@ def teacher_main(argv: list[str]) -> int:
         bar.close()
     last = [r[4] for r in result.curves if r[2] == max(c[2] for c in result.curves)]
     assert result.net is not None
-    eval_return, episodes = evaluate_policy(result.net, args.backend, args.env, args.eval_episodes,
-                                            seed=args.seed + 1)
+    eval_return, episodes = evaluate_policy(result.net, args.backend, args.env, args.eval_episodes, seed=args.seed + 1)
     command = "gradsim atari teacher " + " ".join(shlex.quote(a) for a in argv)
-    save_teacher(result.net, 0, args.out, backend=args.backend, game=args.env, frames=args.frames,
-                 frames_trained=result.frames_total,
-                 train_return=float(last[0]), eval_return=eval_return, eval_episodes=episodes, command=command,
-                 seconds=round(result.seconds, 1))
-    print(f"teacher: {args.frames} frames in {result.seconds:.0f} s ({result.fps:.0f} frames/s); training return "
-          f"{last[0]:.2f}; evaluation return {eval_return:.2f} over {episodes} episodes; "
-          f"random {result.random_return.get(args.env, float('nan')):.2f}; saved {args.out}")
+    save_teacher(
+        result.net,
+        0,
+        args.out,
+        backend=args.backend,
+        game=args.env,
+        frames=args.frames,
+        frames_trained=result.frames_total,
+        train_return=float(last[0]),
+        eval_return=eval_return,
+        eval_episodes=episodes,
+        command=command,
+        seconds=round(result.seconds, 1),
+    )
+    print(
+        f"teacher: {args.frames} frames in {result.seconds:.0f} s ({result.fps:.0f} frames/s); training return "
+        f"{last[0]:.2f}; evaluation return {eval_return:.2f} over {episodes} episodes; "
+        f"random {result.random_return.get(args.env, float('nan')):.2f}; saved {args.out}"
+    )
     return 0
 
 
@@ -145,13 +195,24 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     games = tuple(g.strip() for g in args.env.split(",") if g.strip())
     try:
-        lcfg = _learner_config(args, aux_weight=args.aux_weight, rule=args.rule, threshold=args.threshold,
-                               cosine_ema=args.cosine_ema)
-        cfg = AtariConfig(games=games, backend=args.backend, frames=args.frames, seeds=args.seeds,
-                          seed_offset=args.seed_offset, methods=tuple(m.strip() for m in args.methods.split(",")),
-                          envs=args.envs, unroll=args.unroll, log_every=args.log_every, teacher=args.teacher,
-                          random_episodes=args.random_episodes,
-                          learner=lcfg, device=args.device)
+        lcfg = _learner_config(
+            args, aux_weight=args.aux_weight, rule=args.rule, threshold=args.threshold, cosine_ema=args.cosine_ema
+        )
+        cfg = AtariConfig(
+            games=games,
+            backend=args.backend,
+            frames=args.frames,
+            seeds=args.seeds,
+            seed_offset=args.seed_offset,
+            methods=tuple(m.strip() for m in args.methods.split(",")),
+            envs=args.envs,
+            unroll=args.unroll,
+            log_every=args.log_every,
+            teacher=args.teacher,
+            random_episodes=args.random_episodes,
+            learner=lcfg,
+            device=args.device,
+        )
         from ...rules import get_rule
 
         get_rule(args.rule)
@@ -173,27 +234,55 @@ def main(argv: list[str] | None = None) -> int:
     write_curves(result, out / "curves.csv")
     threshold = lcfg.threshold if lcfg.threshold is not None else (0.02 if len(games) == 1 else 0.01)
     teacher_ret = result.teacher_info.get("eval_return")
-    plot_curves(result.curves, games, cfg.methods, out / "curves.png", teacher_return=teacher_ret,
-                random_return=result.random_return, threshold=threshold,
-                title=f"{'+'.join(games)} ({cfg.backend}), {cfg.seeds} seeds, {cfg.frames} frames per run")
+    plot_curves(
+        result.curves,
+        games,
+        cfg.methods,
+        out / "curves.png",
+        teacher_return=teacher_ret,
+        random_return=result.random_return,
+        threshold=threshold,
+        title=f"{'+'.join(games)} ({cfg.backend}), {cfg.seeds} seeds, {cfg.frames} frames per run",
+    )
     summary = result.summary()
     with open(out / "summary.csv", "w") as f:
         f.write("method,game,early_return,final_return,final_weight,frames_to_teacher\n")
         for (meth, game), s in summary.items():
-            f.write(f"{meth},{game},{s['early_return']:.4f},{s['final_return']:.4f},{s['final_weight']:.4f},"
-                    f"{s['frames_to_teacher']:.0f}\n")
+            f.write(
+                f"{meth},{game},{s['early_return']:.4f},{s['final_return']:.4f},{s['final_weight']:.4f},"
+                f"{s['frames_to_teacher']:.0f}\n"
+            )
     elapsed = time.perf_counter() - start
     with open(out / "config.json", "w") as f:
-        json.dump({**config_dict(cfg), "threshold": threshold, "seconds": round(elapsed, 1),
-                   "fps": round(result.fps), "teacher_info": result.teacher_info,
-                   "random_return": result.random_return}, f, indent=2, default=str)
-    print(f"{runs} runs x {cfg.frames} frames in {result.seconds:.0f} s: {result.fps:.0f} frames/s in all "
-          f"({torch.get_num_threads()} torch thread(s))")
+        json.dump(
+            {
+                **config_dict(cfg),
+                "threshold": threshold,
+                "seconds": round(elapsed, 1),
+                "fps": round(result.fps),
+                "teacher_info": result.teacher_info,
+                "random_return": result.random_return,
+            },
+            f,
+            indent=2,
+            default=str,
+        )
+    print(
+        f"{runs} runs x {cfg.frames} frames in {result.seconds:.0f} s: {result.fps:.0f} frames/s in all "
+        f"({torch.get_num_threads()} torch thread(s))"
+    )
     if teacher_ret is not None:
-        print(f"teacher return {teacher_ret:.2f}; random: " + ", ".join(f"{g} {v:.2f}" for g, v in result.random_return.items()))
-    print(f"{'method':<10} {'game':<10} {'first quarter':>13} {'last 20%':>9} {'KL weight':>9} {'frames to teacher':>18}")
+        print(
+            f"teacher return {teacher_ret:.2f}; random: "
+            + ", ".join(f"{g} {v:.2f}" for g, v in result.random_return.items())
+        )
+    print(
+        f"{'method':<10} {'game':<10} {'first quarter':>13} {'last 20%':>9} {'KL weight':>9} {'frames to teacher':>18}"
+    )
     for (meth, game), s in summary.items():
-        print(f"{meth:<10} {game:<10} {s['early_return']:>13.2f} {s['final_return']:>9.2f} {s['final_weight']:>9.3f} "
-              f"{s['frames_to_teacher']:>18.0f}")
+        print(
+            f"{meth:<10} {game:<10} {s['early_return']:>13.2f} {s['final_return']:>9.2f} {s['final_weight']:>9.3f} "
+            f"{s['frames_to_teacher']:>18.0f}"
+        )
     print(f"wrote {out / 'curves.csv'}, {out / 'curves.png'}, {out / 'summary.csv'} in {elapsed:.0f} s")
     return 0

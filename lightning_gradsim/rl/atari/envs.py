@@ -67,7 +67,10 @@ class MinAtarVectorEnv:
     frames_per_step = 1
 
     def __init__(
-        self, games: Sequence[str], seeds: Sequence[int], sticky_action_prob: float = 0.1,
+        self,
+        games: Sequence[str],
+        seeds: Sequence[int],
+        sticky_action_prob: float = 0.1,
         max_episode_steps: int = 10_000,
     ) -> None:
         try:
@@ -153,17 +156,31 @@ class AleVectorEnv:
             from ale_py.vector_env import AtariVectorEnv
             from gymnasium.vector import AutoresetMode
         except ImportError as err:  # pragma: no cover - exercised without the extra
-            raise ImportError("The ALE backend needs ale-py and gymnasium: pip install 'lightning-gradsim[ale]'.") from err
+            raise ImportError(
+                "The ALE backend needs ale-py and gymnasium: pip install 'lightning-gradsim[ale]'."
+            ) from err
         games = _checked_games(games, seeds)
         self.games = games
         self.groups: list[tuple[np.ndarray, object, np.ndarray]] = []
         for game in dict.fromkeys(games):
             idx = np.array([i for i, g in enumerate(games) if g == game])
             env = AtariVectorEnv(
-                game, len(idx), num_threads=num_threads, full_action_space=True, reward_clipping=False,
-                repeat_action_probability=0.0, noop_max=30, frameskip=4, stack_num=4, img_height=84,
-                img_width=84, grayscale=True, maxpool=True, episodic_life=False,
-                max_num_frames_per_episode=max_episode_frames, autoreset_mode=AutoresetMode.SAME_STEP,
+                game,
+                len(idx),
+                num_threads=num_threads,
+                full_action_space=True,
+                reward_clipping=False,
+                repeat_action_probability=0.0,
+                noop_max=30,
+                frameskip=4,
+                stack_num=4,
+                img_height=84,
+                img_width=84,
+                grayscale=True,
+                maxpool=True,
+                episodic_life=False,
+                max_num_frames_per_episode=max_episode_frames,
+                autoreset_mode=AutoresetMode.SAME_STEP,
             )
             self.groups.append((idx, env, np.asarray(seeds)[idx]))
         self.num_envs = len(games)

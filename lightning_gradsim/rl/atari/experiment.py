@@ -83,7 +83,9 @@ class AtariConfig:
         if self.frames < 1 or self.seeds < 1 or self.unroll < 1 or self.log_every < 0:
             raise ValueError("frames, seeds and unroll must be >= 1 and log_every >= 0.")
         if self.envs < len(self.games) or self.envs % len(self.games):
-            raise ValueError(f"envs ({self.envs}) must be a positive multiple of the number of games ({len(self.games)}).")
+            raise ValueError(
+                f"envs ({self.envs}) must be a positive multiple of the number of games ({len(self.games)})."
+            )
 
     @property
     def runs(self) -> list[tuple[str, int]]:
@@ -163,9 +165,13 @@ def run_experiment(cfg: AtariConfig, progress: Callable[[int], None] | None = No
     net = StackedActorCritic(m, env.obs_shape, env.num_actions, arch=ARCH[cfg.backend], seeds=seeds).to(device)
     lcfg = cfg.learner
     learner = BatchedLearner(net, [meth for meth, _ in runs], teacher, lcfg, num_games=len(cfg.games))
-    random_return = {g: evaluate_policy(None, cfg.backend, g, episodes=cfg.random_episodes, seed=12345,
-                                        num_actions=env.num_actions)[0]
-                     for g in cfg.games if cfg.random_episodes > 0}
+    random_return = {
+        g: evaluate_policy(None, cfg.backend, g, episodes=cfg.random_episodes, seed=12345, num_actions=env.num_actions)[
+            0
+        ]
+        for g in cfg.games
+        if cfg.random_episodes > 0
+    }
     frames_per_update = t_len * n * env.frames_per_step
     updates = max(1, math.ceil(cfg.frames / frames_per_update))
     log_every = cfg.log_every or max(frames_per_update, cfg.frames // 40)
@@ -203,8 +209,14 @@ def run_experiment(cfg: AtariConfig, progress: Callable[[int], None] | None = No
                 for mi, ni in zip(*np.nonzero(ended)):
                     ret_sum[mi, game_np[ni]] += rets[mi, ni]
                     ret_cnt[mi, game_np[ni]] += 1
-        batch = Rollout(obs_buf.to(device), act_buf.to(device), logit_buf.to(device), rew_buf.to(device),
-                        done_buf.to(device), game_index)
+        batch = Rollout(
+            obs_buf.to(device),
+            act_buf.to(device),
+            logit_buf.to(device),
+            rew_buf.to(device),
+            done_buf.to(device),
+            game_index,
+        )
         stats = learner.update(batch)
         stat_sum += torch.cat([stats.cosine[:, None], stats.aux_weight[:, None], stats.game_cosine], 1)
         stat_cnt += 1
@@ -217,8 +229,18 @@ def run_experiment(cfg: AtariConfig, progress: Callable[[int], None] | None = No
                 mean_ret = ret_sum / ret_cnt
             for mi, (meth, seed) in enumerate(runs):
                 for gi, game in enumerate(cfg.games):
-                    curves.append((meth, seed, frames_done, game, float(mean_ret[mi, gi]), float(s[mi, 2 + gi]),
-                                   float(s[mi, 1]), float(s[mi, 0])))
+                    curves.append(
+                        (
+                            meth,
+                            seed,
+                            frames_done,
+                            game,
+                            float(mean_ret[mi, gi]),
+                            float(s[mi, 2 + gi]),
+                            float(s[mi, 1]),
+                            float(s[mi, 0]),
+                        )
+                    )
             ret_sum[:], ret_cnt[:] = 0.0, 0.0
             stat_sum.zero_()
             stat_cnt = 0

@@ -35,8 +35,15 @@ from ...gate import GradientGate
 from ..vtrace import from_importance_weights
 from .nets import StackedActorCritic
 
-__all__ = ["METHODS", "LearnerConfig", "Rollout", "UpdateStats", "actor_critic_losses", "distillation_loss",
-           "BatchedLearner"]
+__all__ = [
+    "METHODS",
+    "LearnerConfig",
+    "Rollout",
+    "UpdateStats",
+    "actor_critic_losses",
+    "distillation_loss",
+    "BatchedLearner",
+]
 
 METHODS: tuple[str, ...] = ("rl", "kl", "rl_kl", "rl_kl_cos")
 
@@ -81,8 +88,16 @@ class UpdateStats(NamedTuple):
 
 
 def actor_critic_losses(
-    logits: Tensor, values: Tensor, bootstrap_value: Tensor, actions: Tensor, behaviour_logits: Tensor,
-    rewards: Tensor, discounts: Tensor, entropy_cost: float, baseline_cost: float, weights: Tensor | None = None,
+    logits: Tensor,
+    values: Tensor,
+    bootstrap_value: Tensor,
+    actions: Tensor,
+    behaviour_logits: Tensor,
+    rewards: Tensor,
+    discounts: Tensor,
+    entropy_cost: float,
+    baseline_cost: float,
+    weights: Tensor | None = None,
 ) -> Tensor:
     """IMPALA's loss per member: V-trace policy gradient + ``baseline_cost`` * value + entropy bonus.
 
@@ -94,7 +109,10 @@ def actor_critic_losses(
     logp = logp_all.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
     behaviour_logp = F.log_softmax(behaviour_logits, dim=-1).gather(-1, actions.unsqueeze(-1)).squeeze(-1)
     vt = from_importance_weights(
-        log_rhos=(logp - behaviour_logp).detach(), discounts=discounts, rewards=rewards, values=values.detach(),
+        log_rhos=(logp - behaviour_logp).detach(),
+        discounts=discounts,
+        rewards=rewards,
+        values=values.detach(),
         bootstrap_value=bootstrap_value.detach(),
     )
     entropy = -(logp_all.exp() * logp_all).sum(-1)
@@ -127,8 +145,12 @@ class BatchedLearner:
     """
 
     def __init__(
-        self, net: StackedActorCritic, methods: Sequence[str], teacher: StackedActorCritic | None,
-        config: LearnerConfig, num_games: int = 1,
+        self,
+        net: StackedActorCritic,
+        methods: Sequence[str],
+        teacher: StackedActorCritic | None,
+        config: LearnerConfig,
+        num_games: int = 1,
     ) -> None:
         methods = list(methods)
         unknown = sorted(set(methods) - set(METHODS))
@@ -139,8 +161,9 @@ class BatchedLearner:
         self.uses_kl = any(m != "rl" for m in methods)
         if self.uses_kl and teacher is None:
             raise ValueError("Methods kl, rl_kl and rl_kl_cos need a teacher network.")
-        if teacher is not None and (teacher.members != 1 or teacher.num_actions != net.num_actions
-                                    or teacher.in_shape != net.in_shape):
+        if teacher is not None and (
+            teacher.members != 1 or teacher.num_actions != net.num_actions or teacher.in_shape != net.in_shape
+        ):
             raise ValueError(
                 f"The teacher ({teacher.members} member(s), input {teacher.in_shape}, {teacher.num_actions} actions) "
                 f"does not fit the students (input {net.in_shape}, {net.num_actions} actions)."
@@ -154,12 +177,14 @@ class BatchedLearner:
         self.gated = torch.tensor([m == "rl_kl_cos" for m in methods], device=dev)
         # The gate of D.3: one state per member (rows of other methods are measured, not used).
         threshold = config.threshold if config.threshold is not None else (0.02 if num_games == 1 else 0.01)
-        self.gate = GradientGate(rule=config.rule, aux_weight=lam, threshold=threshold,
-                                 cosine_ema=config.cosine_ema, per_layer=True)
+        self.gate = GradientGate(
+            rule=config.rule, aux_weight=lam, threshold=threshold, cosine_ema=config.cosine_ema, per_layer=True
+        )
         # Per-game cosines: the same measurement against each game's RL gradient (nothing combined).
         self.game_monitor = GradientGate(rule="main_only", cosine_ema=config.cosine_ema, per_layer=True)
-        self.optimizer = torch.optim.RMSprop(net.parameters(), lr=config.lr, alpha=config.rmsprop_alpha,
-                                             eps=config.rmsprop_eps)
+        self.optimizer = torch.optim.RMSprop(
+            net.parameters(), lr=config.lr, alpha=config.rmsprop_alpha, eps=config.rmsprop_eps
+        )
 
     def update(self, batch: Rollout) -> UpdateStats:
         """One optimiser step of every member from ``batch``; returns per-member statistics."""
@@ -184,9 +209,18 @@ class BatchedLearner:
         shared, heads = net.shared_parameters(), net.value_parameters()
         game_masks = [(batch.game == g).to(values.dtype).expand(t_len, m, n) for g in range(self.num_games)]
         rl_losses = [
-            actor_critic_losses(logits[:-1], values[:-1], values[-1], batch.actions, batch.behaviour_logits,
-                                rewards, discounts, cfg.entropy_cost, cfg.baseline_cost,
-                                weights=mask if self.num_games > 1 else None)
+            actor_critic_losses(
+                logits[:-1],
+                values[:-1],
+                values[-1],
+                batch.actions,
+                batch.behaviour_logits,
+                rewards,
+                discounts,
+                cfg.entropy_cost,
+                cfg.baseline_cost,
+                weights=mask if self.num_games > 1 else None,
+            )
             for mask in game_masks
         ]
         params = shared + heads
@@ -219,9 +253,11 @@ class BatchedLearner:
         else:
             update_shared, cosine, weight, kl_loss = g_rl[: len(shared)], zeros_m, zeros_m, zeros_m
             game_cosine = zeros_m.unsqueeze(1).expand(m, self.num_games)
-        grads = list(update_shared) + g_rl[len(shared):]
+        grads = list(update_shared) + g_rl[len(shared) :]
         if cfg.max_grad_norm > 0:  # per member
             norm = torch.stack([g.reshape(m, -1).pow(2).sum(1) for g in grads]).sum(0).sqrt()
             scale = (cfg.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
             grads = [g * scale.view((m,) + (1,) * (g.dim() - 1)) for g in grads]
-        return [g.detach() for g in grads], UpdateStats(cosine.detach(), game_cosine.detach(), weight.detach(), rl_loss, kl_loss)
+        return [g.detach() for g in grads], UpdateStats(
+            cosine.detach(), game_cosine.detach(), weight.detach(), rl_loss, kl_loss
+        )

@@ -115,8 +115,11 @@ class StackedActorCritic(nn.Module):
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """Torso and policy head: reached by the RL loss and the distillation loss."""
-        return list(self.conv_weights) + list(self.conv_biases) + [
-            self.fc_weight, self.fc_bias, self.policy_weight, self.policy_bias]
+        return (
+            list(self.conv_weights)
+            + list(self.conv_biases)
+            + [self.fc_weight, self.fc_bias, self.policy_weight, self.policy_bias]
+        )
 
     def value_parameters(self) -> list[nn.Parameter]:
         """The value head: reached by the RL loss only."""
@@ -124,9 +127,7 @@ class StackedActorCritic(nn.Module):
 
     def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
         if obs.dim() != 5 or obs.shape[0] != self.members or tuple(obs.shape[2:]) != self.in_shape:
-            raise ValueError(
-                f"Expected observations [M={self.members}, N, *{self.in_shape}], got {tuple(obs.shape)}."
-            )
+            raise ValueError(f"Expected observations [M={self.members}, N, *{self.in_shape}], got {tuple(obs.shape)}.")
         x = obs.float() / 255.0 if obs.dtype == torch.uint8 else obs.float()
         # One convolution per member: faster on CPUs than one grouped convolution (measured).
         flat = []

@@ -64,9 +64,14 @@ def _band(ax, frames: np.ndarray, values: np.ndarray, colour: str, label: str, l
 
 
 def plot_curves(
-    curves: Sequence[tuple], games: Sequence[str], methods: Sequence[str], path: str | os.PathLike,
-    teacher_return: float | None = None, random_return: dict[str, float] | None = None,
-    threshold: float | None = None, title: str = "",
+    curves: Sequence[tuple],
+    games: Sequence[str],
+    methods: Sequence[str],
+    path: str | os.PathLike,
+    teacher_return: float | None = None,
+    random_return: dict[str, float] | None = None,
+    threshold: float | None = None,
+    title: str = "",
 ) -> None:
     """Write the Figure-5 (one game) or Figure-6 (several games) style PNG to ``path``."""
     import matplotlib

@@ -48,13 +48,20 @@ def save_teacher(net: StackedActorCritic, member: int, path: str | os.PathLike, 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.half() for k, v in net.member_state(member).items()}
-    payload = {"state_dict": state, "arch": net.arch, "in_shape": list(net.in_shape),
-               "num_actions": net.num_actions, **info}
+    payload = {
+        "state_dict": state,
+        "arch": net.arch,
+        "in_shape": list(net.in_shape),
+        "num_actions": net.num_actions,
+        **info,
+    }
     torch.save(payload, path)
     return path
 
 
-def load_teacher(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[StackedActorCritic, dict[str, Any]]:
+def load_teacher(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[StackedActorCritic, dict[str, Any]]:
     """Load a checkpoint written by :func:`save_teacher`: a one-member network (eval mode) and its info."""
     path = Path(path)
     if not path.is_file():
@@ -62,7 +69,9 @@ def load_teacher(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     payload = torch.load(path, map_location="cpu", weights_only=True)
     missing = [k for k in ("state_dict", "arch", "in_shape", "num_actions") if k not in payload]
     if missing:
-        raise ValueError(f"{path} is not a teacher checkpoint (missing {missing}); create one with `gradsim atari teacher`.")
+        raise ValueError(
+            f"{path} is not a teacher checkpoint (missing {missing}); create one with `gradsim atari teacher`."
+        )
     net = StackedActorCritic(1, payload["in_shape"], payload["num_actions"], arch=payload["arch"])
     net.load_member_state({k: v.float() for k, v in payload["state_dict"].items()})
     net.requires_grad_(False)
@@ -72,8 +81,14 @@ def load_teacher(path: str | os.PathLike, device: str | torch.device = "cpu") ->
 
 @torch.no_grad()
 def evaluate_policy(
-    net: StackedActorCritic | None, backend: str, game: str, episodes: int, seed: int, envs: int = 8,
-    max_steps: int = 100_000, num_actions: int | None = None,
+    net: StackedActorCritic | None,
+    backend: str,
+    game: str,
+    episodes: int,
+    seed: int,
+    envs: int = 8,
+    max_steps: int = 100_000,
+    num_actions: int | None = None,
 ) -> tuple[float, int]:
     """Mean return of ``net``'s sampled policy (member 0; ``None``: uniformly random) over ``episodes``.
 
