@@ -28,8 +28,8 @@ def test_builtin_methods_are_lazy_entries_that_resolve():
     from lightning_gradsim.methods import BUILTIN_METHODS
 
     assert set(BUILTIN_METHODS) == {"uncertainty", "gradnorm"}  # pcgrad is a rule
-    assert isinstance(make_gate("uncertainty", aux_tasks=["a"]), UncertaintyWeighting)
-    assert isinstance(make_gate("gradnorm"), GradNorm)
+    assert isinstance(make_gate("uncertainty", aux_tasks=["a"]).loss_weighting, UncertaintyWeighting)
+    assert isinstance(make_gate("gradnorm").loss_weighting, GradNorm)
     assert isinstance(make_gate("pcgrad").rule, PCGrad)
     for name in ("gradnorm", "pcgrad"):
         with pytest.raises(ValueError, match="already exists"):

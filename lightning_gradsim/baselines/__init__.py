@@ -11,7 +11,7 @@ The three methods are built-in names of :func:`lightning_gradsim.methods.make_ga
 and the names below load theirs on first access.
 
 >>> from lightning_gradsim.methods import make_gate
->>> type(make_gate("uncertainty", aux_tasks=["rotated"])).__name__
+>>> type(make_gate("uncertainty", aux_tasks=["rotated"]).loss_weighting).__name__
 'UncertaintyWeighting'
 """
 

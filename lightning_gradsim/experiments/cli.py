@@ -67,8 +67,14 @@ class GradSimCLI(LightningCLI):
         )
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        """Parse ``args`` only (LightningCLI would warn that ``sys.argv`` holds arguments too: it holds these)."""
-        self.config = parser.parse_args(args)
+        """Parse ``args`` only (LightningCLI would warn that ``sys.argv`` holds arguments too: it holds these).
+
+        ``--config NAME`` is first resolved to the packaged config's file
+        (:func:`~lightning_gradsim.configs.resolve_config_args`; a path stays a path).
+        """
+        from ..configs import resolve_config_args
+
+        self.config = parser.parse_args(resolve_config_args(args))
 
     def _warn_if_relaunch_differs(self) -> None:
         from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
@@ -103,19 +109,16 @@ class GradSimCLI(LightningCLI):
 def run_cli(subcommand: str, argv: list[str]) -> int:
     """Run ``subcommand`` (``fit``, ``validate``, ``test``, ``predict``) with LightningCLI arguments.
 
-    ``--config NAME`` is resolved to the packaged config's file first
-    (:func:`~lightning_gradsim.configs.resolve_config_args`). ``sys.argv`` is left alone: Lightning's
-    ``ddp`` launcher re-runs it for ranks 1..N-1, which resolve the same name to the same file.
+    ``--config NAME`` names a packaged config (see :class:`GradSimCLI`). ``sys.argv`` is left alone:
+    Lightning's ``ddp`` launcher re-runs it for ranks 1..N-1, which resolve the same name to the same file.
     """
-    from ..configs import ConfigNotFoundError, resolve_config_args
+    from ..configs import ConfigNotFoundError
 
     try:
-        argv = resolve_config_args(argv)
+        GradSimCLI([subcommand, *argv])
     except ConfigNotFoundError as err:
         print(f"gradsim {subcommand}: {err}", file=sys.stderr)
         return 2
-    try:
-        GradSimCLI([subcommand, *argv])
     except SystemExit as exit_:
         return int(exit_.code or 0)
     return 0
