@@ -110,9 +110,10 @@ def sharded_worker(rank: int, world: int, port: int, out_dir: str, scenarios: li
         held: list[int] = []
 
         def counting(name: str):
-            def call(tensor, *args, **kwargs):
+            def call(*args, **kwargs):
+                tensor = args[0] if args else kwargs.get("tensor", kwargs.get("output"))  # FSDP2 passes keywords
                 sizes.append((name, tensor.numel()))
-                return real[name](tensor, *args, **kwargs)
+                return real[name](*args, **kwargs)
 
             return call
 

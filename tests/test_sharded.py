@@ -41,7 +41,7 @@ SCENARIOS = [
     {"name": "bn_none", "model_class": "bn", "model": {"rule": "unweighted"}},
     {"name": "bn_broadcast", "model_class": "bn", "model": {"rule": "unweighted"},
      "settings": {"gradsim_sync_buffers": "broadcast"}},
-    {"name": "bn_sync", "model_class": "bn", "model": {"rule": "unweighted", "bn": "sync"}},
+    {"name": "bn_sync", "model_class": "bn", "model": {"rule": "unweighted", "bn": "sync", "optimizer": "sgd"}},
     {"name": "fsdp", **FSDP, "model": {"rule": "unweighted", "gate": {"cosine_ema": 0.5}}},
     {"name": "fsdp_full", **FSDP, "model": PROJ, "checkpoint_every": 4, "trainer": {"max_epochs": 2}},
     {"name": "fsdp_resumed", **FSDP, "model": PROJ, "trainer": {"max_epochs": 2}, "resume_from": "fsdp_full/step=4.ckpt"},
@@ -203,8 +203,9 @@ def test_buffer_broadcast_gives_every_rank_rank_0s_statistics(runs):
 @pytest.mark.slow
 def test_sync_batchnorm_with_the_gate_equals_one_process(runs):
     """A SyncBatchNorm (here its CPU stand-in: statistics all-reduced in the forward and in each per-task
-    backward) keeps the run exact: weights and running statistics of one process on the whole batch."""
-    ref = _single("bn_sync", model=BNTinyNet(rule="unweighted", bn="hidden"))
+    backward) keeps the run exact: weights and running statistics of one process on the whole batch. (SGD: the
+    bias before the BatchNorm has a zero gradient up to rounding, which Adam would blow up to full steps.)"""
+    ref = _single("bn_sync", model=BNTinyNet(rule="unweighted", bn="hidden", optimizer="sgd"))
     for rank in runs["bn_sync"]:
         _same_params(rank["params"], params(ref))
         for name in ("running_mean", "running_var"):
@@ -251,8 +252,9 @@ def test_batched_path_keeps_the_finite_tasks_statistics_when_a_loss_is_infinite(
             stats = gate.backward(losses[0], losses[1:], trunk.parameters())
         out[strategy] = stats
         assert not bool(stats.finite) and int(gate.state.skipped_steps) == 1
-        for key, value in state_before.items():  # the skipped step left the state alone
-            torch.testing.assert_close(gate.state.state_dict()[key], value)
+        for key, value in state_before.items():  # the skipped step left the state alone, but for its counters
+            if key not in ("skipped_steps", "step"):
+                torch.testing.assert_close(gate.state.state_dict()[key], value, msg=key)
     seq, bat = out["sequential"], out["batched"]
     assert torch.isfinite(bat.main_norm) and torch.isfinite(bat.aux_norm[1]) and not torch.isfinite(bat.aux_norm[0])
     torch.testing.assert_close(bat.main_norm, seq.main_norm)
