@@ -286,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for pair in pairs:
         print(
-            f"{pair.kind} pair: main '{pair.main_name}' ({pair.main_class}) vs aux '{pair.aux_name}' ({pair.aux_class}); "
+            f"{pair.kind} pair: main '{pair.main_name}' ({pair.main_class}) "
+            f"vs aux '{pair.aux_name}' ({pair.aux_class}); "
             f"{len(pair.main)} main / {len(pair.aux)} aux training images, {len(pair.test)} test images"
         )
     result = train_pairs(
