@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         extra = "rl" if entry.startswith("lightning_gradsim.rl.") else "experiments"
         print(
-            f"gradsim {name}: needs the package {err.name!r}; install it with pip install 'lightning-gradsim[{extra}]'.",
+            f"gradsim {name}: needs the package {err.name!r}; "
+            f"install it with pip install 'lightning-gradsim[{extra}]'.",
             file=sys.stderr,
         )
         return 2

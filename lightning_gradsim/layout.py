@@ -185,7 +185,8 @@ class TaskGradients:
 
         ``weights``: ``(*B, K)`` or ``(*B, K + 1)`` (last: the direction's coefficient). With
         ``direction=None`` the direction is the main gradient itself (its coefficient is folded into
-        ``w_0``); otherwise one tensor (or ``None``: no direction there) per present tensor. With ``into`` (the shared parameters), the combination is accumulated into their
+        ``w_0``); otherwise one tensor (or ``None``: no direction there) per present tensor. With
+        ``into`` (the shared parameters), the combination is accumulated into their
         ``.grad`` in place (and ``[]`` returned); otherwise one new tensor per shared tensor is
         returned (``None`` where no task reaches it).
         """

@@ -116,7 +116,7 @@ class CrossStitchNet(nn.Module):
                 f"Both columns need the same, non-zero number of stages; got {len(stages_a)} and {len(stages_b)}."
             )
         n = len(stages_a)
-        stitch_after = sorted(set(int(i) for i in stitch_after))
+        stitch_after = sorted({int(i) for i in stitch_after})
         bad = [i for i in stitch_after if not 0 <= i < n]
         if bad:
             raise ValueError(f"stitch_after has stage indices {bad} outside 0..{n - 1}.")
@@ -219,7 +219,7 @@ def cross_stitch_mlp(
         stages[0] = nn.Sequential(nn.Flatten(), *stages[0])  # accept (N, 8, 8) digits as well as (N, 64)
         return stages
 
-    idx = list(range(len(hidden))) if stitch_after is None else sorted(set(int(i) for i in stitch_after))
+    idx = list(range(len(hidden))) if stitch_after is None else sorted({int(i) for i in stitch_after})
     bad = [i for i in idx if not 0 <= i < len(hidden)]
     if bad:
         raise ValueError(f"stitch_after has layer indices {bad} outside 0..{len(hidden) - 1} (one per hidden layer).")

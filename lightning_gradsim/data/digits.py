@@ -19,6 +19,7 @@ task's, unrotated. Training batches are ``{"main": (x, y), "rotated": (x, y)}``.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import lightning as L
 import torch
@@ -26,6 +27,9 @@ from torch import Tensor
 from torch.utils.data import TensorDataset
 
 from ._common import default_mnist_root, eval_loader, seeded_split, task_loaders
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["RotatedDigitsDataModule", "rotate_images", "load_digits_source"]
 
