@@ -198,8 +198,8 @@ def main(argv: list[str] | None = None) -> None:
             calls, elements, moved = "bucketed", ddp_elements, ddp_bytes
         else:
             calls, elements, moved = res["counts"][mode]
-        print(f"| {mode} | {ms:.1f} | {ms / (1e3 * base):.2f} | {calls} | {elements:,} | {elements / ddp_elements:.2f} | "
-              f"{moved / 1e6:.2f} | {moved / ddp_bytes:.2f} |")  # fmt: skip
+        print(f"| {mode} | {ms:.1f} | {ms / (1e3 * base):.2f} | {calls} | {elements:,} | "
+              f"{elements / ddp_elements:.2f} | {moved / 1e6:.2f} | {moved / ddp_bytes:.2f} |")  # fmt: skip
     print(
         f"formulas (elements handed to collectives): ddp S+H; global K S+H+1; sharded K N c + (H+1) + L K^2 + N c "
         f"(c = ceil(S/N): K S reduce-scattered, S all-gathered); local S+H+1. Wall time {wall:.0f} s."

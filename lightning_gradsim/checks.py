@@ -8,7 +8,7 @@ per step to decide whether the optimizer steps).
 >>> check_task_losses({"main": torch.tensor(1.0, requires_grad=True), "rot": 0.5}, set())
 Traceback (most recent call last):
 ...
-TypeError: task_losses()['rot'] is a float, not a tensor: return the loss computed from the model (a 0-d torch.Tensor), not a Python number.
+TypeError: task_losses()['rot'] is a float, not a tensor: return the loss computed from the model (a 0-d ...
 """
 
 from __future__ import annotations
@@ -234,7 +234,7 @@ def finite_step(
             f"Non-finite loss or gradient in task(s) {bad} at step {module.global_step}. "
             "Set gradsim_on_nonfinite='skip' to skip such steps instead."
         )
-    warned: set[str] = module._gradsim_own("_gradsim_warned_tasks", set)  # type: ignore[attr-defined]
+    warned: set[str] = module._gradsim_own("_gradsim_warned_tasks", set)  # type: ignore[operator]
     new = [n for n in bad if n not in warned]
     if new:
         warned.update(new)

@@ -44,7 +44,7 @@ def _dtensor_class() -> type | None:
     for name in ("torch.distributed.tensor", "torch.distributed._tensor"):
         cls = getattr(sys.modules.get(name), "DTensor", None)
         if cls is not None:
-            return cls  # type: ignore[no-any-return]
+            return cls
     return None
 
 
@@ -55,7 +55,7 @@ def is_dtensor(t: object) -> bool:
 
 
 def _local(t: Tensor) -> Tensor:
-    return t.to_local() if is_dtensor(t) else t  # type: ignore[attr-defined, no-any-return]
+    return t.to_local() if is_dtensor(t) else t  # type: ignore[attr-defined]
 
 
 class ShardSpec(NamedTuple):
@@ -73,7 +73,7 @@ class ShardSpec(NamedTuple):
     def wrap(self, local: Tensor) -> Tensor:
         cls = _dtensor_class()
         assert cls is not None
-        return cls.from_local(  # type: ignore[attr-defined, no-any-return]
+        return cls.from_local(  # type: ignore[attr-defined]
             local, self.mesh, self.placements, run_check=False, shape=self.shape, stride=self.stride
         )
 
@@ -153,7 +153,7 @@ def _check_sharded(params: Sequence[Tensor]) -> dist.ProcessGroup:
         raise NotImplementedError(
             "The gate needs parameters sharded (Shard placements) by fully_shard, not replicated."
         )
-    return mesh.get_group()  # type: ignore[no-any-return]
+    return mesh.get_group()
 
 
 def check_fsdp(gate: GradientGate, pipeline: Transforms, others_given: bool) -> None:
@@ -169,7 +169,8 @@ def check_fsdp(gate: GradientGate, pipeline: Transforms, others_given: bool) -> 
         )
     if gate.similarity != "parameters" or gate.every_n_steps != 1:
         raise ValueError(
-            f"Under FSDP2 the gate takes the per-task parameter gradients: similarity='parameters' and every_n_steps=1, "
+            "Under FSDP2 the gate takes the per-task parameter gradients: similarity='parameters' and "
+            "every_n_steps=1, "
             f"not similarity={gate.similarity!r}, every_n_steps={gate.every_n_steps}."
         )
     if gate.loss_weighting is not None:

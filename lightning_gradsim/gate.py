@@ -110,7 +110,7 @@ class GradientGate(nn.Module):
         self.aux_names: list[str] | None = None
         self._last_stats: GateStats | None = None
         self._features: list[Tensor] | None = None
-        self._weight_cache: tuple[tuple, Tensor] | None = None
+        self._weight_cache: tuple[tuple[Any, ...], Tensor] | None = None
         self._grad_state: dict[str, bool] = {}
 
     @property
@@ -121,7 +121,8 @@ class GradientGate(nn.Module):
     def last_stats(self) -> GateStats | None:
         """The statistics of the last measured step (restored with the reused weights on resume)."""
         if self._last_stats is None and self.state.reuse is not None:
-            return self.state.reuse.stats
+            reused: GateStats = self.state.reuse.stats
+            return reused
         return self._last_stats
 
     @last_stats.setter
@@ -252,7 +253,8 @@ class GradientGate(nn.Module):
         index independent problems (e.g. one gridworld each), each gated on its own with its own
         state. Returns the combined update, in ``main``'s structure, and the statistics.
 
-        >>> update, stats = GradientGate(rule="weighted").combine(torch.tensor([1.0, 0.0]), {"distill": torch.tensor([1.0, 1.0])})
+        >>> main, aux = torch.tensor([1.0, 0.0]), {"distill": torch.tensor([1.0, 1.0])}
+        >>> update, stats = GradientGate(rule="weighted").combine(main, aux)
         >>> update, stats.weight
         (tensor([1.7071, 0.7071]), tensor([0.7071]))
         """
@@ -320,9 +322,9 @@ class GradientGate(nn.Module):
         if state:
             self.aux_names = state.get("aux_names")
 
-    def _load_from_state_dict(
+    def _load_from_state_dict(  # type: ignore[no-untyped-def]
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ):  # type: ignore[override]
+    ):
         # Checkpoints of version 0.1 (before the state module and composed loss weightings): move their keys.
         upgrade_legacy_keys(state_dict, prefix, self.loss_weighting, strict, error_msgs)
         super()._load_from_state_dict(

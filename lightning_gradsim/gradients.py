@@ -318,7 +318,7 @@ def _batched(
             full[live] = s
             s = full
         stacked.append(s)
-    other_sum = [None if x is None else x.sum(0) for x in g[n_shared:]]
+    other_sum: list[Tensor | None] = [None if x is None else x.sum(0) for x in g[n_shared:]]
     if info is None:
         info = inspect_graph(losses, shared)
     reached = list(info.reaches_shared)
@@ -358,7 +358,7 @@ def backward_gradients(
             if loss.grad_fn is None:
                 rows.append([None] * len(shared))
                 continue
-            loss.backward(retain_graph=retain_graph or k != last)
+            torch.autograd.backward(loss, retain_graph=retain_graph or k != last)
             rows.append([p.grad for p in shared])
             for p in shared:
                 p.grad = None

@@ -89,7 +89,8 @@ class GradSimMixin:
     ...     def task_losses(self, batch, batch_idx):
     ...         x, y, y_aux = batch
     ...         h = self.trunk(x)
-    ...         return {"main": F.cross_entropy(self.main_head(h), y), "rotated": F.cross_entropy(self.aux_head(h), y_aux)}
+    ...         main, rotated = F.cross_entropy(self.main_head(h), y), F.cross_entropy(self.aux_head(h), y_aux)
+    ...         return {"main": main, "rotated": rotated}
     ...     def configure_optimizers(self):
     ...         return torch.optim.SGD(self.parameters(), lr=0.1)
     >>> data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(
@@ -112,6 +113,9 @@ class GradSimMixin:
     #: Whether the last batch's optimizer step was skipped (non-finite); ``None`` before any step
     #: and on micro-batches that only accumulated.
     gradsim_last_step_skipped: bool | None = None
+    #: The step's transforms and (FSDP2) its sharded parameters, set in ``training_step`` only.
+    _gradsim_step_transforms: Transforms | None = None
+    _gradsim_step_params: tuple[list[Tensor], list[Tensor]] | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -162,9 +166,8 @@ class GradSimMixin:
         """The trainable shared parameters and the others (heads...), as the gate takes them. Under FSDP2
         these are the sharded parameters, taken at the start of the step (FSDP2 puts gathered copies in
         the modules from a forward to its backward)."""
-        captured = getattr(self, "_gradsim_step_params", None)
-        if captured is not None:
-            return captured  # type: ignore[no-any-return]
+        if self._gradsim_step_params is not None:
+            return self._gradsim_step_params
         shared = [p for p in self.shared_parameters() if p.requires_grad]
         if not shared:
             raise ValueError(
@@ -177,7 +180,7 @@ class GradSimMixin:
 
     def gradsim_transforms(self) -> Transforms:
         """The gradient transforms of the current step (empty outside ``training_step``)."""
-        return getattr(self, "_gradsim_step_transforms", None) or Transforms()
+        return self._gradsim_step_transforms or Transforms()
 
     # ------------------------------------------------------------------ Lightning plumbing
     @property
@@ -216,7 +219,7 @@ class GradSimMixin:
         self.gradsim_last_step_skipped = None
         if stats is not None:
             self._gradsim_last_stats = stats
-            finite = finite_step(self, losses, stats, overflow_ok=scaler is not None)
+            finite = finite_step(self, losses, stats, overflow_ok=scaler is not None)  # type: ignore[arg-type]
             self.gradsim_last_step_skipped = not finite
             if finite:
                 clip_gradients(optimizers, self.gradsim_clip_val, self.gradsim_clip_algorithm)
@@ -355,7 +358,8 @@ class GradSimMixin:
         if isinstance(gate, LossWeighting):
             raise AttributeError(
                 f"self.gradsim is a {type(gate).__name__} (a loss weighting); compose it with a gate: "
-                f'`self.gradsim = GradientGate(rule="sum", loss_weighting={type(gate).__name__}(...))` or make_gate(...).'
+                f'`self.gradsim = GradientGate(rule="sum", loss_weighting={type(gate).__name__}(...))` '
+                "or make_gate(...)."
             )
         if not isinstance(gate, GradientGate):
             raise AttributeError(

@@ -106,7 +106,8 @@ class GateStep:
         gate = self.gate
         if gate.loss_weighting is not None and gate.loss_weighting.needs_losses:
             grads.losses = self.raw
-        status, finite, checks = READY, None, [self.raw]  # the losses join the decision's one finiteness check
+        status, finite = READY, None
+        checks: list[Tensor | None] = [self.raw]  # the losses join the decision's one finiteness check
         if self.pipeline:
             grads.finite = torch.isfinite(self.raw).all()  # a window / the ranks AND it
             status = self.pipeline.task_gradients(grads)

@@ -138,7 +138,7 @@ class ReduceScatter(GradientTransform):
             work.wait()
         assert self._out is not None and self.layout is not None
         self._out.div_(n)
-        shards = [self.layout.local(self._out[k]) for k in range(num_tasks)]
+        shards: list[list[Tensor | None]] = [list(self.layout.local(self._out[k])) for k in range(num_tasks)]
         grads.stacked, grads.rows, grads.others = None, shards, list(averaged)
         grads.finite = ~bad
         grads._present = None

@@ -211,7 +211,7 @@ class GateState(nn.Module):
             stats = GateStats(**{k: v.to(device) for k, v in reuse["stats"].items()})
             self.reuse = Reuse(reuse["weights"].to(device), stats, list(reuse["present"]))
 
-    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:  # type: ignore[override]
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         if not self.packed:
             super()._save_to_state_dict(destination, prefix, keep_vars)
             return
@@ -225,9 +225,9 @@ class GateState(nn.Module):
             buf = getattr(self, name) if keep_vars else getattr(self, name).detach()
             destination[prefix + name] = specs[i].wrap(buf) if i < len(specs) and specs[i] is not None else buf
 
-    def _load_from_state_dict(
+    def _load_from_state_dict(  # type: ignore[no-untyped-def]
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ):  # type: ignore[no-untyped-def]
+    ):
         packed = state_dict.get(prefix + "_extra_state")
         if isinstance(packed, (bytes, bytearray)):  # saved packed (distributed checkpoint): unpack
             content = torch.load(io.BytesIO(packed), weights_only=True)

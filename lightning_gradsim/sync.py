@@ -72,7 +72,8 @@ def _direction_keys(module: nn.Module, state_dict: dict[str, Any]) -> list[str]:
     """The keys of the mixin's gate's direction EMA in ``state_dict`` (``<gate>.state.main_grad_ema_<i>``)."""
     for name, m in module.named_modules():
         if m is getattr(module, "gradsim", None) and name:
-            keys, prefix = [], f"{name}.state.main_grad_ema_"
+            keys: list[str] = []
+            prefix = f"{name}.state.main_grad_ema_"
             while prefix + str(len(keys)) in state_dict:
                 keys.append(prefix + str(len(keys)))
             return keys

@@ -109,7 +109,7 @@ def sharded_worker(rank: int, world: int, port: int, out_dir: str, scenarios: li
         sizes: list[tuple[str, int]] = []
         held: list[int] = []
 
-        def counting(name: str):
+        def counting(name: str, sizes: list[tuple[str, int]] = sizes):
             def call(*args, **kwargs):
                 tensor = args[0] if args else kwargs.get("tensor", kwargs.get("output"))  # FSDP2 passes keywords
                 sizes.append((name, tensor.numel()))
@@ -117,7 +117,7 @@ def sharded_worker(rank: int, world: int, port: int, out_dir: str, scenarios: li
 
             return call
 
-        def recording(self, grads):
+        def recording(self, grads, held: list[int] = held):
             status = real_task_gradients(self, grads)
             held.append(sum(g.numel() for row in grads.rows for g in row))  # the per-task shards this rank holds
             return status

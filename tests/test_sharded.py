@@ -44,7 +44,8 @@ SCENARIOS = [
     {"name": "bn_sync", "model_class": "bn", "model": {"rule": "unweighted", "bn": "sync", "optimizer": "sgd"}},
     {"name": "fsdp", **FSDP, "model": {"rule": "unweighted", "gate": {"cosine_ema": 0.5}}},
     {"name": "fsdp_full", **FSDP, "model": PROJ, "checkpoint_every": 4, "trainer": {"max_epochs": 2}},
-    {"name": "fsdp_resumed", **FSDP, "model": PROJ, "trainer": {"max_epochs": 2}, "resume_from": "fsdp_full/step=4.ckpt"},
+    {"name": "fsdp_resumed", **FSDP, "model": PROJ, "trainer": {"max_epochs": 2},
+     "resume_from": "fsdp_full/step=4.ckpt"},
 ]  # fmt: skip
 for sc in SCENARIOS:
     sc.setdefault("num_batches", NUM_BATCHES)
