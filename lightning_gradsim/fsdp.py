@@ -3,7 +3,7 @@
 Under FSDP2 every parameter is a DTensor sharded over the data-parallel ranks, and after a
 ``backward`` its ``.grad`` is this rank's shard of the gradient averaged over the ranks (FSDP2
 reduce-scatters it). So the gate takes one ``loss.backward(retain_graph=True)`` per task and keeps
-each task's shard (``K S / N`` gradient elements per rank; ``gradients.backward_gradients``), and
+each task's shard (``K S / N`` gradient elements per rank; :func:`backward_gradients`), and
 :class:`FSDPShards` does the rest::
 
     task_gradients   the DTensor shards -> their local tensors; one all-reduce of a non-finite flag
@@ -23,7 +23,7 @@ False
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
@@ -36,7 +36,7 @@ from .transforms import READY, GradientTransform, Status, Transforms
 if TYPE_CHECKING:
     from .gate import GradientGate
 
-__all__ = ["is_dtensor", "FSDPShards", "ShardSpec", "check_fsdp", "prepare_gate"]
+__all__ = ["is_dtensor", "backward_gradients", "FSDPShards", "ShardSpec", "check_fsdp", "prepare_gate"]
 
 
 def _dtensor_class() -> type | None:
@@ -131,6 +131,53 @@ class FSDPShards(GradientTransform):
 
     def __repr__(self) -> str:
         return "FSDPShards()"
+
+
+def backward_gradients(
+    losses: Sequence[Tensor],
+    shared: Sequence[Tensor],
+    others: Sequence[Tensor],
+    retain_graph: bool = False,
+    on_task: Callable[[int, int, Sequence[Tensor | None], Sequence[Tensor]], None] | None = None,
+) -> TaskGradients:
+    """Per-task gradients read from ``.grad`` after one ``loss.backward()`` per task (``"backward"``).
+
+    The way under FSDP2 (``fully_shard``): ``torch.autograd.grad`` cannot reach a sharded parameter
+    (autograd sees the gathered copy), but after each backward FSDP2 leaves the task's reduce-scattered
+    shard (a DTensor) in ``.grad``, which this takes and clears. Per-task gradient memory is then ``K``
+    shards, ``K S / N`` per rank. Every other parameter the losses reach gets ``.grad`` summed over
+    tasks, as ``backward`` gives it; ``.grad`` of ``shared`` and ``others`` is left as it was.
+
+    >>> w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    >>> backward_gradients([(w * w).sum(), w.sum()], [w], []).rows, w.grad
+    ([[tensor([2., 4.])], [tensor([1., 1.])]], None)
+    """
+    params = list(shared) + list(others)
+    saved = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    rows: list[list[Tensor | None]] = []
+    live = [k for k, loss in enumerate(losses) if loss.grad_fn is not None]
+    last = live[-1] if live else -1
+    try:
+        for k, loss in enumerate(losses):
+            if loss.grad_fn is None:
+                rows.append([None] * len(shared))
+                continue
+            torch.autograd.backward(loss, retain_graph=retain_graph or k != last)
+            rows.append([p.grad for p in shared])
+            for p in shared:
+                p.grad = None
+            if on_task is not None:
+                on_task(k, len(losses), rows[k], shared)
+        other_sum: list[Tensor | None] = [p.grad for p in others]
+    finally:
+        for p, g in zip(params, saved):
+            p.grad = g
+    reached = [any(g is not None for g in row) for row in rows]
+    return TaskGradients(
+        rows=rows, others=other_sum, reached=reached, strategy="backward", params=shared, other_params=others
+    )
 
 
 def _check_sharded(params: Sequence[Tensor]) -> dist.ProcessGroup:

@@ -13,7 +13,8 @@ How the per-task gradients are taken depends on the autograd graph (see :func:`w
   ``torch.autograd.grad(..., is_grads_batched=True)`` pushes the K cotangents through the graph
   together (vmap) and returns ``(K, *param.shape)`` stacks. When a loss is NaN/inf it would poison
   every task's gradient (``0 * inf``), so that step goes sequential (one host read of the losses).
-* ``"backward"``: FSDP2-sharded parameters, one ``loss.backward()`` per task (:func:`backward_gradients`).
+* ``"backward"``: FSDP2-sharded parameters, one ``loss.backward()`` per task
+  (:func:`~lightning_gradsim.fsdp.backward_gradients`).
 * ``"sequential"``: the tasks share trunk work on the CPU (as fast as ``"batched"`` there, with
   less memory), or vmap cannot run (an op without a batching rule; the gate falls back by
   itself): one ``torch.autograd.grad(retain_graph=True)`` per task.
@@ -37,6 +38,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .fsdp import backward_gradients
 from .layout import PerTaskGradients, TaskGradients
 
 __all__ = [
@@ -46,7 +48,6 @@ __all__ = [
     "walk_graph",
     "task_gradients",
     "per_task_gradients",
-    "backward_gradients",
     "feature_gradients",
     "weighted_gradients",
     "backpropagate",
@@ -199,7 +200,7 @@ def per_task_gradients(
     the next task's backward (``"separate"``, ``"sequential"``, ``"backward"``; e.g. to start a
     collective while the next backward runs). ``"backward"`` (never chosen by ``"auto"`` unless the
     shared parameters are FSDP2 shards) runs ``loss.backward()`` per task and reads ``.grad``: see
-    :func:`backward_gradients`.
+    :func:`~lightning_gradsim.fsdp.backward_gradients`.
 
     >>> w = torch.nn.Parameter(torch.ones(3))
     >>> h = w.tanh()  # one forward pass both tasks read: shared work
@@ -324,53 +325,6 @@ def _batched(
     reached = list(info.reaches_shared)
     return TaskGradients(
         stacked=stacked, others=other_sum, reached=reached, strategy="batched", params=shared, other_params=others
-    )
-
-
-def backward_gradients(
-    losses: Sequence[Tensor],
-    shared: Sequence[Tensor],
-    others: Sequence[Tensor],
-    retain_graph: bool = False,
-    on_task: TaskReady | None = None,
-) -> TaskGradients:
-    """Per-task gradients read from ``.grad`` after one ``loss.backward()`` per task (``"backward"``).
-
-    The way under FSDP2 (``fully_shard``): ``torch.autograd.grad`` cannot reach a sharded parameter
-    (autograd sees the gathered copy), but after each backward FSDP2 leaves the task's reduce-scattered
-    shard (a DTensor) in ``.grad``, which this takes and clears. Per-task gradient memory is then ``K``
-    shards, ``K S / N`` per rank. Every other parameter the losses reach gets ``.grad`` summed over
-    tasks, as ``backward`` gives it; ``.grad`` of ``shared`` and ``others`` is left as it was.
-
-    >>> w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
-    >>> backward_gradients([(w * w).sum(), w.sum()], [w], []).rows, w.grad
-    ([[tensor([2., 4.])], [tensor([1., 1.])]], None)
-    """
-    params = list(shared) + list(others)
-    saved = [p.grad for p in params]
-    for p in params:
-        p.grad = None
-    rows: list[list[Tensor | None]] = []
-    live = [k for k, loss in enumerate(losses) if loss.grad_fn is not None]
-    last = live[-1] if live else -1
-    try:
-        for k, loss in enumerate(losses):
-            if loss.grad_fn is None:
-                rows.append([None] * len(shared))
-                continue
-            torch.autograd.backward(loss, retain_graph=retain_graph or k != last)
-            rows.append([p.grad for p in shared])
-            for p in shared:
-                p.grad = None
-            if on_task is not None:
-                on_task(k, len(losses), rows[k], shared)
-        other_sum: list[Tensor | None] = [p.grad for p in others]
-    finally:
-        for p, g in zip(params, saved):
-            p.grad = g
-    reached = [any(g is not None for g in row) for row in rows]
-    return TaskGradients(
-        rows=rows, others=other_sum, reached=reached, strategy="backward", params=shared, other_params=others
     )
 
 

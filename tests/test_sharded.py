@@ -20,7 +20,8 @@ from torch import nn
 
 from lightning_gradsim import GradientGate
 from lightning_gradsim.checks import check_buffers, parallel_mode
-from lightning_gradsim.gradients import backward_gradients, per_task_gradients
+from lightning_gradsim.fsdp import backward_gradients
+from lightning_gradsim.gradients import per_task_gradients
 from lightning_gradsim.sharded import ShardLayout
 from lightning_gradsim.state import GateState
 
