@@ -95,9 +95,11 @@ class TaskGradients:
         self.rows = rows
         self.others: list[Tensor | None] = list(others) if others is not None else []
         if reached is None:  # every task (the number of rows, or of stacked vectors)
-            reached = [True] * (
-                len(rows) if rows is not None else next(s for s in stacked if s is not None).shape[batch_dims]
-            )  # type: ignore[union-attr]
+            if rows is not None:
+                reached = [True] * len(rows)
+            else:
+                assert stacked is not None  # exactly one of the two (checked above)
+                reached = [True] * next(s for s in stacked if s is not None).shape[batch_dims]
         self.reached = list(reached)
         self.strategy = strategy
         self.batch_dims = batch_dims
@@ -170,9 +172,9 @@ class TaskGradients:
             return gram
         cross = torch.stack(
             [
-                torch.stack([zero if r[i] is None else _dot(r[i], d).to(zero.dtype) for r in rows])
+                torch.stack([zero if g is None else _dot(g, d).to(zero.dtype) for g in (r[i] for r in rows)])
                 for i, d in zip(present, direction)
-            ]  # type: ignore[arg-type]
+            ]
         )
         dd = torch.stack([_dot(d, d).to(zero.dtype) for d in direction])
         return _extend(gram, cross, dd)
@@ -205,8 +207,9 @@ class TaskGradients:
                 assert s is not None
                 tail = (1,) * (s.dim() - bd - 1)
                 c = (w.reshape(w.shape + tail).to(s.dtype) * s).sum(bd)
-                if wd is not None and direction is not None and direction[b] is not None:
-                    c = c + wd.reshape(wd.shape + tail).to(s.dtype) * direction[b].to(s.dtype)
+                d = direction[b] if direction is not None else None
+                if wd is not None and d is not None:
+                    c = c + wd.reshape(wd.shape + tail).to(s.dtype) * d.to(s.dtype)
                 out[i] = c
             return out
         assert self.rows is not None
@@ -217,8 +220,9 @@ class TaskGradients:
                 if g is not None:
                     acc = torch.mul(g, w[k].to(g.dtype)) if acc is None else acc.addcmul_(g, w[k].to(g.dtype))
             assert acc is not None
-            if wd is not None and direction is not None and direction[b] is not None:
-                acc.addcmul_(direction[b].view(acc.shape).to(acc.dtype), wd.to(acc.dtype))
+            d = direction[b] if direction is not None else None
+            if wd is not None and d is not None:
+                acc.addcmul_(d.view(acc.shape).to(acc.dtype), wd.to(acc.dtype))
             out[i] = acc
         return out
 
@@ -362,8 +366,11 @@ def _write_stacked(
             accumulate_grad(p, (wf @ f).view(p.shape))
         else:
             grad.view(-1).addmv_(f.mT, wf)
-        if wd is not None and direction is not None and direction[b] is not None:
-            p.grad.add_((direction[b] * wd.to(direction[b].dtype)).view(p.shape).to(p.grad.dtype))  # type: ignore[union-attr]
+        d = direction[b] if direction is not None else None
+        if wd is not None and d is not None:
+            grad = p.grad
+            assert grad is not None  # written just above
+            grad.add_((d * wd.to(d.dtype)).view(p.shape).to(grad.dtype))
 
 
 def _write_rows(
@@ -388,18 +395,20 @@ def _write_rows(
 
     for b, i in enumerate(grads.present()):
         p = params[i]
-        col = [(k, rows[k][i]) for k in range(num_tasks) if rows[k][i] is not None]
+        col = [(k, g) for k, g in enumerate(r[i] for r in rows) if g is not None]
         start = 0
-        if p.grad is None:
+        grad = p.grad
+        if grad is None:
             k0, g0 = col[0]
-            p.grad = torch.mul(g0, coef(k0, g0.dtype)).to(p.dtype)  # type: ignore[arg-type]
+            grad = p.grad = torch.mul(g0, coef(k0, g0.dtype)).to(p.dtype)
             start = 1
         for k, g in col[start:]:
-            targets[k].append(p.grad)
-            sources[k].append(g if g.dtype == p.grad.dtype else g.to(p.grad.dtype))  # type: ignore[union-attr]
-        if wd is not None and direction is not None and direction[b] is not None:
-            targets[num_tasks].append(p.grad)
-            sources[num_tasks].append(direction[b].view(p.shape).to(p.grad.dtype))
+            targets[k].append(grad)
+            sources[k].append(g if g.dtype == grad.dtype else g.to(grad.dtype))
+        d = direction[b] if direction is not None else None
+        if wd is not None and d is not None:
+            targets[num_tasks].append(grad)
+            sources[num_tasks].append(d.view(p.shape).to(grad.dtype))
     for k, (t, src) in enumerate(zip(targets, sources)):
         if t:
             torch._foreach_addcmul_(t, src, [coef(k, x.dtype) for x in t])
@@ -417,6 +426,7 @@ def grad_norms(tensors: Sequence[Tensor]) -> Tensor | None:
     tensors = list(tensors)
     if not any(t.dtype in (torch.float16, torch.bfloat16) for t in tensors):
         return torch.stack(torch._foreach_norm(tensors, 2.0))
+    norms: Sequence[Tensor]
     try:  # half precision: accumulate and return the norms in float32 (no overflow at 65504)
         norms = torch._foreach_norm(tensors, 2.0, dtype=torch.float32)
     except (TypeError, RuntimeError):  # older torch: no dtype argument

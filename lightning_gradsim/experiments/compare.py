@@ -48,6 +48,7 @@ import lightning as L
 from lightning.pytorch import Callback
 
 from ..methods import list_methods
+from ..mixin import GradSimMixin
 from ..monitor import GradSimMonitor
 from .registry import DEFAULT_METHODS, build_setup, list_setups, register_setup
 
@@ -103,7 +104,7 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
     torch.set_num_threads(int(os.environ.get("GRADSIM_THREADS", "1")))
     L.seed_everything(spec.seed, workers=True, verbose=False)
     module, datamodule = build_setup(spec.setup, spec.method, spec.seed, spec.gate, **spec.options)
-    if spec.trainer.get("logger") in (None, False):
+    if spec.trainer.get("logger") in (None, False) and isinstance(module, GradSimMixin):
         module.gradsim_log_losses = False  # nobody reads them without a logger; self.log costs ~1/3 of a step
     curve = _ValCurve()
     monitor = GradSimMonitor(logging_interval=spec.log_every)

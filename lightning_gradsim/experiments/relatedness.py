@@ -413,7 +413,7 @@ def train_reference(
     return net
 
 
-def run_sweep(cfg: SweepConfig, max_steps: int | None = None, return_net: bool = False):  # type: ignore[no-untyped-def]
+def run_sweep(cfg: SweepConfig, max_steps: int | None = None, return_net: bool = False):
     """Train every run of the sweep (batched) and return one :class:`RunResult` per run.
 
     Runs whose early stopping has fired are dropped from the batch (with their optimizer and gate
@@ -546,7 +546,7 @@ def _groups(methods: Sequence[str]) -> list[tuple[str, slice]]:
     return groups
 
 
-def _compact(net: _BatchedNet, opt: torch.optim.Adam, gates: dict, methods: list[str], keep: Tensor, lr: float):  # type: ignore[no-untyped-def]
+def _compact(net: _BatchedNet, opt: torch.optim.Adam, gates: dict, methods: list[str], keep: Tensor, lr: float):
     """Drop the runs where ``keep`` is false from the network, the optimizer state and the gates' state."""
     old = net.params()
     new_net = _BatchedNet.from_tensors([p.detach()[keep] for p in old])
@@ -594,7 +594,7 @@ class _NoBar:
     def close(self) -> None: ...
 
 
-def _progress(total: int, enabled: bool, desc: str):  # type: ignore[no-untyped-def]
+def _progress(total: int, enabled: bool, desc: str):
     if not enabled:
         return _NoBar()
     try:
