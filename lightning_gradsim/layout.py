@@ -29,21 +29,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .tensor_ops import accumulate_grad, add_optional, all_finite, and_optional, dot, grad_norms, stat_dtype
+
 __all__ = ["TaskGradients", "PerTaskGradients", "accumulate_grad", "stat_dtype", "grad_norms", "all_finite"]
-
-
-def stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Gramians and cosines of half-precision gradients are kept in float32."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def accumulate_grad(p: Tensor, g: Tensor) -> None:
-    """``p.grad += g`` like autograd does (``g`` becomes ``p.grad`` when there is none)."""
-    g = g.to(p.dtype)
-    if p.grad is None:
-        p.grad = g.detach().clone() if g.data_ptr() == p.data_ptr() else g.detach()
-    else:
-        p.grad.add_(g.detach())
 
 
 class TaskGradients:
@@ -172,11 +160,11 @@ class TaskGradients:
             return gram
         cross = torch.stack(
             [
-                torch.stack([zero if g is None else _dot(g, d).to(zero.dtype) for g in (r[i] for r in rows)])
+                torch.stack([zero if g is None else dot(g, d).to(zero.dtype) for g in (r[i] for r in rows)])
                 for i, d in zip(present, direction)
             ]
         )
-        dd = torch.stack([_dot(d, d).to(zero.dtype) for d in direction])
+        dd = torch.stack([dot(d, d).to(zero.dtype) for d in direction])
         return _extend(gram, cross, dd)
 
     # ------------------------------------------------------------------ combination
@@ -259,17 +247,17 @@ class TaskGradients:
                 "shared_parameters() and the other parameters must be the same on every micro-batch."
             )
         if self.stacked is not None and other.stacked is not None:
-            self.stacked = [_add(a, b) for a, b in zip(self.stacked, other.stacked)]
+            self.stacked = [add_optional(a, b) for a, b in zip(self.stacked, other.stacked)]
         else:
             # Rows as soon as one side has rows (views of the stacks: the same numbers, and the same
             # arithmetic downstream whether or not the window was restored from a checkpoint).
             mine, theirs = self.to_rows().rows, other.to_rows().rows
             self.stacked = None
-            self.rows = [[_add(a, b) for a, b in zip(ra, rb)] for ra, rb in zip(mine, theirs)]  # type: ignore[arg-type]
-        self.others = [_add(a, b) for a, b in zip(self.others, other.others)]
+            self.rows = [[add_optional(a, b) for a, b in zip(ra, rb)] for ra, rb in zip(mine, theirs)]  # type: ignore[arg-type]
+        self.others = [add_optional(a, b) for a, b in zip(self.others, other.others)]
         self.reached = [a or b for a, b in zip(self.reached, other.reached)]
-        self.finite = _and(self.finite, other.finite)
-        self.losses = _add(self.losses, other.losses)
+        self.finite = and_optional(self.finite, other.finite)
+        self.losses = add_optional(self.losses, other.losses)
         self._present = None
 
     def flat(self) -> list[Tensor]:
@@ -414,35 +402,6 @@ def _write_rows(
             torch._foreach_addcmul_(t, src, [coef(k, x.dtype) for x in t])
 
 
-def grad_norms(tensors: Sequence[Tensor]) -> Tensor | None:
-    """The L2 norms of ``tensors`` as one vector (one fused kernel where torch has it; float32 for half
-    precision), or ``None``.
-
-    NaN/inf propagate into them; like the Gramian, a squared norm that overflows (an element above
-    ~1e19) counts as non-finite.
-    """
-    if not tensors:
-        return None
-    tensors = list(tensors)
-    if not any(t.dtype in (torch.float16, torch.bfloat16) for t in tensors):
-        return torch.stack(torch._foreach_norm(tensors, 2.0))
-    norms: Sequence[Tensor]
-    try:  # half precision: accumulate and return the norms in float32 (no overflow at 65504)
-        norms = torch._foreach_norm(tensors, 2.0, dtype=torch.float32)
-    except (TypeError, RuntimeError):  # older torch: no dtype argument
-        norms = [t.float().norm() for t in tensors]
-    return torch.stack(norms)
-
-
-def all_finite(tensors: Sequence[Tensor], values: Tensor | None = None) -> Tensor | None:
-    """One bool tensor: whether every element of ``tensors`` (and of ``values``) is finite; ``None``
-    when there is nothing to check. A handful of kernels whatever the number of tensors."""
-    parts = [t for t in (grad_norms(tensors), values) if t is not None]
-    if not parts:
-        return None
-    return torch.isfinite(torch.cat([t.reshape(-1).to(torch.float32) for t in parts])).all()
-
-
 def _extend(gram: Tensor, cross: Tensor, dd: Tensor) -> Tensor:
     top = torch.cat([gram, cross.unsqueeze(-1)], dim=-1)
     bottom = torch.cat([cross, dd.unsqueeze(-1)], dim=-1).unsqueeze(-2)
@@ -457,14 +416,6 @@ def _split_weights(weights: Tensor, num_tasks: int, direction_is_main: bool) -> 
     if direction_is_main:
         return torch.cat([w[..., :1] + weights[..., num_tasks:], w[..., 1:]], dim=-1), None
     return w, weights[..., num_tasks]
-
-
-def _dot(a: Tensor, b: Tensor) -> Tensor:
-    a = a.reshape(-1)
-    b = b.reshape(-1)
-    if a.dtype != b.dtype:
-        a, b = a.float(), b.float()
-    return torch.dot(a, b)
 
 
 def _rows_gram(col: list[Tensor | None], zero: Tensor) -> Tensor:
@@ -482,23 +433,7 @@ def _rows_gram(col: list[Tensor | None], zero: Tensor) -> Tensor:
         for j in range(i, k):
             b = col[j]
             if b is not None:
-                v = _dot(a, b).to(zero.dtype)
+                v = dot(a, b).to(zero.dtype)
                 entries[i][j] = v
                 entries[j][i] = v
     return torch.stack([torch.stack(r) for r in entries])
-
-
-def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return a + b
-
-
-def _and(a: Tensor | None, b: Tensor | None) -> Tensor | None:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return a & b.to(a.device)
