@@ -39,7 +39,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "Atari/MinAtar distillation from a sub-optimal teacher, V-trace (4.4)",
     ),
     "relatedness": (
-        "lightning_gradsim.experiments.relatedness:main",
+        "lightning_gradsim.experiments.relatedness_cli:main",
         "blog's synthetic task-relatedness sweep: table + plot",
     ),
     "figures": (

@@ -61,8 +61,10 @@ def step_schedulers(module: LightningModule, interval: str, batch_idx: int | Non
     """Step the module's LR schedulers of ``interval`` (``"step"``/``"epoch"``) as their config asks
     (frequency; ``ReduceLROnPlateau`` with its monitored metric)."""
     trainer = module.trainer
-    if not any(isinstance(cb, EpochSchedulerStepper) for cb in trainer.callbacks):
-        trainer.callbacks.append(EpochSchedulerStepper())
+    # Lightning sets Trainer.callbacks in its callback connector without declaring it on the class.
+    callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]
+    if not any(isinstance(cb, EpochSchedulerStepper) for cb in callbacks):
+        callbacks.append(EpochSchedulerStepper())
     for config in trainer.lr_scheduler_configs:
         if config.interval != interval:
             continue
