@@ -326,10 +326,27 @@ def test_refusals_name_the_alternative():
     with pytest.raises(MisconfigurationException, match="ModelParallelStrategy, not FSDPStrategy"):
         parallel_mode(SimpleNamespace(strategy=FSDPStrategy(), world_size=2))
     assert parallel_mode(SimpleNamespace(strategy=ModelParallelStrategy(), world_size=1)) == "fsdp2"
-    from lightning_gradsim.checks import check_fsdp_trainer
+    from lightning_gradsim.checks import check_fsdp_trainer, check_trainer
 
     model = TinyNet(sync="local")
     with pytest.raises(MisconfigurationException, match="gradsim_sync = 'local'.*FSDP2"):
         check_fsdp_trainer(model, SimpleNamespace(precision_plugin=None), "local", 1)
     with pytest.raises(NotImplementedError, match="gradsim_accumulate_grad_batches"):
         check_fsdp_trainer(model, SimpleNamespace(precision_plugin=None), "global", 2)
+
+    class DeepSpeedStrategy:
+        pass
+
+    with pytest.raises(MisconfigurationException, match="not DeepSpeedStrategy"):
+        parallel_mode(SimpleNamespace(strategy=DeepSpeedStrategy(), world_size=2))
+
+    class DDPStrategy:
+        pass
+
+    ddp = SimpleNamespace(strategy=DDPStrategy(), world_size=2, gradient_clip_val=None, accumulate_grad_batches=1)
+    with pytest.raises(MisconfigurationException, match="'sharded' does not carry the task losses GradNorm"):
+        check_trainer(TinyNet(method="gradnorm", sync="sharded"), ddp)
+    with pytest.raises(ValueError, match="gradsim_sync_buffers must be 'none' or 'broadcast'"):
+        model = TinyNet(sync="sharded")
+        model.gradsim_sync_buffers = "sync"
+        check_trainer(model, ddp)
