@@ -343,9 +343,6 @@ class GradientGate(nn.Module):
         else:
             super().__setattr__(name, value)
 
-    def _direction_buffer_names(self) -> list[str]:
-        return self.state.direction_buffer_names()
-
     def aux_weight_tensor(self, names: list[str], like: Tensor) -> Tensor:
         """The lambdas of the auxiliary ``names`` as a tensor like ``like`` (cached: no copy per step)."""
         values = (

@@ -168,6 +168,36 @@ class GateState(nn.Module):
     def direction_buffer_names(self) -> list[str]:
         return [f"main_grad_ema_{i}" for i in range(self._num_direction_buffers)]
 
+    def select_problems(self, index: Tensor) -> None:
+        """Keep only the problems ``index`` picks (a bool mask or indices along the first batch
+        dimension) of a gate used with ``batch_dims >= 1``: the smoothed cosine, the open counts and
+        the main-gradient EMA. For experiments that drop finished runs from a stacked batch.
+
+        >>> import torch
+        >>> state = GateState()
+        >>> state.ensure((3, 1), torch.zeros(()))  # 3 problems, one auxiliary task
+        >>> state.cosine_state += torch.tensor([[0.1], [0.2], [0.3]])
+        >>> state.select_problems(torch.tensor([True, False, True]))
+        >>> state.cosine_state
+        tensor([[0.1000],
+                [0.3000]])
+        """
+        if self.reuse is not None:
+            raise ValueError(
+                "select_problems: this state holds the weights every_n_steps reuses; select before the "
+                "first step of a cycle or train without every_n_steps."
+            )
+        if self.cosine_state.dim() >= 2:  # (*B, K-1), shaped by a batched step
+            self.cosine_state = self.cosine_state[index]
+            self.open_steps = self.open_steps[index]
+        elif self.cosine_state.numel():
+            raise ValueError(
+                f"select_problems: the state has no problem dimension (cosine state of shape "
+                f"{tuple(self.cosine_state.shape)}); it is for gates used with combine(..., batch_dims=1)."
+            )
+        for name in self.direction_buffer_names():
+            setattr(self, name, getattr(self, name)[index].clone())
+
     def reset(self) -> None:
         """Forget the smoothed cosine, the main-gradient EMA, the counters and the reused weights."""
         self.cosine_state = torch.zeros(0, device=self.step.device)

@@ -341,13 +341,7 @@ def _compact(net: BatchedNet, opt: torch.optim.Adam, gates: dict, methods: list[
                 k: (v[keep].clone() if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in state.items()
             }
     for method, sl in _groups(methods):
-        gate = gates[method]
-        local = keep[sl]
-        if gate.cosine_state.dim() > 0 and gate.cosine_state.shape[0] == len(local):
-            gate.cosine_state = gate.cosine_state[local]
-            gate.open_steps = gate.open_steps[local]
-        for name in gate._direction_buffer_names():
-            setattr(gate, name, getattr(gate, name)[local].clone())
+        gates[method].state.select_problems(keep[sl])
     return new_net, new_opt
 
 
