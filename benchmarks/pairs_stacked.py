@@ -83,7 +83,8 @@ def main() -> None:
     )
     print(f"separate: {med['separate']:.3f} s per step of all runs")
     print(
-        f"stacked : {med['stacked']:.3f} s per step of all runs  (stacked / separate = {med['stacked'] / med['separate']:.2f})"
+        f"stacked : {med['stacked']:.3f} s per step of all runs  "
+        f"(stacked / separate = {med['stacked'] / med['separate']:.2f})"
     )
     print(
         f"stacked cost per run-step = {med['stacked'] / r / med['single']:.2f} plain single-task steps "

@@ -8,7 +8,7 @@ per step to decide whether the optimizer steps).
 >>> check_task_losses({"main": torch.tensor(1.0, requires_grad=True), "rot": 0.5}, set())
 Traceback (most recent call last):
 ...
-TypeError: task_losses()['rot'] is a float, not a tensor: return the loss computed from the model (a 0-d torch.Tensor), not a Python number.
+TypeError: task_losses()['rot'] is a float, not a tensor: return the loss computed from the model (a 0-d ...
 """
 
 from __future__ import annotations
@@ -20,13 +20,21 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch import Tensor
+from torch import Tensor, nn
 
-from .distributed import check_sync_mode, world_size
+from .distributed import check_sync_buffers, check_sync_mode, world_size
 from .gate import MAIN_TASK, GateStats, GradientGate
 from .optimization import active_scaler
 
-__all__ = ["NonFiniteLossError", "check_task_losses", "check_trainer", "finite_step", "world_size_of"]
+__all__ = [
+    "NonFiniteLossError",
+    "check_task_losses",
+    "check_trainer",
+    "check_buffers",
+    "finite_step",
+    "parallel_mode",
+    "world_size_of",
+]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -47,19 +55,27 @@ def check_trainer(module: Any, trainer: Trainer) -> None:
             "in manual optimization; remove it and set "
             f"`self.gradsim_accumulate_grad_batches = {trainer.accumulate_grad_batches}` in your module."
         )
-    world_size_of(trainer)
-    check_sync_mode(module.gradsim_sync)
+    mode = parallel_mode(trainer)
+    sync = check_sync_mode(module.gradsim_sync)
+    check_sync_buffers(getattr(module, "gradsim_sync_buffers", "none"))
     k = module.gradsim_accumulate_grad_batches
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"gradsim_accumulate_grad_batches must be an integer >= 1, got {k!r}.")
     gate = getattr(module, "gradsim", None)
+    if mode == "fsdp2":
+        check_fsdp_trainer(module, trainer, sync, k)
+    if mode == "ddp" and sync == "sharded" and isinstance(gate, GradientGate) and gate.loss_weighting is not None:
+        raise MisconfigurationException(
+            f"gradsim_sync = 'sharded' does not carry the task losses {type(gate.loss_weighting).__name__} needs: "
+            "use gradsim_sync = 'global' with a loss weighting."
+        )
     if not isinstance(gate, GradientGate) or (gate.similarity == "parameters" and gate.every_n_steps == 1):
         return
     needs = []
     if k > 1:
         needs.append(f"gradsim_accumulate_grad_batches = {k}")
-    if trainer.world_size > 1 and module.gradsim_sync == "global":
-        needs.append("DDP with gradsim_sync = 'global'")
+    if mode == "ddp" and sync != "local":
+        needs.append(f"DDP with gradsim_sync = {sync!r}")
     if active_scaler(trainer) is not None:
         needs.append("16-mixed precision (a GradScaler)")
     if needs:
@@ -70,15 +86,89 @@ def check_trainer(module: Any, trainer: Trainer) -> None:
         )
 
 
-def world_size_of(trainer: Trainer) -> int:
-    """The number of DDP ranks (1 without DDP); a clear error for sharded strategies."""
-    strategy = type(trainer.strategy).__name__
-    if any(name in strategy for name in ("FSDP", "DeepSpeed", "ModelParallel", "XLA")):
+def check_fsdp_trainer(module: Any, trainer: Trainer, sync: str, accumulate: int) -> None:
+    """What the mixin supports under ``ModelParallelStrategy`` (FSDP2)."""
+    if sync == "local":
         raise MisconfigurationException(
-            f"GradSimMixin supports single-device and DDP strategies (ddp, ddp_spawn, ddp_fork, multi-node "
-            f"ddp), not {strategy}: sharded parameters have no whole per-task gradient to compare."
+            "gradsim_sync = 'local' gates on each rank's own gradients, but under FSDP2 the gradients are already "
+            "reduce-scattered shards: remove it (the gate is exact under FSDP2, gradsim_sync does not apply)."
         )
-    return world_size() if trainer.world_size > 1 else 1
+    if accumulate > 1:
+        raise NotImplementedError(
+            "gradsim_accumulate_grad_batches > 1 is not supported under ModelParallelStrategy (FSDP2) yet: a "
+            "half-accumulated window of gradient shards would not survive a checkpoint. Use DDP, or a larger batch."
+        )
+    if active_scaler(trainer) is not None:
+        raise NotImplementedError(
+            "16-mixed precision (a GradScaler) is not supported with the gate under ModelParallelStrategy (FSDP2); "
+            "use precision='bf16-mixed' or FSDP2's MixedPrecisionPolicy in fully_shard()."
+        )
+    gate = getattr(module, "gradsim", None)
+    if isinstance(gate, GradientGate):
+        if gate.similarity != "parameters" or gate.every_n_steps != 1:
+            raise MisconfigurationException(
+                "Under ModelParallelStrategy (FSDP2) the gate takes the per-task parameter gradients: use "
+                f"similarity='parameters' and every_n_steps=1 (got {gate.similarity!r}, {gate.every_n_steps})."
+            )
+        if gate.loss_weighting is not None:
+            raise NotImplementedError(
+                f"Loss weightings ({type(gate.loss_weighting).__name__}) are not supported under ModelParallelStrategy "
+                "(FSDP2) yet; use DDP."
+            )
+
+
+def parallel_mode(trainer: Trainer) -> str:
+    """``"single"``, ``"ddp"`` (several DDP processes) or ``"fsdp2"`` (``ModelParallelStrategy``, any
+    world size); a clear error for the strategies the mixin refuses."""
+    strategy = type(trainer.strategy).__name__
+    if "ModelParallel" in strategy:
+        return "fsdp2"
+    if "FSDP" in strategy:
+        raise MisconfigurationException(
+            f"GradSimMixin supports FSDP2 through ModelParallelStrategy, not {strategy} (FSDP1, whose flat "
+            "parameters hide the per-task gradient shards): use ModelParallelStrategy and call fully_shard() in "
+            "configure_model() (docs/scaling.md)."
+        )
+    if any(name in strategy for name in ("DeepSpeed", "XLA")):
+        raise MisconfigurationException(
+            f"GradSimMixin supports single-device, DDP (ddp, ddp_spawn, ddp_fork, multi-node ddp) and FSDP2 "
+            f"(ModelParallelStrategy) strategies, not {strategy}: its sharded optimizer states and gradient "
+            "partitions hide the per-task gradients the gate compares."
+        )
+    return "ddp" if trainer.world_size > 1 else "single"
+
+
+def world_size_of(trainer: Trainer) -> int:
+    """The number of processes that hold a part of each batch (1 without DDP/FSDP2); a clear error for
+    the strategies the mixin refuses."""
+    mode = parallel_mode(trainer)
+    return world_size() if mode != "single" and trainer.world_size > 1 else 1
+
+
+def check_buffers(module: nn.Module, warned: set[str]) -> None:
+    """Warn once (checked once, recorded in ``warned``) when a BatchNorm layer's running statistics will
+    differ across the ranks: manual optimisation broadcasts no buffer, and the layer is not a ``SyncBatchNorm``."""
+    if "checked" in warned:
+        return
+    warned.add("checked")
+    if getattr(module, "gradsim_sync_buffers", "none") != "none":
+        return
+    names = [
+        name
+        for name, m in module.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and not isinstance(m, nn.SyncBatchNorm)
+        and m.track_running_stats
+    ]
+    if names:
+        warnings.warn(
+            f"{len(names)} BatchNorm layer(s) ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) keep running "
+            "statistics that drift apart across the processes: manual optimisation broadcasts no buffer. Set "
+            "Trainer(sync_batchnorm=True) (SyncBatchNorm, GPU) or `gradsim_sync_buffers = 'broadcast'` in the module "
+            "(rank 0's statistics, as DDP does).",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def check_task_losses(losses: Any, warned: set[str]) -> dict[str, Tensor]:
@@ -144,7 +234,7 @@ def finite_step(
             f"Non-finite loss or gradient in task(s) {bad} at step {module.global_step}. "
             "Set gradsim_on_nonfinite='skip' to skip such steps instead."
         )
-    warned: set[str] = module._gradsim_own("_gradsim_warned_tasks", set)  # type: ignore[attr-defined]
+    warned: set[str] = module._gradsim_own("_gradsim_warned_tasks", set)  # type: ignore[operator]
     new = [n for n in bad if n not in warned]
     if new:
         warned.update(new)

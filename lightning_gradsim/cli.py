@@ -43,7 +43,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "Atari/MinAtar distillation from a sub-optimal teacher, V-trace (4.4)",
     ),
     "relatedness": (
-        "lightning_gradsim.experiments.relatedness:main",
+        "lightning_gradsim.experiments.relatedness_cli:main",
         "blog's synthetic task-relatedness sweep: table + plot",
     ),
     "figures": (
@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         extra = "rl" if entry.startswith("lightning_gradsim.rl.") else "experiments"
         print(
-            f"gradsim {name}: needs the package {err.name!r}; install it with pip install 'lightning-gradsim[{extra}]'.",
+            f"gradsim {name}: needs the package {err.name!r}; "
+            f"install it with pip install 'lightning-gradsim[{extra}]'.",
             file=sys.stderr,
         )
         return 2

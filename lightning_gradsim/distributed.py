@@ -1,20 +1,28 @@
-"""Collectives for the gate under data parallelism (DDP): one bucketed all-reduce, and the sync modes.
+"""Collectives for the gate under data parallelism (DDP): one bucketed all-reduce, a buffer broadcast, the sync modes.
 
 Per-task gradients come from ``torch.autograd.grad``, which never passes through DDP's reducer,
 so :class:`~lightning_gradsim.GradSimMixin` averages them over the ranks itself, with the gradient
-transforms of :mod:`lightning_gradsim.transforms` built on :func:`all_reduce_mean`:
+transforms of :mod:`lightning_gradsim.transforms` and :mod:`lightning_gradsim.sharded`
+(``K`` tasks, ``S`` shared and ``H`` other parameter elements, ``N`` ranks):
 
-* ``gradsim_sync = "global"`` (default, exact; :class:`~lightning_gradsim.transforms.AllReduce`): the per-task gradients on the shared parameters
-  and the task heads' gradients are flattened into one buffer per dtype and averaged with a
-  single ``all_reduce``. Every rank then gates on the *global* per-task gradients and takes the
-  same decision; the run equals a single process on the concatenated batch. Volume per step:
-  ``K * S + H`` elements (``K`` tasks, ``S`` shared and ``H`` other parameter elements), against
-  ``S + H`` for plain DDP.
-* ``gradsim_sync = "local"`` (cheaper; :func:`~lightning_gradsim.optimization.all_reduce_gradients`):
-  each rank gates on its own local cosine, and only the combined gradient is averaged (``S + H`` elements, like plain DDP). Ranks may take different gate
-  decisions and keep different gate state; the update is the average of the per-rank updates.
+* ``gradsim_sync = "global"`` (default, exact; :class:`~lightning_gradsim.transforms.AllReduce`): the
+  per-task gradients on the shared parameters and the task heads' gradients are flattened into one
+  buffer per dtype and averaged with a single ``all_reduce`` (``K S + H`` elements, about twice that
+  through a ring). Every rank then gates on the *global* per-task gradients and takes the same
+  decision; the run equals a single process on the concatenated batch.
+* ``gradsim_sync = "sharded"`` (exact, less traffic; :class:`~lightning_gradsim.sharded.ReduceScatter`):
+  each rank receives its ``1/N`` shard of the averaged per-task gradients (reduce-scatter), the
+  per-layer Gramian of the shards is all-reduced (``L K^2`` floats), every rank combines its shard
+  and the combined gradient is all-gathered: about ``(K + 1) S`` elements through a ring instead of
+  ``2 K S``; the same weights and gate state as ``"global"`` (up to float rounding).
+* ``gradsim_sync = "local"`` (cheapest; :class:`~lightning_gradsim.transforms.AllReduceCombined`): each
+  rank gates on its own local cosine, and only the combined gradient is averaged (``S + H``
+  elements, like plain DDP). Ranks may take different gate decisions and keep different gate
+  state; the update is the average of the per-rank updates.
 
-A non-finite flag rides along in the same buffer, so every rank agrees on skipping a step.
+A non-finite flag rides along, so every rank agrees on skipping a step. Module buffers (BatchNorm
+running statistics) are not synchronised by manual optimisation: :func:`broadcast_buffers`
+(``gradsim_sync_buffers = "broadcast"``) copies rank 0's, as DDP does in automatic optimisation.
 
 >>> import torch
 >>> from lightning_gradsim.distributed import all_reduce_mean, world_size
@@ -27,6 +35,7 @@ A non-finite flag rides along in the same buffer, so every rank agrees on skippi
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -37,22 +46,45 @@ __all__ = [
     "world_size",
     "all_reduce_mean",
     "check_sync_mode",
+    "SYNC_BUFFERS",
+    "check_sync_buffers",
+    "broadcast_buffers",
+    "reduce_scatter",
+    "all_gather",
 ]
 
 #: Valid values of ``GradSimMixin.gradsim_sync``.
-SYNC_MODES = ("global", "local")
+SYNC_MODES = ("global", "sharded", "local")
+
+#: Valid values of ``GradSimMixin.gradsim_sync_buffers``.
+SYNC_BUFFERS = ("none", "broadcast")
 
 
 def check_sync_mode(mode: str) -> str:
     """Return ``mode`` if it is a valid sync mode, else raise a ``ValueError`` naming the choices.
 
-    >>> check_sync_mode("local")
-    'local'
+    >>> check_sync_mode("sharded")
+    'sharded'
     """
     if mode not in SYNC_MODES:
         raise ValueError(
-            f"gradsim_sync must be 'global' (exact: gate on the all-reduced per-task gradients) or 'local' "
-            f"(cheaper: gate on each rank's own gradients, all-reduce the combined one), got {mode!r}."
+            f"gradsim_sync must be 'global' (exact: gate on the all-reduced per-task gradients), 'sharded' (exact, "
+            f"less traffic: reduce-scatter them, all-reduce the Gramian, all-gather the combined gradient) or 'local' "
+            f"(cheapest: gate on each rank's own gradients, all-reduce the combined one), got {mode!r}."
+        )
+    return mode
+
+
+def check_sync_buffers(mode: str) -> str:
+    """Return ``mode`` if it is a valid ``gradsim_sync_buffers``, else raise a ``ValueError``.
+
+    >>> check_sync_buffers("broadcast")
+    'broadcast'
+    """
+    if mode not in SYNC_BUFFERS:
+        raise ValueError(
+            f"gradsim_sync_buffers must be 'none' or 'broadcast' (copy rank 0's module buffers, e.g. BatchNorm "
+            f"running statistics, to every rank after each optimizer step), got {mode!r}."
         )
     return mode
 
@@ -108,3 +140,42 @@ def all_reduce_mean(
             out[i] = buffer[offset : offset + numel].view_as(tensors[i])
             offset += numel
     return [t for t in out if t is not None], any_bad
+
+
+def broadcast_buffers(tensors: Sequence[Tensor], src: int = 0, group: dist.ProcessGroup | None = None) -> None:
+    """Copy rank ``src``'s values of ``tensors`` (e.g. module buffers) into every rank's, in place: one
+    ``broadcast`` per (device, dtype). Nothing happens with one process.
+
+    >>> t = torch.ones(2)
+    >>> broadcast_buffers([t]); t
+    tensor([1., 1.])
+    """
+    tensors = list(tensors)
+    if world_size(group) == 1 or not tensors:
+        return
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    for members in groups.values():
+        buffer = torch.cat([t.detach().reshape(-1) for t in members])
+        dist.broadcast(buffer, src=src, group=group)
+        offset = 0
+        for t in members:
+            t.copy_(buffer[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+def reduce_scatter(
+    output: Tensor, input: Tensor, group: dist.ProcessGroup | None = None, async_op: bool = False
+) -> Any:
+    """Sum ``input`` (``world * output.numel()`` elements) over the ranks; rank ``r`` gets chunk ``r`` in
+    ``output`` (``reduce_scatter_single``, ``reduce_scatter_tensor`` in torch before 2.12)."""
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    return fn(output, input, group=group, async_op=async_op)
+
+
+def all_gather(output: Tensor, input: Tensor, group: dist.ProcessGroup | None = None, async_op: bool = False) -> Any:
+    """Every rank's ``input`` concatenated in rank order into ``output`` (``all_gather_single``,
+    ``all_gather_into_tensor`` in torch before 2.12)."""
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return fn(output, input, group=group, async_op=async_op)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .decision import GateStats
+from .fsdp import check_fsdp, is_dtensor
 from .gradients import STRATEGIES, per_task_gradients, walk_graph
 from .inputs import MAIN_TASK, as_list, check_names, check_options, named_losses, shared_list, unique, weigh
 from .layout import TaskGradients
@@ -109,7 +110,7 @@ class GradientGate(nn.Module):
         self.aux_names: list[str] | None = None
         self._last_stats: GateStats | None = None
         self._features: list[Tensor] | None = None
-        self._weight_cache: tuple[tuple, Tensor] | None = None
+        self._weight_cache: tuple[tuple[Any, ...], Tensor] | None = None
         self._grad_state: dict[str, bool] = {}
 
     @property
@@ -120,7 +121,8 @@ class GradientGate(nn.Module):
     def last_stats(self) -> GateStats | None:
         """The statistics of the last measured step (restored with the reused weights on resume)."""
         if self._last_stats is None and self.state.reuse is not None:
-            return self.state.reuse.stats
+            reused: GateStats = self.state.reuse.stats
+            return reused
         return self._last_stats
 
     @last_stats.setter
@@ -186,6 +188,13 @@ class GradientGate(nn.Module):
                 known = {id(o) for o in others}
                 others += [p for p in lw.own_parameters() if id(p) not in known]
         step = GateStep(self, names, losses, raw, scale, shared, others, pipeline)
+        if any(is_dtensor(p) for p in shared):  # FSDP2: autograd.grad cannot reach the shards; .grad has them
+            check_fsdp(self, pipeline, other_params is not None)
+            return step.measured(
+                per_task_gradients(
+                    losses, shared, others, "backward", on_task=pipeline.task_ready if pipeline else None
+                )
+            )
         if not measure:
             return step.reused()
         if self.similarity == "features":
@@ -200,7 +209,15 @@ class GradientGate(nn.Module):
         if self.grad_strategy not in STRATEGIES:
             raise ValueError(f"gate.grad_strategy must be one of {STRATEGIES}, got {self.grad_strategy!r}.")
         return step.measured(
-            per_task_gradients(losses, shared, others, self.grad_strategy, info, state=self._grad_state)
+            per_task_gradients(
+                losses,
+                shared,
+                others,
+                self.grad_strategy,
+                info,
+                state=self._grad_state,
+                on_task=pipeline.task_ready if pipeline else None,
+            )
         )
 
     def mark_features(self, features: Tensor) -> Tensor:
@@ -236,7 +253,8 @@ class GradientGate(nn.Module):
         index independent problems (e.g. one gridworld each), each gated on its own with its own
         state. Returns the combined update, in ``main``'s structure, and the statistics.
 
-        >>> update, stats = GradientGate(rule="weighted").combine(torch.tensor([1.0, 0.0]), {"distill": torch.tensor([1.0, 1.0])})
+        >>> main, aux = torch.tensor([1.0, 0.0]), {"distill": torch.tensor([1.0, 1.0])}
+        >>> update, stats = GradientGate(rule="weighted").combine(main, aux)
         >>> update, stats.weight
         (tensor([1.7071, 0.7071]), tensor([0.7071]))
         """
@@ -304,9 +322,9 @@ class GradientGate(nn.Module):
         if state:
             self.aux_names = state.get("aux_names")
 
-    def _load_from_state_dict(
+    def _load_from_state_dict(  # type: ignore[no-untyped-def]
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ):  # type: ignore[override]
+    ):
         # Checkpoints of version 0.1 (before the state module and composed loss weightings): move their keys.
         upgrade_legacy_keys(state_dict, prefix, self.loss_weighting, strict, error_msgs)
         super()._load_from_state_dict(
@@ -324,9 +342,6 @@ class GradientGate(nn.Module):
             setattr(self._modules["state"], name, value)
         else:
             super().__setattr__(name, value)
-
-    def _direction_buffer_names(self) -> list[str]:
-        return self.state.direction_buffer_names()
 
     def aux_weight_tensor(self, names: list[str], like: Tensor) -> Tensor:
         """The lambdas of the auxiliary ``names`` as a tensor like ``like`` (cached: no copy per step)."""

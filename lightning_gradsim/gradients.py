@@ -11,7 +11,10 @@ How the per-task gradients are taken depends on the autograd graph (see :func:`w
   exactly the work of one plain summed backward, and the gradients stay per task (no stacking).
 * ``"batched"``: the tasks share trunk work (one batch, one forward) on an accelerator. A single
   ``torch.autograd.grad(..., is_grads_batched=True)`` pushes the K cotangents through the graph
-  together (vmap) and returns ``(K, *param.shape)`` stacks.
+  together (vmap) and returns ``(K, *param.shape)`` stacks. When a loss is NaN/inf it would poison
+  every task's gradient (``0 * inf``), so that step goes sequential (one host read of the losses).
+* ``"backward"``: FSDP2-sharded parameters, one ``loss.backward()`` per task
+  (:func:`~lightning_gradsim.fsdp.backward_gradients`).
 * ``"sequential"``: the tasks share trunk work on the CPU (as fast as ``"batched"`` there, with
   less memory), or vmap cannot run (an op without a batching rule; the gate falls back by
   itself): one ``torch.autograd.grad(retain_graph=True)`` per task.
@@ -29,12 +32,13 @@ tensor([[[20.,  6.],
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from .fsdp import backward_gradients
 from .layout import PerTaskGradients, TaskGradients
 
 __all__ = [
@@ -55,7 +59,10 @@ __all__ = [
 ]
 
 #: Accepted values of ``strategy``.
-STRATEGIES = ("auto", "separate", "batched", "sequential")
+STRATEGIES = ("auto", "separate", "batched", "sequential", "backward")
+
+#: ``on_task(k, num_tasks, row, shared)``: task ``k``'s gradients on ``shared`` as soon as they are known.
+TaskReady = Callable[[int, int, Sequence["Tensor | None"], Sequence[Tensor]], None]
 
 
 class GraphInfo(NamedTuple):
@@ -177,6 +184,7 @@ def per_task_gradients(
     info: GraphInfo | None = None,
     retain_graph: bool = False,
     state: dict[str, bool] | None = None,
+    on_task: TaskReady | None = None,
 ) -> TaskGradients:
     """Per-task gradients of ``losses`` on ``shared`` and summed gradients on ``others``.
 
@@ -188,6 +196,11 @@ def per_task_gradients(
     graph is freed afterwards unless ``retain_graph``. ``state``: a dict kept by the caller
     between calls (the gate keeps one) remembering whether vmap ran or failed before: after a
     failure the batched path is skipped, after a success the graph is not kept for a retry.
+    ``on_task(k, K, row, shared)``: called with each task's gradients as soon as they are known, before
+    the next task's backward (``"separate"``, ``"sequential"``, ``"backward"``; e.g. to start a
+    collective while the next backward runs). ``"backward"`` (never chosen by ``"auto"`` unless the
+    shared parameters are FSDP2 shards) runs ``loss.backward()`` per task and reads ``.grad``: see
+    :func:`~lightning_gradsim.fsdp.backward_gradients`.
 
     >>> w = torch.nn.Parameter(torch.ones(3))
     >>> h = w.tanh()  # one forward pass both tasks read: shared work
@@ -196,6 +209,8 @@ def per_task_gradients(
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}.")
+    if strategy == "backward":
+        return backward_gradients(losses, shared, others, retain_graph, on_task)
     if strategy == "auto":
         if info is None:
             info = inspect_graph(losses, shared)
@@ -206,13 +221,13 @@ def per_task_gradients(
             strategy = "sequential" if on_cpu else "batched"
         if strategy == "separate":
             # Disjoint graphs: nothing needs retaining, each task's graph is freed as it goes.
-            return _per_task(losses, shared, others, strategy, retain_graph, disjoint=True)
+            return _per_task(losses, shared, others, strategy, retain_graph, disjoint=True, on_task=on_task)
     if strategy == "batched":
         out = _batched(losses, shared, others, info, retain_graph, {} if state is None else state)
         if out is not None:
             return out
         strategy = "sequential"
-    return _per_task(losses, shared, others, strategy, retain_graph)
+    return _per_task(losses, shared, others, strategy, retain_graph, on_task=on_task)
 
 
 def _per_task(
@@ -222,6 +237,7 @@ def _per_task(
     strategy: str,
     retain_graph: bool,
     disjoint: bool = False,
+    on_task: TaskReady | None = None,
 ) -> TaskGradients:
     n_shared = len(shared)
     inputs = list(shared) + list(others)
@@ -237,6 +253,8 @@ def _per_task(
         keep = retain_graph or (k != last and not disjoint)
         g = torch.autograd.grad(loss, inputs, retain_graph=keep, allow_unused=True)
         rows.append(list(g[:n_shared]))
+        if on_task is not None:
+            on_task(k, len(losses), rows[k], shared)
         for j, r in enumerate(g[n_shared:]):
             if r is not None:
                 total = other_sum[j]
@@ -265,6 +283,11 @@ def _batched(
         return None
     inputs = list(shared) + list(others)
     outputs = torch.stack([losses[k] for k in live])
+    if not bool(torch.isfinite(outputs.detach()).all()):
+        # A NaN/inf loss: the other tasks' zero cotangent meets its infinite derivatives (0 * inf = NaN) and
+        # would poison every task's gradient. One backward per task keeps the finite tasks' gradients and
+        # statistics (the step is skipped all the same). One host read of K numbers, batched path only.
+        return None
     ref = outputs
     eye = torch.eye(len(live), dtype=ref.dtype, device=ref.device)
     try:
@@ -296,7 +319,7 @@ def _batched(
             full[live] = s
             s = full
         stacked.append(s)
-    other_sum = [None if x is None else x.sum(0) for x in g[n_shared:]]
+    other_sum: list[Tensor | None] = [None if x is None else x.sum(0) for x in g[n_shared:]]
     if info is None:
         info = inspect_graph(losses, shared)
     reached = list(info.reaches_shared)

@@ -142,7 +142,7 @@ def weigh(lw: LossWeighting, names: list[str], losses: list[Tensor]) -> tuple[li
     like = like if like.is_floating_point() else like.float()
     terms = lw.loss_weights(len(losses), like)
     lam = lw.lambda_values(names)
-    weighted = [w * l * loss for w, l, loss in zip(terms, lam, losses)]
+    weighted = [w * lam_i * loss for w, lam_i, loss in zip(terms, lam, losses)]
     return weighted, torch.stack([w.detach() for w in terms]) * lw.lambdas(names, like)
 
 

@@ -29,21 +29,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .tensor_ops import accumulate_grad, add_optional, all_finite, and_optional, dot, grad_norms, stat_dtype
+
 __all__ = ["TaskGradients", "PerTaskGradients", "accumulate_grad", "stat_dtype", "grad_norms", "all_finite"]
-
-
-def stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Gramians and cosines of half-precision gradients are kept in float32."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def accumulate_grad(p: Tensor, g: Tensor) -> None:
-    """``p.grad += g`` like autograd does (``g`` becomes ``p.grad`` when there is none)."""
-    g = g.to(p.dtype)
-    if p.grad is None:
-        p.grad = g.detach().clone() if g.data_ptr() == p.data_ptr() else g.detach()
-    else:
-        p.grad.add_(g.detach())
 
 
 class TaskGradients:
@@ -95,9 +83,11 @@ class TaskGradients:
         self.rows = rows
         self.others: list[Tensor | None] = list(others) if others is not None else []
         if reached is None:  # every task (the number of rows, or of stacked vectors)
-            reached = [True] * (
-                len(rows) if rows is not None else next(s for s in stacked if s is not None).shape[batch_dims]
-            )  # type: ignore[union-attr]
+            if rows is not None:
+                reached = [True] * len(rows)
+            else:
+                assert stacked is not None  # exactly one of the two (checked above)
+                reached = [True] * next(s for s in stacked if s is not None).shape[batch_dims]
         self.reached = list(reached)
         self.strategy = strategy
         self.batch_dims = batch_dims
@@ -170,11 +160,11 @@ class TaskGradients:
             return gram
         cross = torch.stack(
             [
-                torch.stack([zero if r[i] is None else _dot(r[i], d).to(zero.dtype) for r in rows])
+                torch.stack([zero if g is None else dot(g, d).to(zero.dtype) for g in (r[i] for r in rows)])
                 for i, d in zip(present, direction)
-            ]  # type: ignore[arg-type]
+            ]
         )
-        dd = torch.stack([_dot(d, d).to(zero.dtype) for d in direction])
+        dd = torch.stack([dot(d, d).to(zero.dtype) for d in direction])
         return _extend(gram, cross, dd)
 
     # ------------------------------------------------------------------ combination
@@ -185,7 +175,8 @@ class TaskGradients:
 
         ``weights``: ``(*B, K)`` or ``(*B, K + 1)`` (last: the direction's coefficient). With
         ``direction=None`` the direction is the main gradient itself (its coefficient is folded into
-        ``w_0``); otherwise one tensor (or ``None``: no direction there) per present tensor. With ``into`` (the shared parameters), the combination is accumulated into their
+        ``w_0``); otherwise one tensor (or ``None``: no direction there) per present tensor. With
+        ``into`` (the shared parameters), the combination is accumulated into their
         ``.grad`` in place (and ``[]`` returned); otherwise one new tensor per shared tensor is
         returned (``None`` where no task reaches it).
         """
@@ -204,8 +195,9 @@ class TaskGradients:
                 assert s is not None
                 tail = (1,) * (s.dim() - bd - 1)
                 c = (w.reshape(w.shape + tail).to(s.dtype) * s).sum(bd)
-                if wd is not None and direction is not None and direction[b] is not None:
-                    c = c + wd.reshape(wd.shape + tail).to(s.dtype) * direction[b].to(s.dtype)
+                d = direction[b] if direction is not None else None
+                if wd is not None and d is not None:
+                    c = c + wd.reshape(wd.shape + tail).to(s.dtype) * d.to(s.dtype)
                 out[i] = c
             return out
         assert self.rows is not None
@@ -216,8 +208,9 @@ class TaskGradients:
                 if g is not None:
                     acc = torch.mul(g, w[k].to(g.dtype)) if acc is None else acc.addcmul_(g, w[k].to(g.dtype))
             assert acc is not None
-            if wd is not None and direction is not None and direction[b] is not None:
-                acc.addcmul_(direction[b].view(acc.shape).to(acc.dtype), wd.to(acc.dtype))
+            d = direction[b] if direction is not None else None
+            if wd is not None and d is not None:
+                acc.addcmul_(d.view(acc.shape).to(acc.dtype), wd.to(acc.dtype))
             out[i] = acc
         return out
 
@@ -254,17 +247,17 @@ class TaskGradients:
                 "shared_parameters() and the other parameters must be the same on every micro-batch."
             )
         if self.stacked is not None and other.stacked is not None:
-            self.stacked = [_add(a, b) for a, b in zip(self.stacked, other.stacked)]
+            self.stacked = [add_optional(a, b) for a, b in zip(self.stacked, other.stacked)]
         else:
             # Rows as soon as one side has rows (views of the stacks: the same numbers, and the same
             # arithmetic downstream whether or not the window was restored from a checkpoint).
             mine, theirs = self.to_rows().rows, other.to_rows().rows
             self.stacked = None
-            self.rows = [[_add(a, b) for a, b in zip(ra, rb)] for ra, rb in zip(mine, theirs)]  # type: ignore[arg-type]
-        self.others = [_add(a, b) for a, b in zip(self.others, other.others)]
+            self.rows = [[add_optional(a, b) for a, b in zip(ra, rb)] for ra, rb in zip(mine, theirs)]  # type: ignore[arg-type]
+        self.others = [add_optional(a, b) for a, b in zip(self.others, other.others)]
         self.reached = [a or b for a, b in zip(self.reached, other.reached)]
-        self.finite = _and(self.finite, other.finite)
-        self.losses = _add(self.losses, other.losses)
+        self.finite = and_optional(self.finite, other.finite)
+        self.losses = add_optional(self.losses, other.losses)
         self._present = None
 
     def flat(self) -> list[Tensor]:
@@ -361,8 +354,11 @@ def _write_stacked(
             accumulate_grad(p, (wf @ f).view(p.shape))
         else:
             grad.view(-1).addmv_(f.mT, wf)
-        if wd is not None and direction is not None and direction[b] is not None:
-            p.grad.add_((direction[b] * wd.to(direction[b].dtype)).view(p.shape).to(p.grad.dtype))  # type: ignore[union-attr]
+        d = direction[b] if direction is not None else None
+        if wd is not None and d is not None:
+            grad = p.grad
+            assert grad is not None  # written just above
+            grad.add_((d * wd.to(d.dtype)).view(p.shape).to(grad.dtype))
 
 
 def _write_rows(
@@ -387,49 +383,23 @@ def _write_rows(
 
     for b, i in enumerate(grads.present()):
         p = params[i]
-        col = [(k, rows[k][i]) for k in range(num_tasks) if rows[k][i] is not None]
+        col = [(k, g) for k, g in enumerate(r[i] for r in rows) if g is not None]
         start = 0
-        if p.grad is None:
+        grad = p.grad
+        if grad is None:
             k0, g0 = col[0]
-            p.grad = torch.mul(g0, coef(k0, g0.dtype)).to(p.dtype)  # type: ignore[arg-type]
+            grad = p.grad = torch.mul(g0, coef(k0, g0.dtype)).to(p.dtype)
             start = 1
         for k, g in col[start:]:
-            targets[k].append(p.grad)
-            sources[k].append(g if g.dtype == p.grad.dtype else g.to(p.grad.dtype))  # type: ignore[union-attr]
-        if wd is not None and direction is not None and direction[b] is not None:
-            targets[num_tasks].append(p.grad)
-            sources[num_tasks].append(direction[b].view(p.shape).to(p.grad.dtype))
+            targets[k].append(grad)
+            sources[k].append(g if g.dtype == grad.dtype else g.to(grad.dtype))
+        d = direction[b] if direction is not None else None
+        if wd is not None and d is not None:
+            targets[num_tasks].append(grad)
+            sources[num_tasks].append(d.view(p.shape).to(grad.dtype))
     for k, (t, src) in enumerate(zip(targets, sources)):
         if t:
             torch._foreach_addcmul_(t, src, [coef(k, x.dtype) for x in t])
-
-
-def grad_norms(tensors: Sequence[Tensor]) -> Tensor | None:
-    """The L2 norms of ``tensors`` as one vector (one fused kernel where torch has it; float32 for half
-    precision), or ``None``.
-
-    NaN/inf propagate into them; like the Gramian, a squared norm that overflows (an element above
-    ~1e19) counts as non-finite.
-    """
-    if not tensors:
-        return None
-    tensors = list(tensors)
-    if not any(t.dtype in (torch.float16, torch.bfloat16) for t in tensors):
-        return torch.stack(torch._foreach_norm(tensors, 2.0))
-    try:  # half precision: accumulate and return the norms in float32 (no overflow at 65504)
-        norms = torch._foreach_norm(tensors, 2.0, dtype=torch.float32)
-    except (TypeError, RuntimeError):  # older torch: no dtype argument
-        norms = [t.float().norm() for t in tensors]
-    return torch.stack(norms)
-
-
-def all_finite(tensors: Sequence[Tensor], values: Tensor | None = None) -> Tensor | None:
-    """One bool tensor: whether every element of ``tensors`` (and of ``values``) is finite; ``None``
-    when there is nothing to check. A handful of kernels whatever the number of tensors."""
-    parts = [t for t in (grad_norms(tensors), values) if t is not None]
-    if not parts:
-        return None
-    return torch.isfinite(torch.cat([t.reshape(-1).to(torch.float32) for t in parts])).all()
 
 
 def _extend(gram: Tensor, cross: Tensor, dd: Tensor) -> Tensor:
@@ -448,14 +418,6 @@ def _split_weights(weights: Tensor, num_tasks: int, direction_is_main: bool) -> 
     return w, weights[..., num_tasks]
 
 
-def _dot(a: Tensor, b: Tensor) -> Tensor:
-    a = a.reshape(-1)
-    b = b.reshape(-1)
-    if a.dtype != b.dtype:
-        a, b = a.float(), b.float()
-    return torch.dot(a, b)
-
-
 def _rows_gram(col: list[Tensor | None], zero: Tensor) -> Tensor:
     """(K, K) Gramian of one tensor's per-task gradients (``None``: the task does not reach it)."""
     k = len(col)
@@ -471,23 +433,7 @@ def _rows_gram(col: list[Tensor | None], zero: Tensor) -> Tensor:
         for j in range(i, k):
             b = col[j]
             if b is not None:
-                v = _dot(a, b).to(zero.dtype)
+                v = dot(a, b).to(zero.dtype)
                 entries[i][j] = v
                 entries[j][i] = v
     return torch.stack([torch.stack(r) for r in entries])
-
-
-def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return a + b
-
-
-def _and(a: Tensor | None, b: Tensor | None) -> Tensor | None:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return a & b.to(a.device)

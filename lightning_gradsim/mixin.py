@@ -9,19 +9,27 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
-from .checks import NonFiniteLossError, check_task_losses, check_trainer, finite_step, world_size_of
-from .distributed import check_sync_mode
+from .checks import (
+    NonFiniteLossError,
+    check_buffers,
+    check_task_losses,
+    check_trainer,
+    finite_step,
+    parallel_mode,
+    world_size_of,
+)
+from .distributed import check_sync_buffers, check_sync_mode
 from .gate import MAIN_TASK, GateStats, GradientGate
 from .optimization import (
     active_scaler,
-    all_reduce_gradients,
     clip_gradients,
     keep_scheduler_monitors,
     scaler_detached,
     step_schedulers,
     update_scaler,
 )
-from .transforms import Accumulate, AllReduce, GradientTransform, Transforms, Unscale
+from .sync import GradSimSetup, sharded_directions, sync_module_buffers, sync_transform, whole_directions
+from .transforms import Accumulate, GradientTransform, Transforms, Unscale
 from .weighting.base import LossWeighting
 
 __all__ = ["GradSimMixin", "NonFiniteLossError"]
@@ -47,8 +55,17 @@ class GradSimMixin:
             micro-batches and run the gate once on the sums (``Trainer(accumulate_grad_batches)``
             is refused in manual optimization).
         gradsim_sync: under DDP, ``"global"`` (exact: one all-reduce of the per-task gradients,
-            every rank gates on the global cosine) or ``"local"`` (each rank gates on its own
-            cosine; only the combined gradient is all-reduced). See ``docs/scaling.md``.
+            every rank gates on the global cosine), ``"sharded"`` (exact, less traffic: reduce-scatter
+            the per-task gradients, all-reduce the per-layer Gramian, all-gather the combined
+            gradient) or ``"local"`` (each rank gates on its own cosine; only the combined gradient
+            is all-reduced). Under ``ModelParallelStrategy`` (FSDP2) the gate works on the gradient
+            shards and is exact. See ``docs/scaling.md``.
+        gradsim_sync_overlap: with ``"sharded"``, start each task's reduce-scatter while the next
+            task's backward runs.
+        gradsim_sync_buffers: ``"none"`` or ``"broadcast"`` (copy rank 0's module buffers, e.g.
+            BatchNorm running statistics, to every rank after each optimizer step, as DDP does in
+            automatic optimisation); with neither this nor ``Trainer(sync_batchnorm=True)`` a model
+            with BatchNorm warns once under several processes.
 
     The mixin only orchestrates: it hands the gate the step's gradient transforms
     (:mod:`lightning_gradsim.transforms`: accumulate, unscale, all-reduce; see
@@ -72,7 +89,8 @@ class GradSimMixin:
     ...     def task_losses(self, batch, batch_idx):
     ...         x, y, y_aux = batch
     ...         h = self.trunk(x)
-    ...         return {"main": F.cross_entropy(self.main_head(h), y), "rotated": F.cross_entropy(self.aux_head(h), y_aux)}
+    ...         main, rotated = F.cross_entropy(self.main_head(h), y), F.cross_entropy(self.aux_head(h), y_aux)
+    ...         return {"main": main, "rotated": rotated}
     ...     def configure_optimizers(self):
     ...         return torch.optim.SGD(self.parameters(), lr=0.1)
     >>> data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(
@@ -90,9 +108,14 @@ class GradSimMixin:
     gradsim_log_losses: bool = True
     gradsim_accumulate_grad_batches: int = 1
     gradsim_sync: str = "global"
+    gradsim_sync_overlap: bool = False
+    gradsim_sync_buffers: str = "none"
     #: Whether the last batch's optimizer step was skipped (non-finite); ``None`` before any step
     #: and on micro-batches that only accumulated.
     gradsim_last_step_skipped: bool | None = None
+    #: The step's transforms and (FSDP2) its sharded parameters, set in ``training_step`` only.
+    _gradsim_step_transforms: Transforms | None = None
+    _gradsim_step_params: tuple[list[Tensor], list[Tensor]] | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -136,6 +159,15 @@ class GradSimMixin:
         An override must pass ``transforms=self.gradsim_transforms()`` to ``gate.backward`` (the
         step's accumulation, unscaling and DDP all-reduce) and return what it returns.
         """
+        shared, others = self.gradsim_parameters()
+        return gate.backward(main_loss, aux_losses, shared, other_params=others, transforms=self.gradsim_transforms())
+
+    def gradsim_parameters(self) -> tuple[list[Tensor], list[Tensor]]:
+        """The trainable shared parameters and the others (heads...), as the gate takes them. Under FSDP2
+        these are the sharded parameters, taken at the start of the step (FSDP2 puts gathered copies in
+        the modules from a forward to its backward)."""
+        if self._gradsim_step_params is not None:
+            return self._gradsim_step_params
         shared = [p for p in self.shared_parameters() if p.requires_grad]
         if not shared:
             raise ValueError(
@@ -144,11 +176,11 @@ class GradSimMixin:
             )
         shared_ids = {id(p) for p in shared}
         others = [p for p in self.parameters() if p.requires_grad and id(p) not in shared_ids]  # type: ignore[attr-defined]
-        return gate.backward(main_loss, aux_losses, shared, other_params=others, transforms=self.gradsim_transforms())
+        return shared, others
 
     def gradsim_transforms(self) -> Transforms:
         """The gradient transforms of the current step (empty outside ``training_step``)."""
-        return getattr(self, "_gradsim_step_transforms", None) or Transforms()
+        return self._gradsim_step_transforms or Transforms()
 
     # ------------------------------------------------------------------ Lightning plumbing
     @property
@@ -165,10 +197,15 @@ class GradSimMixin:
         trainer = self._trainer_or_none()
         if trainer is not None:
             check_trainer(self, trainer)
-        return []
+            if parallel_mode(trainer) == "fsdp2":
+                self._gradsim_gate().state.packed = True  # distributed checkpoints: before any is restored
+        return [GradSimSetup()]
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         gate = self._gradsim_gate()
+        self._gradsim_step_params = None
+        if self._gradsim_mode() == "fsdp2":  # the sharded parameters, before a forward swaps them out
+            self._gradsim_step_params = self.gradsim_parameters()
         losses = check_task_losses(
             self.task_losses(batch, batch_idx), self._gradsim_own("_gradsim_warned_no_grad", set)
         )
@@ -182,10 +219,7 @@ class GradSimMixin:
         self.gradsim_last_step_skipped = None
         if stats is not None:
             self._gradsim_last_stats = stats
-            nonfinite = False
-            if self._gradsim_world_size() > 1 and check_sync_mode(self.gradsim_sync) == "local":
-                nonfinite = all_reduce_gradients(optimizers, not bool(stats.finite.all()))
-            finite = finite_step(self, losses, stats, nonfinite, overflow_ok=scaler is not None)
+            finite = finite_step(self, losses, stats, overflow_ok=scaler is not None)  # type: ignore[arg-type]
             self.gradsim_last_step_skipped = not finite
             if finite:
                 clip_gradients(optimizers, self.gradsim_clip_val, self.gradsim_clip_algorithm)
@@ -198,6 +232,8 @@ class GradSimMixin:
                     opt.zero_grad()
             if scaler is not None:
                 update_scaler(scaler, found_inf=not finite)
+            if check_sync_buffers(self.gradsim_sync_buffers) == "broadcast" and self._gradsim_world_size() > 1:
+                sync_module_buffers(self)  # type: ignore[arg-type]
         total = sum(v.detach() for v in losses.values())
         if self.gradsim_log_losses:
             log = self.log  # type: ignore[attr-defined]
@@ -221,8 +257,14 @@ class GradSimMixin:
         if scaler is not None:
             backward_losses = {name: scaler.scale(loss) for name, loss in losses.items()}
             items.append(Unscale(1.0 / float(scaler.get_scale())))
-        if self._gradsim_world_size() > 1 and check_sync_mode(self.gradsim_sync) == "global":
-            items.append(AllReduce())
+        mode = self._gradsim_mode()
+        if mode != "single":
+            check_buffers(self, self._gradsim_own("_gradsim_checked_buffers", set))  # type: ignore[arg-type]
+        if self._gradsim_sharded():
+            sharded_directions(self)  # a whole direction EMA from a checkpoint: this rank's shards
+        sync = sync_transform(mode, self.gradsim_sync, overlap=self.gradsim_sync_overlap and not items)
+        if sync is not None:
+            items.append(sync)
         pipeline = Transforms(items)
         self._gradsim_step_transforms = pipeline
         try:
@@ -230,7 +272,7 @@ class GradSimMixin:
                 gate, backward_losses[MAIN_TASK], {name: v for name, v in backward_losses.items() if name != MAIN_TASK}
             )
         finally:
-            self._gradsim_step_transforms = None
+            self._gradsim_step_transforms = self._gradsim_step_params = None
         if pipeline and pipeline.calls == 0:
             raise RuntimeError(
                 f"{type(self).__name__}.gradsim_backward() did not call gate.backward(..., "
@@ -266,6 +308,8 @@ class GradSimMixin:
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep a half-accumulated window (``gradsim_accumulate_grad_batches > 1``) in the checkpoint."""
         super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
+        if self._gradsim_sharded() and isinstance(checkpoint.get("state_dict"), dict):
+            whole_directions(self, checkpoint["state_dict"])  # checkpoints keep the direction EMA whole
         window = self._gradsim_accumulator().state_dict()
         if window:
             checkpoint["gradsim_accumulator"] = window
@@ -294,6 +338,15 @@ class GradSimMixin:
         trainer = self._trainer_or_none()
         return 1 if trainer is None else world_size_of(trainer)
 
+    def _gradsim_mode(self) -> str:
+        """``"single"``, ``"ddp"`` or ``"fsdp2"`` (see :func:`~lightning_gradsim.checks.parallel_mode`)."""
+        trainer = self._trainer_or_none()
+        return "single" if trainer is None else parallel_mode(trainer)
+
+    def _gradsim_sharded(self) -> bool:
+        """Whether the direction EMA is kept in DDP shards (``gradsim_sync="sharded"`` on several processes)."""
+        return self._gradsim_mode() == "ddp" and check_sync_mode(self.gradsim_sync) == "sharded"
+
     def _trainer_or_none(self) -> Trainer | None:
         try:
             return self.trainer  # type: ignore[attr-defined]
@@ -305,7 +358,8 @@ class GradSimMixin:
         if isinstance(gate, LossWeighting):
             raise AttributeError(
                 f"self.gradsim is a {type(gate).__name__} (a loss weighting); compose it with a gate: "
-                f'`self.gradsim = GradientGate(rule="sum", loss_weighting={type(gate).__name__}(...))` or make_gate(...).'
+                f'`self.gradsim = GradientGate(rule="sum", loss_weighting={type(gate).__name__}(...))` '
+                "or make_gate(...)."
             )
         if not isinstance(gate, GradientGate):
             raise AttributeError(

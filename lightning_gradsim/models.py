@@ -15,6 +15,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -57,7 +58,8 @@ def timm_trunk(name: str = "resnetv2_18", in_chans: int = 3, pretrained: bool = 
     if not timm.is_model(name):
         raise ValueError(f"Unknown timm backbone {name!r}; see timm.list_models() (e.g. 'resnetv2_18', 'resnet18').")
     trunk = timm.create_model(name, pretrained=pretrained, num_classes=0, in_chans=in_chans)
-    return trunk, int(trunk.num_features)
+    # timm sets num_features as a plain int; nn.Module.__getattr__ types attributes as Tensor | Module.
+    return trunk, int(cast(int, trunk.num_features))
 
 
 def build_trunk(

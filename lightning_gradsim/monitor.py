@@ -163,7 +163,7 @@ class GradSimMonitor(Callback):
     def _gates(pl_module: LightningModule) -> dict[str, GradientGate]:
         found = [(name, m) for name, m in pl_module.named_modules() if isinstance(m, GradientGate)]
         if len(found) <= 1:
-            return {"gradsim": m for _, m in found}
+            return {"gradsim": found[0][1]} if found else {}
         return {f"gradsim/{name}": m for name, m in found}
 
     @rank_zero_only

@@ -26,8 +26,6 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
-from .distributed import all_reduce_mean
-
 __all__ = [
     "clip_gradients",
     "step_schedulers",
@@ -36,7 +34,6 @@ __all__ = [
     "active_scaler",
     "scaler_detached",
     "update_scaler",
-    "all_reduce_gradients",
     "optimizer_parameters",
 ]
 
@@ -60,25 +57,14 @@ def clip_gradients(optimizers: list[Any], clip_val: float | None, algorithm: str
         torch.nn.utils.clip_grad_value_(params, clip_val)
 
 
-def all_reduce_gradients(optimizers: list[Any], nonfinite: bool) -> bool:
-    """``gradsim_sync="local"``: average the combined ``.grad`` over the ranks (one all-reduce).
-
-    Returns whether any rank flagged a non-finite step or any averaged value is non-finite.
-    """
-    params = optimizer_parameters(optimizers)
-    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
-    averaged, bad = all_reduce_mean(grads, nonfinite=torch.tensor(nonfinite, device=grads[0].device))
-    for p, g in zip(params, averaged):
-        p.grad = g
-    return bool(bad)
-
-
 def step_schedulers(module: LightningModule, interval: str, batch_idx: int | None = None) -> None:
     """Step the module's LR schedulers of ``interval`` (``"step"``/``"epoch"``) as their config asks
     (frequency; ``ReduceLROnPlateau`` with its monitored metric)."""
     trainer = module.trainer
-    if not any(isinstance(cb, EpochSchedulerStepper) for cb in trainer.callbacks):
-        trainer.callbacks.append(EpochSchedulerStepper())
+    # Lightning sets Trainer.callbacks in its callback connector without declaring it on the class.
+    callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]
+    if not any(isinstance(cb, EpochSchedulerStepper) for cb in callbacks):
+        callbacks.append(EpochSchedulerStepper())
     for config in trainer.lr_scheduler_configs:
         if config.interval != interval:
             continue

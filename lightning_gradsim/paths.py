@@ -106,7 +106,8 @@ class GateStep:
         gate = self.gate
         if gate.loss_weighting is not None and gate.loss_weighting.needs_losses:
             grads.losses = self.raw
-        status, finite, checks = READY, None, [self.raw]  # the losses join the decision's one finiteness check
+        status, finite = READY, None
+        checks: list[Tensor | None] = [self.raw]  # the losses join the decision's one finiteness check
         if self.pipeline:
             grads.finite = torch.isfinite(self.raw).all()  # a window / the ranks AND it
             status = self.pipeline.task_gradients(grads)
@@ -190,21 +191,22 @@ class GateStep:
             bundle.apply(torch.cat([torch.ones_like(weights[:1]), weights[k:]]), direction, into=shared)
         bundle.write_others()
         self._regularize()
-        return self._combined(stats._replace(finite=finite.reshape(stats.finite.shape)))  # type: ignore[union-attr]
+        return self._combined(stats._replace(finite=finite.reshape(stats.finite.shape)), measured=False)  # type: ignore[union-attr]
 
     # ------------------------------------------------------------------ shared ends
-    def _combined(self, stats: GateStats) -> GateStats:
-        """The transforms' last word once ``.grad`` is written (e.g. all-gather combined shards)."""
+    def _combined(self, stats: GateStats, measured: bool = True) -> GateStats:
+        """The transforms' last word once ``.grad`` is written (e.g. all-gather combined shards, or
+        average them over the ranks); ``measured``: whether the step was counted as measured."""
         if not self.pipeline:
             return stats
-        return self._recheck(stats, self.pipeline.combined(self.shared, self.others, stats.finite))
+        return self._recheck(stats, self.pipeline.combined(self.shared, self.others, stats.finite), measured)
 
-    def _recheck(self, stats: GateStats, finite: Tensor | None) -> GateStats:
+    def _recheck(self, stats: GateStats, finite: Tensor | None, measured: bool = True) -> GateStats:
         """A NaN/inf found after the decision (trunk backward, another rank): count the step as skipped."""
         if finite is None or finite is stats.finite:
             return stats
         after = stats.finite & finite
-        self.gate.state.recount(stats.finite, after)
+        self.gate.state.recount(stats.finite, after, measured)
         return stats._replace(finite=after)
 
     def _regularize(self) -> None:

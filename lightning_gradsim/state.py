@@ -24,6 +24,7 @@ tensor([0.4000])
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -64,6 +65,11 @@ class GateState(nn.Module):
         self.calls = 0
         #: the weights reused between measured steps (``every_n_steps > 1`` and ``similarity="features"``).
         self.reuse: Reuse | None = None
+        #: Save the state packed (one bytes entry, plus the direction EMA) for distributed checkpoints (DCP),
+        #: which load into tensors of the shapes a fresh module has (``fsdp.prepare_gate`` sets it).
+        self.packed = False
+        #: Per direction buffer, how to save it as a DTensor (FSDP2 shards; ``fsdp.ShardSpec``), or ``None``.
+        self.direction_specs: list[Any] | None = None
         self.register_buffer("cosine_state", torch.zeros(0))
         self.register_buffer("open_steps", torch.zeros(0, dtype=torch.long))
         self.register_buffer("measured_steps", torch.zeros((), dtype=torch.long))
@@ -99,16 +105,20 @@ class GateState(nn.Module):
     def direction(self, mains: Sequence[Tensor], beta: float) -> list[Tensor]:
         """This step's main-gradient EMA ``d_t = beta d_{t-1} + (1 - beta) g_t`` (``d_0 = g_0``), one per
         tensor of ``mains``; not stored until :meth:`commit` (which keeps it only on a finite step)."""
-        if self._num_direction_buffers != len(mains) or any(
-            getattr(self, f"main_grad_ema_{i}").shape != m.shape for i, m in enumerate(mains)
+        self.ensure_directions(mains)
+        first = self.measured_steps == 0
+        return [torch.where(first, m, beta * b + (1 - beta) * m) for m, b in zip(mains, self.directions())]
+
+    def ensure_directions(self, like: Sequence[Tensor]) -> None:
+        """Shape the direction EMA buffers like ``like`` (zeros), unless they already are."""
+        if self._num_direction_buffers != len(like) or any(
+            getattr(self, f"main_grad_ema_{i}").shape != m.shape for i, m in enumerate(like)
         ):
             for name in self.direction_buffer_names():
                 delattr(self, name)
-            for i, m in enumerate(mains):
+            for i, m in enumerate(like):
                 self.register_buffer(f"main_grad_ema_{i}", torch.zeros_like(m))
-            self._num_direction_buffers = len(mains)
-        first = self.measured_steps == 0
-        return [torch.where(first, m, beta * b + (1 - beta) * m) for m, b in zip(mains, self.directions())]
+            self._num_direction_buffers = len(like)
 
     def commit(
         self,
@@ -137,10 +147,12 @@ class GateState(nn.Module):
         self.skipped_steps.add_(~finite)
         self.step.add_(1)
 
-    def recount(self, finite_before: Tensor, finite_after: Tensor) -> None:
-        """A step found non-finite after it was recorded as measured (another rank): move it to skipped."""
+    def recount(self, finite_before: Tensor, finite_after: Tensor, measured: bool = True) -> None:
+        """A step found non-finite after it was recorded (another rank's NaN): move it to skipped (from
+        measured, or, for a step that reused weights (``measured=False``), from nothing)."""
         moved = (finite_before.all() & ~finite_after.all()).long()
-        self.measured_steps.sub_(moved)
+        if measured:
+            self.measured_steps.sub_(moved)
         self.skipped_steps.add_(moved)
 
     def rng(self) -> torch.Generator:
@@ -155,6 +167,36 @@ class GateState(nn.Module):
 
     def direction_buffer_names(self) -> list[str]:
         return [f"main_grad_ema_{i}" for i in range(self._num_direction_buffers)]
+
+    def select_problems(self, index: Tensor) -> None:
+        """Keep only the problems ``index`` picks (a bool mask or indices along the first batch
+        dimension) of a gate used with ``batch_dims >= 1``: the smoothed cosine, the open counts and
+        the main-gradient EMA. For experiments that drop finished runs from a stacked batch.
+
+        >>> import torch
+        >>> state = GateState()
+        >>> state.ensure((3, 1), torch.zeros(()))  # 3 problems, one auxiliary task
+        >>> state.cosine_state += torch.tensor([[0.1], [0.2], [0.3]])
+        >>> state.select_problems(torch.tensor([True, False, True]))
+        >>> state.cosine_state
+        tensor([[0.1000],
+                [0.3000]])
+        """
+        if self.reuse is not None:
+            raise ValueError(
+                "select_problems: this state holds the weights every_n_steps reuses; select before the "
+                "first step of a cycle or train without every_n_steps."
+            )
+        if self.cosine_state.dim() >= 2:  # (*B, K-1), shaped by a batched step
+            self.cosine_state = self.cosine_state[index]
+            self.open_steps = self.open_steps[index]
+        elif self.cosine_state.numel():
+            raise ValueError(
+                f"select_problems: the state has no problem dimension (cosine state of shape "
+                f"{tuple(self.cosine_state.shape)}); it is for gates used with combine(..., batch_dims=1)."
+            )
+        for name in self.direction_buffer_names():
+            setattr(self, name, getattr(self, name)[index].clone())
 
     def reset(self) -> None:
         """Forget the smoothed cosine, the main-gradient EMA, the counters and the reused weights."""
@@ -199,9 +241,31 @@ class GateState(nn.Module):
             stats = GateStats(**{k: v.to(device) for k, v in reuse["stats"].items()})
             self.reuse = Reuse(reuse["weights"].to(device), stats, list(reuse["present"]))
 
-    def _load_from_state_dict(
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        if not self.packed:
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+            return
+        directions = self.direction_buffer_names()
+        buffers = {n: b.detach().cpu() for n, b in self._buffers.items() if b is not None and n not in directions}
+        blob = io.BytesIO()
+        torch.save({"buffers": buffers, "extra": self.get_extra_state()}, blob)
+        destination[prefix + "_extra_state"] = blob.getvalue()
+        specs = self.direction_specs or []
+        for i, name in enumerate(directions):
+            buf = getattr(self, name) if keep_vars else getattr(self, name).detach()
+            destination[prefix + name] = specs[i].wrap(buf) if i < len(specs) and specs[i] is not None else buf
+
+    def _load_from_state_dict(  # type: ignore[no-untyped-def]
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ):  # type: ignore[override]
+    ):
+        packed = state_dict.get(prefix + "_extra_state")
+        if isinstance(packed, (bytes, bytearray)):  # saved packed (distributed checkpoint): unpack
+            content = torch.load(io.BytesIO(packed), weights_only=True)
+            state_dict[prefix + "_extra_state"] = content["extra"]
+            state_dict.update({prefix + name: value for name, value in content["buffers"].items()})
+        for key in [k for k in state_dict if k.startswith(prefix + "main_grad_ema_")]:
+            if hasattr(state_dict[key], "to_local"):  # a DTensor: this rank's shard
+                state_dict[key] = state_dict[key].to_local()
         # Lazily shaped buffers take the shape of the checkpoint's.
         for name in ("cosine_state", "open_steps"):
             key = prefix + name

@@ -53,6 +53,7 @@ __all__ = [
     "Accumulate",
     "Unscale",
     "AllReduce",
+    "AllReduceCombined",
     "as_transforms",
 ]
 
@@ -72,6 +73,12 @@ class GradientTransform:
     """
 
     needs_task_gradients: bool = True
+
+    def task_ready(self, k: int, num_tasks: int, row: Sequence[Tensor | None], params: Sequence[Tensor]) -> None:
+        """Task ``k``'s gradient on ``params`` (``None`` where it reaches nothing) as soon as autograd has it,
+        before the next task's backward: a transform may start communicating it (overlap). Only the first
+        transform of a pipeline is told, and only by the one-task-at-a-time strategies; it still gets the
+        whole bundle in :meth:`task_gradients`."""
 
     def task_gradients(self, grads: TaskGradients) -> Status:
         """Transform ``grads`` in place (their tensors, ``finite``, ``losses``) and say how to go on."""
@@ -112,6 +119,10 @@ class Transforms:
     @property
     def needs_task_gradients(self) -> bool:
         return any(t.needs_task_gradients for t in self.items)
+
+    def task_ready(self, k: int, num_tasks: int, row: Sequence[Tensor | None], params: Sequence[Tensor]) -> None:
+        if self.items:  # later transforms see the gradients only after the earlier ones changed them
+            self.items[0].task_ready(k, num_tasks, row, params)
 
     def task_gradients(self, grads: TaskGradients) -> Status:
         for t in self.items:
@@ -254,3 +265,34 @@ class AllReduce(GradientTransform):
         grads.unflat(averaged)
         grads.finite = ~bad
         return READY
+
+
+class AllReduceCombined(GradientTransform):
+    """DDP, ``gradsim_sync="local"``: each rank gates on its own per-task gradients; once the gate wrote
+    ``.grad``, the combined gradients (shared and heads) are averaged over the ranks in one bucketed
+    all-reduce, with this rank's non-finite flag in it.
+
+    The step is finite only if it is on every rank: a NaN/inf on another rank makes this rank skip too,
+    and the gate counts the step as skipped (not measured). It needs no per-task gradients, so it also
+    serves ``similarity="features"`` and ``every_n_steps``. With one process it does nothing.
+
+    >>> p = torch.nn.Parameter(torch.ones(2))
+    >>> p.grad = torch.ones(2)
+    >>> AllReduceCombined().combined([p], [], torch.tensor(True))  # not distributed
+    tensor(True)
+    """
+
+    needs_task_gradients = False
+
+    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+        self.group = group
+
+    def combined(self, params: Sequence[Tensor], others: Sequence[Tensor], finite: Tensor) -> Tensor:
+        if world_size(self.group) == 1:
+            return finite
+        tensors = list(params) + list(others)
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in tensors]
+        averaged, bad = all_reduce_mean(grads, nonfinite=~finite.all(), group=self.group)
+        for p, g in zip(tensors, averaged):
+            p.grad = g
+        return finite & ~bad.to(finite.device)

@@ -216,7 +216,7 @@ def ddp_worker(rank: int, world: int, port: int, out_dir: str, scenarios: list[d
         sizes: list[int] = []
         real_all_reduce = torch.distributed.all_reduce
 
-        def counting_all_reduce(tensor, *args, **kwargs):
+        def counting_all_reduce(tensor, *args, sizes=sizes, real_all_reduce=real_all_reduce, **kwargs):
             sizes.append(tensor.numel())
             return real_all_reduce(tensor, *args, **kwargs)
 

@@ -188,7 +188,7 @@ def test_agrees_with_torchjd_pcgrad():
     # three tasks: torchjd's random orders give one of ours over all orders
     g = torch.randn(3, 5, generator=gen, dtype=torch.float64)
     gram = g @ g.T
-    rows = [[[j for j in perm] for perm in itertools.permutations(range(3))] for _ in range(3)]
+    rows = [[list(perm) for perm in itertools.permutations(range(3))] for _ in range(3)]
     candidates = [
         pcgrad_coefficients(gram, torch.tensor([r0, r1, r2])).sum(0) @ g for r0, r1, r2 in itertools.product(*rows)
     ]

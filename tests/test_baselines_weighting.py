@@ -58,7 +58,7 @@ def test_uncertainty_gradients_match_closed_form():
     raw = torch.stack([l_main.detach(), l_aux.detach()])
     # Independent truth: the weighted total loss through plain autograd, with s as constants.
     params = list(trunk.parameters()) + list(heads.parameters())
-    total = sum(math.exp(-float(s[i])) * float(lam[i]) * l for i, l in enumerate(losses()))
+    total = sum(math.exp(-float(s[i])) * float(lam[i]) * loss for i, loss in enumerate(losses()))
     expected = torch.autograd.grad(total, params)
 
     stats = gate.backward(l_main, {"aux": l_aux}, trunk.parameters(), other_params=list(heads.parameters()))
@@ -208,7 +208,10 @@ def test_gradnorm_uses_only_the_last_shared_layer():
     x = torch.randn(5, 3)
     l1, l2 = trunk(x)[:, 0].pow(2).mean(), trunk(x)[:, 1].pow(2).mean()
     last = list(trunk[1].parameters())
-    gl = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(l, last, retain_graph=True)]).norm() for l in (l1, l2)]
+    gl = [
+        torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, last, retain_graph=True)]).norm()
+        for loss in (l1, l2)
+    ]
     explicit = gradnorm(alpha=1.5, lr=0.05, last_shared_layer=trunk[1].parameters())
     default = gradnorm(alpha=1.5, lr=0.05)
     explicit.backward(l1, [l2], trunk.parameters())

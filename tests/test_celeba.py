@@ -114,7 +114,7 @@ def test_datamodule_batches(celeba_root):
     assert x.shape == (4, 1, 40, 40) and y.shape == (4,) and lm.shape == (4, 10)
     assert len(dm.val_dataloader().dataset) == 3
     dm.setup("test")
-    assert [f for f in dm.test_dataloader().dataset.files] == ["000009.jpg", "000010.jpg", "000011.jpg"]
+    assert list(dm.test_dataloader().dataset.files) == ["000009.jpg", "000010.jpg", "000011.jpg"]
 
 
 def test_tcdcn_shapes_and_gate():
@@ -317,7 +317,7 @@ def test_compare_reports_the_test_auc_of_the_best_validation_epoch(tmp_path):
         with torch.no_grad():
             aucs.append(_auc(torch.sigmoid(model(x)[0]), test.attractive))
     assert row["test_auroc"] == pytest.approx(aucs[best], abs=1e-6)
-    assert len(set(round(a, 6) for a in aucs)) > 1  # the epochs differ, so picking the wrong one would show
+    assert len({round(a, 6) for a in aucs}) > 1  # the epochs differ, so picking the wrong one would show
 
 
 @pytest.mark.slow

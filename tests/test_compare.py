@@ -108,7 +108,7 @@ def test_builtin_setups_are_lazy_entries_that_resolve():
     from lightning_gradsim.experiments.registry import SETUPS, get_setup
 
     assert set(SETUPS) <= set(list_setups())
-    for name, (entry, description) in SETUPS.items():
+    for name, (_entry, description) in SETUPS.items():
         assert callable(get_setup(name)) and description, name
     with pytest.raises(ValueError, match="already registered"):
         register_setup("celeba")(lambda **kw: None)

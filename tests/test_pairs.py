@@ -74,7 +74,8 @@ def test_mnist_pair_tasks(mnist_root):
         # the images are the source's, with their true classes
         assert torch.equal(t.x, pool_x[torch.as_tensor(t.source_index)])
         assert (t.classes == pool_y[torch.as_tensor(t.source_index)].numpy().astype(str)).all()
-        # label 1 exactly on the task's class; negatives are neither 4 nor 9, as many as positives, every other digit present
+        # label 1 exactly on the task's class; negatives are neither 4 nor 9, as many as positives,
+        # every other digit present
         assert torch.equal(t.y, torch.as_tensor(t.classes == positive).long())
         negatives = t.classes[t.y.numpy() == 0]
         assert not set(negatives) & {"4", "9"} and len(negatives) == int(t.y.sum())

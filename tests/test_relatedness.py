@@ -12,6 +12,7 @@ import torch
 
 from lightning_gradsim import GradientGate
 from lightning_gradsim.experiments import relatedness as rel
+from lightning_gradsim.experiments import relatedness_cli
 from lightning_gradsim.experiments.relatedness import (
     METHODS,
     RunResult,
@@ -79,7 +80,7 @@ def test_bad_settings_name_the_problem():
     with pytest.raises(ValueError, match="positive.*single"):
         SweepConfig(lambdas=(0.0,)).validate()
     with pytest.raises(SystemExit):
-        rel.main(["--lambdas", "a,b"])
+        relatedness_cli.main(["--lambdas", "a,b"])
 
 
 def test_blog_alpha_maps_to_main_grad_ema():
@@ -179,7 +180,7 @@ def test_summary_mean_and_standard_error_by_hand():
 @pytest.mark.slow
 def test_cli_two_seed_smoke_run_writes_table_csv_and_plot(tmp_path):
     out = tmp_path / "rel"
-    code = rel.main(
+    code = relatedness_cli.main(
         [
             "--seeds",
             "2",

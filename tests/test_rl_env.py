@@ -301,7 +301,7 @@ def test_next_cell_distribution_matches_gym():
             sim.reset(positions=torch.full((reps,), cell), observe=False)
             sim.step(torch.full((reps,), action), observe=False)
             b_counts = torch.bincount(sim.position, minlength=spec.num_cells)
-            support = sorted(set(gym_counts) | set(int(c) for c in b_counts.nonzero().flatten()))
+            support = sorted(set(gym_counts) | {int(c) for c in b_counts.nonzero().flatten()})
             assert set(support) <= set(nxt[cell].tolist())
             if len(support) > 1:
                 table = np.array([[gym_counts.get(c, 0) for c in support], [int(b_counts[c]) for c in support]])

@@ -480,7 +480,8 @@ def test_rl_package_works_without_gymnasium():
     code = (
         "import sys; sys.modules['gymnasium'] = None\n"
         "import lightning_gradsim.rl as rl\n"
-        "r = rl.run_experiment(rl.ExperimentConfig(envs=2, steps=4, eval_every=2, teacher_steps=4, temperatures=(0.0,)))\n"
+        "r = rl.run_experiment(rl.ExperimentConfig("
+        "envs=2, steps=4, eval_every=2, teacher_steps=4, temperatures=(0.0,)))\n"
         "assert len(r.curves) == 5 * 3\n"
         "try:\n    import lightning_gradsim.rl.env\nexcept ImportError:\n    print('ok')\n"
     )

@@ -185,7 +185,7 @@ def test_features_mode_is_exact_given_the_feature_space_gate(rule):
             ws.append(LAM * {"unweighted": float(cos >= 0), "weighted": max(cos, 0.0), "sum": 1.0}[rule])
         ref.zero_grad(set_to_none=True)
         losses = forward(ref, "shared", xs)
-        trunk_grads = torch.autograd.grad(sum(w * l for w, l in zip(ws, losses)), ref.shared(), retain_graph=True)
+        trunk_grads = torch.autograd.grad(sum(w * loss for w, loss in zip(ws, losses)), ref.shared(), retain_graph=True)
         head_grads = torch.autograd.grad(sum(losses), ref.others())
 
         net.zero_grad(set_to_none=True)

@@ -47,7 +47,7 @@ def weighting_gate(method: str, build: Callable[..., LossWeighting], kwargs: dic
     """
     kwargs = dict(kwargs)
     rule = kwargs.pop("rule", "sum")
-    gate_kwargs = {k: kwargs.pop(k) for k in ("seed", "similarity", "every_n_steps") if k in kwargs}
+    gate_kwargs: dict[str, Any] = {k: kwargs.pop(k) for k in ("seed", "similarity", "every_n_steps") if k in kwargs}
     if rule == "sum":
         drop_cosine_options(method, kwargs)
     else:

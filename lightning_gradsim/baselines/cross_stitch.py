@@ -116,7 +116,7 @@ class CrossStitchNet(nn.Module):
                 f"Both columns need the same, non-zero number of stages; got {len(stages_a)} and {len(stages_b)}."
             )
         n = len(stages_a)
-        stitch_after = sorted(set(int(i) for i in stitch_after))
+        stitch_after = sorted({int(i) for i in stitch_after})
         bad = [i for i in stitch_after if not 0 <= i < n]
         if bad:
             raise ValueError(f"stitch_after has stage indices {bad} outside 0..{n - 1}.")
@@ -140,7 +140,7 @@ class CrossStitchNet(nn.Module):
 
     def stitch_parameters(self) -> list[nn.Parameter]:
         """The units' mixing weights (give them a higher learning rate, as the paper does)."""
-        return [u.alpha for u in self.units.values()]
+        return [p for u in self.units.values() for p in u.parameters()]  # each unit's only parameter: alpha
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """Every parameter both tasks reach: the units and both columns' stages up to the last unit."""
@@ -213,13 +213,15 @@ def cross_stitch_mlp(
 
     def column() -> list[nn.Module]:
         sizes = [in_features] + list(hidden)
-        stages: list[nn.Module] = [
-            nn.Sequential(nn.Linear(sizes[i], sizes[i + 1]), nn.ReLU()) for i in range(len(hidden))
-        ]
-        stages[0] = nn.Sequential(nn.Flatten(), *stages[0])  # accept (N, 8, 8) digits as well as (N, 64)
+        stages: list[nn.Module] = []
+        for i in range(len(hidden)):
+            layers: list[nn.Module] = [nn.Linear(sizes[i], sizes[i + 1]), nn.ReLU()]
+            if i == 0:  # accept (N, 8, 8) digits as well as (N, 64)
+                layers.insert(0, nn.Flatten())
+            stages.append(nn.Sequential(*layers))
         return stages
 
-    idx = list(range(len(hidden))) if stitch_after is None else sorted(set(int(i) for i in stitch_after))
+    idx = list(range(len(hidden))) if stitch_after is None else sorted({int(i) for i in stitch_after})
     bad = [i for i in idx if not 0 <= i < len(hidden)]
     if bad:
         raise ValueError(f"stitch_after has layer indices {bad} outside 0..{len(hidden) - 1} (one per hidden layer).")

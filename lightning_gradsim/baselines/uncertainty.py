@@ -1,4 +1,6 @@
-"""Uncertainty weighting (Kendall et al., 2018): the weighting is :class:`lightning_gradsim.weighting.UncertaintyWeighting`;
+"""Uncertainty weighting (Kendall et al., 2018).
+
+The weighting is :class:`lightning_gradsim.weighting.UncertaintyWeighting`;
 this module registers the method ``make_gate("uncertainty", ...)``.
 
 >>> from lightning_gradsim.methods import make_gate

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Literal
 
 import torch
 from lightning.pytorch.utilities import CombinedLoader
@@ -56,7 +57,7 @@ def task_loaders(
     batch_size: int,
     num_workers: int,
     seed: int,
-    mode: str = "max_size_cycle",
+    mode: Literal["min_size", "max_size_cycle", "max_size", "sequential"] = "max_size_cycle",
 ) -> CombinedLoader:
     """One shuffled, seeded loader per task, iterated together: batches are ``{task: batch}``.
 

@@ -159,7 +159,9 @@ class CelebAMultiTask(Dataset):
 
         with Image.open(self.folder / "img_align_celeba" / self.files[i]) as img:
             width, height = img.size
-            grey = img.convert("L").resize((self.image_size, self.image_size), Image.BILINEAR)
+            # Image.BILINEAR exists at run time but Pillow's types omit it (Image.Resampling needs Pillow>=9.1).
+            bilinear = Image.BILINEAR  # type: ignore[attr-defined]
+            grey = img.convert("L").resize((self.image_size, self.image_size), bilinear)
             pixels = torch.frombuffer(bytearray(grey.tobytes()), dtype=torch.uint8)
         image = pixels.reshape(1, self.image_size, self.image_size).float() / 255.0
         return image, self.attractive[i], self.rescale_landmarks(self.raw_landmarks[i], width, height)

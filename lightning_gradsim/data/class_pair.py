@@ -37,8 +37,9 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import CombinedLoader
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from ._common import eval_loader, task_loaders
 from .imagenet import PAIR_PRESETS, DownsampledImageNet, resolve_class, scan_image_folder
@@ -309,15 +310,15 @@ class ClassPairDataModule(L.LightningDataModule):
         if len(val_idx):
             self.datasets["val"] = self._task(train_pool, val_idx, self.main_class, s + 17)
 
-    def train_dataloader(self):  # type: ignore[override]
+    def train_dataloader(self) -> CombinedLoader:
         return task_loaders(
             {k: self.datasets[k] for k in ("main", "aux")}, self.batch_size, self.num_workers, self.seed
         )
 
-    def val_dataloader(self):  # type: ignore[override]
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
         if "val" not in self.datasets:  # val_fraction=0: no validation
             return []
         return eval_loader(self.datasets["val"], self.batch_size, self.num_workers)
 
-    def test_dataloader(self):  # type: ignore[override]
+    def test_dataloader(self) -> DataLoader:
         return eval_loader(self.datasets["test"], self.batch_size, self.num_workers)

@@ -19,13 +19,18 @@ task's, unrotated. Training batches are ``{"main": (x, y), "rotated": (x, y)}``.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import CombinedLoader
 from torch import Tensor
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from ._common import default_mnist_root, eval_loader, seeded_split, task_loaders
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["RotatedDigitsDataModule", "rotate_images", "load_digits_source"]
 
@@ -62,8 +67,8 @@ def load_digits_source(
                 f"{split}-labels-idx1-ubyte[.gz]). Point root= (or $GRADSIM_MNIST_ROOT) at the folder holding "
                 "MNIST/raw; nothing is downloaded (torchvision.datasets.MNIST(root, download=True) fetches it)."
             )
-        x = _read_idx(images)
-        return torch.from_numpy(x).unsqueeze(1).float() / 255.0, torch.from_numpy(_read_idx(labels)).long()
+        pixels = _read_idx(images)
+        return torch.from_numpy(pixels).unsqueeze(1).float() / 255.0, torch.from_numpy(_read_idx(labels)).long()
     raise ValueError(
         f"Unknown digits source {source!r}; choose 'digits' (bundled, 8x8) or 'mnist' (local 28x28 files)."
     )
@@ -171,13 +176,13 @@ class RotatedDigitsDataModule(L.LightningDataModule):
         }
         self.split_indices = {"main": main_idx, AUX_TASK: aux_idx, "val": val_idx, "test": test_idx}
 
-    def train_dataloader(self):  # type: ignore[override]
+    def train_dataloader(self) -> CombinedLoader:
         return task_loaders(
             {k: self.datasets[k] for k in ("main", AUX_TASK)}, self.batch_size, self.num_workers, self.seed
         )
 
-    def val_dataloader(self):  # type: ignore[override]
+    def val_dataloader(self) -> DataLoader:
         return eval_loader(self.datasets["val"], 256, self.num_workers)
 
-    def test_dataloader(self):  # type: ignore[override]
+    def test_dataloader(self) -> DataLoader:
         return eval_loader(self.datasets["test"], 256, self.num_workers)

@@ -33,8 +33,8 @@ class WeightsInfo:
 
     trained: bool
     source: str
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)  # one per input channel
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
     input_size: int = 64
 
 
@@ -49,17 +49,15 @@ def find_cached_weights(name: str) -> str | None:
         from huggingface_hub import try_to_load_from_cache
 
         repo, _, revision = cfg.hf_hub_id.partition("@")
-        names = (
-            [cfg.hf_hub_filename]
-            if getattr(cfg, "hf_hub_filename", None)
-            else ["model.safetensors", "pytorch_model.bin"]
-        )
+        hub_filename: str | None = getattr(cfg, "hf_hub_filename", None)
+        names = [hub_filename] if hub_filename else ["model.safetensors", "pytorch_model.bin"]
         for filename in names:
             found = try_to_load_from_cache(repo, filename, revision=revision or None)
             if isinstance(found, str) and os.path.isfile(found):
                 return found
-    if cfg.url:
-        path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg.url)
+    if cfg.url:  # a URL, or timm's (URL, file name) pair
+        filename = cfg.url[1] if isinstance(cfg.url, tuple) else os.path.basename(cfg.url)
+        path = Path(torch.hub.get_dir()) / "checkpoints" / filename
         if path.is_file():
             return str(path)
     return None

@@ -33,8 +33,6 @@ Example (trains 12 short runs)::
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import os
 import time
@@ -48,7 +46,9 @@ import lightning as L
 from lightning.pytorch import Callback
 
 from ..methods import list_methods
+from ..mixin import GradSimMixin
 from ..monitor import GradSimMonitor
+from .compare_report import write_outputs
 from .registry import DEFAULT_METHODS, build_setup, list_setups, register_setup
 
 __all__ = [
@@ -103,7 +103,7 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
     torch.set_num_threads(int(os.environ.get("GRADSIM_THREADS", "1")))
     L.seed_everything(spec.seed, workers=True, verbose=False)
     module, datamodule = build_setup(spec.setup, spec.method, spec.seed, spec.gate, **spec.options)
-    if spec.trainer.get("logger") in (None, False):
+    if spec.trainer.get("logger") in (None, False) and isinstance(module, GradSimMixin):
         module.gradsim_log_losses = False  # nobody reads them without a logger; self.log costs ~1/3 of a step
     curve = _ValCurve()
     monitor = GradSimMonitor(logging_interval=spec.log_every)
@@ -306,7 +306,7 @@ def compare(
             summary.append(entry)
     result = CompareResult(rows, summary, runs, methods, [label for label, _ in grid])
     if out_dir is not None:
-        result.files = _write(result, Path(out_dir), setup)
+        result.files = write_outputs(result, Path(out_dir), setup)
     return result
 
 
@@ -365,107 +365,3 @@ def _indexed_run(item: tuple[int, RunSpec]) -> tuple[int, dict[str, Any]]:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     return item[0], run_one(item[1])
-
-
-def _write(result: CompareResult, out: Path, setup: str) -> dict[str, str]:
-    out.mkdir(parents=True, exist_ok=True)
-    files = {
-        "runs": out / "runs.csv",
-        "summary": out / "summary.csv",
-        "table": out / "table.md",
-        "json": out / "result.json",
-    }
-    with open(files["runs"], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(result.rows[0]))
-        writer.writeheader()
-        writer.writerows(result.rows)
-    with open(files["summary"], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for s in result.summary for k in s)))
-        writer.writeheader()
-        writer.writerows(result.summary)
-    table = f"Setup `{setup}`\n\n" + result.markdown() + "\n"
-    if result.has_auroc:
-        table += "\n" + result.markdown("auroc") + "\n"
-    files["table"].write_text(table)
-    files["json"].write_text(
-        json.dumps({"rows": result.rows, "summary": result.summary, "runs": result.runs}, indent=1)
-    )
-    files["accuracy"], files["cosine"] = out / "accuracy.png", out / "cosine.png"
-    _plot(result, files["accuracy"], files["cosine"])
-    return {k: str(v) for k, v in files.items()}
-
-
-def _mean_curve(curves: list[tuple[list[float], list[float]]]) -> tuple[list[float], list[float]]:
-    curves = [c for c in curves if c[0]]
-    if not curves:
-        return [], []
-    n = min(len(c[0]) for c in curves)
-    steps = curves[0][0][:n]
-    return steps, [sum(c[1][i] for c in curves) / len(curves) for i in range(n)]
-
-
-def _smooth(values: list[float], window: int) -> list[float]:
-    out, acc = [], 0.0
-    for i, v in enumerate(values):
-        acc += v
-        if i >= window:
-            acc -= values[i - window]
-        out.append(acc / min(i + 1, window))
-    return out
-
-
-def _plot(result: CompareResult, acc_path: Path, cos_path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    nv = len(result.variants)
-    cols = min(nv, 5)
-    rows_ = math.ceil(nv / cols)
-    fig, axes = plt.subplots(rows_, cols, figsize=(3.6 * cols, 3.0 * rows_), squeeze=False, sharey=True)
-    for ax, variant in zip(axes.flat, result.variants):
-        for m in result.methods:
-            steps, acc = _mean_curve(
-                [
-                    (r["val_steps"], r["val_acc"])
-                    for r in result.runs
-                    if r["row"]["variant"] == variant and r["row"]["method"] == m
-                ]
-            )
-            ax.plot(steps, acc, label=m, lw=1.3)
-        ax.set_title(variant, fontsize="small")
-        ax.set_xlabel("training step")
-    for ax in axes[:, 0]:
-        ax.set_ylabel("main-task val. accuracy")
-    for ax in list(axes.flat)[nv:]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize="x-small")
-    fig.tight_layout()
-    fig.savefig(acc_path, dpi=110)
-    plt.close(fig)
-
-    nm = len(result.methods)
-    cols = min(nm, 5)
-    rows_ = math.ceil(nm / cols)
-    fig, axes = plt.subplots(rows_, cols, figsize=(3.6 * cols, 3.0 * rows_), squeeze=False, sharey=True)
-    for ax, m in zip(axes.flat, result.methods):
-        for variant in result.variants:
-            runs = [r for r in result.runs if r["row"]["variant"] == variant and r["row"]["method"] == m]
-            tasks = sorted({t for r in runs for t in r["cos"]})
-            for task in tasks:
-                steps, cos = _mean_curve([(r["cos_steps"], r["cos"][task]) for r in runs if task in r["cos"]])
-                label = variant if len(tasks) == 1 else f"{variant} {task}"
-                ax.plot(steps, _smooth(cos, max(1, len(cos) // 40)), label=label, lw=1.1)
-        ax.axhline(0.0, color="grey", lw=0.6, ls=":")
-        ax.set_title(m, fontsize="small")
-        ax.set_xlabel("training step")
-        ax.set_ylim(-1.05, 1.05)
-    for ax in axes[:, 0]:
-        ax.set_ylabel("cos(main, aux gradient)")
-    for ax in list(axes.flat)[nm:]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize="x-small")
-    fig.tight_layout()
-    fig.savefig(cos_path, dpi=110)
-    plt.close(fig)

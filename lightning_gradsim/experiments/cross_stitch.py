@@ -102,14 +102,17 @@ class CrossStitchClassifier(MultiTaskClassifier):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         hp = self.hparams
-        kwargs: dict[str, Any] = {"lr": hp.lr, "weight_decay": hp.weight_decay}
-        if hp.optimizer in {"sgd", "rmsprop"}:
-            kwargs["momentum"] = hp.momentum
-        stitch = self.net.net.stitch_parameters()
+        kwargs: dict[str, Any] = {"lr": hp["lr"], "weight_decay": hp["weight_decay"]}
+        if hp["optimizer"] in {"sgd", "rmsprop"}:
+            kwargs["momentum"] = hp["momentum"]
+        net = self.net
+        assert isinstance(net, CrossStitchMultiHeadNet)  # set in __init__
+        stitch = net.net.stitch_parameters()
         ids = {id(p) for p in stitch}
         rest = [p for p in self.parameters() if id(p) not in ids]
-        groups = [{"params": rest}, {"params": stitch, "lr": hp.stitch_lr if hp.stitch_lr is not None else hp.lr}]
-        return _OPTIMIZERS[hp.optimizer](groups, **kwargs)
+        stitch_lr = hp["stitch_lr"] if hp["stitch_lr"] is not None else hp["lr"]
+        groups = [{"params": rest}, {"params": stitch, "lr": stitch_lr}]
+        return _OPTIMIZERS[hp["optimizer"]](groups, **kwargs)
 
 
 def _resnet_feature_dim(net) -> int:

@@ -63,7 +63,8 @@ def frechet_distance(features_a: Tensor, features_b: Tensor) -> float:
     """Fréchet distance between the Gaussians fitted to two ``(N, D)`` feature sets (N >= 2 each)."""
     if features_a.dim() != 2 or features_b.dim() != 2 or features_a.shape[1] != features_b.shape[1]:
         raise ValueError(
-            f"Need two (N, D) feature matrices with the same D, got {tuple(features_a.shape)} and {tuple(features_b.shape)}."
+            f"Need two (N, D) feature matrices with the same D, "
+            f"got {tuple(features_a.shape)} and {tuple(features_b.shape)}."
         )
     if len(features_a) < 2 or len(features_b) < 2:
         raise ValueError("Each class needs at least 2 images for a covariance.")

@@ -3,7 +3,7 @@
 The projection blog smooths the main gradient, ``M(t) = alpha g(t) + (1 - alpha) M(t - 1)``, and
 adjusts the auxiliary gradient against ``M(t)`` instead of ``g(t)``. Its Figure 13 compares the
 cosine rules with multitask and projection "in the case alpha = 0.01"; we read that as the cosine
-rules also measuring their cosine against ``M(t)`` (see ``docs/protocols/blog.md``). These two rules
+rules also measuring their cosine against ``M(t)`` (see ``docs/protocols.md``, the blog section). These two rules
 do exactly that, and nothing else differs from ``unweighted`` / ``weighted``:
 
 * :class:`DirectionUnweighted`: ``g_main + lambda * 1[cos(M, g_aux) >= threshold] * g_aux``;

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy
 
+from ..baselines.cross_stitch import CrossStitchMultiHeadNet
 from ..methods import make_gate
 from ..mixin import GradSimMixin
 from ..models import MultiHeadNet, build_trunk
@@ -80,7 +81,8 @@ class MultiTaskClassifier(GradSimMixin, L.LightningModule):
         trunk, dim = build_trunk(
             backbone, input_dim=input_dim, in_chans=in_chans, hidden=hidden, depth=depth, pretrained=pretrained
         )
-        self.net = MultiHeadNet(trunk, dim, tasks)
+        # CrossStitchClassifier replaces it with its cross-stitch net (same forward and shared_parameters).
+        self.net: MultiHeadNet | CrossStitchMultiHeadNet = MultiHeadNet(trunk, dim, tasks)
         self.gradsim = make_gate(method, **dict(gate or {}))
         self.tasks = tasks
         num_main = tasks["main"]
@@ -129,7 +131,7 @@ class MultiTaskClassifier(GradSimMixin, L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         hp = self.hparams
-        kwargs: dict[str, Any] = {"lr": hp.lr, "weight_decay": hp.weight_decay}
-        if hp.optimizer in {"sgd", "rmsprop"}:
-            kwargs["momentum"] = hp.momentum
-        return _OPTIMIZERS[hp.optimizer](self.parameters(), **kwargs)
+        kwargs: dict[str, Any] = {"lr": hp["lr"], "weight_decay": hp["weight_decay"]}
+        if hp["optimizer"] in {"sgd", "rmsprop"}:
+            kwargs["momentum"] = hp["momentum"]
+        return _OPTIMIZERS[hp["optimizer"]](self.parameters(), **kwargs)

@@ -40,7 +40,7 @@ from .stacked import EpochSampler, Run, StackedRuns
 
 __all__ = ["PairsResult", "train_pairs", "small_cnn_trunk", "main", "DEFAULTS"]
 
-#: per-source defaults (every one "not given in the paper"; see docs/protocols/pairs.md)
+#: per-source defaults (every one "not given in the paper"; see docs/protocols.md, class pairs)
 DEFAULTS: dict[str, dict[str, Any]] = {
     "mnist": {"model": "small_cnn", "steps": 500, "eval_every": 20, "batch_size": 32, "lr": 1e-3},
     "imagenet": {"model": "resnetv2_18", "steps": 10000, "eval_every": 250, "batch_size": 64, "lr": 1e-3},
@@ -286,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for pair in pairs:
         print(
-            f"{pair.kind} pair: main '{pair.main_name}' ({pair.main_class}) vs aux '{pair.aux_name}' ({pair.aux_class}); "
+            f"{pair.kind} pair: main '{pair.main_name}' ({pair.main_class}) "
+            f"vs aux '{pair.aux_name}' ({pair.aux_class}); "
             f"{len(pair.main)} main / {len(pair.aux)} aux training images, {len(pair.test)} test images"
         )
     result = train_pairs(

@@ -136,7 +136,8 @@ def _markdown(stats: dict[str, Any], result: Any, config: dict[str, Any], choice
         lines.append(
             f"* pairs picked by the Fréchet distance of `{choice.features}` class features (not the paper's "
             f"Inception/ResNetV2 embedding): near = smallest distance, far = largest. Nearest: "
-            f"{fmt(f'{a}/{b} {d:.2f}' for (a, b), d in ranked[:3])}; farthest: {fmt(f'{a}/{b} {d:.2f}' for (a, b), d in ranked[-3:])}"
+            f"{fmt(f'{a}/{b} {d:.2f}' for (a, b), d in ranked[:3])}; "
+            f"farthest: {fmt(f'{a}/{b} {d:.2f}' for (a, b), d in ranked[-3:])}"
         )
     lines.append("* settings: " + ", ".join(f"{k}={v}" for k, v in config.items() if v is not None))
     lines += [
@@ -176,7 +177,8 @@ def _markdown(stats: dict[str, Any], result: Any, config: dict[str, Any], choice
     for kind in stats["kinds"]:
         c = stats["cosine"][kind]
         lines.append(
-            f"| {kind} | {_ms(c['mean'])} | {_ms(c['first_half'])} | {_ms(c['second_half'])} | {_ms(c['negative'], 100)} % |"
+            f"| {kind} | {_ms(c['mean'])} | {_ms(c['first_half'])} | {_ms(c['second_half'])} "
+            f"| {_ms(c['negative'], 100)} % |"
         )
     if "separation" in stats:
         sep = stats["separation"]
@@ -189,7 +191,8 @@ def _markdown(stats: dict[str, Any], result: Any, config: dict[str, Any], choice
             "",
             "## The gate",
             "",
-            "open = fraction of steps on which the auxiliary gradient was used, per quarter of training (mean over seeds); "
+            "open = fraction of steps on which the auxiliary gradient was used, "
+            "per quarter of training (mean over seeds); "
             "switch-off = end of the last evaluation interval with the gate open on at least half of its steps.",
             "",
             "| pair | method | open, quarters 1-4 | switch-off step per seed |",
@@ -199,10 +202,12 @@ def _markdown(stats: dict[str, Any], result: Any, config: dict[str, Any], choice
             q = " / ".join("-" if math.isnan(v) else f"{100 * v:.0f} %" for v in g["quarters"])
             so = ", ".join("never" if s is None else str(s) for s in g["switch_off"])
             lines.append(f"| {kind} | {m} | {q} | {so} |")
+    n_runs = len({(r["kind"], r["method"], r["seed"]) for r in result.rows})
     lines += [
         "",
-        f"Wall time of the command from argument parsing to the last file (data, pair picking, training, outputs; Python start-up and imports not included): {wall:.0f} s.",
-        f"Training all {len(set((r['kind'], r['method'], r['seed']) for r in result.rows))} runs together: {result.seconds:.0f} s.",
+        "Wall time of the command from argument parsing to the last file (data, pair picking, training, "
+        f"outputs; Python start-up and imports not included): {wall:.0f} s.",
+        f"Training all {n_runs} runs together: {result.seconds:.0f} s.",
         "",
         "Files: `curves.csv`, `cosine_steps.csv`, `figure3.png`, `summary.md`.",
     ]
@@ -226,7 +231,8 @@ def _glance(rows: list[dict[str, Any]], methods: Sequence[str], cos_method: str)
     head = ["pair", "step"] + [f"acc {m}" for m in methods] + [f"cosine ({cos_method})"] + [f"open {m}" for m in gated]
     lines = [
         "",
-        "### The curves at a glance (mean over seeds; cosine and open fraction: mean over the interval ending at the step)",
+        "### The curves at a glance "
+        "(mean over seeds; cosine and open fraction: mean over the interval ending at the step)",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -275,7 +281,7 @@ def draw_figure3(rows: list[dict[str, Any]], path: Path, pairs: Sequence[Any]) -
                 band(
                     ax,
                     {k: (s, 100 * v) for k, (s, v) in acc.items()},
-                    lambda s, m=m: (kind, m, s),
+                    lambda s, m=m, kind=kind: (kind, m, s),
                     linestyle=STYLES.get(m, "-."),
                     label=LABELS.get(m, m),
                 )

@@ -157,7 +157,8 @@ class StackedRuns:
         for task, (x, y) in (("main", main), ("aux", aux)):
             if x.shape[0] != len(self.runs) or y.shape[:1] != x.shape[:1]:
                 raise ValueError(
-                    f"The {task} batch must be (R={len(self.runs)}, B, ...) with labels (R, B); got {tuple(x.shape)}, {tuple(y.shape)}."
+                    f"The {task} batch must be (R={len(self.runs)}, B, ...) with labels (R, B); "
+                    f"got {tuple(x.shape)}, {tuple(y.shape)}."
                 )
             per_run = self._losses(x, y, task)
             g = torch.autograd.grad(per_run.sum(), leaves, allow_unused=True)

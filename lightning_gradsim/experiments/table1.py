@@ -9,7 +9,7 @@ any other registered gradient rule). All ``methods x angles x seeds`` runs are o
 initialisation and data order (runs with the same seed share both, whatever their method or
 angle, so methods are compared paired by seed), and one
 :class:`~lightning_gradsim.GradientGate` per method gates its runs' two task gradients on the
-trunk, run by run. Choices the paper leaves blank are listed in ``docs/protocols/table1.md``.
+trunk, run by run. Choices the paper leaves blank are listed in ``docs/protocols.md`` (section Table 1).
 
 A method is a name from :func:`lightning_gradsim.methods.list_methods`, optionally with its own gate
 options after colons: ``unweighted:threshold=0.02:cosine_ema=0.9:per_layer=true``.

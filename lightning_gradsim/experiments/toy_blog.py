@@ -117,7 +117,9 @@ def run_blog_circle(
         path[0] = starts
         for step in range(settings.steps):
             t = theta.detach()
-            theta.grad, _ = gate.combine(primary_grad(t), {"aux": auxiliary_grad(t, settings.aux_point)}, batch_dims=1)
+            grad, _ = gate.combine(primary_grad(t), {"aux": auxiliary_grad(t, settings.aux_point)}, batch_dims=1)
+            assert isinstance(grad, Tensor)  # combine() returns main's structure: a tensor here
+            theta.grad = grad
             opt.step()
             path[step + 1] = theta.detach()
         out[rule] = path

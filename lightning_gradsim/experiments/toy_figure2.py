@@ -163,6 +163,7 @@ def convergence_times(
     blown = torch.zeros(theta.shape[0], dtype=torch.bool)
     for t in range(steps):
         update, _ = gate.combine(spec.main_grad(theta), {"aux": spec.aux_field(theta)}, batch_dims=1)
+        assert isinstance(update, Tensor)  # combine() returns main's structure: a tensor here
         step = torch.where(blown.unsqueeze(-1) | ~torch.isfinite(update), torch.zeros_like(update), lr * update)
         theta = theta - step
         blown |= theta.norm(dim=-1) > _BOUND

@@ -106,6 +106,7 @@ def run_toy(
         path = [theta.clone()]
         for _ in range(steps):
             update, _ = gate.combine(_grad(main_loss, theta), {"aux": aux_field(theta)}, batch_dims=1)
+            assert isinstance(update, Tensor)  # combine() returns main's structure: a tensor here
             theta = theta - lr * update
             path.append(theta.clone())
         out[rule] = torch.stack(path)

@@ -282,7 +282,7 @@ def run_experiment(
             rows = slice(gi * n, (gi + 1) * n)
             probs = trainer.policies(rows)
             returns[(tr, m, t)].append(start_returns(tasks[tr], probs))
-            if m in GATED_RULES and step > 0:
+            if m in GATED_RULES and t is not None and step > 0:  # t is None only for the reward baseline
                 episodes, opens, cos_sum = gate_sums[:, rows].sum(1).tolist()
                 k = cfg.transfers.index(tr) * n
                 exact = expected_cosine(tasks[tr], kernel[k : k + n], probs, teachers[t], cfg.gamma)

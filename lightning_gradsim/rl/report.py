@@ -82,8 +82,8 @@ def write_outputs(result: ExperimentResult, out: str | os.PathLike) -> dict[str,
         w = csv.writer(f)
         w.writerow(["transfer", "method", "temperature", "final_mean_return", "stderr", "steps_to_reach_reward_final"])
         for key, ret in result.returns.items():
-            s = reach.get(key)
-            w.writerow([*key, *(f"{x:.6f}" for x in mean_stderr(ret[-1])), "" if s is None else s])
+            first = reach.get(key)
+            w.writerow([*key, *(f"{x:.6f}" for x in mean_stderr(ret[-1])), "" if first is None else first])
     paths["claims.md"].write_text(claims_markdown(assess_claims(result)) + "\n")
     _plot_curves(result, paths["curves.png"])
     _plot_gate(result, paths["gate.png"])

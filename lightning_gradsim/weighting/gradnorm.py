@@ -19,6 +19,7 @@ The weights are buffers updated here (plain gradient descent with ``lr``), not b
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -174,8 +175,15 @@ class GradNorm(LossWeighting):
         self.weight_updates.zero_()
 
     def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ):  # type: ignore[override]
+        self,
+        state_dict: Mapping[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
         for name in ("task_weights", "initial_losses"):
             key = prefix + name
             if key in state_dict:

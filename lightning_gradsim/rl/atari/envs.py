@@ -127,8 +127,8 @@ class MinAtarVectorEnv:
         self._lengths += 1
         done |= self._lengths >= self.max_episode_steps
         episode_return = np.where(done, self._returns, np.nan)
-        for i in np.flatnonzero(done):
-            self.envs[i].reset()
+        for j in np.flatnonzero(done):
+            self.envs[j].reset()
         self._returns[done] = 0.0
         self._lengths[done] = 0
         return Step(self._obs(), reward, done, episode_return)

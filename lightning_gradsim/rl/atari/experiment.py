@@ -19,6 +19,7 @@ import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -159,7 +160,8 @@ def run_experiment(cfg: AtariConfig, progress: Callable[[int], None] | None = No
     game_index = torch.tensor([cfg.games.index(g) for g in env_games], device=device)
     seeds = [s for _, s in runs]
     env = make_vector_env(cfg.backend, env_games * m, [s * 100_003 + 17 * i + 1 for s in seeds for i in range(n)])
-    teacher, info = None, {}
+    teacher: StackedActorCritic | None = None
+    info: dict[str, Any] = {}
     if any(meth != "rl" for meth in cfg.methods):
         teacher, info = load_teacher(cfg.teacher or default_teacher_path(cfg.backend), device=device)
     net = StackedActorCritic(m, env.obs_shape, env.num_actions, arch=ARCH[cfg.backend], seeds=seeds).to(device)

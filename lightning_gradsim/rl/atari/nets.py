@@ -156,6 +156,7 @@ class StackedActorCritic(nn.Module):
         for k, v in state.items():
             if v.shape[0] != 1 or v.shape[1:] != own[k].shape[1:]:
                 raise ValueError(
-                    f"Parameter {k!r} has shape {tuple(v.shape)}; expected (1, {', '.join(map(str, own[k].shape[1:]))})."
+                    f"Parameter {k!r} has shape {tuple(v.shape)}; "
+                    f"expected (1, {', '.join(map(str, own[k].shape[1:]))})."
                 )
         self.load_state_dict({k: v.to(own[k].dtype).expand_as(own[k]).clone() for k, v in state.items()})
