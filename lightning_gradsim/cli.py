@@ -34,6 +34,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "toy": ("lightning_gradsim.experiments.toys:main", "2-D toys: blog's unit circle (default), paper's Figure 2"),
     "gridworld": ("lightning_gradsim.rl.cli:main", "RL distillation from a teacher in gridworlds: curves + figures"),
+    "table1": (
+        "lightning_gradsim.experiments.table1:main",
+        "paper Table 1 (rotated MNIST): all runs stacked, table + paired tests + plots",
+    ),
     "atari": (
         "lightning_gradsim.rl.atari.cli:main",
         "Atari/MinAtar distillation from a sub-optimal teacher, V-trace (4.4)",

@@ -1,0 +1,146 @@
+"""One training step for many stacked runs: per-run data order, per-method gates, one RMSprop.
+
+The runs of a :class:`~lightning_gradsim.experiments.stacked_mlp.StackedMLP` are split into
+contiguous :class:`RunGroup` s, one per method; each group has its own
+:class:`~lightning_gradsim.GradientGate` whose state is batched over the group's runs, and gates
+every run's main and auxiliary gradients on the shared trunk with
+``gate.combine(main, aux, batch_dims=1)``. Heads get their own task's gradient, as
+``gate.backward`` gives them. With a single task the step is plain single-task training.
+
+Example:
+
+>>> from lightning_gradsim.methods import make_gate
+>>> from lightning_gradsim.experiments.stacked_mlp import StackedMLP
+>>> model = StackedMLP(seeds=[0, 1, 0, 1], input_dim=4, hidden=5, depth=2)
+>>> groups = [RunGroup("sum", make_gate("sum"), slice(0, 2)),
+...           RunGroup("unweighted", make_gate("unweighted"), slice(2, 4))]
+>>> trainer = StackedTrainer(model, groups, lr=1e-3)
+>>> record = trainer.step(torch.rand(4, 2, 6, 4), torch.randint(0, 10, (4, 2, 6)))
+>>> tuple(record.cosine.shape), tuple(record.loss.shape)
+((4, 1), (4, 2))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ..gate import GradientGate
+from .stacked_mlp import StackedMLP
+
+__all__ = ["RunGroup", "StepRecord", "StackedTrainer", "RunOrder", "order_seed"]
+
+
+def order_seed(seed: int) -> int:
+    """Seed of a run's data-order generator (distinct from its initialisation generator's ``seed``)."""
+    return 1_000_003 + int(seed)
+
+
+class RunOrder:
+    """Per-run data order: each epoch, every run visits the ``n`` training images in its own seeded order.
+
+    Runs with the same seed see the same order. :meth:`epoch` returns ``(R, n)`` indices.
+
+    >>> order = RunOrder(seeds=[0, 1, 0], n=5)
+    >>> idx = order.epoch()
+    >>> tuple(idx.shape), bool(torch.equal(idx[0], idx[2])), sorted(idx[1].tolist())
+    ((3, 5), True, [0, 1, 2, 3, 4])
+    """
+
+    def __init__(self, seeds: Sequence[int], n: int, device: str | torch.device = "cpu") -> None:
+        unique = sorted({int(s) for s in seeds})
+        self._generators = [torch.Generator().manual_seed(order_seed(s)) for s in unique]
+        self._position = torch.tensor([unique.index(int(s)) for s in seeds], device=device)
+        self.n = n
+        self.device = device
+
+    def epoch(self) -> Tensor:
+        perms = torch.stack([torch.randperm(self.n, generator=g) for g in self._generators]).to(self.device)
+        return perms[self._position]
+
+
+@dataclass(frozen=True)
+class RunGroup:
+    """The runs ``runs`` (a slice of the stacked runs) trained with one method's ``gate``."""
+
+    label: str
+    gate: GradientGate
+    runs: slice
+
+
+class StepRecord(NamedTuple):
+    """One step's per-run numbers (tensors on the model's device; no host sync)."""
+
+    loss: Tensor  #: ``(R, T)`` mean cross-entropy per task
+    cosine: Tensor  #: ``(R, T-1)`` cosine of each auxiliary gradient with the main one on the trunk
+    gate_open: Tensor  #: ``(R, T-1)`` bool, whether the gate used the auxiliary gradient
+
+
+class StackedTrainer:
+    """RMSprop over the stacked parameters, with one gate per :class:`RunGroup`.
+
+    Args:
+        model: the stacked runs.
+        groups: contiguous run groups covering every run once (ignored with one task).
+        lr, alpha, eps: ``torch.optim.RMSprop``'s (PyTorch defaults for ``alpha`` and ``eps``).
+        aux_names: names of the auxiliary tasks handed to the gates (``T - 1`` of them).
+    """
+
+    def __init__(
+        self,
+        model: StackedMLP,
+        groups: Sequence[RunGroup] = (),
+        lr: float = 1e-3,
+        alpha: float = 0.99,
+        eps: float = 1e-8,
+        aux_names: Sequence[str] = ("rotated",),
+    ) -> None:
+        self.model = model
+        self.groups = list(groups)
+        self.aux_names = list(aux_names)
+        if model.num_tasks > 1:
+            if len(self.aux_names) != model.num_tasks - 1:
+                raise ValueError(f"{model.num_tasks - 1} auxiliary task(s) but aux_names={self.aux_names}.")
+            covered = sorted(i for g in self.groups for i in range(*g.runs.indices(model.num_runs)))
+            if covered != list(range(model.num_runs)):
+                raise ValueError("The run groups must cover every stacked run exactly once.")
+        # The optimizer sees each group's slice of the trunk as its own leaf view (sharing the
+        # stacked storage), so a group's combined gradient becomes its ``.grad`` without a copy.
+        if model.num_tasks > 1:
+            self._trunk_views = [[p.detach()[g.runs].requires_grad_() for p in model.trunk] for g in self.groups]
+        else:
+            self._trunk_views = [[p.detach().requires_grad_() for p in model.trunk]]
+        self._head_views = [p.detach().requires_grad_() for p in model.heads]
+        params = [p for views in self._trunk_views for p in views] + self._head_views
+        self.optimizer = torch.optim.RMSprop(params, lr=lr, alpha=alpha, eps=eps)
+
+    @torch.no_grad()
+    def step(self, x: Tensor, y: Tensor) -> StepRecord:
+        """One optimizer step of every run on ``x`` ``(R, T, B, D)``, labels ``y`` ``(R, T, B)``."""
+        grads = self.model.task_gradients(x, y)
+        for p, g in zip(self._head_views, grads.heads):
+            p.grad = g
+        r, t = grads.loss.shape
+        if t == 1:
+            for p, g in zip(self._trunk_views[0], grads.trunk):
+                p.grad = g[:, 0]
+            empty = grads.loss.new_zeros(r, 0)
+            self.optimizer.step()
+            return StepRecord(grads.loss, empty, empty.bool())
+        cosine = grads.loss.new_empty(r, t - 1)
+        gate_open = torch.empty(r, t - 1, dtype=torch.bool, device=grads.loss.device)
+        for group, views in zip(self.groups, self._trunk_views):
+            sl = group.runs
+            main = [g[sl, 0] for g in grads.trunk]
+            aux = {name: [g[sl, k + 1] for g in grads.trunk] for k, name in enumerate(self.aux_names)}
+            combined, stats = group.gate.combine(main, aux, batch_dims=1)
+            for p, c in zip(views, combined):
+                p.grad = c
+            cosine[sl] = stats.cosine
+            gate_open[sl] = stats.gate_open
+        self.optimizer.step()
+        return StepRecord(grads.loss, cosine, gate_open)
