@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from .csv_rows import write_csv
 
 if TYPE_CHECKING:
     from .compare import CompareResult
@@ -24,14 +25,8 @@ def write_outputs(result: CompareResult, out: Path, setup: str) -> dict[str, str
         "table": out / "table.md",
         "json": out / "result.json",
     }
-    with open(files["runs"], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(result.rows[0]))
-        writer.writeheader()
-        writer.writerows(result.rows)
-    with open(files["summary"], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for s in result.summary for k in s)))
-        writer.writeheader()
-        writer.writerows(result.summary)
+    write_csv(files["runs"], result.rows)
+    write_csv(files["summary"], result.summary)
     table = f"Setup `{setup}`\n\n" + result.markdown() + "\n"
     if result.has_auroc:
         table += "\n" + result.markdown("auroc") + "\n"

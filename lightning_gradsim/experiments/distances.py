@@ -26,7 +26,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import os
 from collections.abc import Sequence
@@ -37,6 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from .csv_rows import write_csv
 
 __all__ = [
     "frechet_distance",
@@ -265,10 +266,7 @@ def class_distances(
         )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "distances.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(result.rows[0]))
-        writer.writeheader()
-        writer.writerows(result.rows)
+    write_csv(out / "distances.csv", result.rows)
     (out / "protocol.md").write_text(_protocol_text(result, backbone, per_level, found, images_per_class, size))
     _scatter(result.rows, out / "lca_vs_fid.png", backbone, info.trained, bool(result.fallbacks))
     return result

@@ -19,7 +19,6 @@ Example::
 
 from __future__ import annotations
 
-import csv
 import math
 import time
 from collections import defaultdict
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .csv_rows import write_csv
 
 __all__ = ["write_outputs", "summarize", "draw_figure3", "switch_off_step"]
 
@@ -297,13 +298,10 @@ def draw_figure3(rows: list[dict[str, Any]], path: Path, pairs: Sequence[Any]) -
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        for r in rows:
-            writer.writerow(
-                {k: ("" if v is None or (isinstance(v, float) and math.isnan(v)) else v) for k, v in r.items()}
-            )
+    write_csv(
+        path,
+        ({k: ("" if v is None or (isinstance(v, float) and math.isnan(v)) else v) for k, v in r.items()} for r in rows),
+    )
 
 
 def write_outputs(result: Any, out_dir: str | Path, config: dict[str, Any], choice: Any, start_time: float) -> str:

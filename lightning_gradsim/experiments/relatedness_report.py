@@ -9,12 +9,12 @@
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 from collections.abc import Sequence
 from dataclasses import asdict
 
+from .csv_rows import write_csv
 from .relatedness_setup import METHODS, RELATEDNESS, RunResult
 
 __all__ = ["summarize", "markdown_table", "plot_sweep", "write_outputs"]
@@ -107,15 +107,9 @@ def write_outputs(results: Sequence[RunResult], out: str) -> dict[str, str]:
     """Write ``runs.csv``, ``summary.csv``, ``table.md`` and ``relatedness.png`` under ``out``."""
     os.makedirs(out, exist_ok=True)
     paths = {name: os.path.join(out, name) for name in ("runs.csv", "summary.csv", "table.md", "relatedness.png")}
-    with open(paths["runs.csv"], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(asdict(results[0])))
-        writer.writeheader()
-        writer.writerows(asdict(r) for r in results)
+    write_csv(paths["runs.csv"], (asdict(r) for r in results))
     summary = summarize(results)
-    with open(paths["summary.csv"], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(summary[0]))
-        writer.writeheader()
-        writer.writerows(summary)
+    write_csv(paths["summary.csv"], summary)
     with open(paths["table.md"], "w") as f:
         f.write(markdown_table(summary))
     plot_sweep(summary, paths["relatedness.png"])

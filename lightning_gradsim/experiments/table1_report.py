@@ -19,13 +19,13 @@ Example:
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .csv_rows import write_csv
 from .paired import paired_t_test
 
 __all__ = ["error_table", "paired_table", "gate_table", "table_markdown", "write_outputs", "PAPER_COLUMNS"]
@@ -204,10 +204,7 @@ def write_outputs(result: Any, out_dir: str | Path, command: str, wall_start: fl
         "error_png": out / "error_vs_angle.png",
         "cosine_png": out / "cosine.png",
     }
-    with open(files["runs"], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(result.rows[0]))
-        writer.writeheader()
-        writer.writerows(result.rows)
+    write_csv(files["runs"], result.rows)
     _plot(result, files["error_png"], files["cosine_png"])
     age = _process_age()
     total = age if age is not None else (time.perf_counter() - wall_start if wall_start is not None else None)

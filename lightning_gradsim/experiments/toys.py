@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from ..methods import list_methods, make_gate
+from .csv_rows import write_csv
 
 __all__ = ["PROBLEMS", "run_toy", "plot_trajectories", "main"]
 
@@ -224,7 +225,6 @@ def _figure2_main(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", default=os.path.join("runs", "toys"))
     args = parser.parse_args(argv)
-    import csv
     import time
 
     start = time.perf_counter()
@@ -246,10 +246,7 @@ def _figure2_main(argv: list[str]) -> int:
     text = figure2_markdown(table, args.steps, args.level)
     with open(os.path.join(args.out_dir, "figure2.md"), "w") as f:
         f.write(text)
-    with open(os.path.join(args.out_dir, "figure2.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(table[0]))
-        writer.writeheader()
-        writer.writerows(table)
+    write_csv(os.path.join(args.out_dir, "figure2.csv"), table)
     png = plot_figure2(raw, os.path.join(args.out_dir, "figure2.png"), args.level, box=args.box)
     print(text)
     print(f"{time.perf_counter() - start:.1f} s; wrote {png}, figure2.md and figure2.csv in {args.out_dir}")
