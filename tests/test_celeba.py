@@ -152,23 +152,9 @@ def test_example_config_is_a_valid_compare_config():
     path = CONFIG_DIR / "celeba" / "celeba.yaml"
     with open(path) as f:
         cfg = yaml.safe_load(f)
-    allowed = {
-        "setup",
-        "methods",
-        "seeds",
-        "variants",
-        "options",
-        "gate",
-        "max_steps",
-        "eval_every",
-        "log_every",
-        "jobs",
-        "out_dir",
-        "trainer",
-        "progress",
-        "select",
-    }
-    assert set(cfg) <= allowed
+    from lightning_gradsim.experiments.compare_cli import CONFIG_KEYS
+
+    assert set(cfg) <= set(CONFIG_KEYS)
     assert cfg["setup"] == "celeba" and len(cfg["variants"]["lam"]) >= 3
     # the blog: lambda up to 30000 (it names lambda <= 10000 and 30000); 40x40; 10000 images per split
     lams = cfg["variants"]["lam"]

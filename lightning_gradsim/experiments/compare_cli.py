@@ -25,6 +25,25 @@ from .registry import DEFAULT_METHODS, list_setups
 __all__ = ["build_parser", "main"]
 
 
+#: The keys a ``gradsim compare`` YAML config may have.
+CONFIG_KEYS: tuple[str, ...] = (
+    "setup",
+    "methods",
+    "seeds",
+    "variants",
+    "options",
+    "gate",
+    "max_steps",
+    "eval_every",
+    "log_every",
+    "jobs",
+    "out_dir",
+    "trainer",
+    "progress",
+    "select",
+)
+
+
 def _parse_assignments(items: Sequence[str] | None, what: str) -> dict[str, Any]:
     import yaml
 
@@ -102,25 +121,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(str(err))
         with open(args.config) as f:
             cfg = yaml.safe_load(f) or {}
-        allowed = {
-            "setup",
-            "methods",
-            "seeds",
-            "variants",
-            "options",
-            "gate",
-            "max_steps",
-            "eval_every",
-            "log_every",
-            "jobs",
-            "out_dir",
-            "trainer",
-            "progress",
-            "select",
-        }
-        bad = set(cfg) - allowed
+        bad = set(cfg) - set(CONFIG_KEYS)
         if bad:
-            parser.error(f"unknown key(s) {sorted(bad)} in {args.config}; allowed: {sorted(allowed)}")
+            parser.error(f"unknown key(s) {sorted(bad)} in {args.config}; allowed: {sorted(CONFIG_KEYS)}")
     for key in ("setup", "methods", "seeds", "max_steps", "eval_every", "log_every", "jobs", "out_dir"):
         value = getattr(args, key)
         if value is not None:
