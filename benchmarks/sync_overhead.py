@@ -104,8 +104,9 @@ class Counter:
 
 def worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: Any) -> None:
     from lightning_gradsim import GradientGate
-    from lightning_gradsim.sharded import ReduceScatter
-    from lightning_gradsim.transforms import AllReduce, AllReduceCombined
+    from lightning_gradsim.parallel.ddp_global import AllReduce
+    from lightning_gradsim.parallel.ddp_local import AllReduceCombined
+    from lightning_gradsim.parallel.ddp_sharded import ReduceScatter
 
     torch.set_num_threads(args.threads)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -15,17 +15,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ._deprecated import install as _install_old_paths
 from ._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
 #: public name -> the submodule defining it, imported on first access.
 _EXPORTS: dict[str, str] = {
-    "GradientGate": "gate",
-    "GateStats": "gate",
-    "GradSimMixin": "mixin",
-    "NonFiniteLossError": "mixin",
-    "GradSimMonitor": "monitor",
+    "GradientGate": "core.gate",
+    "GateStats": "core.gate",
+    "GradSimMixin": "lightning.mixin",
+    "NonFiniteLossError": "lightning.validation",
+    "GradSimMonitor": "lightning.monitor",
     "Rule": "rules",
     "RuleInput": "rules",
     "register_rule": "rules",
@@ -36,10 +37,12 @@ _EXPORTS: dict[str, str] = {
 __all__ = [*_EXPORTS, "__version__"]
 
 if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
-    from .gate import GateStats, GradientGate
-    from .mixin import GradSimMixin, NonFiniteLossError
-    from .monitor import GradSimMonitor
+    from .core.gate import GateStats, GradientGate
+    from .lightning.mixin import GradSimMixin
+    from .lightning.monitor import GradSimMonitor
+    from .lightning.validation import NonFiniteLossError
     from .rules import Rule, RuleInput, get_rule, list_rules, register_rule
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+_install_old_paths()  # lightning_gradsim.gate, .mixin, ... of 0.1.0 (DeprecationWarning)

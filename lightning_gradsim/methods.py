@@ -25,7 +25,8 @@ from collections.abc import Callable
 from typing import Any
 
 from ._lazy import load_entry
-from .gate import GradientGate
+from .core.gate import GradientGate
+from .loss_weighting import method_modules
 from .rules import list_rules
 
 __all__ = ["BUILTIN_METHODS", "register_method", "make_gate", "list_methods"]
@@ -34,10 +35,8 @@ Factory = Callable[..., GradientGate]
 
 #: built-in methods that are not rules: name -> ``"module:factory"``, imported by :func:`make_gate`.
 #: (``pcgrad`` is a rule, registered with the others in :mod:`lightning_gradsim.rules`.)
-BUILTIN_METHODS: dict[str, str] = {
-    "uncertainty": "lightning_gradsim.baselines.uncertainty:_make_uncertainty",
-    "gradnorm": "lightning_gradsim.baselines.gradnorm:_make_gradnorm",
-}
+#: Every module of :mod:`lightning_gradsim.loss_weighting` is one (its ``make_gate``), found without importing it.
+BUILTIN_METHODS: dict[str, str] = method_modules()
 
 # name -> factory, or the "module:factory" entry of a built-in not yet imported
 _METHODS: dict[str, Factory | str] = dict(BUILTIN_METHODS)

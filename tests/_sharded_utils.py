@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lightning_gradsim.fsdp import FSDPShards, is_dtensor
+from lightning_gradsim.core.tensor_ops import is_dtensor
+from lightning_gradsim.parallel.fsdp2 import FSDPShards
 
 from .scale_utils import HIDDEN, IN, BatchList, TinyNet, make_batches, rank_slice
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_gradsim.layout import TaskGradients
-from lightning_gradsim.transforms import Accumulate
+from lightning_gradsim.core.task_gradients import TaskGradients
+from lightning_gradsim.core.transforms import Accumulate
 
 from .scale_utils import BatchList, TinyNet, fit, make_batches, merge_pairs, params, trainer
 

@@ -12,7 +12,7 @@ from lightning_gradsim.baselines import (
     cross_stitch_mlp,
     cross_stitch_resnet,
 )
-from lightning_gradsim.gradients import reachable_parameters
+from lightning_gradsim.core.graph import reachable_parameters
 
 torch.set_num_threads(1)
 

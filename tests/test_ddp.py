@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from lightning_gradsim.distributed import all_reduce_mean, world_size
+from lightning_gradsim.parallel.collectives import all_reduce_mean, world_size
 
 from .scale_utils import TinyNet, ddp_worker, fit, make_batches, merge_pairs, params, rank_slice
 
@@ -203,5 +203,5 @@ def test_sharded_strategies_and_bad_sync_mode_are_refused():
     with pytest.raises(MisconfigurationException, match="not FSDPStrategy"):
         model._gradsim_world_size()
     model.gradsim_sync = "ring"
-    with pytest.raises(ValueError, match="gradsim_sync must be 'global'.*or 'local'.*got 'ring'"):
+    with pytest.raises(ValueError, match="gradsim_sync must be one of: 'global'.*'local'.*got 'ring'"):
         fit(model, make_batches(2, 4))

@@ -1,4 +1,4 @@
-"""Per-task gradients (lightning_gradsim.gradients) against plain per-task ``backward``."""
+"""Per-task gradients (lightning_gradsim.core.gradients) against plain per-task ``backward``."""
 
 from __future__ import annotations
 
@@ -6,12 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_gradsim.gradients import (
-    TaskGradients,
-    inspect_graph,
-    per_task_gradients,
-    task_gradients,
-)
+from lightning_gradsim.core.gradients import TaskGradients, per_task_gradients, task_gradients
+from lightning_gradsim.core.graph import inspect_graph
 
 torch.set_num_threads(1)
 

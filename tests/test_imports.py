@@ -19,8 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("matplotlib", "torchvision", "timm", "scipy", "sklearn", "gymnasium", "tensorboard", "PIL", "torchmetrics")
 #: sub-packages and modules that load only when used
 OPTIONAL_OWN = (
-    "lightning_gradsim.baselines.uncertainty",
-    "lightning_gradsim.baselines.gradnorm",
+    "lightning_gradsim.loss_weighting.uncertainty",
+    "lightning_gradsim.loss_weighting.gradnorm",
     "lightning_gradsim.baselines.cross_stitch",
     "lightning_gradsim.experiments.compare",
     "lightning_gradsim.experiments.modules",
@@ -81,11 +81,11 @@ def test_import_loads_only_what_each_name_needs():
     assert out["listed"] == ["torch"]
     # a gate needs torch only; make_gate("gradnorm") imports gradnorm, not uncertainty
     assert "lightning" not in out["gates"] and not _heavy(out["gates"])
-    assert _own_optional(out["gates"]) == {"lightning_gradsim.baselines.gradnorm"}
+    assert _own_optional(out["gates"]) == {"lightning_gradsim.loss_weighting.gradnorm"}
     # the mixin and monitor load Lightning and nothing Lightning itself does not load
     assert "lightning" in out["everything"]
     assert _heavy(out["everything"]) <= _heavy(out["lightning"]), "a core module imports an optional dependency"
-    assert _own_optional(out["everything"]) == {"lightning_gradsim.baselines.gradnorm"}
+    assert _own_optional(out["everything"]) == {"lightning_gradsim.loss_weighting.gradnorm"}
 
 
 def _imported(trace: str) -> set[str]:

@@ -192,7 +192,7 @@ def test_missing_gate_is_an_error():
     del model.gradsim
     with pytest.raises(AttributeError, match="self.gradsim = GradientGate"):
         trainer(max_steps=1).fit(model, make_loader())
-    from lightning_gradsim.weighting import UncertaintyWeighting
+    from lightning_gradsim.loss_weighting import UncertaintyWeighting
 
     model.gradsim = UncertaintyWeighting()  # a loss weighting is not a gate (it was in 0.1.0)
     with pytest.raises(AttributeError, match="compose it with a gate.*loss_weighting=UncertaintyWeighting"):

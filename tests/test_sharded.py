@@ -19,11 +19,10 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from lightning_gradsim import GradientGate
-from lightning_gradsim.checks import check_buffers, parallel_mode
-from lightning_gradsim.fsdp import backward_gradients
-from lightning_gradsim.gradients import per_task_gradients
-from lightning_gradsim.sharded import ShardLayout
-from lightning_gradsim.state import GateState
+from lightning_gradsim.core.gradients import backward_gradients, per_task_gradients
+from lightning_gradsim.core.state import GateState
+from lightning_gradsim.lightning.validation import check_buffers, parallel_mode
+from lightning_gradsim.parallel.ddp_sharded import ShardLayout
 
 from ._sharded_utils import BNTinyNet, sharded_worker
 from .scale_utils import IN, TinyNet, fit, make_batches, params, rank_slice
@@ -326,7 +325,7 @@ def test_refusals_name_the_alternative():
     with pytest.raises(MisconfigurationException, match="ModelParallelStrategy, not FSDPStrategy"):
         parallel_mode(SimpleNamespace(strategy=FSDPStrategy(), world_size=2))
     assert parallel_mode(SimpleNamespace(strategy=ModelParallelStrategy(), world_size=1)) == "fsdp2"
-    from lightning_gradsim.checks import check_fsdp_trainer, check_trainer
+    from lightning_gradsim.lightning.validation import check_fsdp_trainer, check_trainer
 
     model = TinyNet(sync="local")
     with pytest.raises(MisconfigurationException, match="gradsim_sync = 'local'.*FSDP2"):

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from lightning_gradsim import GradientGate
-from lightning_gradsim.layout import TaskGradients
-from lightning_gradsim.transforms import NON_FINITE, READY, Accumulate, GradientTransform, Transforms, Unscale
+from lightning_gradsim.core.task_gradients import TaskGradients
+from lightning_gradsim.core.transforms import NON_FINITE, READY, Accumulate, GradientTransform, Transforms, Unscale
 
 
 def _setup():

@@ -1,5 +1,5 @@
-"""GradNorm (Chen et al., 2018): the weighting is :class:`lightning_gradsim.weighting.GradNorm`; this module
-registers the method ``make_gate("gradnorm", ...)``.
+"""GradNorm (Chen et al., 2018): the weighting is :class:`lightning_gradsim.loss_weighting.GradNorm`; its module
+defines the method ``make_gate("gradnorm", ...)``.
 
 >>> from lightning_gradsim.methods import make_gate
 >>> gate = make_gate("gradnorm", alpha=0.5)
@@ -9,15 +9,6 @@ registers the method ``make_gate("gradnorm", ...)``.
 
 from __future__ import annotations
 
-from ..gate import GradientGate
-from ..methods import register_method
-from ..weighting import GradNorm, default_last_shared_layer, gradnorm_update
-from ._weighting import weighting_gate
+from ..loss_weighting import GradNorm, default_last_shared_layer, gradnorm_update
 
 __all__ = ["GradNorm", "default_last_shared_layer", "gradnorm_update"]
-
-
-@register_method("gradnorm")
-def _make_gradnorm(**kwargs) -> GradientGate:
-    """``make_gate("gradnorm", alpha=1.5, lr=0.025, last_shared_layer=None, aux_weight=1.0, seed=0, rule="sum")``."""
-    return weighting_gate("gradnorm", GradNorm, kwargs)

@@ -1,7 +1,7 @@
 """Uncertainty weighting (Kendall et al., 2018).
 
-The weighting is :class:`lightning_gradsim.weighting.UncertaintyWeighting`;
-this module registers the method ``make_gate("uncertainty", ...)``.
+The weighting is :class:`lightning_gradsim.loss_weighting.UncertaintyWeighting`;
+its module defines the method ``make_gate("uncertainty", ...)``.
 
 >>> from lightning_gradsim.methods import make_gate
 >>> gate = make_gate("uncertainty", aux_tasks=["rotated"], aux_weight=0.5)
@@ -11,15 +11,6 @@ this module registers the method ``make_gate("uncertainty", ...)``.
 
 from __future__ import annotations
 
-from ..gate import GradientGate
-from ..methods import register_method
-from ..weighting import UncertaintyWeighting
-from ._weighting import weighting_gate
+from ..loss_weighting import UncertaintyWeighting
 
 __all__ = ["UncertaintyWeighting"]
-
-
-@register_method("uncertainty")
-def _make_uncertainty(**kwargs) -> GradientGate:
-    """``make_gate("uncertainty", aux_tasks=..., aux_weight=..., init_log_var=..., seed=..., rule="sum")``."""
-    return weighting_gate("uncertainty", UncertaintyWeighting, kwargs)

@@ -45,9 +45,9 @@ from typing import Any
 import lightning as L
 from lightning.pytorch import Callback
 
+from ..lightning.mixin import GradSimMixin
+from ..lightning.monitor import GradSimMonitor
 from ..methods import list_methods
-from ..mixin import GradSimMixin
-from ..monitor import GradSimMonitor
 from .compare_report import write_outputs
 from .registry import DEFAULT_METHODS, build_setup, list_setups, register_setup
 

@@ -41,7 +41,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..gate import GradientGate
+from ..core.gate import GradientGate
 from .toy_figure2 import ROWS, ConvergenceResult, convergence_times, random_starts
 
 __all__ = [

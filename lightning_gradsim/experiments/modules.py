@@ -24,8 +24,8 @@ from torch import Tensor
 from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy
 
 from ..baselines.cross_stitch import CrossStitchMultiHeadNet
+from ..lightning.mixin import GradSimMixin
 from ..methods import make_gate
-from ..mixin import GradSimMixin
 from ..models import MultiHeadNet, build_trunk
 
 __all__ = ["MultiTaskClassifier"]

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..gate import GradientGate
+from ..core.gate import GradientGate
 from ..methods import make_gate
 from ..rules import Rule
 from .ema_cosine import DirectionUnweighted, DirectionWeighted

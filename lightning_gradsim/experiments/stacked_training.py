@@ -29,7 +29,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..gate import GradientGate
+from ..core.gate import GradientGate
 from .stacked_mlp import StackedMLP
 
 __all__ = ["RunGroup", "StepRecord", "StackedTrainer", "RunOrder", "order_seed"]

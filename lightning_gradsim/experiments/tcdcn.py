@@ -27,8 +27,8 @@ from lightning.pytorch.callbacks import EarlyStopping
 from torch import Tensor, nn
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 
+from ..lightning.mixin import GradSimMixin
 from ..methods import make_gate
-from ..mixin import GradSimMixin
 
 __all__ = ["TCDCNTrunk", "CelebATCDCN", "celeba_setup"]
 

@@ -169,7 +169,14 @@ def _trajectories_main(argv: list[str]) -> int:
 
 
 def _blog_main(argv: list[str]) -> int:
-    from .toy_blog import BLOG_RULES, OPTIMIZERS, BlogCircle, blog_circle_report, plot_blog_circle, run_blog_circle
+    from .toy_blog import (
+        BLOG_RULES,
+        OPTIMIZERS,
+        BlogCircle,
+        blog_circle_report,
+        plot_blog_circle,
+        run_blog_circle,
+    )
 
     d = BlogCircle()
     parser = argparse.ArgumentParser(

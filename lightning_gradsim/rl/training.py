@@ -32,7 +32,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..gate import GradientGate
+from ..core.gate import GradientGate
 from .batched import BatchedGridworld
 from .student import EpisodeAccumulator, LinearStudent, kernel_factor
 from .world import Layouts

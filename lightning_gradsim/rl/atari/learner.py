@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ...gate import GradientGate
+from ...core.gate import GradientGate
 from ..vtrace import from_importance_weights
 from .nets import StackedActorCritic
 

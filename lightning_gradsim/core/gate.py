@@ -1,10 +1,10 @@
 """The gradient-similarity gate (Du et al., *Adapting Auxiliary Losses Using Gradient Similarity*).
 
 ``GradientGate`` orchestrates one step: losses (through a loss weighting, if any) -> per-task
-gradients (:mod:`~lightning_gradsim.gradients`) -> gradient transforms
-(:mod:`~lightning_gradsim.transforms`) -> per-layer Gramian
-(:class:`~lightning_gradsim.layout.TaskGradients`) -> (reduce) -> rule and state
-(:mod:`~lightning_gradsim.decision`, :mod:`~lightning_gradsim.state`) -> apply the weights into
+gradients (:mod:`~lightning_gradsim.core.gradients`) -> gradient transforms
+(:mod:`~lightning_gradsim.core.transforms`) -> per-layer Gramian
+(:class:`~lightning_gradsim.core.task_gradients.TaskGradients`) -> (reduce) -> rule and state
+(:mod:`~lightning_gradsim.core.weights`, :mod:`~lightning_gradsim.core.state`) -> apply the weights into
 ``.grad``. See ``docs/architecture.md``.
 """
 
@@ -16,16 +16,27 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .decision import GateStats
-from .fsdp import check_fsdp, is_dtensor
-from .gradients import STRATEGIES, per_task_gradients, walk_graph
-from .inputs import MAIN_TASK, as_list, check_names, check_options, named_losses, shared_list, unique, weigh
-from .layout import TaskGradients
-from .paths import GateStep, decide_step
-from .rules import Rule, get_rule
+from ..rules import Rule, get_rule
+from .gradients import STRATEGIES, per_task_gradients
+from .graph import walk_graph
+from .loss_weighting import LossWeighting, check_aux_weight
+from .options import (
+    MAIN_TASK,
+    as_list,
+    check_dtensor_inputs,
+    check_names,
+    check_options,
+    named_losses,
+    shared_list,
+    unique,
+    weigh,
+)
 from .state import LEGACY_BUFFERS, GateState, upgrade_legacy_keys
+from .step import GateStep, decide_step
+from .task_gradients import TaskGradients
+from .tensor_ops import is_dtensor
 from .transforms import GradientTransform, Transforms, as_transforms
-from .weighting.base import LossWeighting, check_aux_weight
+from .weights import GateStats
 
 __all__ = ["GradientGate", "GateStats", "MAIN_TASK"]
 
@@ -42,7 +53,7 @@ class GradientGate(nn.Module):
     component that conflicts with the main direction), ``sum`` and ``main_only`` (baselines),
     ``pcgrad``, or any rule you register. Each auxiliary task is gated against the main one on its own.
 
-    The state (smoothed cosine, main-gradient EMA, counters, see :class:`~lightning_gradsim.state.GateState`)
+    The state (smoothed cosine, main-gradient EMA, counters, see :class:`~lightning_gradsim.core.state.GateState`)
     is the submodule ``state``, so it is part of ``state_dict`` and of Lightning checkpoints.
 
     Args:
@@ -69,7 +80,7 @@ class GradientGate(nn.Module):
         every_n_steps: measure every ``k`` calls of :meth:`backward` and reuse the last measured
             weights in between (a single weighted backward on those steps). ``last_stats`` is only
             updated when measuring (or when a reused step is skipped as non-finite).
-        loss_weighting: a :class:`~lightning_gradsim.weighting.LossWeighting` (uncertainty
+        loss_weighting: a :class:`~lightning_gradsim.loss_weighting.LossWeighting` (uncertainty
             weighting, GradNorm, yours) weighting the task losses before the gate sees them.
 
     Speed notes: see ``docs/speed.md``. How per-task gradients are taken (``"auto"``) can be forced
@@ -149,7 +160,7 @@ class GradientGate(nn.Module):
 
         ``features``: with ``similarity="features"``, the shared features the heads read (else
         the ones marked with :meth:`mark_features`). ``transforms``: the step's gradient
-        transforms (:mod:`lightning_gradsim.transforms`; the mixin passes them).
+        transforms (:mod:`lightning_gradsim.core.transforms`; the mixin passes them).
 
         >>> w = nn.Parameter(torch.tensor([1.0, 2.0]))
         >>> stats = GradientGate(aux_weight=0.5).backward(0.5 * w.pow(2).sum(), [0.5 * (w - 3).pow(2).sum()], [w])
@@ -189,7 +200,7 @@ class GradientGate(nn.Module):
                 others += [p for p in lw.own_parameters() if id(p) not in known]
         step = GateStep(self, names, losses, raw, scale, shared, others, pipeline)
         if any(is_dtensor(p) for p in shared):  # FSDP2: autograd.grad cannot reach the shards; .grad has them
-            check_fsdp(self, pipeline, other_params is not None)
+            check_dtensor_inputs(pipeline, other_params is not None, self.similarity, self.every_n_steps, lw)
             return step.measured(
                 per_task_gradients(
                     losses, shared, others, "backward", on_task=pipeline.task_ready if pipeline else None

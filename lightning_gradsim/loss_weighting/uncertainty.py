@@ -17,13 +17,16 @@ optimizer step, outside any loss scale or accumulation mean).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .base import LossWeighting
+from ..core.gate import GradientGate
+from ..core.loss_weighting import LossWeighting
+from ._gate import weighting_gate
 
-__all__ = ["UncertaintyWeighting"]
+__all__ = ["make_gate", "UncertaintyWeighting"]
 
 
 class UncertaintyWeighting(LossWeighting):
@@ -105,3 +108,8 @@ class UncertaintyWeighting(LossWeighting):
 
     def extra_repr(self) -> str:
         return f"aux_tasks={self.log_vars.numel() - 1}, aux_weight={self.aux_weight}"
+
+
+def make_gate(**kwargs: Any) -> GradientGate:
+    """The method ``uncertainty`` of :func:`lightning_gradsim.methods.make_gate`: ``make_gate("uncertainty", aux_tasks=..., aux_weight=..., init_log_var=..., seed=..., rule="sum")``."""
+    return weighting_gate("uncertainty", UncertaintyWeighting, kwargs)

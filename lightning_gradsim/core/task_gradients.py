@@ -9,7 +9,7 @@ on tensor ``i`` (per-task backward: nothing stacked or copied); ``None`` where n
 It owns the two operations on them: :meth:`TaskGradients.gramian` (per layer, ``(L, *B, V, V)``)
 and :meth:`TaskGradients.apply` (``sum_k w_k g_k (+ w_d d)``, into ``.grad`` or returned: the
 only place where weights meet gradients). It also carries what the gradient transforms
-(:mod:`lightning_gradsim.transforms`) work on with them: the heads' summed gradients, the loss
+(:mod:`lightning_gradsim.core.transforms`) work on with them: the heads' summed gradients, the loss
 values (when a loss weighting needs them) and a device-side ``finite`` flag.
 
 >>> import torch

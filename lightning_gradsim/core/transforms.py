@@ -36,12 +36,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
-import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from .distributed import all_reduce_mean, world_size
-from .layout import TaskGradients
+from .task_gradients import TaskGradients
 
 __all__ = [
     "Status",
@@ -52,8 +49,6 @@ __all__ = [
     "Transforms",
     "Accumulate",
     "Unscale",
-    "AllReduce",
-    "AllReduceCombined",
     "as_transforms",
 ]
 
@@ -73,6 +68,9 @@ class GradientTransform:
     """
 
     needs_task_gradients: bool = True
+    #: whether the transform takes parameter gradients that are DTensor shards (FSDP2's ``.grad``) to local
+    #: tensors and reduces the Gramian over the shards (the gate refuses DTensor parameters without one).
+    handles_dtensor_shards: bool = False
 
     def task_ready(self, k: int, num_tasks: int, row: Sequence[Tensor | None], params: Sequence[Tensor]) -> None:
         """Task ``k``'s gradient on ``params`` (``None`` where it reaches nothing) as soon as autograd has it,
@@ -158,6 +156,7 @@ class Accumulate(GradientTransform):
     bundle becomes the window's mean (and its finiteness the AND over the window). The running
     sums are kept here between steps (:meth:`state_dict` for a mid-window checkpoint).
 
+    >>> import torch
     >>> acc = Accumulate()
     >>> acc.final = False
     >>> acc.task_gradients(TaskGradients(rows=[[torch.ones(2)]], others=[]))
@@ -225,6 +224,7 @@ class Accumulate(GradientTransform):
 class Unscale(GradientTransform):
     """Multiply the per-task gradients (and losses) by ``inv_scale``: undo a GradScaler's loss scale.
 
+    >>> import torch
     >>> g = TaskGradients(rows=[[torch.full((2,), 1024.0)]], others=[])
     >>> Unscale(1 / 1024).task_gradients(g), g.rows
     ('ready', [[tensor([1., 1.])]])
@@ -241,58 +241,3 @@ class Unscale(GradientTransform):
 
     def __repr__(self) -> str:
         return f"Unscale({self.inv_scale!r})"
-
-
-class AllReduce(GradientTransform):
-    """DDP, ``gradsim_sync="global"``: average the per-task gradients, the heads' gradients (and the
-    losses, when carried) over the ranks in one bucketed all-reduce, with a non-finite flag in it.
-
-    Every rank then gates on the global per-task gradients and takes the same decision. With one
-    process it does nothing.
-
-    >>> AllReduce().task_gradients(TaskGradients(rows=[[torch.ones(1)]], others=[]))  # not distributed
-    'ready'
-    """
-
-    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
-        self.group = group
-
-    def task_gradients(self, grads: TaskGradients) -> Status:
-        if world_size(self.group) == 1:
-            return READY
-        flag = torch.zeros((), dtype=torch.bool) if grads.finite is None else ~grads.finite
-        averaged, bad = all_reduce_mean(grads.flat(), nonfinite=flag, group=self.group)
-        grads.unflat(averaged)
-        grads.finite = ~bad
-        return READY
-
-
-class AllReduceCombined(GradientTransform):
-    """DDP, ``gradsim_sync="local"``: each rank gates on its own per-task gradients; once the gate wrote
-    ``.grad``, the combined gradients (shared and heads) are averaged over the ranks in one bucketed
-    all-reduce, with this rank's non-finite flag in it.
-
-    The step is finite only if it is on every rank: a NaN/inf on another rank makes this rank skip too,
-    and the gate counts the step as skipped (not measured). It needs no per-task gradients, so it also
-    serves ``similarity="features"`` and ``every_n_steps``. With one process it does nothing.
-
-    >>> p = torch.nn.Parameter(torch.ones(2))
-    >>> p.grad = torch.ones(2)
-    >>> AllReduceCombined().combined([p], [], torch.tensor(True))  # not distributed
-    tensor(True)
-    """
-
-    needs_task_gradients = False
-
-    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
-        self.group = group
-
-    def combined(self, params: Sequence[Tensor], others: Sequence[Tensor], finite: Tensor) -> Tensor:
-        if world_size(self.group) == 1:
-            return finite
-        tensors = list(params) + list(others)
-        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in tensors]
-        averaged, bad = all_reduce_mean(grads, nonfinite=~finite.all(), group=self.group)
-        for p, g in zip(tensors, averaged):
-            p.grad = g
-        return finite & ~bad.to(finite.device)

@@ -1,7 +1,7 @@
 """Small helpers on tensors and lists of tensors that the gradient layout and the paths share.
 
 >>> import torch
->>> from lightning_gradsim.tensor_ops import all_finite, grad_norms
+>>> from lightning_gradsim.core.tensor_ops import all_finite, grad_norms
 >>> grad_norms([torch.tensor([3.0, 4.0]), torch.tensor([1.0])])
 tensor([5., 1.])
 >>> bool(all_finite([torch.tensor([1.0, float("inf")])]))
@@ -10,12 +10,22 @@ False
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["stat_dtype", "accumulate_grad", "grad_norms", "all_finite", "dot", "add_optional", "and_optional"]
+__all__ = [
+    "is_dtensor",
+    "stat_dtype",
+    "accumulate_grad",
+    "grad_norms",
+    "all_finite",
+    "dot",
+    "add_optional",
+    "and_optional",
+]
 
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -83,3 +93,18 @@ def and_optional(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     if b is None:
         return a
     return a & b.to(a.device)
+
+
+def _dtensor_class() -> type | None:
+    """DTensor's class if torch.distributed.tensor was imported (nothing can be a DTensor otherwise)."""
+    for name in ("torch.distributed.tensor", "torch.distributed._tensor"):
+        cls = getattr(sys.modules.get(name), "DTensor", None)
+        if cls is not None:
+            return cls
+    return None
+
+
+def is_dtensor(t: object) -> bool:
+    """Whether ``t`` is a DTensor (e.g. a parameter sharded by ``fully_shard``), without importing DTensor."""
+    cls = _dtensor_class()
+    return cls is not None and isinstance(t, cls)

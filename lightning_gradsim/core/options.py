@@ -22,9 +22,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .weighting.base import LossWeighting
+from .loss_weighting import LossWeighting
+from .transforms import Transforms
 
-__all__ = ["MAIN_TASK", "check_options", "named_losses", "check_names", "shared_list", "unique", "as_list", "weigh"]
+__all__ = [
+    "MAIN_TASK",
+    "check_options",
+    "named_losses",
+    "check_names",
+    "shared_list",
+    "unique",
+    "as_list",
+    "weigh",
+    "check_dtensor_inputs",
+]
 
 #: The key of the main task's loss.
 MAIN_TASK = "main"
@@ -160,3 +171,32 @@ def unique(params: Iterable[Tensor]) -> Iterable[Tensor]:
         if id(p) not in seen:
             seen.add(id(p))
             yield p
+
+
+def check_dtensor_inputs(
+    pipeline: Transforms,
+    others_given: bool,
+    similarity: str,
+    every_n_steps: int,
+    loss_weighting: LossWeighting | None,
+) -> None:
+    """What the gate needs when its shared parameters are FSDP2 shards (DTensors)."""
+    if not any(t.handles_dtensor_shards for t in pipeline.items):
+        raise ValueError(
+            "The shared parameters are DTensors (FSDP2): pass transforms=[FSDPShards()] to gate.backward() so that "
+            "the Gramian is reduced over the shards (GradSimMixin does this under ModelParallelStrategy)."
+        )
+    if not others_given:
+        raise ValueError(
+            "Under FSDP2 pass other_params= (the heads) to gate.backward(): the autograd graph cannot name them."
+        )
+    if similarity != "parameters" or every_n_steps != 1:
+        raise ValueError(
+            "Under FSDP2 the gate takes the per-task parameter gradients: similarity='parameters' and "
+            "every_n_steps=1, "
+            f"not similarity={similarity!r}, every_n_steps={every_n_steps}."
+        )
+    if loss_weighting is not None:
+        raise NotImplementedError(
+            f"Loss weightings ({type(loss_weighting).__name__}) are not supported under FSDP2; use DDP for them."
+        )

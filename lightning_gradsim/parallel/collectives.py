@@ -2,20 +2,20 @@
 
 Per-task gradients come from ``torch.autograd.grad``, which never passes through DDP's reducer,
 so :class:`~lightning_gradsim.GradSimMixin` averages them over the ranks itself, with the gradient
-transforms of :mod:`lightning_gradsim.transforms` and :mod:`lightning_gradsim.sharded`
+transforms of :mod:`lightning_gradsim.core.transforms` and :mod:`lightning_gradsim.parallel.ddp_sharded`
 (``K`` tasks, ``S`` shared and ``H`` other parameter elements, ``N`` ranks):
 
-* ``gradsim_sync = "global"`` (default, exact; :class:`~lightning_gradsim.transforms.AllReduce`): the
+* ``gradsim_sync = "global"`` (default, exact; :class:`~lightning_gradsim.parallel.ddp_global.AllReduce`): the
   per-task gradients on the shared parameters and the task heads' gradients are flattened into one
   buffer per dtype and averaged with a single ``all_reduce`` (``K S + H`` elements, about twice that
   through a ring). Every rank then gates on the *global* per-task gradients and takes the same
   decision; the run equals a single process on the concatenated batch.
-* ``gradsim_sync = "sharded"`` (exact, less traffic; :class:`~lightning_gradsim.sharded.ReduceScatter`):
+* ``gradsim_sync = "sharded"`` (exact, less traffic; :class:`~lightning_gradsim.parallel.ddp_sharded.ReduceScatter`):
   each rank receives its ``1/N`` shard of the averaged per-task gradients (reduce-scatter), the
   per-layer Gramian of the shards is all-reduced (``L K^2`` floats), every rank combines its shard
   and the combined gradient is all-gathered: about ``(K + 1) S`` elements through a ring instead of
   ``2 K S``; the same weights and gate state as ``"global"`` (up to float rounding).
-* ``gradsim_sync = "local"`` (cheapest; :class:`~lightning_gradsim.transforms.AllReduceCombined`): each
+* ``gradsim_sync = "local"`` (cheapest; :class:`~lightning_gradsim.parallel.ddp_local.AllReduceCombined`): each
   rank gates on its own local cosine, and only the combined gradient is averaged (``S + H``
   elements, like plain DDP). Ranks may take different gate decisions and keep different gate
   state; the update is the average of the per-rank updates.
@@ -25,7 +25,7 @@ running statistics) are not synchronised by manual optimisation: :func:`broadcas
 (``gradsim_sync_buffers = "broadcast"``) copies rank 0's, as DDP does in automatic optimisation.
 
 >>> import torch
->>> from lightning_gradsim.distributed import all_reduce_mean, world_size
+>>> from lightning_gradsim.parallel.collectives import all_reduce_mean, world_size
 >>> world_size()  # torch.distributed is not initialised here: one process
 1
 >>> all_reduce_mean([torch.ones(2)], nonfinite=torch.tensor(False))
@@ -42,51 +42,12 @@ import torch.distributed as dist
 from torch import Tensor
 
 __all__ = [
-    "SYNC_MODES",
     "world_size",
     "all_reduce_mean",
-    "check_sync_mode",
-    "SYNC_BUFFERS",
-    "check_sync_buffers",
     "broadcast_buffers",
     "reduce_scatter",
     "all_gather",
 ]
-
-#: Valid values of ``GradSimMixin.gradsim_sync``.
-SYNC_MODES = ("global", "sharded", "local")
-
-#: Valid values of ``GradSimMixin.gradsim_sync_buffers``.
-SYNC_BUFFERS = ("none", "broadcast")
-
-
-def check_sync_mode(mode: str) -> str:
-    """Return ``mode`` if it is a valid sync mode, else raise a ``ValueError`` naming the choices.
-
-    >>> check_sync_mode("sharded")
-    'sharded'
-    """
-    if mode not in SYNC_MODES:
-        raise ValueError(
-            f"gradsim_sync must be 'global' (exact: gate on the all-reduced per-task gradients), 'sharded' (exact, "
-            f"less traffic: reduce-scatter them, all-reduce the Gramian, all-gather the combined gradient) or 'local' "
-            f"(cheapest: gate on each rank's own gradients, all-reduce the combined one), got {mode!r}."
-        )
-    return mode
-
-
-def check_sync_buffers(mode: str) -> str:
-    """Return ``mode`` if it is a valid ``gradsim_sync_buffers``, else raise a ``ValueError``.
-
-    >>> check_sync_buffers("broadcast")
-    'broadcast'
-    """
-    if mode not in SYNC_BUFFERS:
-        raise ValueError(
-            f"gradsim_sync_buffers must be 'none' or 'broadcast' (copy rank 0's module buffers, e.g. BatchNorm "
-            f"running statistics, to every rank after each optimizer step), got {mode!r}."
-        )
-    return mode
 
 
 def world_size(group: dist.ProcessGroup | None = None) -> int:

@@ -27,11 +27,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from .decision import GateStats, decide
-from .gradients import backpropagate, check_features_cut, feature_gradients, loss_gradients, weighted_gradients
-from .layout import TaskGradients, accumulate_grad, all_finite
+from .gradients import backpropagate, feature_gradients, loss_gradients, weighted_gradients
+from .graph import check_features_cut
 from .state import Reuse
+from .task_gradients import TaskGradients, accumulate_grad, all_finite
 from .transforms import NON_FINITE, PENDING, READY, Transforms
+from .weights import GateStats, decide
 
 if TYPE_CHECKING:
     from .gate import GradientGate

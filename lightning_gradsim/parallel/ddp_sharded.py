@@ -32,9 +32,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .distributed import all_gather, all_reduce_mean, reduce_scatter, world_size
-from .layout import TaskGradients
-from .transforms import READY, GradientTransform, Status
+from ..core.task_gradients import TaskGradients
+from ..core.transforms import READY, GradientTransform, Status
+from .collectives import all_gather, all_reduce_mean, reduce_scatter, world_size
 
 __all__ = ["ShardLayout", "ReduceScatter", "gather_directions", "shard_directions"]
 

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 
-from .gate import GateStats, GradientGate
+from ..core.gate import GateStats, GradientGate
 
 __all__ = ["GradSimMonitor"]
 

@@ -24,9 +24,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import LossWeighting
+from ..core.gate import GradientGate
+from ..core.loss_weighting import LossWeighting
+from ._gate import weighting_gate
 
-__all__ = ["GradNorm", "default_last_shared_layer", "gradnorm_update"]
+__all__ = ["make_gate", "GradNorm", "default_last_shared_layer", "gradnorm_update"]
 
 
 def default_last_shared_layer(shared: Sequence[Tensor]) -> list[int]:
@@ -229,3 +231,8 @@ def gradnorm_update(
         total > 0, new * (k / torch.where(total > 0, total, torch.ones_like(total))), torch.ones_like(new)
     )
     return new, initial
+
+
+def make_gate(**kwargs: Any) -> GradientGate:
+    """The method ``gradnorm`` of :func:`lightning_gradsim.methods.make_gate`: ``make_gate("gradnorm", alpha=1.5, lr=0.025, last_shared_layer=None, aux_weight=1.0, seed=0, rule="sum")``."""
+    return weighting_gate("gradnorm", GradNorm, kwargs)

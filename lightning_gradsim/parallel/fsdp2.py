@@ -22,36 +22,21 @@ False
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .layout import TaskGradients
-from .transforms import READY, GradientTransform, Status, Transforms
+from ..core.task_gradients import TaskGradients
+from ..core.tensor_ops import _dtensor_class, is_dtensor
+from ..core.transforms import READY, GradientTransform, Status
 
 if TYPE_CHECKING:
-    from .gate import GradientGate
+    from ..core.gate import GradientGate
 
-__all__ = ["is_dtensor", "backward_gradients", "FSDPShards", "ShardSpec", "check_fsdp", "prepare_gate"]
-
-
-def _dtensor_class() -> type | None:
-    """DTensor's class if torch.distributed.tensor was imported (nothing can be a DTensor otherwise)."""
-    for name in ("torch.distributed.tensor", "torch.distributed._tensor"):
-        cls = getattr(sys.modules.get(name), "DTensor", None)
-        if cls is not None:
-            return cls
-    return None
-
-
-def is_dtensor(t: object) -> bool:
-    """Whether ``t`` is a DTensor (e.g. a parameter sharded by ``fully_shard``), without importing DTensor."""
-    cls = _dtensor_class()
-    return cls is not None and isinstance(t, cls)
+__all__ = ["FSDPShards", "ShardSpec", "prepare_gate"]
 
 
 def _local(t: Tensor) -> Tensor:
@@ -84,6 +69,8 @@ class FSDPShards(GradientTransform):
     Every parameter the gate handles (shared and heads) must be a DTensor sharded over a 1-D device
     mesh (``fully_shard(module, mesh=...)`` on the trunk's blocks, the heads and the root module).
     """
+
+    handles_dtensor_shards = True
 
     def __init__(self) -> None:
         self.group: dist.ProcessGroup | None = None
@@ -133,53 +120,6 @@ class FSDPShards(GradientTransform):
         return "FSDPShards()"
 
 
-def backward_gradients(
-    losses: Sequence[Tensor],
-    shared: Sequence[Tensor],
-    others: Sequence[Tensor],
-    retain_graph: bool = False,
-    on_task: Callable[[int, int, Sequence[Tensor | None], Sequence[Tensor]], None] | None = None,
-) -> TaskGradients:
-    """Per-task gradients read from ``.grad`` after one ``loss.backward()`` per task (``"backward"``).
-
-    The way under FSDP2 (``fully_shard``): ``torch.autograd.grad`` cannot reach a sharded parameter
-    (autograd sees the gathered copy), but after each backward FSDP2 leaves the task's reduce-scattered
-    shard (a DTensor) in ``.grad``, which this takes and clears. Per-task gradient memory is then ``K``
-    shards, ``K S / N`` per rank. Every other parameter the losses reach gets ``.grad`` summed over
-    tasks, as ``backward`` gives it; ``.grad`` of ``shared`` and ``others`` is left as it was.
-
-    >>> w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
-    >>> backward_gradients([(w * w).sum(), w.sum()], [w], []).rows, w.grad
-    ([[tensor([2., 4.])], [tensor([1., 1.])]], None)
-    """
-    params = list(shared) + list(others)
-    saved = [p.grad for p in params]
-    for p in params:
-        p.grad = None
-    rows: list[list[Tensor | None]] = []
-    live = [k for k, loss in enumerate(losses) if loss.grad_fn is not None]
-    last = live[-1] if live else -1
-    try:
-        for k, loss in enumerate(losses):
-            if loss.grad_fn is None:
-                rows.append([None] * len(shared))
-                continue
-            torch.autograd.backward(loss, retain_graph=retain_graph or k != last)
-            rows.append([p.grad for p in shared])
-            for p in shared:
-                p.grad = None
-            if on_task is not None:
-                on_task(k, len(losses), rows[k], shared)
-        other_sum: list[Tensor | None] = [p.grad for p in others]
-    finally:
-        for p, g in zip(params, saved):
-            p.grad = g
-    reached = [any(g is not None for g in row) for row in rows]
-    return TaskGradients(
-        rows=rows, others=other_sum, reached=reached, strategy="backward", params=shared, other_params=others
-    )
-
-
 def _check_sharded(params: Sequence[Tensor]) -> dist.ProcessGroup:
     """The process group of the 1-D mesh every parameter is sharded over, or a clear error."""
     plain = [tuple(p.shape) for p in params if not is_dtensor(p)]
@@ -201,29 +141,6 @@ def _check_sharded(params: Sequence[Tensor]) -> dist.ProcessGroup:
             "The gate needs parameters sharded (Shard placements) by fully_shard, not replicated."
         )
     return mesh.get_group()
-
-
-def check_fsdp(gate: GradientGate, pipeline: Transforms, others_given: bool) -> None:
-    """What the gate needs when its shared parameters are FSDP2 shards (DTensors)."""
-    if not any(isinstance(t, FSDPShards) for t in pipeline.items):
-        raise ValueError(
-            "The shared parameters are DTensors (FSDP2): pass transforms=[FSDPShards()] to gate.backward() so that "
-            "the Gramian is reduced over the shards (GradSimMixin does this under ModelParallelStrategy)."
-        )
-    if not others_given:
-        raise ValueError(
-            "Under FSDP2 pass other_params= (the heads) to gate.backward(): the autograd graph cannot name them."
-        )
-    if gate.similarity != "parameters" or gate.every_n_steps != 1:
-        raise ValueError(
-            "Under FSDP2 the gate takes the per-task parameter gradients: similarity='parameters' and "
-            "every_n_steps=1, "
-            f"not similarity={gate.similarity!r}, every_n_steps={gate.every_n_steps}."
-        )
-    if gate.loss_weighting is not None:
-        raise NotImplementedError(
-            f"Loss weightings ({type(gate.loss_weighting).__name__}) are not supported under FSDP2; use DDP for them."
-        )
 
 
 def prepare_gate(gate: GradientGate, shared: Sequence[Tensor]) -> None:

@@ -2,10 +2,10 @@
 
 * :func:`sync_transform`: the gradient transform of a step for the trainer's parallelism (see
   ``docs/scaling.md``): none on one process; under DDP ``gradsim_sync`` picks
-  :class:`~lightning_gradsim.transforms.AllReduce` (``"global"``),
-  :class:`~lightning_gradsim.sharded.ReduceScatter` (``"sharded"``) or
-  :class:`~lightning_gradsim.transforms.AllReduceCombined` (``"local"``); under FSDP2
-  (``ModelParallelStrategy``) :class:`~lightning_gradsim.fsdp.FSDPShards`.
+  :class:`~lightning_gradsim.parallel.ddp_global.AllReduce` (``"global"``),
+  :class:`~lightning_gradsim.parallel.ddp_sharded.ReduceScatter` (``"sharded"``) or
+  :class:`~lightning_gradsim.parallel.ddp_local.AllReduceCombined` (``"local"``); under FSDP2
+  (``ModelParallelStrategy``) :class:`~lightning_gradsim.parallel.fsdp2.FSDPShards`.
 * :class:`GradSimSetup`: readies the gate for distributed checkpoints under FSDP2 before Lightning
   restores one (``on_fit_start``).
 * :func:`sync_module_buffers`: ``gradsim_sync_buffers = "broadcast"``.
@@ -24,29 +24,25 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 
-from .distributed import broadcast_buffers, check_sync_mode
-from .fsdp import FSDPShards, prepare_gate
-from .gate import GradientGate
-from .sharded import ReduceScatter, gather_directions, shard_directions
-from .transforms import AllReduce, AllReduceCombined, GradientTransform
+from ..core.gate import GradientGate
+from ..core.transforms import GradientTransform
+from ..parallel.collectives import broadcast_buffers
+from ..parallel.ddp_sharded import gather_directions, shard_directions
+from ..parallel.fsdp2 import prepare_gate
+from ..parallel.registry import SYNC_MODES, check_sync_mode
 
 __all__ = ["sync_transform", "GradSimSetup", "sync_module_buffers", "whole_directions", "sharded_directions"]
 
 
 def sync_transform(mode: str, sync: str, overlap: bool = False) -> GradientTransform | None:
     """The transform that synchronises a step: ``mode`` is ``"single"``, ``"ddp"`` or ``"fsdp2"``
-    (:func:`~lightning_gradsim.checks.parallel_mode`), ``sync`` the module's ``gradsim_sync``;
-    ``overlap``: start the sharded reduce-scatters during the per-task backward."""
-    if mode == "fsdp2":
-        return FSDPShards()
-    if mode != "ddp":
+    (:func:`~lightning_gradsim.lightning.validation.parallel_mode`), ``sync`` the module's ``gradsim_sync``;
+    ``overlap``: start the sharded reduce-scatters during the per-task backward. The registry
+    (:data:`~lightning_gradsim.parallel.registry.SYNC_MODES`) builds it."""
+    if mode == "single":
         return None
-    sync = check_sync_mode(sync)
-    if sync == "global":
-        return AllReduce()
-    if sync == "sharded":
-        return ReduceScatter(overlap=overlap)
-    return AllReduceCombined()
+    name = "fsdp2" if mode == "fsdp2" else check_sync_mode(sync)
+    return SYNC_MODES[name].transform(overlap)
 
 
 class GradSimSetup(Callback):

@@ -235,7 +235,7 @@ class GateState(nn.Module):
         if reuse is None:
             self.reuse = None
         else:
-            from .decision import GateStats
+            from .weights import GateStats
 
             device = self.step.device
             stats = GateStats(**{k: v.to(device) for k, v in reuse["stats"].items()})

@@ -5,7 +5,7 @@ ranks or shards) and "apply the weights": it never touches a gradient.
 
 >>> import torch
 >>> from lightning_gradsim.rules import get_rule
->>> from lightning_gradsim.state import GateState
+>>> from lightning_gradsim.core.state import GateState
 >>> gram = torch.tensor([[[1.0, -1.0], [-1.0, 2.0]]])   # one layer: g_main = (1, 0), g_aux = (-1, 1)
 >>> weights, stats = decide(gram, rule=get_rule("unweighted"), state=GateState(), aux_weight=torch.ones(1))
 >>> weights, stats.cosine, stats.gate_open
@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .rules import Rule, RuleInput
+from ..rules import Rule, RuleInput
 from .state import GateState
 
 __all__ = ["GateStats", "decide", "cosine_from_gram"]

@@ -1,9 +1,9 @@
 """What the ``make_gate`` factories of the loss weightings share: a gate composed with a weighting.
 
-The weightings themselves are :mod:`lightning_gradsim.weighting` (``LossWeighting`` composed with
-any gate); the factories here build ``GradientGate(rule="sum", loss_weighting=...)`` by default.
+Each module of :mod:`lightning_gradsim.loss_weighting` defines its weighting and a ``make_gate``
+factory; the factories build ``GradientGate(rule="sum", loss_weighting=...)`` by default.
 
->>> from lightning_gradsim.weighting import UncertaintyWeighting
+>>> from lightning_gradsim.loss_weighting import UncertaintyWeighting
 >>> gate = weighting_gate("uncertainty", UncertaintyWeighting, {"aux_tasks": 2, "seed": 3})
 >>> gate.rule_name, gate.seed, gate.loss_weighting.log_vars.shape
 ('sum', 3, torch.Size([3]))
@@ -15,8 +15,8 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-from ..gate import GradientGate
-from ..weighting import LossWeighting
+from ..core.gate import GradientGate
+from ..core.loss_weighting import LossWeighting
 
 __all__ = ["drop_cosine_options", "weighting_gate"]
 

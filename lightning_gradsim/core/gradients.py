@@ -14,7 +14,7 @@ How the per-task gradients are taken depends on the autograd graph (see :func:`w
   together (vmap) and returns ``(K, *param.shape)`` stacks. When a loss is NaN/inf it would poison
   every task's gradient (``0 * inf``), so that step goes sequential (one host read of the losses).
 * ``"backward"``: FSDP2-sharded parameters, one ``loss.backward()`` per task
-  (:func:`~lightning_gradsim.fsdp.backward_gradients`).
+  (:func:`~lightning_gradsim.core.gradients.backward_gradients`).
 * ``"sequential"``: the tasks share trunk work on the CPU (as fast as ``"batched"`` there, with
   less memory), or vmap cannot run (an op without a batching rule; the gate falls back by
   itself): one ``torch.autograd.grad(retain_graph=True)`` per task.
@@ -32,29 +32,24 @@ tensor([[[20.,  6.],
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from .fsdp import backward_gradients
-from .layout import PerTaskGradients, TaskGradients
+from .graph import GraphInfo, inspect_graph
+from .task_gradients import PerTaskGradients, TaskGradients
 
 __all__ = [
     "TaskGradients",
     "PerTaskGradients",
-    "GraphInfo",
-    "walk_graph",
     "task_gradients",
     "per_task_gradients",
     "feature_gradients",
     "weighted_gradients",
     "backpropagate",
     "loss_gradients",
-    "inspect_graph",
-    "reachable_parameters",
-    "check_features_cut",
+    "backward_gradients",
     "STRATEGIES",
 ]
 
@@ -63,117 +58,6 @@ STRATEGIES = ("auto", "separate", "batched", "sequential", "backward")
 
 #: ``on_task(k, num_tasks, row, shared)``: task ``k``'s gradients on ``shared`` as soon as they are known.
 TaskReady = Callable[[int, int, Sequence["Tensor | None"], Sequence[Tensor]], None]
-
-
-class GraphInfo(NamedTuple):
-    """What :func:`walk_graph` found in the losses' autograd graphs.
-
-    Attributes:
-        shares_work: whether two tasks' graphs meet at a node other than a leaf parameter (they
-            share trunk computation, e.g. one batch through one forward pass).
-        reaches_shared: per task, whether its graph reaches a shared parameter (exact for the
-            first task; for the others ``True`` as soon as they meet another task's graph).
-        leaves: every leaf tensor requiring grad that the graphs reach, in graph order.
-        crossing: with ``stop`` nodes, the first ``(task, shared parameter)`` reached without
-            passing one of them, else ``None``.
-    """
-
-    shares_work: bool
-    reaches_shared: list[bool]
-    leaves: list[Tensor] = []
-    crossing: tuple[int, Tensor] | None = None
-
-
-def walk_graph(losses: Sequence[Tensor], shared: Sequence[Tensor] = (), stop: Sequence[Tensor] = ()) -> GraphInfo:
-    """Walk the losses' autograd graphs once (each node visited at most once): the library's one walker.
-
-    ``stop``: tensors (e.g. the trunk's output features) whose ``grad_fn`` the walk does not pass.
-    Costs a Python visit per autograd node (well under a millisecond for a ResNet-18 graph), with
-    no device work and no host-device sync.
-
-    >>> w, v = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
-    >>> h = (w * 2).tanh()
-    >>> info = walk_graph([h.sum(), (h * v).sum()], [w])
-    >>> info.shares_work, info.reaches_shared, [tuple(p.shape) for p in info.leaves]
-    (True, [True, True], [(2,), (2,)])
-    """
-    shared_ids = {id(p) for p in shared}
-    stop_nodes = {f.grad_fn for f in stop if f.grad_fn is not None}
-    stop_ids = {id(f) for f in stop}
-    owner: dict[object, int] = {}
-    leaves: dict[int, Tensor] = {}
-    shares = False
-    reaches = [False] * len(losses)
-    crossing: tuple[int, Tensor] | None = None
-    for k, loss in enumerate(losses):
-        root = loss.grad_fn
-        if root is None:
-            continue
-        stack = [root]
-        while stack:
-            node = stack.pop()
-            seen = owner.get(node)
-            if seen is not None:
-                if seen != k:
-                    shares = True
-                    reaches[k] = reaches[k] or reaches[seen]
-                continue
-            variable = getattr(node, "variable", None)
-            if variable is not None:
-                # A leaf: parameters used by several tasks are shared leaves, not shared work.
-                leaves.setdefault(id(variable), variable)
-                if id(variable) in shared_ids:
-                    reaches[k] = True
-                    if stop_nodes and crossing is None and id(variable) not in stop_ids:
-                        crossing = (k, variable)
-                continue
-            owner[node] = k
-            if node in stop_nodes:
-                continue
-            for next_node, _ in node.next_functions:
-                if next_node is not None:
-                    stack.append(next_node)
-    return GraphInfo(shares, reaches, list(leaves.values()), crossing)
-
-
-def inspect_graph(losses: Sequence[Tensor], shared: Sequence[Tensor]) -> GraphInfo:
-    """:func:`walk_graph` without stop nodes (kept name).
-
-    >>> w = torch.nn.Parameter(torch.ones(2))
-    >>> inspect_graph([w.sum(), (2 * w).sum()], [w]).shares_work  # two forward passes: no shared work
-    False
-    """
-    return walk_graph(losses, shared)
-
-
-def reachable_parameters(losses: Iterable[Tensor]) -> list[Tensor]:
-    """Leaf tensors requiring grad that the autograd graphs of ``losses`` reach, in graph order.
-
-    >>> w = torch.nn.Parameter(torch.ones(2))
-    >>> [tuple(p.shape) for p in reachable_parameters([(w * 3).sum()])]
-    [(2,)]
-    """
-    return walk_graph(list(losses)).leaves
-
-
-def check_features_cut(losses: Sequence[Tensor], feats: Sequence[Tensor], shared: Sequence[Tensor]) -> None:
-    """Raise unless every path from the losses to a shared parameter goes through ``feats``.
-
-    >>> w = torch.nn.Parameter(torch.ones(2))
-    >>> h = w * 2
-    >>> check_features_cut([h.sum(), (h * h).sum()], [h], [w])  # both read w only through h
-    """
-    info = walk_graph(losses, shared, stop=feats)
-    if info.crossing is not None:
-        k, variable = info.crossing
-        task = "the main loss" if k == 0 else f"auxiliary loss #{k}"
-        raise ValueError(
-            f"With similarity='features', {task} reaches a shared parameter (shape "
-            f"{tuple(variable.shape)}) without going through the marked features. Mark every "
-            "trunk output the heads read with gate.mark_features(h), and give all tasks the same "
-            "features; tasks with their own batches should use similarity='parameters' (which "
-            "costs no extra backward for them)."
-        )
 
 
 def per_task_gradients(
@@ -200,7 +84,7 @@ def per_task_gradients(
     the next task's backward (``"separate"``, ``"sequential"``, ``"backward"``; e.g. to start a
     collective while the next backward runs). ``"backward"`` (never chosen by ``"auto"`` unless the
     shared parameters are FSDP2 shards) runs ``loss.backward()`` per task and reads ``.grad``: see
-    :func:`~lightning_gradsim.fsdp.backward_gradients`.
+    :func:`~lightning_gradsim.core.gradients.backward_gradients`.
 
     >>> w = torch.nn.Parameter(torch.ones(3))
     >>> h = w.tanh()  # one forward pass both tasks read: shared work
@@ -415,3 +299,50 @@ def _sum(tensors: Sequence[Tensor]) -> Tensor:
     for t in tensors[1:]:
         total = total + t
     return total
+
+
+def backward_gradients(
+    losses: Sequence[Tensor],
+    shared: Sequence[Tensor],
+    others: Sequence[Tensor],
+    retain_graph: bool = False,
+    on_task: Callable[[int, int, Sequence[Tensor | None], Sequence[Tensor]], None] | None = None,
+) -> TaskGradients:
+    """Per-task gradients read from ``.grad`` after one ``loss.backward()`` per task (``"backward"``).
+
+    The way under FSDP2 (``fully_shard``): ``torch.autograd.grad`` cannot reach a sharded parameter
+    (autograd sees the gathered copy), but after each backward FSDP2 leaves the task's reduce-scattered
+    shard (a DTensor) in ``.grad``, which this takes and clears. Per-task gradient memory is then ``K``
+    shards, ``K S / N`` per rank. Every other parameter the losses reach gets ``.grad`` summed over
+    tasks, as ``backward`` gives it; ``.grad`` of ``shared`` and ``others`` is left as it was.
+
+    >>> w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    >>> backward_gradients([(w * w).sum(), w.sum()], [w], []).rows, w.grad
+    ([[tensor([2., 4.])], [tensor([1., 1.])]], None)
+    """
+    params = list(shared) + list(others)
+    saved = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    rows: list[list[Tensor | None]] = []
+    live = [k for k, loss in enumerate(losses) if loss.grad_fn is not None]
+    last = live[-1] if live else -1
+    try:
+        for k, loss in enumerate(losses):
+            if loss.grad_fn is None:
+                rows.append([None] * len(shared))
+                continue
+            torch.autograd.backward(loss, retain_graph=retain_graph or k != last)
+            rows.append([p.grad for p in shared])
+            for p in shared:
+                p.grad = None
+            if on_task is not None:
+                on_task(k, len(losses), rows[k], shared)
+        other_sum: list[Tensor | None] = [p.grad for p in others]
+    finally:
+        for p, g in zip(params, saved):
+            p.grad = g
+    reached = [any(g is not None for g in row) for row in rows]
+    return TaskGradients(
+        rows=rows, others=other_sum, reached=reached, strategy="backward", params=shared, other_params=others
+    )

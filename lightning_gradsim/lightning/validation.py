@@ -22,8 +22,9 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
-from .distributed import check_sync_buffers, check_sync_mode, world_size
-from .gate import MAIN_TASK, GateStats, GradientGate
+from ..core.gate import MAIN_TASK, GateStats, GradientGate
+from ..parallel.collectives import world_size
+from ..parallel.registry import SYNC_MODES, SyncMode, SyncSettings, check_sync_buffers, check_sync_mode
 from .optimization import active_scaler
 
 __all__ = [
@@ -42,7 +43,8 @@ class NonFiniteLossError(RuntimeError):
 
 
 def check_trainer(module: Any, trainer: Trainer) -> None:
-    """Trainer flags the mixin replaces, and options the gate cannot combine with this trainer."""
+    """Trainer flags the mixin replaces, and options the gate cannot combine with this trainer (the sync
+    mode's refusals, from :data:`~lightning_gradsim.parallel.registry.SYNC_MODES`)."""
     if trainer.gradient_clip_val is not None and trainer.gradient_clip_val > 0:
         raise MisconfigurationException(
             f"GradSimMixin clips the combined gradient itself: remove "
@@ -62,21 +64,17 @@ def check_trainer(module: Any, trainer: Trainer) -> None:
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"gradsim_accumulate_grad_batches must be an integer >= 1, got {k!r}.")
     gate = getattr(module, "gradsim", None)
-    if mode == "fsdp2":
-        check_fsdp_trainer(module, trainer, sync, k)
-    if mode == "ddp" and sync == "sharded" and isinstance(gate, GradientGate) and gate.loss_weighting is not None:
-        raise MisconfigurationException(
-            f"gradsim_sync = 'sharded' does not carry the task losses {type(gate.loss_weighting).__name__} needs: "
-            "use gradsim_sync = 'global' with a loss weighting."
-        )
+    settings = sync_settings(module, trainer, sync, k)
+    sync_mode = active_sync_mode(mode, sync)
+    if sync_mode is not None:
+        for kind, message in sync_mode.refusals(settings):
+            raise (NotImplementedError if kind == "unsupported" else MisconfigurationException)(message)
     if not isinstance(gate, GradientGate) or (gate.similarity == "parameters" and gate.every_n_steps == 1):
         return
     needs = []
     if k > 1:
         needs.append(f"gradsim_accumulate_grad_batches = {k}")
-    if mode == "ddp" and sync != "local":
-        needs.append(f"DDP with gradsim_sync = {sync!r}")
-    if active_scaler(trainer) is not None:
+    if settings.grad_scaler:
         needs.append("16-mixed precision (a GradScaler)")
     if needs:
         raise MisconfigurationException(
@@ -86,35 +84,32 @@ def check_trainer(module: Any, trainer: Trainer) -> None:
         )
 
 
-def check_fsdp_trainer(module: Any, trainer: Trainer, sync: str, accumulate: int) -> None:
-    """What the mixin supports under ``ModelParallelStrategy`` (FSDP2)."""
-    if sync == "local":
-        raise MisconfigurationException(
-            "gradsim_sync = 'local' gates on each rank's own gradients, but under FSDP2 the gradients are already "
-            "reduce-scattered shards: remove it (the gate is exact under FSDP2, gradsim_sync does not apply)."
-        )
-    if accumulate > 1:
-        raise NotImplementedError(
-            "gradsim_accumulate_grad_batches > 1 is not supported under ModelParallelStrategy (FSDP2) yet: a "
-            "half-accumulated window of gradient shards would not survive a checkpoint. Use DDP, or a larger batch."
-        )
-    if active_scaler(trainer) is not None:
-        raise NotImplementedError(
-            "16-mixed precision (a GradScaler) is not supported with the gate under ModelParallelStrategy (FSDP2); "
-            "use precision='bf16-mixed' or FSDP2's MixedPrecisionPolicy in fully_shard()."
-        )
+def sync_settings(module: Any, trainer: Trainer, sync: str, accumulate: int) -> SyncSettings:
+    """What the sync modes' requirements look at, read from the module, its gate and the trainer."""
     gate = getattr(module, "gradsim", None)
-    if isinstance(gate, GradientGate):
-        if gate.similarity != "parameters" or gate.every_n_steps != 1:
-            raise MisconfigurationException(
-                "Under ModelParallelStrategy (FSDP2) the gate takes the per-task parameter gradients: use "
-                f"similarity='parameters' and every_n_steps=1 (got {gate.similarity!r}, {gate.every_n_steps})."
-            )
-        if gate.loss_weighting is not None:
-            raise NotImplementedError(
-                f"Loss weightings ({type(gate.loss_weighting).__name__}) are not supported under ModelParallelStrategy "
-                "(FSDP2) yet; use DDP."
-            )
+    is_gate = isinstance(gate, GradientGate)
+    lw = gate.loss_weighting if is_gate else None
+    return SyncSettings(
+        similarity=gate.similarity if is_gate else "parameters",
+        every_n_steps=gate.every_n_steps if is_gate else 1,
+        loss_weighting=None if lw is None else type(lw).__name__,
+        accumulate=accumulate,
+        grad_scaler=active_scaler(trainer) is not None,
+        requested=sync,
+    )
+
+
+def active_sync_mode(mode: str, sync: str) -> SyncMode | None:
+    """The registry's sync mode for a ``parallel_mode`` (``"single"``: none) and the module's ``gradsim_sync``."""
+    if mode == "single":
+        return None
+    return SYNC_MODES["fsdp2" if mode == "fsdp2" else sync]
+
+
+def check_fsdp_trainer(module: Any, trainer: Trainer, sync: str, accumulate: int) -> None:
+    """What the mixin supports under ``ModelParallelStrategy`` (FSDP2): the registry's ``"fsdp2"`` refusals."""
+    for kind, message in SYNC_MODES["fsdp2"].refusals(sync_settings(module, trainer, sync, accumulate)):
+        raise (NotImplementedError if kind == "unsupported" else MisconfigurationException)(message)
 
 
 def parallel_mode(trainer: Trainer) -> str:

@@ -9,17 +9,10 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
-from .checks import (
-    NonFiniteLossError,
-    check_buffers,
-    check_task_losses,
-    check_trainer,
-    finite_step,
-    parallel_mode,
-    world_size_of,
-)
-from .distributed import check_sync_buffers, check_sync_mode
-from .gate import MAIN_TASK, GateStats, GradientGate
+from ..core.gate import MAIN_TASK, GateStats, GradientGate
+from ..core.loss_weighting import LossWeighting
+from ..core.transforms import Accumulate, GradientTransform, Transforms, Unscale
+from ..parallel.registry import check_sync_buffers, check_sync_mode
 from .optimization import (
     active_scaler,
     clip_gradients,
@@ -28,9 +21,16 @@ from .optimization import (
     step_schedulers,
     update_scaler,
 )
-from .sync import GradSimSetup, sharded_directions, sync_module_buffers, sync_transform, whole_directions
-from .transforms import Accumulate, GradientTransform, Transforms, Unscale
-from .weighting.base import LossWeighting
+from .strategy import GradSimSetup, sharded_directions, sync_module_buffers, sync_transform, whole_directions
+from .validation import (
+    NonFiniteLossError,
+    check_buffers,
+    check_task_losses,
+    check_trainer,
+    finite_step,
+    parallel_mode,
+    world_size_of,
+)
 
 __all__ = ["GradSimMixin", "NonFiniteLossError"]
 
@@ -68,9 +68,9 @@ class GradSimMixin:
             with BatchNorm warns once under several processes.
 
     The mixin only orchestrates: it hands the gate the step's gradient transforms
-    (:mod:`lightning_gradsim.transforms`: accumulate, unscale, all-reduce; see
+    (:mod:`lightning_gradsim.core.transforms`: accumulate, unscale, all-reduce; see
     :meth:`gradsim_transforms`) and leaves schedulers, clipping and the GradScaler to
-    :mod:`lightning_gradsim.optimization`. After each batch ``gradsim_last_step_skipped`` says
+    :mod:`lightning_gradsim.lightning.optimization`. After each batch ``gradsim_last_step_skipped`` says
     whether the optimizer step was skipped (``None`` on a micro-batch that only accumulated).
 
     >>> import lightning as L
@@ -339,7 +339,7 @@ class GradSimMixin:
         return 1 if trainer is None else world_size_of(trainer)
 
     def _gradsim_mode(self) -> str:
-        """``"single"``, ``"ddp"`` or ``"fsdp2"`` (see :func:`~lightning_gradsim.checks.parallel_mode`)."""
+        """``"single"``, ``"ddp"`` or ``"fsdp2"`` (see :func:`~lightning_gradsim.lightning.validation.parallel_mode`)."""
         trainer = self._trainer_or_none()
         return "single" if trainer is None else parallel_mode(trainer)
 
