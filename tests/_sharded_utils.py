@@ -1,4 +1,4 @@
-"""Pieces of the sharded-sync, FSDP2 and buffer tests (tests/test_sharded.py): models, a CPU stand-in for
+"""Pieces of the sharded-sync, FSDP2 and buffer tests (tests/parallel/test_sharded.py): models, a CPU stand-in for
 SyncBatchNorm, and the 2-process worker (Lightning's own DDPStrategy / ModelParallelStrategy on gloo)."""
 
 from __future__ import annotations

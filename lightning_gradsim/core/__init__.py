@@ -9,7 +9,7 @@ One step of :class:`GradientGate` goes through these modules, in order:
 * :mod:`.transforms` — the gradient-transform seam (``Accumulate``, ``Unscale``; the distributed ones
   are in :mod:`lightning_gradsim.parallel`);
 * :mod:`.task_gradients` — :class:`TaskGradients`, the one place weights meet gradients (Gramian, apply);
-* :mod:`.weights` — Gramian -> rule -> weights and :class:`GateStats`;
+* :mod:`.weights` — Gramian -> rule -> weights; :mod:`.stats` — :class:`GateStats`;
 * :mod:`.state` — :class:`GateState` (cosine and direction EMAs, counters, reused weights);
 * :mod:`.step` — the three ways through a step (measured, features, reused), on the gate's settings and state.
 
@@ -27,9 +27,9 @@ from .gate import GradientGate
 from .loss_weighting import LossWeighting
 from .options import MAIN_TASK
 from .state import GateState
+from .stats import GateStats
 from .task_gradients import TaskGradients
 from .transforms import NON_FINITE, PENDING, READY, Accumulate, GradientTransform, Status, Transforms, Unscale
-from .weights import GateStats
 
 __all__ = [
     "GradientGate",

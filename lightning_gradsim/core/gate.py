@@ -14,36 +14,38 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, nn  # noqa: F401  (the examples use nn)
 
 from ..rules import Rule, get_rule
+from .checkpoint import CheckpointedGate
 from .gradients import STRATEGIES, per_task_gradients
 from .graph import walk_graph
 from .loss_weighting import LossWeighting, check_aux_weight
 from .options import (
     MAIN_TASK,
+    GateConfig,
     as_list,
+    aux_weight_values,
     check_dtensor_inputs,
     check_names,
     check_options,
+    check_update_vectors,
     named_losses,
     shared_list,
     unique,
     weigh,
 )
-from .state import LEGACY_BUFFERS, GateState, upgrade_legacy_keys
+from .state import GateState
+from .stats import GateStats
 from .step import GateStep, decide_step
 from .task_gradients import TaskGradients
 from .tensor_ops import is_dtensor
 from .transforms import GradientTransform, Transforms, as_transforms
-from .weights import GateStats
 
 __all__ = ["GradientGate", "GateStats", "MAIN_TASK"]
 
-_STATE_NAMES = frozenset(LEGACY_BUFFERS)
 
-
-class GradientGate(nn.Module):
+class GradientGate(CheckpointedGate):
     """Combine a main gradient with auxiliary ones, using each auxiliary only while it helps.
 
     At each step the gate measures the cosine between the main task's gradient and each auxiliary
@@ -125,6 +127,20 @@ class GradientGate(nn.Module):
         self._grad_state: dict[str, bool] = {}
 
     @property
+    def config(self) -> GateConfig:
+        """The settings a step reads (built from the attributes at each call: changing one applies next step)."""
+        return GateConfig(
+            self.rule,
+            self.threshold,
+            self.cosine_ema,
+            self.main_grad_ema,
+            self.per_layer,
+            self.similarity,
+            self.every_n_steps,
+            self.loss_weighting,
+        )
+
+    @property
     def rule_name(self) -> str:
         return self.rule.name or type(self.rule).__name__
 
@@ -198,18 +214,21 @@ class GradientGate(nn.Module):
             if lw is not None:
                 known = {id(o) for o in others}
                 others += [p for p in lw.own_parameters() if id(p) not in known]
-        step = GateStep(self, names, losses, raw, scale, shared, others, pipeline)
+        aux_weight = self.aux_weight_tensor(names, raw)
+        step = GateStep(self.config, self.state, aux_weight, names, losses, raw, scale, shared, others, pipeline)
         if any(is_dtensor(p) for p in shared):  # FSDP2: autograd.grad cannot reach the shards; .grad has them
             check_dtensor_inputs(pipeline, other_params is not None, self.similarity, self.every_n_steps, lw)
-            return step.measured(
-                per_task_gradients(
-                    losses, shared, others, "backward", on_task=pipeline.task_ready if pipeline else None
+            return self._measured(
+                step.measured(
+                    per_task_gradients(
+                        losses, shared, others, "backward", on_task=pipeline.task_ready if pipeline else None
+                    )
                 )
             )
         if not measure:
             return step.reused()
         if self.similarity == "features":
-            return step.features(as_list(features)[0] if features is not None else marked)
+            return self._measured(step.features(as_list(features)[0] if features is not None else marked))
         if info is None:
             info = walk_graph(losses, shared)
         if not info.reaches_shared[0]:
@@ -219,17 +238,25 @@ class GradientGate(nn.Module):
             )
         if self.grad_strategy not in STRATEGIES:
             raise ValueError(f"gate.grad_strategy must be one of {STRATEGIES}, got {self.grad_strategy!r}.")
-        return step.measured(
-            per_task_gradients(
-                losses,
-                shared,
-                others,
-                self.grad_strategy,
-                info,
-                state=self._grad_state,
-                on_task=pipeline.task_ready if pipeline else None,
+        return self._measured(
+            step.measured(
+                per_task_gradients(
+                    losses,
+                    shared,
+                    others,
+                    self.grad_strategy,
+                    info,
+                    state=self._grad_state,
+                    on_task=pipeline.task_ready if pipeline else None,
+                )
             )
         )
+
+    def _measured(self, stats: GateStats | None) -> GateStats | None:
+        """A measured step's statistics become :attr:`last_stats` (``None``: a transform kept the gradients)."""
+        if stats is not None:
+            self.last_stats = stats
+        return stats
 
     def mark_features(self, features: Tensor) -> Tensor:
         """Mark the shared features (trunk output) for ``similarity="features"``; returns them.
@@ -274,30 +301,13 @@ class GradientGate(nn.Module):
                 f"This gate weights task *losses* ({type(self.loss_weighting).__name__}); it has no combine() on given "
                 "vectors. Call gate.backward(main_loss, aux_losses, shared_params) (the mixin does)."
             )
-        main_list, single = as_list(main)
-        if isinstance(aux, Mapping):
-            names, aux_items = [str(n) for n in aux.keys()], list(aux.values())
-        else:
-            aux_items = list(aux)
-            names = [f"aux{i}" for i in range(len(aux_items))]
-        if not aux_items:
-            raise ValueError("combine() needs at least one auxiliary vector.")
-        aux_lists = []
-        for name, a in zip(names, aux_items):
-            a_list, _ = as_list(a)
-            if len(a_list) != len(main_list) or any(x.shape != m.shape for x, m in zip(a_list, main_list)):
-                raise ValueError(
-                    f"Auxiliary vector {name!r} has shapes {[tuple(x.shape) for x in a_list]} but the main "
-                    f"vector has {[tuple(m.shape) for m in main_list]}; they must match tensor for tensor."
-                )
-            aux_lists.append(a_list)
-        for m in main_list:
-            if m.dim() < batch_dims:
-                raise ValueError(f"batch_dims={batch_dims} but a tensor has only {m.dim()} dimensions.")
+        names, main_list, aux_lists, single = check_update_vectors(main, aux, batch_dims)
         self.aux_names = check_names(names, self.aux_names, self.aux_weight)
         stacked = [torch.stack([m] + [a[i] for a in aux_lists], dim=batch_dims) for i, m in enumerate(main_list)]
         grads = TaskGradients(stacked=list(stacked), batch_dims=batch_dims)
-        weights, stats, direction = decide_step(self, grads, names)
+        aux_weight = self.aux_weight_tensor(names, stacked[0])
+        weights, stats, direction = decide_step(self.config, self.state, grads, names, aux_weight)
+        self.last_stats = stats
         combined = grads.apply(weights, direction)
         return (combined[0] if single else combined), stats  # type: ignore[return-value]
 
@@ -325,42 +335,13 @@ class GradientGate(nn.Module):
             f"similarity={self.similarity!r}, every_n_steps={self.every_n_steps}"
         )
 
-    # ------------------------------------------------------------------ checkpoints
-    def get_extra_state(self) -> Any:
-        return {"aux_names": self.aux_names, "version": 2}
-
-    def set_extra_state(self, state: Any) -> None:
-        if state:
-            self.aux_names = state.get("aux_names")
-
-    def _load_from_state_dict(  # type: ignore[no-untyped-def]
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ):
-        # Checkpoints of version 0.1 (before the state module and composed loss weightings): move their keys.
-        upgrade_legacy_keys(state_dict, prefix, self.loss_weighting, strict, error_msgs)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-
-    # Former attributes of the gate, now in its state: gate.cosine_state, gate.step, gate.main_grad_ema_0, ...
-    def __getattr__(self, name: str) -> Any:
-        if name in _STATE_NAMES or name.startswith("main_grad_ema_"):
-            return getattr(self._modules["state"], name)
-        return super().__getattr__(name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if (name in _STATE_NAMES or name.startswith("main_grad_ema_")) and "state" in self.__dict__.get("_modules", {}):
-            setattr(self._modules["state"], name, value)
-        else:
-            super().__setattr__(name, value)
-
     def aux_weight_tensor(self, names: list[str], like: Tensor) -> Tensor:
-        """The lambdas of the auxiliary ``names`` as a tensor like ``like`` (cached: no copy per step)."""
-        values = (
-            [self.aux_weight[n] for n in names] if isinstance(self.aux_weight, dict) else [self.aux_weight] * len(names)
-        )
-        key = (tuple(values), like.dtype, like.device)
+        """The lambdas of the auxiliary ``names`` on ``like``'s device, in float32 or wider (cached: no copy
+        per step)."""
+        values = aux_weight_values(self.aux_weight, names)
+        dtype = torch.promote_types(like.dtype, torch.float32)
+        key = (values, dtype, like.device)
         if self._weight_cache is None or self._weight_cache[0] != key:
             # Built once: no host-to-device copy on every step.
-            self._weight_cache = (key, torch.tensor(values, dtype=like.dtype, device=like.device))
+            self._weight_cache = (key, torch.tensor(values, dtype=dtype, device=like.device))
         return self._weight_cache[1]

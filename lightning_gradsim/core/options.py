@@ -17,15 +17,19 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
+from ..rules import Rule
 from .loss_weighting import LossWeighting
 from .transforms import Transforms
 
 __all__ = [
+    "GateConfig",
+    "check_update_vectors",
+    "aux_weight_values",
     "MAIN_TASK",
     "check_options",
     "named_losses",
@@ -39,6 +43,58 @@ __all__ = [
 
 #: The key of the main task's loss.
 MAIN_TASK = "main"
+
+
+class GateConfig(NamedTuple):
+    """The gate's settings as one step sees them (read from the gate at each call; see ``GradientGate``)."""
+
+    rule: Rule
+    threshold: float
+    cosine_ema: float
+    main_grad_ema: float
+    per_layer: bool
+    similarity: str
+    every_n_steps: int
+    loss_weighting: LossWeighting | None
+
+
+def aux_weight_values(aux_weight: float | dict[str, float], names: Sequence[str]) -> tuple[float, ...]:
+    """The lambdas of the auxiliary ``names``, in order.
+
+    >>> aux_weight_values({"b": 0.5, "a": 2.0}, ["a", "b"]), aux_weight_values(0.3, ["a", "b"])
+    ((2.0, 0.5), (0.3, 0.3))
+    """
+    return tuple(aux_weight[n] for n in names) if isinstance(aux_weight, dict) else (aux_weight,) * len(names)
+
+
+def check_update_vectors(
+    main: Tensor | Sequence[Tensor],
+    aux: Sequence[Tensor | Sequence[Tensor]] | Mapping[str, Tensor | Sequence[Tensor]],
+    batch_dims: int,
+) -> tuple[list[str], list[Tensor], list[list[Tensor]], bool]:
+    """``GradientGate.combine``'s inputs as ``(names, main tensors, auxiliary tensors, main was one tensor)``,
+    or a clear error (no vector, shapes that differ, too few dimensions)."""
+    main_list, single = as_list(main)
+    if isinstance(aux, Mapping):
+        names, aux_items = [str(n) for n in aux.keys()], list(aux.values())
+    else:
+        aux_items = list(aux)
+        names = [f"aux{i}" for i in range(len(aux_items))]
+    if not aux_items:
+        raise ValueError("combine() needs at least one auxiliary vector.")
+    aux_lists = []
+    for name, a in zip(names, aux_items):
+        a_list, _ = as_list(a)
+        if len(a_list) != len(main_list) or any(x.shape != m.shape for x, m in zip(a_list, main_list)):
+            raise ValueError(
+                f"Auxiliary vector {name!r} has shapes {[tuple(x.shape) for x in a_list]} but the main "
+                f"vector has {[tuple(m.shape) for m in main_list]}; they must match tensor for tensor."
+            )
+        aux_lists.append(a_list)
+    for m in main_list:
+        if m.dim() < batch_dims:
+            raise ValueError(f"batch_dims={batch_dims} but a tensor has only {m.dim()} dimensions.")
+    return names, main_list, aux_lists, single
 
 
 def check_options(

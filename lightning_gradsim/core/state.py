@@ -31,6 +31,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from .stats import GateStats
+
 __all__ = ["GateState", "Reuse"]
 
 #: Names of the buffers kept at the top of a gate's ``state_dict`` before the state had its own module.
@@ -235,8 +237,6 @@ class GateState(nn.Module):
         if reuse is None:
             self.reuse = None
         else:
-            from .weights import GateStats
-
             device = self.step.device
             stats = GateStats(**{k: v.to(device) for k, v in reuse["stats"].items()})
             self.reuse = Reuse(reuse["weights"].to(device), stats, list(reuse["present"]))

@@ -22,75 +22,81 @@ gradient), so a NaN/inf never reaches the optimizer unnoticed: the step is repor
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from .gradients import backpropagate, feature_gradients, loss_gradients, weighted_gradients
 from .graph import check_features_cut
-from .state import Reuse
+from .options import GateConfig
+from .state import GateState, Reuse
+from .stats import GateStats
 from .task_gradients import TaskGradients, accumulate_grad, all_finite
 from .transforms import NON_FINITE, PENDING, READY, Transforms
-from .weights import GateStats, decide
-
-if TYPE_CHECKING:
-    from .gate import GradientGate
+from .weights import decide
 
 __all__ = ["GateStep", "decide_step"]
 
 
 def decide_step(
-    gate: GradientGate,
+    config: GateConfig,
+    state: GateState,
     grads: TaskGradients,
     names: list[str],
+    aux_weight: Tensor,
     finite: Tensor | None = None,
     pipeline: Transforms | None = None,
     scale: Tensor | None = None,
     checks: Sequence[Tensor | None] = (),
 ) -> tuple[Tensor, GateStats, list[Tensor] | None]:
-    """Gramian -> (reduce) -> rule and state; the loss weighting observes. Writes no gradient.
+    """Gramian -> (reduce) -> rule and ``state``; the loss weighting observes. Writes no gradient.
 
-    Returns the weights, the step's statistics and the direction vectors (``None``: the main gradient).
+    ``aux_weight``: the lambdas of the auxiliary ``names``. Returns the weights, the step's statistics and
+    the direction vectors (``None``: the main gradient).
     """
     direction = None
-    if gate.rule.uses_main_direction and gate.main_grad_ema > 0:
-        direction = gate.state.direction(grads.main(), gate.main_grad_ema)
+    if config.rule.uses_main_direction and config.main_grad_ema > 0:
+        direction = state.direction(grads.main(), config.main_grad_ema)
     gram = grads.gramian(direction)
     if pipeline:
         gram = pipeline.gramian(gram)
     k = grads.num_tasks
     weights, stats = decide(
         gram,
-        rule=gate.rule,
-        state=gate.state,
-        aux_weight=gate.aux_weight_tensor(names, gram),
+        rule=config.rule,
+        state=state,
+        aux_weight=aux_weight.to(gram.dtype),
         num_tasks=k,
-        threshold=gate.threshold,
-        cosine_ema=gate.cosine_ema,
-        per_layer=gate.per_layer,
+        threshold=config.threshold,
+        cosine_ema=config.cosine_ema,
+        per_layer=config.per_layer,
         finite=finite,
         direction=direction,
         checks=checks,
     )
-    lw = gate.loss_weighting
+    lw = config.loss_weighting
     if lw is not None and scale is not None:
         applied = stats.weight * scale[1:].to(stats.weight.dtype)  # on the raw auxiliary gradient
         stats = stats._replace(weight=applied, gate_open=stats.gate_open & (applied > 0))
-        if gate.similarity == "parameters" and grads.params is not None:
+        if config.similarity == "parameters" and grads.params is not None:
             w = scale / lw.lambdas(names, scale)
             lw.observe(grads.losses, gram[..., :k, :k], grads.present(), grads.params, w, stats.finite)
-    gate.last_stats = stats
     return weights, stats, direction
 
 
 class GateStep:
-    """One call of ``gate.backward`` once its inputs are checked: the losses (weighted), the
-    parameters, the transforms, and what is known about finiteness."""
+    """One call of ``gate.backward`` once its inputs are checked: the gate's settings and state, the
+    losses (weighted), the parameters, the transforms, and what is known about finiteness.
+
+    Each way through the step returns its :class:`GateStats` (``None``: a transform kept the gradients);
+    it writes ``.grad`` and the ``state`` it was given, and nothing of the gate's.
+    """
 
     def __init__(
         self,
-        gate: GradientGate,
+        config: GateConfig,
+        state: GateState,
+        aux_weight: Tensor,
         names: list[str],
         losses: list[Tensor],
         raw: Tensor,
@@ -99,13 +105,14 @@ class GateStep:
         others: list[Tensor],
         pipeline: Transforms,
     ) -> None:
-        self.gate, self.names, self.losses, self.raw, self.scale = gate, names, losses, raw, scale
+        self.config, self.state, self.aux_weight = config, state, aux_weight
+        self.names, self.losses, self.raw, self.scale = names, losses, raw, scale
         self.shared, self.others, self.pipeline = shared, others, pipeline
 
     def measured(self, grads: TaskGradients) -> GateStats | None:
         """``similarity="parameters"``: the per-task gradients through the transforms, decide, apply."""
-        gate = self.gate
-        if gate.loss_weighting is not None and gate.loss_weighting.needs_losses:
+        lw = self.config.loss_weighting
+        if lw is not None and lw.needs_losses:
             grads.losses = self.raw
         status, finite = READY, None
         checks: list[Tensor | None] = [self.raw]  # the losses join the decision's one finiteness check
@@ -118,14 +125,14 @@ class GateStep:
         if status == NON_FINITE:
             finite = torch.zeros((), dtype=torch.bool, device=self.raw.device)
         checks.append(grads.others_norms())  # the heads' gradients too
-        weights, stats, direction = decide_step(gate, grads, self.names, finite, self.pipeline, self.scale, checks)
+        weights, stats, direction = self._decide(grads, finite, self.pipeline, checks)
         if status != NON_FINITE:
             grads.apply(weights, direction, into=grads.params)  # a sharding transform may point them at shards
             grads.write_others()
             self._regularize()
-        stats = gate.last_stats = self._combined(stats)
-        if gate.every_n_steps > 1:
-            gate.state.reuse = Reuse(weights.detach(), stats, grads.present())
+        stats = self._combined(stats)
+        if self.config.every_n_steps > 1:
+            self.state.reuse = Reuse(weights.detach(), stats, grads.present())
         return stats
 
     def features(self, feats: list[Tensor] | None) -> GateStats:
@@ -146,9 +153,7 @@ class GateStep:
             raise ValueError(
                 "The main loss does not depend on the marked features: mark the tensor the main head reads."
             )
-        weights, stats, direction = decide_step(
-            self.gate, grads, self.names, None, None, self.scale, [self.raw, grads.others_norms()]
-        )
+        weights, stats, direction = self._decide(grads, None, None, [self.raw, grads.others_norms()])
         present = grads.present()
         feature_grad = grads.apply(weights, direction)
         trunk = backpropagate([feats[i] for i in present], [feature_grad[i] for i in present], self.shared)  # type: ignore[misc]
@@ -158,16 +163,16 @@ class GateStep:
                 accumulate_grad(p, g)
         grads.write_others()
         self._regularize()
-        stats = self.gate.last_stats = self._combined(stats)
-        self.gate.state.reuse = Reuse(weights.detach(), stats, present)
+        stats = self._combined(stats)
+        self.state.reuse = Reuse(weights.detach(), stats, present)
         return stats
 
     def reused(self) -> GateStats:
         """``every_n_steps``: one weighted backward with the last measured weights (``last_stats`` stays)."""
-        gate, shared = self.gate, self.shared
-        weights, stats, present = gate.state.reuse  # type: ignore[misc]
+        config, state, shared = self.config, self.state, self.shared
+        weights, stats, present = state.reuse  # type: ignore[misc]
         k = len(self.losses)
-        with_buffers = weights.shape[-1] > k and gate.main_grad_ema > 0 and gate.similarity == "parameters"
+        with_buffers = weights.shape[-1] > k and config.main_grad_ema > 0 and config.similarity == "parameters"
         task_w = (
             weights[:k]
             if with_buffers or weights.shape[-1] == k
@@ -178,10 +183,10 @@ class GateStep:
         # The weights are in the losses: the shared gradient goes into .grad as backward writes it.
         combined, heads = weighted_gradients(self.losses, task_w, shared, self.others, into_grad=not with_buffers)
         finite = all_finite([g for g in combined + heads if g is not None], self.raw)
-        gate.state.count(finite)  # type: ignore[arg-type]
+        state.count(finite)  # type: ignore[arg-type]
         bundle = TaskGradients(rows=[combined], others=heads, params=shared, other_params=self.others)
         if with_buffers:  # plus the main-gradient EMA of the last measured step as the direction
-            buffers = dict(zip(present, gate.state.directions()))
+            buffers = dict(zip(present, state.directions()))
             bundle.rows = [
                 [
                     torch.zeros_like(p) if g is None and i in buffers else g
@@ -195,6 +200,13 @@ class GateStep:
         return self._combined(stats._replace(finite=finite.reshape(stats.finite.shape)), measured=False)  # type: ignore[union-attr]
 
     # ------------------------------------------------------------------ shared ends
+    def _decide(
+        self, grads: TaskGradients, finite: Tensor | None, pipeline: Transforms | None, checks: Sequence[Tensor | None]
+    ) -> tuple[Tensor, GateStats, list[Tensor] | None]:
+        return decide_step(
+            self.config, self.state, grads, self.names, self.aux_weight, finite, pipeline, self.scale, checks
+        )
+
     def _combined(self, stats: GateStats, measured: bool = True) -> GateStats:
         """The transforms' last word once ``.grad`` is written (e.g. all-gather combined shards, or
         average them over the ranks); ``measured``: whether the step was counted as measured."""
@@ -207,12 +219,12 @@ class GateStep:
         if finite is None or finite is stats.finite:
             return stats
         after = stats.finite & finite
-        self.gate.state.recount(stats.finite, after, measured)
+        self.state.recount(stats.finite, after, measured)
         return stats._replace(finite=after)
 
     def _regularize(self) -> None:
         """Add the loss weighting's regulariser gradient once per step, outside any loss scale or mean."""
-        lw = self.gate.loss_weighting
+        lw = self.config.loss_weighting
         reg = lw.regularizer() if lw is not None else None
         if reg is not None and reg.requires_grad:
             params = lw.own_parameters()  # type: ignore[union-attr]

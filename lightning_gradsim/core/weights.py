@@ -15,31 +15,15 @@ ranks or shards) and "apply the weights": it never touches a gradient.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from ..rules import Rule, RuleInput
 from .state import GateState
+from .stats import GateStats
 
 __all__ = ["GateStats", "decide", "cosine_from_gram"]
-
-
-class GateStats(NamedTuple):
-    """Per-step statistics of the gate, as tensors on the gradients' device (no host sync).
-
-    Shapes: ``(..., K-1)`` for per-auxiliary fields, ``(...)`` for the others, where ``...`` are
-    the leading batch dimensions of :meth:`GradientGate.combine` (none for ``backward``).
-    """
-
-    cosine: Tensor  #: this step's cosine of each auxiliary vector with the main one
-    smoothed_cosine: Tensor  #: the cosine the rule used (EMA over steps when ``cosine_ema > 0``)
-    weight: Tensor  #: coefficient applied to each auxiliary vector (lambda times the gate)
-    gate_open: Tensor  #: bool, whether each auxiliary vector was used (unmodified) this step
-    main_norm: Tensor  #: L2 norm of the main vector
-    aux_norm: Tensor  #: L2 norm of each auxiliary vector
-    finite: Tensor  #: bool, whether the step was finite (losses, gradients, weights); state is only updated if so
 
 
 def decide(

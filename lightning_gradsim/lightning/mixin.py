@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -10,24 +9,28 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
 from ..core.gate import MAIN_TASK, GateStats, GradientGate
-from ..core.loss_weighting import LossWeighting
 from ..core.transforms import Accumulate, GradientTransform, Transforms, Unscale
 from ..parallel.registry import check_sync_buffers, check_sync_mode
+from .checkpoints import load_step_state, save_step_state
 from .optimization import (
+    EpochSchedulerStepper,
     active_scaler,
-    clip_gradients,
     keep_scheduler_monitors,
-    scaler_detached,
+    optimizer_list,
+    scheduler_monitors,
+    step_optimizers,
     step_schedulers,
     update_scaler,
 )
-from .strategy import GradSimSetup, sharded_directions, sync_module_buffers, sync_transform, whole_directions
+from .strategy import GradSimSetup, sharded_directions, sync_module_buffers, sync_transform
 from .validation import (
     NonFiniteLossError,
     check_buffers,
     check_task_losses,
     check_trainer,
+    ends_window,
     finite_step,
+    gate_of,
     parallel_mode,
     world_size_of,
 )
@@ -199,7 +202,7 @@ class GradSimMixin:
             check_trainer(self, trainer)
             if parallel_mode(trainer) == "fsdp2":
                 self._gradsim_gate().state.packed = True  # distributed checkpoints: before any is restored
-        return [GradSimSetup()]
+        return [GradSimSetup(), EpochSchedulerStepper()]
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         gate = self._gradsim_gate()
@@ -209,7 +212,7 @@ class GradSimMixin:
         losses = check_task_losses(
             self.task_losses(batch, batch_idx), self._gradsim_own("_gradsim_warned_no_grad", set)
         )
-        optimizers = self._gradsim_optimizers()
+        optimizers = optimizer_list(self.optimizers())  # type: ignore[attr-defined]
         final = self._gradsim_is_step_batch(batch_idx)
         if final:
             for opt in optimizers:
@@ -219,17 +222,15 @@ class GradSimMixin:
         self.gradsim_last_step_skipped = None
         if stats is not None:
             self._gradsim_last_stats = stats
-            finite = finite_step(self, losses, stats, overflow_ok=scaler is not None)  # type: ignore[arg-type]
+            warned = self._gradsim_own("_gradsim_warned_tasks", set)
+            finite = finite_step(
+                losses, stats, warned, self.gradsim_on_nonfinite, self.global_step, overflow_ok=scaler is not None
+            )  # type: ignore[attr-defined]
             self.gradsim_last_step_skipped = not finite
+            plugin = self.trainer.precision_plugin if scaler is not None else None  # type: ignore[attr-defined]
+            step_optimizers(optimizers, finite, self.gradsim_clip_val, self.gradsim_clip_algorithm, plugin)
             if finite:
-                clip_gradients(optimizers, self.gradsim_clip_val, self.gradsim_clip_algorithm)
-                with scaler_detached(self.trainer.precision_plugin if scaler is not None else None):  # type: ignore[attr-defined]
-                    for opt in optimizers:
-                        opt.step()
-                step_schedulers(self, "step", batch_idx)  # type: ignore[arg-type]
-            else:
-                for opt in optimizers:
-                    opt.zero_grad()
+                step_schedulers(self.trainer, scheduler_monitors(self), "step", batch_idx)  # type: ignore[attr-defined]
             if scaler is not None:
                 update_scaler(scaler, found_inf=not finite)
             if check_sync_buffers(self.gradsim_sync_buffers) == "broadcast" and self._gradsim_world_size() > 1:
@@ -295,43 +296,20 @@ class GradSimMixin:
 
     def _gradsim_is_step_batch(self, batch_idx: int) -> bool:
         """Whether this batch ends an accumulation window (or the epoch), so the optimizer steps."""
-        k = self.gradsim_accumulate_grad_batches
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise ValueError(f"gradsim_accumulate_grad_batches must be an integer >= 1, got {k!r}.")
-        if (batch_idx + 1) % k == 0:
-            return True
-        trainer = self._trainer_or_none()
-        total = getattr(trainer, "num_training_batches", float("inf")) if trainer is not None else float("inf")
-        return total != float("inf") and batch_idx + 1 >= total
+        total = getattr(self._trainer_or_none(), "num_training_batches", float("inf"))
+        return ends_window(batch_idx, self.gradsim_accumulate_grad_batches, total)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep a half-accumulated window (``gradsim_accumulate_grad_batches > 1``) in the checkpoint."""
+        """Keep a half-accumulated window and (``"sharded"``) the whole direction EMA in the checkpoint."""
         super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
-        if self._gradsim_sharded() and isinstance(checkpoint.get("state_dict"), dict):
-            whole_directions(self, checkpoint["state_dict"])  # checkpoints keep the direction EMA whole
-        window = self._gradsim_accumulator().state_dict()
-        if window:
-            checkpoint["gradsim_accumulator"] = window
+        save_step_state(self, checkpoint, self._gradsim_accumulator(), self._gradsim_sharded())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore a half-accumulated window; start a fresh gate (with a warning) when the checkpoint
         has no state for it (e.g. written by the same network trained without GradSimMixin)."""
         super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
-        self._gradsim_accumulator().load_state_dict(checkpoint.get("gradsim_accumulator", {}))
-        state_dict = checkpoint.get("state_dict")
-        if not isinstance(state_dict, dict):
-            return
-        for name, module in self.named_modules():  # type: ignore[attr-defined]
-            prefix = name + "."
-            if isinstance(module, GradientGate) and name and not any(key.startswith(prefix) for key in state_dict):
-                warnings.warn(
-                    f"The checkpoint has no state for the gate `{name}` (was it saved by a module without "
-                    "GradSimMixin?): starting a fresh gate (no smoothed cosine, counters at 0).",
-                    UserWarning,
-                    stacklevel=2,
-                )
-                state_dict.update(module.state_dict(prefix=prefix))
+        load_step_state(self, checkpoint, self._gradsim_accumulator())
 
     # ------------------------------------------------------------------ helpers
     def _gradsim_world_size(self) -> int:
@@ -339,7 +317,7 @@ class GradSimMixin:
         return 1 if trainer is None else world_size_of(trainer)
 
     def _gradsim_mode(self) -> str:
-        """``"single"``, ``"ddp"`` or ``"fsdp2"`` (see :func:`~lightning_gradsim.lightning.validation.parallel_mode`)."""
+        """``"single"``, ``"ddp"`` or ``"fsdp2"`` (:func:`~lightning_gradsim.lightning.validation.parallel_mode`)."""
         trainer = self._trainer_or_none()
         return "single" if trainer is None else parallel_mode(trainer)
 
@@ -354,23 +332,4 @@ class GradSimMixin:
             return None
 
     def _gradsim_gate(self) -> GradientGate:
-        gate = getattr(self, "gradsim", None)
-        if isinstance(gate, LossWeighting):
-            raise AttributeError(
-                f"self.gradsim is a {type(gate).__name__} (a loss weighting); compose it with a gate: "
-                f'`self.gradsim = GradientGate(rule="sum", loss_weighting={type(gate).__name__}(...))` '
-                "or make_gate(...)."
-            )
-        if not isinstance(gate, GradientGate):
-            raise AttributeError(
-                f"{type(self).__name__} has no GradientGate at self.gradsim"
-                + ("" if gate is None else f" (found {type(gate).__name__})")
-                + ': add `self.gradsim = GradientGate(rule="unweighted")` to __init__.'
-            )
-        return gate
-
-    def _gradsim_optimizers(self) -> list[Any]:
-        optimizers = self.optimizers()  # type: ignore[attr-defined]
-        if not isinstance(optimizers, list):
-            optimizers = [optimizers]
-        return optimizers
+        return gate_of(self)

@@ -34,8 +34,16 @@ __all__ = [
     "active_scaler",
     "scaler_detached",
     "update_scaler",
+    "step_optimizers",
+    "optimizer_list",
+    "scheduler_monitors",
     "optimizer_parameters",
 ]
+
+
+def optimizer_list(optimizers: Any) -> list[Any]:
+    """``LightningModule.optimizers()`` as a list (it returns a bare optimizer when there is one)."""
+    return optimizers if isinstance(optimizers, list) else [optimizers]
 
 
 def optimizer_parameters(optimizers: list[Any]) -> list[Tensor]:
@@ -57,14 +65,15 @@ def clip_gradients(optimizers: list[Any], clip_val: float | None, algorithm: str
         torch.nn.utils.clip_grad_value_(params, clip_val)
 
 
-def step_schedulers(module: LightningModule, interval: str, batch_idx: int | None = None) -> None:
-    """Step the module's LR schedulers of ``interval`` (``"step"``/``"epoch"``) as their config asks
-    (frequency; ``ReduceLROnPlateau`` with its monitored metric)."""
-    trainer = module.trainer
-    # Lightning sets Trainer.callbacks in its callback connector without declaring it on the class.
-    callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]
-    if not any(isinstance(cb, EpochSchedulerStepper) for cb in callbacks):
-        callbacks.append(EpochSchedulerStepper())
+def step_schedulers(
+    trainer: Trainer,
+    monitors: Mapping[int, tuple[str | None, bool]],
+    interval: str,
+    batch_idx: int | None = None,
+) -> None:
+    """Step the trainer's LR schedulers of ``interval`` (``"step"``/``"epoch"``) as their config asks
+    (frequency; ``ReduceLROnPlateau`` with its monitored metric, ``monitors`` as
+    :func:`keep_scheduler_monitors` kept them)."""
     for config in trainer.lr_scheduler_configs:
         if config.interval != interval:
             continue
@@ -72,7 +81,6 @@ def step_schedulers(module: LightningModule, interval: str, batch_idx: int | Non
         if index % config.frequency != 0:
             continue
         if isinstance(config.scheduler, ReduceLROnPlateau):
-            monitors = module.__dict__.get("_gradsim_scheduler_monitors", {})
             monitor, strict = monitors.get(id(config.scheduler), (None, True))
             if monitor is None:
                 raise MisconfigurationException(
@@ -94,13 +102,37 @@ def step_schedulers(module: LightningModule, interval: str, batch_idx: int | Non
 
 
 class EpochSchedulerStepper(Callback):
-    """Steps epoch-interval LR schedulers of a GradSimMixin module (Lightning skips them in manual mode)."""
+    """Steps the epoch-interval LR schedulers (Lightning skips them in manual optimization); declared
+    up front by ``GradSimMixin.configure_callbacks``."""
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        from .mixin import GradSimMixin
+        step_schedulers(trainer, scheduler_monitors(pl_module), "epoch")
 
-        if isinstance(pl_module, GradSimMixin):
-            step_schedulers(pl_module, "epoch")
+
+def scheduler_monitors(module: Any) -> dict[int, tuple[str | None, bool]]:
+    """What :func:`keep_scheduler_monitors` kept for ``module``'s schedulers (``{}`` if nothing)."""
+    monitors: dict[int, tuple[str | None, bool]] = module.__dict__.get("_gradsim_scheduler_monitors", {})
+    return monitors
+
+
+def step_optimizers(
+    optimizers: list[Any],
+    finite: bool,
+    clip_val: float | None,
+    clip_algorithm: str,
+    precision_plugin: Any,
+) -> None:
+    """Clip the combined gradient and step the optimizers (through Lightning, without its GradScaler:
+    ``precision_plugin`` is the plugin whose scaler the mixin drives, else ``None``), or, on a skipped
+    step, clear ``.grad`` so that nothing of it reaches the next one."""
+    if not finite:
+        for opt in optimizers:
+            opt.zero_grad()
+        return
+    clip_gradients(optimizers, clip_val, clip_algorithm)
+    with scaler_detached(precision_plugin):
+        for opt in optimizers:
+            opt.step()
 
 
 def keep_scheduler_monitors(configure: Callable[..., Any]) -> Callable[..., Any]:

@@ -18,11 +18,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
 from ..core.gate import MAIN_TASK, GateStats, GradientGate
+from ..core.loss_weighting import LossWeighting
 from ..parallel.collectives import world_size
 from ..parallel.registry import SYNC_MODES, SyncMode, SyncSettings, check_sync_buffers, check_sync_mode
 from .optimization import active_scaler
@@ -35,6 +36,8 @@ __all__ = [
     "finite_step",
     "parallel_mode",
     "world_size_of",
+    "gate_of",
+    "ends_window",
 ]
 
 
@@ -206,15 +209,18 @@ def check_task_losses(losses: Any, warned: set[str]) -> dict[str, Tensor]:
 
 
 def finite_step(
-    module: LightningModule,
     losses: Mapping[str, Tensor],
     stats: GateStats,
+    warned: set[str],
+    on_nonfinite: str = "skip",
+    global_step: int = 0,
     nonfinite: bool = False,
     overflow_ok: bool = False,
 ) -> bool:
     """Whether the optimizer steps: one host sync (``stats.finite`` has the losses, the per-task and
     head gradients and, under DDP, every rank's; ``nonfinite``: the local-sync all-reduce saw a
-    NaN/inf). A skipped step warns once per task, or raises with ``gradsim_on_nonfinite="raise"``."""
+    NaN/inf). A skipped step warns once per task (recorded in ``warned``), or raises with
+    ``on_nonfinite="raise"``."""
     loss_finite = torch.stack([torch.isfinite(v.detach()).all() for v in losses.values()])
     if not nonfinite and bool(loss_finite.all() & stats.finite.all()):  # one sync, not two
         return True
@@ -224,19 +230,50 @@ def finite_step(
     grad_finite = torch.cat([stats.main_norm.reshape(1), stats.aux_norm.reshape(-1)]).isfinite()
     bad = [n for n, lf, gf in zip(names, loss_finite.tolist(), grad_finite.tolist()) if not (lf and gf)]
     bad = bad or names
-    if getattr(module, "gradsim_on_nonfinite", "skip") == "raise":
+    if on_nonfinite == "raise":
         raise NonFiniteLossError(
-            f"Non-finite loss or gradient in task(s) {bad} at step {module.global_step}. "
+            f"Non-finite loss or gradient in task(s) {bad} at step {global_step}. "
             "Set gradsim_on_nonfinite='skip' to skip such steps instead."
         )
-    warned: set[str] = module._gradsim_own("_gradsim_warned_tasks", set)  # type: ignore[operator]
     new = [n for n in bad if n not in warned]
     if new:
         warned.update(new)
         warnings.warn(
             f"Skipping a training step: non-finite loss or gradient in task(s) {new} "
-            f"(step {module.global_step}; warned once per task, counted in gradsim/skipped_steps).",
+            f"(step {global_step}; warned once per task, counted in gradsim/skipped_steps).",
             RuntimeWarning,
             stacklevel=3,
         )
     return False
+
+
+def gate_of(module: Any) -> GradientGate:
+    """The module's ``self.gradsim`` gate, or a clear error that says how to add one."""
+    gate = getattr(module, "gradsim", None)
+    if isinstance(gate, LossWeighting):
+        raise AttributeError(
+            f"self.gradsim is a {type(gate).__name__} (a loss weighting); compose it with a gate: "
+            f'`self.gradsim = GradientGate(rule="sum", loss_weighting={type(gate).__name__}(...))` '
+            "or make_gate(...)."
+        )
+    if not isinstance(gate, GradientGate):
+        raise AttributeError(
+            f"{type(module).__name__} has no GradientGate at self.gradsim"
+            + ("" if gate is None else f" (found {type(gate).__name__})")
+            + ': add `self.gradsim = GradientGate(rule="unweighted")` to __init__.'
+        )
+    return gate
+
+
+def ends_window(batch_idx: int, accumulate: int, num_batches: float = float("inf")) -> bool:
+    """Whether batch ``batch_idx`` ends an accumulation window of ``accumulate`` batches (or the epoch of
+    ``num_batches``), so that the optimizer steps.
+
+    >>> [ends_window(i, 2, 5) for i in range(5)]
+    [False, True, False, True, True]
+    """
+    if not isinstance(accumulate, int) or isinstance(accumulate, bool) or accumulate < 1:
+        raise ValueError(f"gradsim_accumulate_grad_batches must be an integer >= 1, got {accumulate!r}.")
+    if (batch_idx + 1) % accumulate == 0:
+        return True
+    return num_batches != float("inf") and batch_idx + 1 >= num_batches

@@ -234,5 +234,6 @@ def gradnorm_update(
 
 
 def make_gate(**kwargs: Any) -> GradientGate:
-    """The method ``gradnorm`` of :func:`lightning_gradsim.methods.make_gate`: ``make_gate("gradnorm", alpha=1.5, lr=0.025, last_shared_layer=None, aux_weight=1.0, seed=0, rule="sum")``."""
+    """The method ``gradnorm`` of :func:`lightning_gradsim.methods.make_gate`: ``make_gate("gradnorm", alpha=1.5,
+    lr=0.025, last_shared_layer=None, aux_weight=1.0, seed=0, rule="sum")``."""
     return weighting_gate("gradnorm", GradNorm, kwargs)

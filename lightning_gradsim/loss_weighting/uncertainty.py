@@ -111,5 +111,6 @@ class UncertaintyWeighting(LossWeighting):
 
 
 def make_gate(**kwargs: Any) -> GradientGate:
-    """The method ``uncertainty`` of :func:`lightning_gradsim.methods.make_gate`: ``make_gate("uncertainty", aux_tasks=..., aux_weight=..., init_log_var=..., seed=..., rule="sum")``."""
+    """The method ``uncertainty`` of :func:`lightning_gradsim.methods.make_gate`: ``make_gate("uncertainty",
+    aux_tasks=..., aux_weight=..., init_log_var=..., seed=..., rule="sum")``."""
     return weighting_gate("uncertainty", UncertaintyWeighting, kwargs)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from lightning_gradsim import GradientGate
 
-from .scale_utils import TinyNet, fit, make_batches, params
+from ..scale_utils import TinyNet, fit, make_batches, params
 
 
 def _split_optimizers(model, mode):

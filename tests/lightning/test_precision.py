@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.plugins.precision import MixedPrecision
 
-from .scale_utils import TinyNet, fit, make_batches, params
+from ..scale_utils import TinyNet, fit, make_batches, params
 
 
 def scaler_plugin(**kwargs) -> MixedPrecision:

@@ -9,7 +9,7 @@ from lightning_gradsim.cli import COMMANDS
 from lightning_gradsim.cli import main as gradsim
 from lightning_gradsim.configs import CONFIG_DIR
 
-from ._imagenet_fixtures import PRESET_CLASSES, make_image_folder
+from .._imagenet_fixtures import PRESET_CLASSES, make_image_folder
 
 DIGIT_CONFIGS = sorted(
     p for p in (CONFIG_DIR / "digits").glob("rotated_*.yaml") if p.stem.removeprefix("rotated_").isdigit()
@@ -50,7 +50,7 @@ def test_example_configs_exist():
             assert trainer["devices"] == 1
 
 
-# Every example config is run as a user runs it (Lightning's own DDP launcher included) in tests/test_launch.py.
+# Every example config is run as a user runs it (Lightning's own DDP launcher included) in tests/lightning/test_launch.py.
 
 
 @pytest.mark.slow

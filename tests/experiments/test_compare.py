@@ -171,7 +171,7 @@ def test_compare_command_with_config_and_parallel_jobs(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_class_pair_setup(tmp_path):
-    from ._imagenet_fixtures import CATAMARAN, TRIMARAN, make_image_folder
+    from .._imagenet_fixtures import CATAMARAN, TRIMARAN, make_image_folder
 
     root = make_image_folder(tmp_path / "imagenet", n_train=6, n_val=3, size=16)
     result = compare(

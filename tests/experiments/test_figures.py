@@ -15,7 +15,7 @@ from lightning_gradsim.experiments import figures
 from lightning_gradsim.experiments.toy_figure2 import ROWS, convergence_times
 
 PNG = b"\x89PNG\r\n\x1a\n"
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "figures"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "figures"
 
 
 # ------------------------------------------------------------------ Proposition 3

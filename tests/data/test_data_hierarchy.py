@@ -6,7 +6,7 @@ import pytest
 
 from lightning_gradsim.data import ImageNetHierarchy
 
-from ._imagenet_fixtures import make_is_a, make_meta_mat
+from .._imagenet_fixtures import make_is_a, make_meta_mat
 
 TRIMARAN, CATAMARAN, HUSKY, MALAMUTE, LIGHT = "n04483307", "n02981792", "n02110185", "n02110063", "n06874185"
 

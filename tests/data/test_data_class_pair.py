@@ -17,7 +17,7 @@ from lightning_gradsim.data import (
     resolve_class,
 )
 
-from ._imagenet_fixtures import (
+from .._imagenet_fixtures import (
     CATAMARAN,
     CLASSES,
     TRIMARAN,

@@ -1,6 +1,6 @@
 """Stopping and resuming from a checkpoint (mid-epoch, mid-accumulation window, under a GradScaler)
 continues like the uninterrupted run: weights, gate state, optimizer, scheduler and scaler state.
-(The DDP resume runs in tests/test_ddp.py.)"""
+(The DDP resume runs in tests/parallel/test_ddp.py.)"""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from .scale_utils import BatchList, TinyNet, fit, make_batches, params, trainer
+from ..scale_utils import BatchList, TinyNet, fit, make_batches, params, trainer
 from .test_precision import scaler_plugin
 
 GATE = {"main_grad_ema": 0.5, "cosine_ema": 0.5}

@@ -8,7 +8,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_gradsim.core.task_gradients import TaskGradients
 from lightning_gradsim.core.transforms import Accumulate
 
-from .scale_utils import BatchList, TinyNet, fit, make_batches, merge_pairs, params, trainer
+from ..scale_utils import BatchList, TinyNet, fit, make_batches, merge_pairs, params, trainer
 
 
 @pytest.mark.parametrize(

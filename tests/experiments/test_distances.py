@@ -10,7 +10,7 @@ import torch
 from lightning_gradsim.cli import main as gradsim
 from lightning_gradsim.experiments.distances import frechet_distance, gaussian_frechet_distance
 
-from ._imagenet_fixtures import make_image_folder, make_is_a
+from .._imagenet_fixtures import make_image_folder, make_is_a
 
 
 def test_gaussian_frechet_closed_forms():

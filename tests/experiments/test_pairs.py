@@ -18,7 +18,7 @@ from lightning_gradsim.experiments.stacked import Run, StackedRuns
 from lightning_gradsim.methods import make_gate
 from lightning_gradsim.models import MultiHeadNet
 
-from ._imagenet_fixtures import make_image_folder
+from .._imagenet_fixtures import make_image_folder
 
 
 def _exact_gaussian(mu: list[float], sigma: float, n: int, seed: int) -> torch.Tensor:

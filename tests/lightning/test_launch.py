@@ -24,8 +24,8 @@ import pytest
 
 from lightning_gradsim.cli import main as gradsim
 
-from ._imagenet_fixtures import PRESET_CLASSES, make_image_folder
-from ._launch import (
+from .._imagenet_fixtures import PRESET_CLASSES, make_image_folder
+from .._launch import (
     TIMEOUT,
     assert_ranks_and_shards,
     checkpoint,
@@ -271,7 +271,7 @@ def _compare_args(config: Path, tmp_path: Path, mnist_root: str, celeba_root: Pa
 
 @pytest.fixture(scope="module")
 def celeba_root(tmp_path_factory):
-    from .test_celeba import write_celeba
+    from ..experiments.test_celeba import write_celeba
 
     root = tmp_path_factory.mktemp("celeba")
     write_celeba(root / "celeba")

@@ -24,8 +24,8 @@ from lightning_gradsim.core.state import GateState
 from lightning_gradsim.lightning.validation import check_buffers, parallel_mode
 from lightning_gradsim.parallel.ddp_sharded import ShardLayout
 
-from ._sharded_utils import BNTinyNet, sharded_worker
-from .scale_utils import IN, TinyNet, fit, make_batches, params, rank_slice
+from .._sharded_utils import BNTinyNet, sharded_worker
+from ..scale_utils import IN, TinyNet, fit, make_batches, params, rank_slice
 
 WORLD, NUM_BATCHES, BATCH = 2, 10, 8
 PROJ = {"rule": "projection", "gate": {"main_grad_ema": 0.5, "cosine_ema": 0.5}, "scheduler": True}

@@ -12,9 +12,9 @@ import torch
 from lightning_gradsim import GradientGate
 from lightning_gradsim.methods import make_gate
 
-from .scale_utils import TinyNet, fit, make_batches, params
+from ..scale_utils import TinyNet, fit, make_batches, params
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "legacy_v0_1.pt")
+FIXTURE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "legacy_v0_1.pt")
 GATE = {"main_grad_ema": 0.5, "cosine_ema": 0.5}
 
 
