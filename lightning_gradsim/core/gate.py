@@ -33,6 +33,7 @@ from .options import (
     named_losses,
     shared_list,
     unique,
+    warn_unreached,
     weigh,
 )
 from .state import GateState
@@ -125,6 +126,7 @@ class GradientGate(CheckpointedGate):
         self._features: list[Tensor] | None = None
         self._weight_cache: tuple[tuple[Any, ...], Tensor] | None = None
         self._grad_state: dict[str, bool] = {}
+        self._warned_unreached: set[str] = set()
 
     @property
     def config(self) -> GateConfig:
@@ -238,19 +240,17 @@ class GradientGate(CheckpointedGate):
             )
         if self.grad_strategy not in STRATEGIES:
             raise ValueError(f"gate.grad_strategy must be one of {STRATEGIES}, got {self.grad_strategy!r}.")
-        return self._measured(
-            step.measured(
-                per_task_gradients(
-                    losses,
-                    shared,
-                    others,
-                    self.grad_strategy,
-                    info,
-                    state=self._grad_state,
-                    on_task=pipeline.task_ready if pipeline else None,
-                )
-            )
+        grads = per_task_gradients(
+            losses,
+            shared,
+            others,
+            self.grad_strategy,
+            info,
+            state=self._grad_state,
+            on_task=pipeline.task_ready if pipeline else None,
         )
+        warn_unreached(names, grads.reached, self._warned_unreached)
+        return self._measured(step.measured(grads))
 
     def _measured(self, stats: GateStats | None) -> GateStats | None:
         """A measured step's statistics become :attr:`last_stats` (``None``: a transform kept the gradients)."""

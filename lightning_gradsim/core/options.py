@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -27,6 +28,7 @@ from .loss_weighting import LossWeighting
 from .transforms import Transforms
 
 __all__ = [
+    "warn_unreached",
     "GateConfig",
     "check_update_vectors",
     "aux_weight_values",
@@ -256,3 +258,19 @@ def check_dtensor_inputs(
         raise NotImplementedError(
             f"Loss weightings ({type(loss_weighting).__name__}) are not supported under FSDP2; use DDP for them."
         )
+
+
+def warn_unreached(names: Sequence[str], reached: Sequence[bool], warned: set[str]) -> None:
+    """Warn once per auxiliary task (recorded in ``warned``) whose loss does not reach the shared parameters:
+    its cosine cannot be measured, so the gate reports it closed (``GateStats.measured``) and it trains only
+    its own parameters."""
+    for name, hit in zip(names, list(reached)[1:]):
+        if not hit and name not in warned:
+            warned.add(name)
+            warnings.warn(
+                f"The auxiliary loss {name!r} does not reach the shared parameters (its head reads detached "
+                "features, or the trunk is not among shared_params): its cosine is not measured and it trains "
+                "only its own parameters. Warned once per task.",
+                UserWarning,
+                stacklevel=4,
+            )

@@ -144,6 +144,13 @@ class GateState(nn.Module):
         self.skipped_steps.add_((~every).long())
         self.step.add_(1)
 
+    def keep_for_reuse(self, reuse: Reuse) -> None:
+        """Keep a measured step's weights for the steps of ``every_n_steps`` that measure nothing, if the step
+        was finite (one host read); a skipped step leaves the reused weights as they were, so one poisoned
+        step is one skipped step (with nothing kept yet, the next call measures afresh)."""
+        if bool(reuse.stats.finite.all()):
+            self.reuse = reuse
+
     def count(self, finite: Tensor) -> None:
         """Record a step that measured nothing (reused weights): skipped unless ``finite`` (0-d)."""
         self.skipped_steps.add_(~finite)
@@ -238,7 +245,9 @@ class GateState(nn.Module):
             self.reuse = None
         else:
             device = self.step.device
-            stats = GateStats(**{k: v.to(device) for k, v in reuse["stats"].items()})
+            fields = {k: v.to(device) for k, v in reuse["stats"].items()}
+            fields.setdefault("measured", torch.ones_like(fields["gate_open"]))  # saved before 0.2: all measured
+            stats = GateStats(**fields)
             self.reuse = Reuse(reuse["weights"].to(device), stats, list(reuse["present"]))
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:

@@ -132,7 +132,7 @@ class GateStep:
             self._regularize()
         stats = self._combined(stats)
         if self.config.every_n_steps > 1:
-            self.state.reuse = Reuse(weights.detach(), stats, grads.present())
+            self.state.keep_for_reuse(Reuse(weights.detach(), stats, grads.present()))
         return stats
 
     def features(self, feats: list[Tensor] | None) -> GateStats:
@@ -164,7 +164,7 @@ class GateStep:
         grads.write_others()
         self._regularize()
         stats = self._combined(stats)
-        self.state.reuse = Reuse(weights.detach(), stats, present)
+        self.state.keep_for_reuse(Reuse(weights.detach(), stats, present))
         return stats
 
     def reused(self) -> GateStats:
@@ -182,7 +182,9 @@ class GateStep:
         )
         # The weights are in the losses: the shared gradient goes into .grad as backward writes it.
         combined, heads = weighted_gradients(self.losses, task_w, shared, self.others, into_grad=not with_buffers)
-        finite = all_finite([g for g in combined + heads if g is not None], self.raw)
+        # the losses, the gradients and the weights themselves (the direction EMA term below is finite: the
+        # state keeps only finite steps' directions and weights)
+        finite = all_finite([g for g in combined + heads if g is not None] + [weights], self.raw)
         state.count(finite)  # type: ignore[arg-type]
         bundle = TaskGradients(rows=[combined], others=heads, params=shared, other_params=self.others)
         if with_buffers:  # plus the main-gradient EMA of the last measured step as the direction

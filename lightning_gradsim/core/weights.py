@@ -74,14 +74,15 @@ def decide(
         generator=state.rng(),
     )
     weights = rule.weights(inp)
-    gate_open = rule.gate_open(inp, weights)
+    diag = torch.diagonal(task_gram, dim1=-2, dim2=-1).clamp(min=0).sqrt()
+    measured = (diag[..., :1] > 0) & (diag[..., 1:] > 0)  # a zero vector has no cosine: not measured, not open
+    gate_open = rule.gate_open(inp, weights) & measured
     parts = [gram.flatten(-2), weights.to(gram.dtype)]
     parts += [c.reshape(-1).to(gram.dtype).expand(gram.shape[:-2] + (-1,)) for c in checks if c is not None]
     ok = torch.isfinite(torch.cat(parts, dim=-1)).all(-1)  # one check
     if finite is not None:
         ok = ok & finite
     state.commit(smoothed, gate_open, ok, keep_cosine=cosine_ema > 0, direction=direction)
-    diag = torch.diagonal(task_gram, dim1=-2, dim2=-1).clamp(min=0).sqrt()
     stats = GateStats(
         cosine=raw_cos.detach(),
         smoothed_cosine=smoothed.detach(),
@@ -90,6 +91,7 @@ def decide(
         main_norm=diag[..., 0].detach(),
         aux_norm=diag[..., 1:].detach(),
         finite=ok.detach(),
+        measured=measured.detach(),
     )
     return weights, stats
 

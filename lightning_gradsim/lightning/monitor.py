@@ -13,6 +13,9 @@ from ..core.gate import GateStats, GradientGate
 
 __all__ = ["GradSimMonitor"]
 
+#: the per-task metrics of a decision, not logged for a task whose cosine was not measured
+DECISION_KEYS = ("cos", "cos_smoothed", "weight", "gate_open")
+
 
 class GradSimMonitor(Callback):
     """Log the gate's per-step statistics to every Lightning logger, and optionally plot them.
@@ -24,6 +27,8 @@ class GradSimMonitor(Callback):
     ``gradsim/cos_smoothed/<task>``     the cosine the rule used (EMA when ``cosine_ema``)
     ``gradsim/weight/<task>``           coefficient applied to the auxiliary gradient
     ``gradsim/gate_open/<task>``        1 if the auxiliary gradient was used, else 0
+    ``gradsim/measured/<task>``         1 if the cosine was measured, 0 if the auxiliary gradient was
+                                        zero on the shared parameters (then no cos/weight/gate_open)
     ``gradsim/open_fraction/<task>``    fraction of measured steps with the gate open
     ``gradsim/grad_norm/main``          norm of the main gradient on the shared parameters
     ``gradsim/grad_norm/<task>``        norm of the auxiliary gradient
@@ -138,17 +143,24 @@ class GradSimMonitor(Callback):
                 stats.main_norm.reshape(1).float(),
                 gate.state.skipped_steps.reshape(1).float().to(stats.cosine.device),
                 stats.finite.all().reshape(1).float().to(stats.cosine.device),
+                stats.measured.reshape(-1).float(),
             ]
         ).tolist()
         k = len(names)
         if skipped is None:
             skipped = values[6 * k + 2] == 0.0
         out: dict[str, float] = {}
+        measured = values[6 * k + 3 :]
         for block, key in enumerate(["cos", "cos_smoothed", "weight", "gate_open", "open_fraction", "grad_norm"]):
             if skipped and key != "open_fraction":
                 continue
             for i, name in enumerate(names):
+                if key in DECISION_KEYS and not measured[i]:
+                    continue  # not measured (no gradient on the shared parameters): no cosine, no decision
                 out[f"{prefix}/{key}/{name}"] = values[block * k + i]
+        if not skipped:
+            for i, name in enumerate(names):
+                out[f"{prefix}/measured/{name}"] = measured[i]
         if not skipped:
             out[f"{prefix}/grad_norm/main"] = values[6 * k]
         out[f"{prefix}/skipped_steps"] = values[6 * k + 1]
