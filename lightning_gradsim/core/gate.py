@@ -320,7 +320,8 @@ class GradientGate(CheckpointedGate):
         ``gradsim/<name>``: the loss weighting's (e.g. ``task_weight/<task>``), else nothing."""
         if self.loss_weighting is None:
             return {}
-        return self.loss_weighting.extra_metrics([MAIN_TASK] + list(self.aux_names or []))
+        metrics: dict[str, Tensor] = self.loss_weighting.extra_metrics([MAIN_TASK] + list(self.aux_names or []))
+        return metrics
 
     def reset_state(self) -> None:
         """Forget the smoothed cosine, the main-gradient EMA, the counters (and a loss weighting's adapted state)."""

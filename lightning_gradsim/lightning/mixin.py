@@ -223,9 +223,8 @@ class GradSimMixin:
         if stats is not None:
             self._gradsim_last_stats = stats
             warned = self._gradsim_own("_gradsim_warned_tasks", set)
-            finite = finite_step(
-                losses, stats, warned, self.gradsim_on_nonfinite, self.global_step, overflow_ok=scaler is not None
-            )  # type: ignore[attr-defined]
+            step = self.global_step  # type: ignore[attr-defined]
+            finite = finite_step(losses, stats, warned, self.gradsim_on_nonfinite, step, overflow_ok=scaler is not None)
             self.gradsim_last_step_skipped = not finite
             plugin = self.trainer.precision_plugin if scaler is not None else None  # type: ignore[attr-defined]
             step_optimizers(optimizers, finite, self.gradsim_clip_val, self.gradsim_clip_algorithm, plugin)

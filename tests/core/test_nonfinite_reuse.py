@@ -32,8 +32,10 @@ def test_the_issues_reproduction_writes_no_nan_on_a_step_reported_finite():
     assert all(ok for ok, f in zip(grads_ok, finite) if f)
 
 
-@pytest.mark.parametrize("rule, ema", [("projection", 0.0), ("projection", 0.9), ("weighted", 0.0), ("pcgrad", 0.0),
-                                       ("unweighted", 0.0), ("sum", 0.0)])
+@pytest.mark.parametrize(
+    "rule, ema",
+    [("projection", 0.0), ("projection", 0.9), ("weighted", 0.0), ("pcgrad", 0.0), ("unweighted", 0.0), ("sum", 0.0)],
+)
 def test_one_poisoned_measured_step_is_one_skipped_step(rule, ema):
     gate, finite, grads_ok, reused = _run(rule, 5, ema, poison=5)
     assert finite.count(False) == 1 and not finite[5]
