@@ -34,7 +34,8 @@ class GateStats(NamedTuple):
             updated, and the optimizer should only step, if so.
         measured: bool, whether each auxiliary cosine was measured: both the main and the auxiliary vector
             are non-zero on the shared parameters. An auxiliary loss that does not reach them (a head on
-            detached features) is not measured: its gate is reported closed, its weight 0.
+            detached features) is not measured: its gate is reported closed, its weight 0. ``None`` in
+            statistics pickled before 0.2 (read as all measured).
     """
 
     cosine: Tensor
@@ -44,4 +45,4 @@ class GateStats(NamedTuple):
     main_norm: Tensor
     aux_norm: Tensor
     finite: Tensor
-    measured: Tensor
+    measured: Tensor | None = None

@@ -143,7 +143,7 @@ class GradSimMonitor(Callback):
                 stats.main_norm.reshape(1).float(),
                 gate.state.skipped_steps.reshape(1).float().to(stats.cosine.device),
                 stats.finite.all().reshape(1).float().to(stats.cosine.device),
-                stats.measured.reshape(-1).float(),
+                (torch.ones_like(stats.gate_open) if stats.measured is None else stats.measured).reshape(-1).float(),
             ]
         ).tolist()
         k = len(names)
