@@ -36,6 +36,8 @@ class GateStats(NamedTuple):
             are non-zero on the shared parameters. An auxiliary loss that does not reach them (a head on
             detached features) is not measured: its gate is reported closed, its weight 0. ``None`` in
             statistics pickled before 0.2 (read as all measured).
+        against_reference: whether the cosines (and so the decision) were measured against a held-out
+            reference gradient (``gate.backward(..., reference_loss=...)``) instead of the main gradient.
     """
 
     cosine: Tensor
@@ -46,3 +48,4 @@ class GateStats(NamedTuple):
     aux_norm: Tensor
     finite: Tensor
     measured: Tensor | None = None
+    against_reference: bool = False
