@@ -97,6 +97,7 @@ def sync_settings(module: Any, trainer: Trainer, sync: str, accumulate: int) -> 
         similarity=gate.similarity,
         every_n_steps=gate.every_n_steps,
         loss_weighting=None if lw is None else type(lw).__name__,
+        needs_losses=lw is not None and bool(lw.needs_losses),
         accumulate=accumulate,
         grad_scaler=active_scaler(trainer) is not None,
         requested=sync,
