@@ -83,9 +83,13 @@ class GateState(nn.Module):
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
     # ------------------------------------------------------------------ per step
+    def will_measure(self, every_n_steps: int) -> bool:
+        """Whether the next call measures (always with ``every_n_steps == 1`` or nothing to reuse)."""
+        return self.reuse is None or every_n_steps == 1 or self.calls % every_n_steps == 0
+
     def next_call(self, every_n_steps: int) -> bool:
-        """Count a call; whether it measures (always with ``every_n_steps == 1`` or nothing to reuse)."""
-        measure = self.reuse is None or every_n_steps == 1 or self.calls % every_n_steps == 0
+        """Count a call; whether it measures (:meth:`will_measure`)."""
+        measure = self.will_measure(every_n_steps)
         self.calls += 1
         return measure
 
@@ -264,7 +268,9 @@ class GateState(nn.Module):
             self.reuse = None
         else:
             device = self.step.device
-            fields = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in reuse["stats"].items()}
+            fields: dict[str, Any] = {
+                k: v.to(device) if isinstance(v, Tensor) else v for k, v in reuse["stats"].items()
+            }
             fields.setdefault("measured", torch.ones_like(fields["gate_open"]))  # saved before 0.2: all measured
             stats = GateStats(**fields)
             self.reuse = Reuse(reuse["weights"].to(device), stats, list(reuse["present"]))
