@@ -6,7 +6,8 @@ lightning_gradsim.core.gate``), so pickled objects and ``isinstance`` checks kee
 whose contents were split (``transforms``, ``distributed``, ``fsdp``, ``gradients``) becomes a module
 that takes each name from where it now lives.
 
->>> import warnings
+>>> import sys, warnings
+>>> _ = sys.modules.pop("lightning_gradsim.transforms", None)  # as in a fresh interpreter
 >>> with warnings.catch_warnings(record=True) as caught:
 ...     warnings.simplefilter("always")
 ...     from lightning_gradsim.transforms import AllReduce, Unscale

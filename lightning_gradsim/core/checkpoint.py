@@ -37,9 +37,16 @@ class CheckpointedGate(nn.Module):
         if state:
             self.aux_names = state.get("aux_names")
 
-    def _load_from_state_dict(  # type: ignore[no-untyped-def]
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ):
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
         # Checkpoints of version 0.1 (before the state module and composed loss weightings): move their keys.
         upgrade_legacy_keys(state_dict, prefix, self.loss_weighting, strict, error_msgs)
         super()._load_from_state_dict(

@@ -26,14 +26,19 @@ from .options import (
     GateConfig,
     as_list,
     aux_weight_values,
+    cached_tensor,
     check_dtensor_inputs,
     check_names,
     check_options,
+    check_reference,
+    check_transforms,
     check_update_vectors,
     named_losses,
+    other_parameters,
     shared_list,
-    unique,
+    warn_unreached,
     weigh,
+    with_reference,
 )
 from .state import GateState
 from .stats import GateStats
@@ -123,8 +128,9 @@ class GradientGate(CheckpointedGate):
         self.aux_names: list[str] | None = None
         self._last_stats: GateStats | None = None
         self._features: list[Tensor] | None = None
-        self._weight_cache: tuple[tuple[Any, ...], Tensor] | None = None
+        self._weight_cache: dict[tuple[Any, ...], Tensor] = {}
         self._grad_state: dict[str, bool] = {}
+        self._warned_unreached: set[str] = set()
 
     @property
     def config(self) -> GateConfig:
@@ -165,6 +171,7 @@ class GradientGate(CheckpointedGate):
         other_params: Iterable[Tensor] | None = None,
         features: Tensor | Sequence[Tensor] | None = None,
         transforms: Transforms | Iterable[GradientTransform] | None = None,
+        reference_loss: Tensor | None = None,
     ) -> GateStats | None:
         """Gate-combine the tasks' gradients on ``shared_params`` and accumulate them into ``.grad``.
 
@@ -177,6 +184,10 @@ class GradientGate(CheckpointedGate):
         ``features``: with ``similarity="features"``, the shared features the heads read (else
         the ones marked with :meth:`mark_features`). ``transforms``: the step's gradient
         transforms (:mod:`lightning_gradsim.core.transforms`; the mixin passes them).
+        ``reference_loss``: the main task's loss on a held-out batch. Each auxiliary gradient's cosine, and so
+        the rule's decision, is then measured against this loss's gradient on ``shared_params`` (for
+        ``projection`` it is the direction) while the update is still ``g_main + sum_k w_k g_k``; its gradient
+        touches no ``.grad``. One more backward through the trunk, on measured steps only.
 
         >>> w = nn.Parameter(torch.tensor([1.0, 2.0]))
         >>> stats = GradientGate(aux_weight=0.5).backward(0.5 * w.pow(2).sum(), [0.5 * (w - 3).pow(2).sum()], [w])
@@ -189,35 +200,24 @@ class GradientGate(CheckpointedGate):
             raise RuntimeError("A Transforms pipeline serves one gate.backward() call; build one per step.")
         marked, self._features = self._features, None
         names, losses = named_losses(main_loss, aux_losses)
+        check_reference(reference_loss, self.similarity)
         self.aux_names = check_names(names, self.aux_names, self.aux_weight)
         shared = shared_list(shared_params)
-        if pipeline.needs_task_gradients and (self.similarity == "features" or self.every_n_steps > 1):
-            raise ValueError(
-                f"The transforms {pipeline.items} need the per-task parameter gradients, which "
-                f"similarity={self.similarity!r} / every_n_steps={self.every_n_steps} do not take: gradient "
-                "accumulation, DDP with gradsim_sync='global' and 16-mixed precision need similarity='parameters' "
-                "and every_n_steps=1."
-            )
+        check_transforms(pipeline, self.similarity, self.every_n_steps)
         lw, scale = self.loss_weighting, None
         raw = torch.stack([loss.detach() for loss in losses])
         if lw is not None:
             lw.check(names, shared)
             losses, scale = weigh(lw, names, losses)
         measure = self.state.next_call(self.every_n_steps)
-        shared_ids = {id(p) for p in shared}
-        info = None
-        if other_params is None:
-            info = walk_graph(losses, shared)
-            others = [p for p in info.leaves if id(p) not in shared_ids]
-        else:
-            others = [p for p in unique(other_params) if p.requires_grad and id(p) not in shared_ids]
-            if lw is not None:
-                known = {id(o) for o in others}
-                others += [p for p in lw.own_parameters() if id(p) not in known]
+        others, info = other_parameters(losses, shared, other_params, lw)
         aux_weight = self.aux_weight_tensor(names, raw)
-        step = GateStep(self.config, self.state, aux_weight, names, losses, raw, scale, shared, others, pipeline)
+        ref = reference_loss is not None and measure
+        step = GateStep(self.config, self.state, aux_weight, names, losses, raw, scale, shared, others, pipeline, ref)
         if any(is_dtensor(p) for p in shared):  # FSDP2: autograd.grad cannot reach the shards; .grad has them
-            check_dtensor_inputs(pipeline, other_params is not None, self.similarity, self.every_n_steps, lw)
+            check_dtensor_inputs(
+                pipeline, other_params is not None, self.similarity, self.every_n_steps, lw, reference_loss
+            )
             return self._measured(
                 step.measured(
                     per_task_gradients(
@@ -229,6 +229,8 @@ class GradientGate(CheckpointedGate):
             return step.reused()
         if self.similarity == "features":
             return self._measured(step.features(as_list(features)[0] if features is not None else marked))
+        if ref:  # the reference as a last task: reduced and accumulated with the others, on shared only
+            losses, info = with_reference(losses, reference_loss, shared)  # type: ignore[arg-type]
         if info is None:
             info = walk_graph(losses, shared)
         if not info.reaches_shared[0]:
@@ -238,19 +240,18 @@ class GradientGate(CheckpointedGate):
             )
         if self.grad_strategy not in STRATEGIES:
             raise ValueError(f"gate.grad_strategy must be one of {STRATEGIES}, got {self.grad_strategy!r}.")
-        return self._measured(
-            step.measured(
-                per_task_gradients(
-                    losses,
-                    shared,
-                    others,
-                    self.grad_strategy,
-                    info,
-                    state=self._grad_state,
-                    on_task=pipeline.task_ready if pipeline else None,
-                )
-            )
+        grads = per_task_gradients(
+            losses,
+            shared,
+            others,
+            self.grad_strategy,
+            info,
+            state=self._grad_state,
+            on_task=pipeline.task_ready if pipeline else None,
+            head_tasks=len(names) + 1,
         )
+        warn_unreached(names, grads.reached[: len(names) + 1], self._warned_unreached)
+        return self._measured(step.measured(grads))
 
     def _measured(self, stats: GateStats | None) -> GateStats | None:
         """A measured step's statistics become :attr:`last_stats` (``None``: a transform kept the gradients)."""
@@ -283,13 +284,16 @@ class GradientGate(CheckpointedGate):
         main: Tensor | Sequence[Tensor],
         aux: Sequence[Tensor | Sequence[Tensor]] | Mapping[str, Tensor | Sequence[Tensor]],
         batch_dims: int = 0,
+        reference: Tensor | Sequence[Tensor] | None = None,
     ) -> tuple[Tensor | list[Tensor], GateStats]:
         """Apply the rule to given update vectors (not necessarily gradients of a loss).
 
         ``main`` is a tensor or a list of tensors (e.g. one per parameter); each auxiliary entry
         has the same structure and shapes. The first ``batch_dims`` dimensions of every tensor
         index independent problems (e.g. one gridworld each), each gated on its own with its own
-        state. Returns the combined update, in ``main``'s structure, and the statistics.
+        state. ``reference``: a vector of the same structure to measure the cosines against instead of
+        ``main`` (a held-out estimate of the main direction); the update is still ``main + sum_k w_k aux_k``.
+        Returns the combined update, in ``main``'s structure, and the statistics.
 
         >>> main, aux = torch.tensor([1.0, 0.0]), {"distill": torch.tensor([1.0, 1.0])}
         >>> update, stats = GradientGate(rule="weighted").combine(main, aux)
@@ -302,11 +306,16 @@ class GradientGate(CheckpointedGate):
                 "vectors. Call gate.backward(main_loss, aux_losses, shared_params) (the mixin does)."
             )
         names, main_list, aux_lists, single = check_update_vectors(main, aux, batch_dims)
+        if reference is not None:  # measured against, never added: the last stacked vector
+            _, _, (ref_list,), _ = check_update_vectors(main, [reference], batch_dims)
+            aux_lists = [*aux_lists, ref_list]
         self.aux_names = check_names(names, self.aux_names, self.aux_weight)
         stacked = [torch.stack([m] + [a[i] for a in aux_lists], dim=batch_dims) for i, m in enumerate(main_list)]
         grads = TaskGradients(stacked=list(stacked), batch_dims=batch_dims)
         aux_weight = self.aux_weight_tensor(names, stacked[0])
-        weights, stats, direction = decide_step(self.config, self.state, grads, names, aux_weight)
+        weights, stats, direction = decide_step(
+            self.config, self.state, grads, names, aux_weight, reference=reference is not None
+        )
         self.last_stats = stats
         combined = grads.apply(weights, direction)
         return (combined[0] if single else combined), stats  # type: ignore[return-value]
@@ -320,7 +329,8 @@ class GradientGate(CheckpointedGate):
         ``gradsim/<name>``: the loss weighting's (e.g. ``task_weight/<task>``), else nothing."""
         if self.loss_weighting is None:
             return {}
-        return self.loss_weighting.extra_metrics([MAIN_TASK] + list(self.aux_names or []))
+        metrics: dict[str, Tensor] = self.loss_weighting.extra_metrics([MAIN_TASK] + list(self.aux_names or []))
+        return metrics
 
     def reset_state(self) -> None:
         """Forget the smoothed cosine, the main-gradient EMA, the counters (and a loss weighting's adapted state)."""
@@ -338,10 +348,4 @@ class GradientGate(CheckpointedGate):
     def aux_weight_tensor(self, names: list[str], like: Tensor) -> Tensor:
         """The lambdas of the auxiliary ``names`` on ``like``'s device, in float32 or wider (cached: no copy
         per step)."""
-        values = aux_weight_values(self.aux_weight, names)
-        dtype = torch.promote_types(like.dtype, torch.float32)
-        key = (values, dtype, like.device)
-        if self._weight_cache is None or self._weight_cache[0] != key:
-            # Built once: no host-to-device copy on every step.
-            self._weight_cache = (key, torch.tensor(values, dtype=dtype, device=like.device))
-        return self._weight_cache[1]
+        return cached_tensor(self._weight_cache, aux_weight_values(self.aux_weight, names), like)

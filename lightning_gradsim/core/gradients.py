@@ -69,8 +69,12 @@ def per_task_gradients(
     retain_graph: bool = False,
     state: dict[str, bool] | None = None,
     on_task: TaskReady | None = None,
+    head_tasks: int | None = None,
 ) -> TaskGradients:
     """Per-task gradients of ``losses`` on ``shared`` and summed gradients on ``others``.
+
+    ``head_tasks``: only the first ``head_tasks`` losses' gradients on ``others`` are summed (the later
+    ones, e.g. a held-out reference loss, are taken on ``shared`` only); ``None``: every loss.
 
     ``strategy="auto"`` takes ``"separate"`` when the graphs share no work; otherwise
     ``"batched"`` on accelerators (falling back to ``"sequential"`` if vmap fails) and
@@ -94,6 +98,8 @@ def per_task_gradients(
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}.")
     if strategy == "backward":
+        if head_tasks is not None and head_tasks < len(losses):
+            raise ValueError("The 'backward' strategy (FSDP2) sums every loss into .grad: it takes no reference loss.")
         return backward_gradients(losses, shared, others, retain_graph, on_task)
     if strategy == "auto":
         if info is None:
@@ -105,13 +111,15 @@ def per_task_gradients(
             strategy = "sequential" if on_cpu else "batched"
         if strategy == "separate":
             # Disjoint graphs: nothing needs retaining, each task's graph is freed as it goes.
-            return _per_task(losses, shared, others, strategy, retain_graph, disjoint=True, on_task=on_task)
+            return _per_task(
+                losses, shared, others, strategy, retain_graph, disjoint=True, on_task=on_task, head_tasks=head_tasks
+            )
     if strategy == "batched":
-        out = _batched(losses, shared, others, info, retain_graph, {} if state is None else state)
+        out = _batched(losses, shared, others, info, retain_graph, {} if state is None else state, head_tasks)
         if out is not None:
             return out
         strategy = "sequential"
-    return _per_task(losses, shared, others, strategy, retain_graph, on_task=on_task)
+    return _per_task(losses, shared, others, strategy, retain_graph, on_task=on_task, head_tasks=head_tasks)
 
 
 def _per_task(
@@ -122,9 +130,11 @@ def _per_task(
     retain_graph: bool,
     disjoint: bool = False,
     on_task: TaskReady | None = None,
+    head_tasks: int | None = None,
 ) -> TaskGradients:
     n_shared = len(shared)
     inputs = list(shared) + list(others)
+    heads = len(losses) if head_tasks is None else head_tasks
     rows: list[list[Tensor | None]] = []
     other_sum: list[Tensor | None] = [None] * len(others)
     live = [k for k, loss in enumerate(losses) if loss.grad_fn is not None]
@@ -135,7 +145,7 @@ def _per_task(
             continue
         # With shared work the graph must survive until the last task; disjoint graphs need not.
         keep = retain_graph or (k != last and not disjoint)
-        g = torch.autograd.grad(loss, inputs, retain_graph=keep, allow_unused=True)
+        g = torch.autograd.grad(loss, inputs if k < heads else list(shared), retain_graph=keep, allow_unused=True)
         rows.append(list(g[:n_shared]))
         if on_task is not None:
             on_task(k, len(losses), rows[k], shared)
@@ -157,6 +167,7 @@ def _batched(
     info: GraphInfo | None,
     retain_graph: bool,
     state: dict[str, bool],
+    head_tasks: int | None = None,
 ) -> TaskGradients | None:
     # state["failed"]: vmap failed before (go sequential directly); state["ok"]: it ran before, so
     # the graph need not be kept for a sequential retry.
@@ -203,7 +214,8 @@ def _batched(
             full[live] = s
             s = full
         stacked.append(s)
-    other_sum: list[Tensor | None] = [None if x is None else x.sum(0) for x in g[n_shared:]]
+    heads = sum(1 for k in live if head_tasks is None or k < head_tasks)  # live tasks come in order
+    other_sum: list[Tensor | None] = [None if x is None else x[:heads].sum(0) for x in g[n_shared:]]
     if info is None:
         info = inspect_graph(losses, shared)
     reached = list(info.reaches_shared)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -23,10 +24,17 @@ import torch
 from torch import Tensor
 
 from ..rules import Rule
+from .graph import GraphInfo, walk_graph
 from .loss_weighting import LossWeighting
 from .transforms import Transforms
 
 __all__ = [
+    "cached_tensor",
+    "check_transforms",
+    "other_parameters",
+    "with_reference",
+    "check_reference",
+    "warn_unreached",
     "GateConfig",
     "check_update_vectors",
     "aux_weight_values",
@@ -235,8 +243,11 @@ def check_dtensor_inputs(
     similarity: str,
     every_n_steps: int,
     loss_weighting: LossWeighting | None,
+    reference_loss: Tensor | None = None,
 ) -> None:
     """What the gate needs when its shared parameters are FSDP2 shards (DTensors)."""
+    if reference_loss is not None:
+        raise NotImplementedError("reference_loss is not supported under FSDP2 yet; use DDP for it.")
     if not any(t.handles_dtensor_shards for t in pipeline.items):
         raise ValueError(
             "The shared parameters are DTensors (FSDP2): pass transforms=[FSDPShards()] to gate.backward() so that "
@@ -256,3 +267,104 @@ def check_dtensor_inputs(
         raise NotImplementedError(
             f"Loss weightings ({type(loss_weighting).__name__}) are not supported under FSDP2; use DDP for them."
         )
+
+
+def warn_unreached(names: Sequence[str], reached: Sequence[bool], warned: set[str]) -> None:
+    """Warn once per auxiliary task (recorded in ``warned``) whose loss does not reach the shared parameters:
+    its cosine cannot be measured, so the gate reports it closed (``GateStats.measured``) and it trains only
+    its own parameters."""
+    for name, hit in zip(names, list(reached)[1:]):
+        if not hit and name not in warned:
+            warned.add(name)
+            warnings.warn(
+                f"The auxiliary loss {name!r} does not reach the shared parameters (its head reads detached "
+                "features, or the trunk is not among shared_params): its cosine is not measured and it trains "
+                "only its own parameters. Warned once per task.",
+                UserWarning,
+                stacklevel=4,
+            )
+
+
+def check_reference(reference_loss: Any, similarity: str) -> None:
+    """A held-out reference loss must be a scalar tensor with a gradient, and the gate must take parameter
+    gradients (``similarity="parameters"``)."""
+    if reference_loss is None:
+        return
+    if not isinstance(reference_loss, Tensor) or reference_loss.numel() != 1:
+        shape = tuple(reference_loss.shape) if isinstance(reference_loss, Tensor) else ""
+        raise TypeError(
+            f"reference_loss must be a scalar tensor (the main task's loss on a held-out batch), got "
+            f"{type(reference_loss).__name__}{shape}."
+        )
+    if not reference_loss.requires_grad:
+        raise ValueError(
+            "reference_loss does not require grad: compute it from the model (not under torch.no_grad()), so that "
+            "its gradient on the shared parameters can be taken."
+        )
+    if similarity != "parameters":
+        raise ValueError(
+            f"reference_loss needs similarity='parameters' (the gradients on the shared parameters), not "
+            f"{similarity!r}."
+        )
+
+
+def check_transforms(pipeline: Transforms, similarity: str, every_n_steps: int) -> None:
+    """Transforms that act on the per-task parameter gradients need a step that takes them."""
+    if pipeline.needs_task_gradients and (similarity == "features" or every_n_steps > 1):
+        raise ValueError(
+            f"The transforms {pipeline.items} need the per-task parameter gradients, which "
+            f"similarity={similarity!r} / every_n_steps={every_n_steps} do not take: gradient "
+            "accumulation, DDP with gradsim_sync='global' and 16-mixed precision need similarity='parameters' "
+            "and every_n_steps=1."
+        )
+
+
+def other_parameters(
+    losses: Sequence[Tensor],
+    shared: Sequence[Tensor],
+    other_params: Iterable[Tensor] | None,
+    loss_weighting: LossWeighting | None,
+) -> tuple[list[Tensor], GraphInfo | None]:
+    """The parameters other than ``shared`` that get their own task's gradient (``other_params``, or every
+    leaf the losses reach, with the graph walk that found them), plus the loss weighting's own."""
+    shared_ids = {id(p) for p in shared}
+    if other_params is None:
+        info = walk_graph(losses, shared)
+        return [p for p in info.leaves if id(p) not in shared_ids], info
+    others = [p for p in unique(other_params) if p.requires_grad and id(p) not in shared_ids]
+    if loss_weighting is not None:
+        known = {id(o) for o in others}
+        others += [p for p in loss_weighting.own_parameters() if id(p) not in known]
+    return others, None
+
+
+def with_reference(
+    losses: Sequence[Tensor], reference_loss: Tensor, shared: Sequence[Tensor]
+) -> tuple[list[Tensor], GraphInfo]:
+    """The losses with the held-out reference loss as a last task, and the graph walk over them; a clear
+    error if the reference does not reach the shared parameters."""
+    extended = [*losses, reference_loss.reshape(())]
+    info = walk_graph(extended, shared)
+    if not info.reaches_shared[-1]:
+        raise ValueError(
+            "reference_loss does not depend on any shared parameter: compute it from the trunk's output on "
+            "the held-out batch (the main head on trunk(x_heldout))."
+        )
+    return extended, info
+
+
+def cached_tensor(cache: dict[tuple[Any, ...], Tensor], values: tuple[float, ...], like: Tensor) -> Tensor:
+    """``values`` as a tensor on ``like``'s device in float32 or wider, built once per (values, dtype, device)
+    and kept in ``cache`` (one entry): no host-to-device copy on every step.
+
+    >>> cache = {}
+    >>> a = cached_tensor(cache, (0.5, 1.0), torch.zeros(2))
+    >>> a is cached_tensor(cache, (0.5, 1.0), torch.zeros(3)), a.dtype
+    (True, torch.float32)
+    """
+    dtype = torch.promote_types(like.dtype, torch.float32)
+    key = (values, dtype, like.device)
+    if key not in cache:
+        cache.clear()
+        cache[key] = torch.tensor(values, dtype=dtype, device=like.device)
+    return cache[key]

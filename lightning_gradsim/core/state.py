@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from .cosine_stats import N_MOMENTS, summarize, update_moments
 from .stats import GateStats
 
 __all__ = ["GateState", "Reuse"]
@@ -53,6 +54,7 @@ class GateState(nn.Module):
     """The gate's state; see the module docstring. ``seed`` seeds the generator of random rules."""
 
     cosine_state: Tensor
+    cosine_moments: Tensor
     open_steps: Tensor
     measured_steps: Tensor
     skipped_steps: Tensor
@@ -74,14 +76,20 @@ class GateState(nn.Module):
         self.direction_specs: list[Any] | None = None
         self.register_buffer("cosine_state", torch.zeros(0))
         self.register_buffer("open_steps", torch.zeros(0, dtype=torch.long))
+        #: per problem and auxiliary task, the moments of the measured cosines (see ``core.cosine_stats``)
+        self.register_buffer("cosine_moments", torch.zeros(0, N_MOMENTS, dtype=torch.float64))
         self.register_buffer("measured_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
     # ------------------------------------------------------------------ per step
+    def will_measure(self, every_n_steps: int) -> bool:
+        """Whether the next call measures (always with ``every_n_steps == 1`` or nothing to reuse)."""
+        return self.reuse is None or every_n_steps == 1 or self.calls % every_n_steps == 0
+
     def next_call(self, every_n_steps: int) -> bool:
-        """Count a call; whether it measures (always with ``every_n_steps == 1`` or nothing to reuse)."""
-        measure = self.reuse is None or every_n_steps == 1 or self.calls % every_n_steps == 0
+        """Count a call; whether it measures (:meth:`will_measure`)."""
+        measure = self.will_measure(every_n_steps)
         self.calls += 1
         return measure
 
@@ -95,6 +103,7 @@ class GateState(nn.Module):
                 )
             self.cosine_state = torch.zeros(shape, dtype=like.dtype, device=like.device)
             self.open_steps = torch.zeros(shape, dtype=torch.long, device=like.device)
+            self.cosine_moments = torch.zeros(shape + (N_MOMENTS,), dtype=torch.float64, device=like.device)
         elif self.cosine_state.dtype != like.dtype:
             self.cosine_state = self.cosine_state.to(like.dtype)
 
@@ -129,9 +138,16 @@ class GateState(nn.Module):
         finite: Tensor,
         keep_cosine: bool = False,
         direction: Sequence[Tensor] | None = None,
+        raw: Tensor | None = None,
+        measured: Tensor | None = None,
+        threshold: float = 0.0,
     ) -> None:
         """Record a measured step: the smoothed cosine (``keep_cosine``), the direction EMA, the
-        counters. ``finite`` (``(*B,)`` bool) masks everything: a non-finite step counts as skipped."""
+        counters, and (given the ``raw`` cosine and which tasks were ``measured``) the cosine's moments.
+        ``finite`` (``(*B,)`` bool) masks everything: a non-finite step counts as skipped."""
+        if raw is not None:
+            mask = finite.unsqueeze(-1) & (torch.ones_like(gate_open) if measured is None else measured)
+            self.cosine_moments.copy_(update_moments(self.cosine_moments, raw, mask, smoothed, threshold))
         if keep_cosine:
             self.cosine_state.copy_(torch.where(finite.unsqueeze(-1), smoothed, self.cosine_state))
         if direction is not None:
@@ -143,6 +159,18 @@ class GateState(nn.Module):
         self.measured_steps.add_(every.long())
         self.skipped_steps.add_((~every).long())
         self.step.add_(1)
+
+    def keep_for_reuse(self, reuse: Reuse) -> None:
+        """Keep a measured step's weights for the steps of ``every_n_steps`` that measure nothing, if the step
+        was finite (one host read); a skipped step leaves the reused weights as they were, so one poisoned
+        step is one skipped step (with nothing kept yet, the next call measures afresh)."""
+        if bool(reuse.stats.finite.all()):
+            self.reuse = reuse
+
+    def cosine_summary(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Per problem and auxiliary task: the mean measured cosine, its standard error (batch means) and
+        the fraction of decisions taken within two standard errors of the threshold (``core.cosine_stats``)."""
+        return summarize(self.cosine_moments)
 
     def count(self, finite: Tensor) -> None:
         """Record a step that measured nothing (reused weights): skipped unless ``finite`` (0-d)."""
@@ -192,6 +220,7 @@ class GateState(nn.Module):
         if self.cosine_state.dim() >= 2:  # (*B, K-1), shaped by a batched step
             self.cosine_state = self.cosine_state[index]
             self.open_steps = self.open_steps[index]
+            self.cosine_moments = self.cosine_moments[index]
         elif self.cosine_state.numel():
             raise ValueError(
                 f"select_problems: the state has no problem dimension (cosine state of shape "
@@ -204,6 +233,7 @@ class GateState(nn.Module):
         """Forget the smoothed cosine, the main-gradient EMA, the counters and the reused weights."""
         self.cosine_state = torch.zeros(0, device=self.step.device)
         self.open_steps = torch.zeros(0, dtype=torch.long, device=self.step.device)
+        self.cosine_moments = torch.zeros(0, N_MOMENTS, dtype=torch.float64, device=self.step.device)
         for name in self.direction_buffer_names():
             delattr(self, name)
         self._num_direction_buffers = 0
@@ -238,7 +268,11 @@ class GateState(nn.Module):
             self.reuse = None
         else:
             device = self.step.device
-            stats = GateStats(**{k: v.to(device) for k, v in reuse["stats"].items()})
+            fields: dict[str, Any] = {
+                k: v.to(device) if isinstance(v, Tensor) else v for k, v in reuse["stats"].items()
+            }
+            fields.setdefault("measured", torch.ones_like(fields["gate_open"]))  # saved before 0.2: all measured
+            stats = GateStats(**fields)
             self.reuse = Reuse(reuse["weights"].to(device), stats, list(reuse["present"]))
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
@@ -266,8 +300,12 @@ class GateState(nn.Module):
         for key in [k for k in state_dict if k.startswith(prefix + "main_grad_ema_")]:
             if hasattr(state_dict[key], "to_local"):  # a DTensor: this rank's shard
                 state_dict[key] = state_dict[key].to_local()
+        moments = prefix + "cosine_moments"
+        if moments not in state_dict and prefix + "open_steps" in state_dict:  # saved before 0.2: no moments yet
+            shape = tuple(state_dict[prefix + "open_steps"].shape) + (N_MOMENTS,)
+            state_dict[moments] = torch.zeros(shape, dtype=torch.float64)
         # Lazily shaped buffers take the shape of the checkpoint's.
-        for name in ("cosine_state", "open_steps"):
+        for name in ("cosine_state", "open_steps", "cosine_moments"):
             key = prefix + name
             if key in state_dict:
                 setattr(self, name, torch.empty_like(state_dict[key], device=getattr(self, name).device))

@@ -4,8 +4,8 @@
 >>> from lightning_gradsim import GradientGate
 >>> w = torch.nn.Parameter(torch.tensor([1.0, 0.0]))
 >>> stats = GradientGate(rule="weighted").backward((w * w).sum(), {"aux": w.sum()}, [w])
->>> stats.cosine, stats.weight, stats.gate_open, stats.finite
-(tensor([0.7071]), tensor([0.7071]), tensor([True]), tensor(True))
+>>> stats.cosine, stats.weight, stats.gate_open, stats.finite, stats.measured
+(tensor([0.7071]), tensor([0.7071]), tensor([True]), tensor(True), tensor([True]))
 """
 
 from __future__ import annotations
@@ -32,6 +32,12 @@ class GateStats(NamedTuple):
         aux_norm: the L2 norm of each auxiliary vector.
         finite: bool, whether the step was finite (losses, gradients, weights); the gate's state is only
             updated, and the optimizer should only step, if so.
+        measured: bool, whether each auxiliary cosine was measured: both the main and the auxiliary vector
+            are non-zero on the shared parameters. An auxiliary loss that does not reach them (a head on
+            detached features) is not measured: its gate is reported closed, its weight 0. ``None`` in
+            statistics pickled before 0.2 (read as all measured).
+        against_reference: whether the cosines (and so the decision) were measured against a held-out
+            reference gradient (``gate.backward(..., reference_loss=...)``) instead of the main gradient.
     """
 
     cosine: Tensor
@@ -41,3 +47,5 @@ class GateStats(NamedTuple):
     main_norm: Tensor
     aux_norm: Tensor
     finite: Tensor
+    measured: Tensor | None = None
+    against_reference: bool = False

@@ -48,12 +48,16 @@ def decide_step(
     pipeline: Transforms | None = None,
     scale: Tensor | None = None,
     checks: Sequence[Tensor | None] = (),
+    reference: bool = False,
 ) -> tuple[Tensor, GateStats, list[Tensor] | None]:
     """Gramian -> (reduce) -> rule and ``state``; the loss weighting observes. Writes no gradient.
 
-    ``aux_weight``: the lambdas of the auxiliary ``names``. Returns the weights, the step's statistics and
-    the direction vectors (``None``: the main gradient).
+    ``aux_weight``: the lambdas of the auxiliary ``names``; ``reference``: the last row of ``grads`` is a
+    held-out reference gradient to measure the cosines against (:func:`_decide_on_reference`). Returns the
+    weights, the step's statistics and the direction vectors (``None``: the main gradient).
     """
+    if reference:
+        return _decide_on_reference(config, state, grads, names, aux_weight, finite, pipeline, scale, checks)
     direction = None
     if config.rule.uses_main_direction and config.main_grad_ema > 0:
         direction = state.direction(grads.main(), config.main_grad_ema)
@@ -74,6 +78,19 @@ def decide_step(
         direction=direction,
         checks=checks,
     )
+    return weights, _observed(config, grads, names, gram, k, scale, stats), direction
+
+
+def _observed(
+    config: GateConfig,
+    grads: TaskGradients,
+    names: list[str],
+    gram: Tensor,
+    k: int,
+    scale: Tensor | None,
+    stats: GateStats,
+) -> GateStats:
+    """The loss weighting observes the step; the statistics' weights become those on the raw auxiliary gradients."""
     lw = config.loss_weighting
     if lw is not None and scale is not None:
         applied = stats.weight * scale[1:].to(stats.weight.dtype)  # on the raw auxiliary gradient
@@ -81,7 +98,70 @@ def decide_step(
         if config.similarity == "parameters" and grads.params is not None:
             w = scale / lw.lambdas(names, scale)
             lw.observe(grads.losses, gram[..., :k, :k], grads.present(), grads.params, w, stats.finite)
-    return weights, stats, direction
+    return stats
+
+
+def _select(gram: Tensor, index: list[int]) -> Tensor:
+    idx = torch.tensor(index, device=gram.device)
+    return gram.index_select(-1, idx).index_select(-2, idx)
+
+
+def _decide_on_reference(
+    config: GateConfig,
+    state: GateState,
+    grads: TaskGradients,
+    names: list[str],
+    aux_weight: Tensor,
+    finite: Tensor | None,
+    pipeline: Transforms | None,
+    scale: Tensor | None,
+    checks: Sequence[Tensor | None],
+) -> tuple[Tensor, GateStats, list[Tensor] | None]:
+    """:func:`decide_step` when the last of ``grads``' rows is a held-out reference gradient ``g_ref``.
+
+    The cosines, and so the rule's decision, are those of ``[g_ref, g_1, ...]``; the update is
+    ``g_main + sum_k w_k g_k`` (the main weight is 1: the training main gradient enters unmodified); a rule
+    that projects onto a direction (``projection``) takes ``g_ref`` (or its EMA) as the direction. The
+    returned weights have one entry per row (the reference's is its direction weight, or 0), then the EMA
+    direction's.
+    """
+    k = grads.num_tasks - 1  # the training tasks; row k is the reference
+    rule = config.rule
+    direction = None
+    if rule.uses_main_direction and config.main_grad_ema > 0:
+        direction = state.direction(grads.main(k), config.main_grad_ema)
+    full = grads.gramian(direction)
+    if pipeline:
+        full = pipeline.gramian(full)
+    against = [k] + list(range(1, k))  # the reference in the main slot
+    if rule.uses_main_direction:  # [main, aux..., direction]: the reference itself or its EMA
+        rule_layers = _select(full, list(range(k)) + [k + 1 if direction is not None else k])
+    else:
+        rule_layers = _select(full, against)
+    every = full.flatten(-2).reshape(full.shape[0], -1)  # the training main gradient's entries join the check
+    weights, stats = decide(
+        rule_layers,
+        rule=rule,
+        state=state,
+        aux_weight=aux_weight.to(full.dtype),
+        num_tasks=k,
+        threshold=config.threshold,
+        cosine_ema=config.cosine_ema,
+        per_layer=config.per_layer,
+        finite=finite,
+        direction=direction,
+        checks=[*checks, every],
+        cosine_layers=_select(full, against),
+    )
+    main_norm = full.sum(0)[..., 0, 0].clamp(min=0).sqrt()
+    stats = stats._replace(main_norm=main_norm.detach(), against_reference=True)
+    ones = torch.ones_like(weights[..., :1])
+    if not rule.uses_main_direction:  # [1, w_1..., 0 for the reference]
+        weights = torch.cat([ones, weights[..., 1:k], torch.zeros_like(ones)], dim=-1)
+    elif direction is not None:  # [w_0, w_1..., 0 for the reference, w_direction]
+        weights = torch.cat([weights[..., :k], torch.zeros_like(ones), weights[..., k:]], dim=-1)
+    # else: [w_0, w_1..., w_direction] where the direction is the reference row itself
+    return weights, _observed(config, grads, names, full, k, scale, stats), direction
 
 
 class GateStep:
@@ -104,10 +184,13 @@ class GateStep:
         shared: list[Tensor],
         others: list[Tensor],
         pipeline: Transforms,
+        reference: bool = False,
     ) -> None:
         self.config, self.state, self.aux_weight = config, state, aux_weight
         self.names, self.losses, self.raw, self.scale = names, losses, raw, scale
         self.shared, self.others, self.pipeline = shared, others, pipeline
+        #: whether the measured gradients' last row is a held-out reference gradient
+        self.reference = reference
 
     def measured(self, grads: TaskGradients) -> GateStats | None:
         """``similarity="parameters"``: the per-task gradients through the transforms, decide, apply."""
@@ -132,7 +215,7 @@ class GateStep:
             self._regularize()
         stats = self._combined(stats)
         if self.config.every_n_steps > 1:
-            self.state.reuse = Reuse(weights.detach(), stats, grads.present())
+            self.state.keep_for_reuse(Reuse(self._reusable(weights).detach(), stats, grads.present()))
         return stats
 
     def features(self, feats: list[Tensor] | None) -> GateStats:
@@ -164,7 +247,7 @@ class GateStep:
         grads.write_others()
         self._regularize()
         stats = self._combined(stats)
-        self.state.reuse = Reuse(weights.detach(), stats, present)
+        self.state.keep_for_reuse(Reuse(weights.detach(), stats, present))
         return stats
 
     def reused(self) -> GateStats:
@@ -182,7 +265,9 @@ class GateStep:
         )
         # The weights are in the losses: the shared gradient goes into .grad as backward writes it.
         combined, heads = weighted_gradients(self.losses, task_w, shared, self.others, into_grad=not with_buffers)
-        finite = all_finite([g for g in combined + heads if g is not None], self.raw)
+        # the losses, the gradients and the weights themselves (the direction EMA term below is finite: the
+        # state keeps only finite steps' directions and weights)
+        finite = all_finite([g for g in combined + heads if g is not None] + [weights], self.raw)
         state.count(finite)  # type: ignore[arg-type]
         bundle = TaskGradients(rows=[combined], others=heads, params=shared, other_params=self.others)
         if with_buffers:  # plus the main-gradient EMA of the last measured step as the direction
@@ -204,8 +289,27 @@ class GateStep:
         self, grads: TaskGradients, finite: Tensor | None, pipeline: Transforms | None, checks: Sequence[Tensor | None]
     ) -> tuple[Tensor, GateStats, list[Tensor] | None]:
         return decide_step(
-            self.config, self.state, grads, self.names, self.aux_weight, finite, pipeline, self.scale, checks
+            self.config,
+            self.state,
+            grads,
+            self.names,
+            self.aux_weight,
+            finite,
+            pipeline,
+            self.scale,
+            checks,
+            self.reference,
         )
+
+    def _reusable(self, weights: Tensor) -> Tensor:
+        """The weights in the layout a step that measures nothing (and takes no reference) applies: without
+        the reference row's entry, unless that entry is the projection direction's weight (no EMA), which
+        such a step applies to the training main gradient."""
+        cfg = self.config
+        if not self.reference or (cfg.rule.uses_main_direction and cfg.main_grad_ema <= 0):
+            return weights
+        k = len(self.losses)
+        return torch.cat([weights[..., :k], weights[..., k + 1 :]], dim=-1)
 
     def _combined(self, stats: GateStats, measured: bool = True) -> GateStats:
         """The transforms' last word once ``.grad`` is written (e.g. all-gather combined shards, or

@@ -120,14 +120,14 @@ class TaskGradients:
                 self._present = [i for i in range(n) if any(r[i] is not None for r in self.rows)]
         return self._present
 
-    def main(self) -> list[Tensor]:
-        """The main task's gradient on every present tensor (zeros where it does not reach one)."""
+    def main(self, k: int = 0) -> list[Tensor]:
+        """The main task's (or task ``k``'s) gradient on every present tensor (zeros where it does not reach one)."""
         if self.stacked is not None:
-            return [self.stacked[i].select(self.batch_dims, 0) for i in self.present()]  # type: ignore[union-attr]
+            return [self.stacked[i].select(self.batch_dims, k) for i in self.present()]  # type: ignore[union-attr]
         assert self.rows is not None
         out = []
         for i in self.present():
-            g = self.rows[0][i]
+            g = self.rows[k][i]
             out.append(g if g is not None else torch.zeros_like(next(r[i] for r in self.rows if r[i] is not None)))  # type: ignore[arg-type]
         return out
 

@@ -39,6 +39,7 @@ def decide(
     finite: Tensor | None = None,
     direction: list[Tensor] | None = None,
     checks: Sequence[Tensor | None] = (),
+    cosine_layers: Tensor | None = None,
 ) -> tuple[Tensor, GateStats]:
     """Weights and statistics from per-layer Gramians ``(L, *B, V, V)``, and the state update.
 
@@ -47,12 +48,16 @@ def decide(
     direction without an EMA, the direction is the main gradient (no extra vector needed).
     ``finite``: what else the caller knows about the step (losses, heads, other ranks); ``checks``:
     1-D tensors (e.g. loss values, gradient norms) whose finiteness joins the step's one check.
-    Returns ``weights`` (``(*B, K)`` or ``(*B, K+1)``) and the step's :class:`GateStats`.
+    ``cosine_layers``: per-layer Gramians ``(L, *B, K, K)`` to take the cosines from instead (a held-out
+    reference in the main slot). Returns ``weights`` (``(*B, K)`` or ``(*B, K+1)``) and the step's
+    :class:`GateStats`.
     """
     k = layer_gram.shape[-1] if num_tasks is None else num_tasks
     gram = layer_gram.sum(0)
     task_gram = gram[..., :k, :k]
-    raw_cos = cosine_from_gram(layer_gram[..., :k, :k] if per_layer else task_gram, per_layer=per_layer)
+    cos_layers = layer_gram[..., :k, :k] if cosine_layers is None else cosine_layers
+    cos_gram = cos_layers.sum(0)
+    raw_cos = cosine_from_gram(cos_layers if per_layer else cos_gram, per_layer=per_layer)
     state.ensure(tuple(gram.shape[:-2]) + (k - 1,), gram)
     smoothed = state.smooth(raw_cos, cosine_ema)
     if rule.uses_main_direction and gram.shape[-1] == k:
@@ -74,14 +79,25 @@ def decide(
         generator=state.rng(),
     )
     weights = rule.weights(inp)
-    gate_open = rule.gate_open(inp, weights)
+    diag = torch.diagonal(task_gram, dim1=-2, dim2=-1).clamp(min=0).sqrt()
+    cos_diag = torch.diagonal(cos_gram, dim1=-2, dim2=-1)
+    measured = (cos_diag[..., :1] > 0) & (cos_diag[..., 1:] > 0)  # a zero vector has no cosine: not measured
+    gate_open = rule.gate_open(inp, weights) & measured
     parts = [gram.flatten(-2), weights.to(gram.dtype)]
     parts += [c.reshape(-1).to(gram.dtype).expand(gram.shape[:-2] + (-1,)) for c in checks if c is not None]
     ok = torch.isfinite(torch.cat(parts, dim=-1)).all(-1)  # one check
     if finite is not None:
         ok = ok & finite
-    state.commit(smoothed, gate_open, ok, keep_cosine=cosine_ema > 0, direction=direction)
-    diag = torch.diagonal(task_gram, dim1=-2, dim2=-1).clamp(min=0).sqrt()
+    state.commit(
+        smoothed,
+        gate_open,
+        ok,
+        keep_cosine=cosine_ema > 0,
+        direction=direction,
+        raw=raw_cos,
+        measured=measured,
+        threshold=threshold,
+    )
     stats = GateStats(
         cosine=raw_cos.detach(),
         smoothed_cosine=smoothed.detach(),
@@ -90,6 +106,7 @@ def decide(
         main_norm=diag[..., 0].detach(),
         aux_norm=diag[..., 1:].detach(),
         finite=ok.detach(),
+        measured=measured.detach(),
     )
     return weights, stats
 

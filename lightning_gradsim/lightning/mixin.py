@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
 from typing import Any
 
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import Callback, LightningModule
 from torch import Tensor
 
 from ..core.gate import MAIN_TASK, GateStats, GradientGate
 from ..core.transforms import Accumulate, GradientTransform, Transforms, Unscale
 from ..parallel.registry import check_sync_buffers, check_sync_mode
 from .checkpoints import load_step_state, save_step_state
+from .hooks import GradSimHooks
 from .optimization import (
     EpochSchedulerStepper,
     active_scaler,
@@ -22,6 +22,7 @@ from .optimization import (
     step_schedulers,
     update_scaler,
 )
+from .reference import ReferenceBatches
 from .strategy import GradSimSetup, sharded_directions, sync_module_buffers, sync_transform
 from .validation import (
     NonFiniteLossError,
@@ -38,7 +39,7 @@ from .validation import (
 __all__ = ["GradSimMixin", "NonFiniteLossError"]
 
 
-class GradSimMixin:
+class GradSimMixin(GradSimHooks):
     """Mix into a ``LightningModule`` to train a main task with gated auxiliary tasks.
 
     Define ``self.gradsim`` (a :class:`~lightning_gradsim.GradientGate`), :meth:`shared_parameters`
@@ -116,9 +117,6 @@ class GradSimMixin:
     #: Whether the last batch's optimizer step was skipped (non-finite); ``None`` before any step
     #: and on micro-batches that only accumulated.
     gradsim_last_step_skipped: bool | None = None
-    #: The step's transforms and (FSDP2) its sharded parameters, set in ``training_step`` only.
-    _gradsim_step_transforms: Transforms | None = None
-    _gradsim_step_params: tuple[list[Tensor], list[Tensor]] | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -138,52 +136,6 @@ class GradSimMixin:
                     f"{klass.__name__} defines training_step, but GradSimMixin provides it. Remove it and "
                     "return the per-task losses from task_losses(batch, batch_idx) instead."
                 )
-
-    # ------------------------------------------------------------------ user hooks
-    def shared_parameters(self) -> Iterable[Tensor]:
-        """The parameters every task shares (the backbone). Override this."""
-        raise NotImplementedError(
-            f"{type(self).__name__} must define shared_parameters(), returning the backbone's parameters, "
-            "e.g. `return self.trunk.parameters()`."
-        )
-
-    def task_losses(self, batch: Any, batch_idx: int) -> Mapping[str, Tensor]:
-        """Return ``{"main": main_loss, "<aux name>": aux_loss, ...}`` for this batch. Override this."""
-        raise NotImplementedError(
-            f"{type(self).__name__} must define task_losses(batch, batch_idx) returning a dict with a "
-            "'main' loss and one loss per auxiliary task."
-        )
-
-    def gradsim_backward(
-        self, gate: GradientGate, main_loss: Tensor, aux_losses: Mapping[str, Tensor]
-    ) -> GateStats | None:
-        """Run the gate and fill ``.grad``; override to customise how gradients are obtained.
-
-        An override must pass ``transforms=self.gradsim_transforms()`` to ``gate.backward`` (the
-        step's accumulation, unscaling and DDP all-reduce) and return what it returns.
-        """
-        shared, others = self.gradsim_parameters()
-        return gate.backward(main_loss, aux_losses, shared, other_params=others, transforms=self.gradsim_transforms())
-
-    def gradsim_parameters(self) -> tuple[list[Tensor], list[Tensor]]:
-        """The trainable shared parameters and the others (heads...), as the gate takes them. Under FSDP2
-        these are the sharded parameters, taken at the start of the step (FSDP2 puts gathered copies in
-        the modules from a forward to its backward)."""
-        if self._gradsim_step_params is not None:
-            return self._gradsim_step_params
-        shared = [p for p in self.shared_parameters() if p.requires_grad]
-        if not shared:
-            raise ValueError(
-                f"{type(self).__name__}.shared_parameters() returned no trainable parameter: return the "
-                "backbone's parameters, e.g. `return self.trunk.parameters()`."
-            )
-        shared_ids = {id(p) for p in shared}
-        others = [p for p in self.parameters() if p.requires_grad and id(p) not in shared_ids]  # type: ignore[attr-defined]
-        return shared, others
-
-    def gradsim_transforms(self) -> Transforms:
-        """The gradient transforms of the current step (empty outside ``training_step``)."""
-        return self._gradsim_step_transforms or Transforms()
 
     # ------------------------------------------------------------------ Lightning plumbing
     @property
@@ -223,9 +175,8 @@ class GradSimMixin:
         if stats is not None:
             self._gradsim_last_stats = stats
             warned = self._gradsim_own("_gradsim_warned_tasks", set)
-            finite = finite_step(
-                losses, stats, warned, self.gradsim_on_nonfinite, self.global_step, overflow_ok=scaler is not None
-            )  # type: ignore[attr-defined]
+            step = self.global_step  # type: ignore[attr-defined]
+            finite = finite_step(losses, stats, warned, self.gradsim_on_nonfinite, step, overflow_ok=scaler is not None)
             self.gradsim_last_step_skipped = not finite
             plugin = self.trainer.precision_plugin if scaler is not None else None  # type: ignore[attr-defined]
             step_optimizers(optimizers, finite, self.gradsim_clip_val, self.gradsim_clip_algorithm, plugin)
@@ -268,12 +219,13 @@ class GradSimMixin:
             items.append(sync)
         pipeline = Transforms(items)
         self._gradsim_step_transforms = pipeline
+        self._gradsim_step_reference = self._gradsim_reference_loss(gate, scaler)
         try:
             stats = self.gradsim_backward(
                 gate, backward_losses[MAIN_TASK], {name: v for name, v in backward_losses.items() if name != MAIN_TASK}
             )
         finally:
-            self._gradsim_step_transforms = self._gradsim_step_params = None
+            self._gradsim_step_transforms = self._gradsim_step_params = self._gradsim_step_reference = None
         if pipeline and pipeline.calls == 0:
             raise RuntimeError(
                 f"{type(self).__name__}.gradsim_backward() did not call gate.backward(..., "
@@ -281,6 +233,18 @@ class GradSimMixin:
                 "precision the mixin needs the per-task gradients to pass through the gate with the step's transforms."
             )
         return stats
+
+    def _gradsim_reference_loss(self, gate: GradientGate, scaler: Any) -> Tensor | None:
+        """The main loss on the next reference batch, on steps that measure (scaled like the others)."""
+        if type(self).reference_loss is GradSimMixin.reference_loss or not gate.state.will_measure(gate.every_n_steps):
+            return None
+        batch = self._gradsim_reference_batches().next(self.gradsim_reference_dataloader)
+        loss = self.reference_loss(self.trainer.strategy.batch_to_device(batch))  # type: ignore[attr-defined]
+        return scaler.scale(loss) if scaler is not None else loss
+
+    def _gradsim_reference_batches(self) -> ReferenceBatches:
+        batches: ReferenceBatches = self._gradsim_own("_gradsim_reference_walk", ReferenceBatches)
+        return batches
 
     def _gradsim_accumulator(self) -> Accumulate:
         """The running accumulation window (kept between steps and in checkpoints)."""
@@ -304,12 +268,14 @@ class GradSimMixin:
         """Keep a half-accumulated window and (``"sharded"``) the whole direction EMA in the checkpoint."""
         super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
         save_step_state(self, checkpoint, self._gradsim_accumulator(), self._gradsim_sharded())
+        checkpoint["gradsim_reference_batches"] = self._gradsim_reference_batches().state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore a half-accumulated window; start a fresh gate (with a warning) when the checkpoint
         has no state for it (e.g. written by the same network trained without GradSimMixin)."""
         super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
         load_step_state(self, checkpoint, self._gradsim_accumulator())
+        self._gradsim_reference_batches().load_state_dict(checkpoint.get("gradsim_reference_batches", {}))
 
     # ------------------------------------------------------------------ helpers
     def _gradsim_world_size(self) -> int:
@@ -324,12 +290,6 @@ class GradSimMixin:
     def _gradsim_sharded(self) -> bool:
         """Whether the direction EMA is kept in DDP shards (``gradsim_sync="sharded"`` on several processes)."""
         return self._gradsim_mode() == "ddp" and check_sync_mode(self.gradsim_sync) == "sharded"
-
-    def _trainer_or_none(self) -> Trainer | None:
-        try:
-            return self.trainer  # type: ignore[attr-defined]
-        except RuntimeError:
-            return None
 
     def _gradsim_gate(self) -> GradientGate:
         return gate_of(self)

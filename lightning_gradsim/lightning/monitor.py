@@ -13,6 +13,9 @@ from ..core.gate import GateStats, GradientGate
 
 __all__ = ["GradSimMonitor"]
 
+#: the per-task metrics of a decision, not logged for a task whose cosine was not measured
+DECISION_KEYS = ("cos", "cos_smoothed", "weight", "gate_open")
+
 
 class GradSimMonitor(Callback):
     """Log the gate's per-step statistics to every Lightning logger, and optionally plot them.
@@ -24,6 +27,11 @@ class GradSimMonitor(Callback):
     ``gradsim/cos_smoothed/<task>``     the cosine the rule used (EMA when ``cosine_ema``)
     ``gradsim/weight/<task>``           coefficient applied to the auxiliary gradient
     ``gradsim/gate_open/<task>``        1 if the auxiliary gradient was used, else 0
+    ``gradsim/measured/<task>``         1 if the cosine was measured, 0 if the auxiliary gradient was
+                                        zero on the shared parameters (then no cos/weight/gate_open)
+    ``gradsim/cos_mean/<task>``         mean measured cosine so far (``GateState.cosine_summary``)
+    ``gradsim/cos_se/<task>``           its standard error (batch means over windows of 25 steps)
+    ``gradsim/noise_decided/<task>``    fraction of decisions on a cosine within 2 SE of the threshold
     ``gradsim/open_fraction/<task>``    fraction of measured steps with the gate open
     ``gradsim/grad_norm/main``          norm of the main gradient on the shared parameters
     ``gradsim/grad_norm/<task>``        norm of the auxiliary gradient
@@ -127,6 +135,7 @@ class GradSimMonitor(Callback):
         (0.7071, 1.0, 0.0)
         """
         names = gate.aux_names or []
+        summary = [s.reshape(-1).float().to(stats.cosine.device) for s in gate.state.cosine_summary()]
         values = torch.cat(
             [
                 stats.cosine.reshape(-1).float(),
@@ -138,19 +147,34 @@ class GradSimMonitor(Callback):
                 stats.main_norm.reshape(1).float(),
                 gate.state.skipped_steps.reshape(1).float().to(stats.cosine.device),
                 stats.finite.all().reshape(1).float().to(stats.cosine.device),
+                (torch.ones_like(stats.gate_open) if stats.measured is None else stats.measured).reshape(-1).float(),
+                *summary,
             ]
         ).tolist()
         k = len(names)
         if skipped is None:
             skipped = values[6 * k + 2] == 0.0
         out: dict[str, float] = {}
+        summary_values: dict[str, float] = {}
+        measured = values[6 * k + 3 : 7 * k + 3]
+        for block, key in enumerate(["cos_mean", "cos_se", "noise_decided"]):
+            if summary[0].numel() == k:  # one problem (not a batch of them)
+                for i, name in enumerate(names):
+                    out_key = f"{prefix}/{key}/{name}"
+                    summary_values[out_key] = values[7 * k + 3 + block * k + i]
         for block, key in enumerate(["cos", "cos_smoothed", "weight", "gate_open", "open_fraction", "grad_norm"]):
             if skipped and key != "open_fraction":
                 continue
             for i, name in enumerate(names):
+                if key in DECISION_KEYS and not measured[i]:
+                    continue  # not measured (no gradient on the shared parameters): no cosine, no decision
                 out[f"{prefix}/{key}/{name}"] = values[block * k + i]
         if not skipped:
+            for i, name in enumerate(names):
+                out[f"{prefix}/measured/{name}"] = measured[i]
+        if not skipped:
             out[f"{prefix}/grad_norm/main"] = values[6 * k]
+        out.update(summary_values)
         out[f"{prefix}/skipped_steps"] = values[6 * k + 1]
         out[f"{prefix}/skipped"] = float(skipped)
         extra = gate.extra_metrics()

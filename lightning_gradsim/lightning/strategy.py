@@ -26,12 +26,19 @@ from torch import Tensor, nn
 
 from ..core.gate import GradientGate
 from ..core.transforms import GradientTransform
-from ..parallel.collectives import broadcast_buffers
+from ..parallel.collectives import broadcast_buffers, gather_floats
 from ..parallel.ddp_sharded import gather_directions, shard_directions
 from ..parallel.fsdp2 import prepare_gate
 from ..parallel.registry import SYNC_MODES, check_sync_mode
 
-__all__ = ["sync_transform", "GradSimSetup", "sync_module_buffers", "whole_directions", "sharded_directions"]
+__all__ = [
+    "check_even_batches",
+    "sync_transform",
+    "GradSimSetup",
+    "sync_module_buffers",
+    "whole_directions",
+    "sharded_directions",
+]
 
 
 def sync_transform(mode: str, sync: str, overlap: bool = False) -> GradientTransform | None:
@@ -49,6 +56,10 @@ class GradSimSetup(Callback):
     """Added by :meth:`GradSimMixin.configure_callbacks`: under ``ModelParallelStrategy`` (FSDP2), ready the
     gate's state for distributed checkpoints once the model is sharded and before a checkpoint is
     restored (Lightning restores after ``on_fit_start`` there)."""
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.world_size > 1:
+            check_even_batches(gather_floats(float(trainer.num_training_batches)))
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         gate = getattr(pl_module, "gradsim", None)
@@ -98,3 +109,26 @@ def sharded_directions(module: Any) -> None:
 
 def _shared(module: Any) -> list[Tensor]:
     return [p for p in module.shared_parameters() if p.requires_grad]
+
+
+def check_even_batches(counts: list[float]) -> None:
+    """Refuse, before the first step, ranks with different numbers of batches per epoch: the gate's
+    collectives run once per step on every rank, so a rank that runs out of batches first leaves the others
+    waiting in an all-reduce (gloo: "Connection closed by peer"; NCCL: a hang).
+
+    >>> check_even_batches([56.0, 56.0])
+    >>> check_even_batches([56.0, 45.0])
+    Traceback (most recent call last):
+    ...
+    RuntimeError: The processes have different numbers of training batches per epoch (rank 0: 56, rank 1: 45)...
+    """
+    if len(set(counts)) <= 1:
+        return
+    listed = ", ".join(f"rank {r}: {c:g}" for r, c in enumerate(counts))
+    raise RuntimeError(
+        f"The processes have different numbers of training batches per epoch ({listed}), but every step of the "
+        "gate communicates between all of them, so the run would stop at the shortest one with a broken "
+        "connection or hang. Give every process the same number of batches: keep Lightning's distributed "
+        "sampler (Trainer(use_distributed_sampler=True), the default), or split the data evenly (drop_last=True, "
+        "or equal shards), or set limit_train_batches to the smallest count."
+    )

@@ -90,12 +90,14 @@ def check_trainer(module: Any, trainer: Trainer) -> None:
 def sync_settings(module: Any, trainer: Trainer, sync: str, accumulate: int) -> SyncSettings:
     """What the sync modes' requirements look at, read from the module, its gate and the trainer."""
     gate = getattr(module, "gradsim", None)
-    is_gate = isinstance(gate, GradientGate)
-    lw = gate.loss_weighting if is_gate else None
+    if not isinstance(gate, GradientGate):
+        return SyncSettings(accumulate=accumulate, grad_scaler=active_scaler(trainer) is not None, requested=sync)
+    lw = gate.loss_weighting
     return SyncSettings(
-        similarity=gate.similarity if is_gate else "parameters",
-        every_n_steps=gate.every_n_steps if is_gate else 1,
+        similarity=gate.similarity,
+        every_n_steps=gate.every_n_steps,
         loss_weighting=None if lw is None else type(lw).__name__,
+        needs_losses=lw is not None and bool(lw.needs_losses),
         accumulate=accumulate,
         grad_scaler=active_scaler(trainer) is not None,
         requested=sync,

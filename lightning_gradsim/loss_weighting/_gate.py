@@ -24,7 +24,7 @@ __all__ = ["drop_cosine_options", "weighting_gate"]
 COSINE_OPTIONS = ("threshold", "cosine_ema", "main_grad_ema", "per_layer")
 
 
-def drop_cosine_options(method: str, kwargs: dict) -> dict:
+def drop_cosine_options(method: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     """Remove the cosine gate's options from ``kwargs`` with a warning (for ``make_gate`` factories).
 
     ``gradsim compare --gate threshold=0.1`` passes the same gate options to every method; a loss

@@ -47,6 +47,7 @@ __all__ = [
     "broadcast_buffers",
     "reduce_scatter",
     "all_gather",
+    "gather_floats",
 ]
 
 
@@ -140,3 +141,18 @@ def all_gather(output: Tensor, input: Tensor, group: dist.ProcessGroup | None = 
     ``all_gather_into_tensor`` in torch before 2.12)."""
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     return fn(output, input, group=group, async_op=async_op)
+
+
+def gather_floats(value: float, group: dist.ProcessGroup | None = None) -> list[float]:
+    """``value`` from every rank, in rank order (``[value]`` without ``torch.distributed``).
+
+    >>> gather_floats(3.0)
+    [3.0]
+    """
+    if world_size(group) == 1:
+        return [float(value)]
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
+    mine = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    out = [torch.zeros_like(mine) for _ in range(world_size(group))]
+    dist.all_gather(out, mine, group=group)
+    return [float(t.item()) for t in out]

@@ -7,8 +7,10 @@ concatenated batch: the sync-equivalence tester checks every exact mode against 
 refuses, as ``(kind, message)`` pairs (``kind``: ``"misconfigured"`` or ``"unsupported"``), checked once
 before training. A new sync mode is one module in :mod:`lightning_gradsim.parallel` and one entry here.
 
->>> SYNC_MODES["sharded"].refusals(SyncSettings(loss_weighting="GradNorm"))[0][0]
+>>> SYNC_MODES["sharded"].refusals(SyncSettings(loss_weighting="GradNorm", needs_losses=True))[0][0]
 'misconfigured'
+>>> SYNC_MODES["sharded"].refusals(SyncSettings(loss_weighting="UncertaintyWeighting"))
+[]
 >>> SYNC_MODES["global"].refusals(SyncSettings()), SYNC_MODES["local"].exact
 ([], False)
 >>> check_sync_mode("sharded")
@@ -46,6 +48,7 @@ class SyncSettings(NamedTuple):
     similarity: str = "parameters"
     every_n_steps: int = 1
     loss_weighting: str | None = None  # the loss weighting's class name, if any
+    needs_losses: bool = False  # whether that loss weighting reads the task losses (GradNorm)
     accumulate: int = 1
     grad_scaler: bool = False
     requested: str = "global"  # the module's gradsim_sync
@@ -87,7 +90,7 @@ def _needs_task_gradients(mode: SyncMode, s: SyncSettings) -> Refusal:
 
 
 def _sharded_refuses(s: SyncSettings) -> list[Refusal]:
-    if s.loss_weighting is not None:
+    if s.loss_weighting is not None and s.needs_losses:
         return [
             (
                 "misconfigured",

@@ -120,8 +120,10 @@ def test_aux_that_misses_a_shared_parameter_counts_as_zeros():
 def test_aux_reaching_no_shared_parameter_has_zero_cosine():
     w = nn.Parameter(torch.ones(2))
     head = nn.Parameter(torch.ones(2))
-    GradientGate(rule="unweighted").backward(w.pow(2).sum(), [head.pow(2).sum()], [w])
+    with pytest.warns(UserWarning, match="does not reach the shared parameters"):
+        stats = GradientGate(rule="unweighted").backward(w.pow(2).sum(), [head.pow(2).sum()], [w])
     assert torch.allclose(w.grad, 2 * torch.ones(2)) and torch.allclose(head.grad, 2 * torch.ones(2))
+    assert float(stats.cosine) == 0.0 and not bool(stats.measured) and not bool(stats.gate_open)
 
 
 def test_clear_errors():

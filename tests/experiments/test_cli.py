@@ -50,7 +50,8 @@ def test_example_configs_exist():
             assert trainer["devices"] == 1
 
 
-# Every example config is run as a user runs it (Lightning's own DDP launcher included) in tests/lightning/test_launch.py.
+# Every example config is run as a user runs it (Lightning's own DDP launcher included) in
+# tests/lightning/test_launch.py.
 
 
 @pytest.mark.slow

@@ -50,7 +50,9 @@ def test_a_gate_pickled_by_its_old_module_paths_loads_as_the_new_classes(pre_tre
         gate = torch.load(io.BytesIO(pre_tree["pickled_gate"]), weights_only=False)
     assert type(gate) is GradientGate
     assert type(gate.loss_weighting).__module__ == "lightning_gradsim.loss_weighting.uncertainty"
-    assert any(issubclass(w.category, DeprecationWarning) and "lightning_gradsim.gate" in str(w.message) for w in caught)
+    assert any(
+        issubclass(w.category, DeprecationWarning) and "lightning_gradsim.gate" in str(w.message) for w in caught
+    )
     # its state is the state that was saved, and a state_dict of the old layout loads into a new gate
     fresh = GradientGate(rule="sum", loss_weighting=type(gate.loss_weighting)(aux_tasks=["rot"], aux_weight=0.5))
     fresh.load_state_dict(pre_tree["gate_state"])

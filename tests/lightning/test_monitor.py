@@ -140,3 +140,29 @@ def test_one_step_number_per_batch_and_a_skipped_step_logs_as_skipped(tmp_path):
     )
     cos = monitor.history["gradsim/cos/parity"]
     assert len(cos) == len(monitor.history["step"]) == 6 and cos[2] != cos[2]  # NaN keeps the curves aligned
+
+
+def test_the_cosines_mean_standard_error_and_noise_fraction_are_logged():
+    from lightning_gradsim import GradientGate, GradSimMonitor
+
+    gate = GradientGate(rule="unweighted")
+    main = torch.tensor([1.0, 0.0])
+    cosines = []
+    for aux in ([1.0, 1.0], [1.0, 3.0], [1.0, -0.2]):
+        _, stats = gate.combine(main, {"a": torch.tensor(aux)})
+        cosines.append(float(stats.cosine))
+    metrics = GradSimMonitor.metrics_from(stats, gate)
+    n = len(cosines)
+    mean = sum(cosines) / n
+    sd = (sum((c - mean) ** 2 for c in cosines) / (n - 1)) ** 0.5
+    assert metrics["gradsim/cos_mean/a"] == pytest.approx(mean, abs=1e-6)
+    assert metrics["gradsim/cos_se/a"] == pytest.approx(sd / n**0.5, abs=1e-6)  # fewer than 2 windows: naive
+    # decided by noise, step by step, with the standard error that includes the step (none at step 1)
+    expected = 1  # step 1: no estimate yet
+    for t_ in (2, 3):
+        c = cosines[:t_]
+        m = sum(c) / t_
+        se_t = (sum((x - m) ** 2 for x in c) / (t_ - 1)) ** 0.5 / t_**0.5
+        expected += abs(c[-1]) < 2 * se_t
+    assert 0 < expected < 3  # the case decides some, not all: the count is informative
+    assert metrics["gradsim/noise_decided/a"] == pytest.approx(expected / 3)
