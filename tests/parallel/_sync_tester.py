@@ -156,13 +156,12 @@ class Net(nn.Module):
 
 
 class Replica:
-    """One process's copy of the run: the model, the gate of ``combo`` and an SGD over both."""
+    """One process's copy of the run: the model and the gate of ``combo``, trained by SGD."""
 
     def __init__(self, combo: Combo, mesh: Any = None, record: bool = False) -> None:
         self.net, self.gate = Net(), build_gate(combo.rule, combo.weighting)
         if mesh is not None:
             self.net.shard(mesh)
-        self.opt = torch.optim.SGD([*self.net.parameters(), *self.gate.parameters()], lr=LR)
         self.log: list[dict[str, Tensor]] = []
         self.transform: Any = None
         #: ``record``: what the rule saw at each step (the Gramian, the smoothed cosine, the threshold)
@@ -196,8 +195,13 @@ class Replica:
         self.log.append({f: getattr(stats, f).detach().clone() for f in STAT_FIELDS})
 
     def step(self) -> None:
-        self.opt.step()
-        self.opt.zero_grad()
+        """Plain SGD, what ``torch.optim.SGD(lr=LR)`` does (``p -= lr * p.grad``), then the gradients cleared.
+        (Written out: importing ``torch.optim`` imports ``torch._dynamo``, seconds per process.)"""
+        with torch.no_grad():
+            for p in self.parameters():
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-LR)
+                p.grad = None
 
     def result(self) -> dict[str, Any]:
         """Parameters (whole), the gate's tensors (the direction EMA whole) and the step log.

@@ -101,6 +101,8 @@ def test_two_processes_match_the_modes_definition(runs, combo):
     ranks = runs[combo.key]
     for rank in ranks:
         assert "error" not in rank, rank.get("error")
+    for name, value in ranks[0]["params"].items():  # every mode keeps the replicas identical, bit for bit
+        assert torch.equal(ranks[1]["params"][name], value), f"{combo}: the ranks' {name} drifted apart"
     with gradnorm_margins() as margins:
         want = reference(combo, WORLD)
     _assert_far_from_ties(want, margins)
