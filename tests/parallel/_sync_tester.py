@@ -77,6 +77,7 @@ def settings_of(name: str, mode: SyncMode, gate: Any) -> SyncSettings:
         similarity=gate.similarity,
         every_n_steps=gate.every_n_steps,
         loss_weighting=None if lw is None else type(lw).__name__,
+        needs_losses=lw is not None and bool(lw.needs_losses),
         requested=name if mode.strategy == "ddp" else SyncSettings().requested,
     )
 
