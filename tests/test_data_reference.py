@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_gradsim.data import ClassPairDataModule, RotatedDigitsDataModule
-from lightning_gradsim.data._common import REFERENCE_FRACTION, carve_reference, seeded_split
+from lightning_gradsim.data import REFERENCE_FRACTION, ClassPairDataModule, RotatedDigitsDataModule
+from lightning_gradsim.data._common import carve_reference, seeded_split
 from lightning_gradsim.data.digits import load_digits_source
 from lightning_gradsim.data.table1 import load_table1_data, split_test_file
 from lightning_gradsim.experiments.pairs_data import _TensorImages, mnist_pair

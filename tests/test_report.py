@@ -117,9 +117,10 @@ def test_report_of_a_real_trainer_run_matches_the_raw_metrics(digits_run, tmp_pa
     assert (rep.low, rep.high) == pytest.approx((mean - T19 * se, mean + T19 * se), abs=1e-12)
     q = n // 4
     assert rep.early[0] == pytest.approx(sum(cos[:q]) / q) and rep.late[0] == pytest.approx(sum(cos[-q:]) / q)
+    # the gate's own count (the last logged open_fraction) = the mean of the logged decisions (every step logged)
     opened = [v for _, v in cols["gradsim/gate_open/parity"]]
+    assert rep.open_fraction == cols["gradsim/open_fraction/parity"][-1][1]
     assert rep.open_fraction == pytest.approx(sum(opened) / n)
-    # the gate's own count over the same steps (it logs every step here)
     assert rep.open_fraction == pytest.approx(float(model.gradsim.open_fraction()[0]))
     assert rep.weight == pytest.approx(sum(v for _, v in cols["gradsim/weight/parity"]) / n)
     # decided by noise: the decision cosine (the EMA the rule used) within 2 running SE of 0

@@ -7,7 +7,7 @@ with different images per task, as in the paper. Validation is carved per class 
 training split (``val_fraction``, seeded by ``split_seed``); test is the source's validation split;
 no image is in two splits. Validation and test are the main task's.
 
-With ``reference_fraction > 0`` (:data:`~lightning_gradsim.data._common.REFERENCE_FRACTION`, 10%, is
+With ``reference_fraction > 0`` (``lightning_gradsim.data.REFERENCE_FRACTION``, 10%, is
 ours), that part of each class's training images (after validation is carved) is held out before
 the tasks are built: the main task's *reference* split (its class against balanced negatives, as
 the main task; :meth:`ClassPairDataModule.reference_dataloader`), on which neither task trains.

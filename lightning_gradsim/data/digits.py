@@ -9,7 +9,7 @@ are split again into two disjoint halves, the main task's (as they are) and the 
 (rotated by ``angle`` degrees counter-clockwise, same 10 labels). Validation and test are the main
 task's, unrotated. Training batches are ``{"main": (x, y), "rotated": (x, y)}``.
 
-With ``reference_fraction > 0`` (:data:`~lightning_gradsim.data._common.REFERENCE_FRACTION`, 10%, is
+With ``reference_fraction > 0`` (``lightning_gradsim.data.REFERENCE_FRACTION``, 10%, is
 ours), that part of the training images is held out *before* the halves are made, as the main task's
 *reference* split (unrotated, :meth:`RotatedDigitsDataModule.reference_dataloader`): neither task trains on
 it, and validation and test are untouched.

@@ -15,7 +15,7 @@ Sources (nothing is ever downloaded):
 ``reference_fraction > 0`` holds that part of the *training* images out (seeded by ``split_seed``)
 as the main task's held-out reference split (:attr:`Table1Data.reference_x`), for the gates that
 measure the cosine on held-out data; both tasks then train on the rest (they share images). 10%
-(:data:`~lightning_gradsim.data._common.REFERENCE_FRACTION`) is ours, not the paper's. The default, 0,
+(``lightning_gradsim.data.REFERENCE_FRACTION``) is ours, not the paper's. The default, 0,
 leaves the data exactly as before.
 
 Example:

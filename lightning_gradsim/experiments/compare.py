@@ -170,7 +170,7 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
 
 
 #: monitor keys kept per run in result.json beside the cosine (``gradsim report`` reads them).
-_DECISION = ("cos_smoothed", "weight", "gate_open", "cos_mean", "cos_se", "noise_decided")
+_DECISION = ("cos_smoothed", "weight", "gate_open", "open_fraction", "cos_mean", "cos_se", "noise_decided")
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:

@@ -12,7 +12,7 @@ MNIST (torchvision layout ``ROOT/MNIST/raw``, gzipped or not): the 60k training 
 training if present, else the 10k test file is split once, 8,000 training / 2,000 test images
 (seeded), and :func:`load_mnist` says so.
 
-``reference_fraction`` (default 0: none; 0.1, :data:`~lightning_gradsim.data._common.REFERENCE_FRACTION`,
+``reference_fraction`` (default 0: none; 0.1, ``lightning_gradsim.data.REFERENCE_FRACTION``,
 is ours) holds that part of each class's training images out as the main task's *reference* split
 (:attr:`PairData.reference`), built like the main task; neither task trains on it.
 

@@ -17,8 +17,9 @@ Where the numbers come from (:mod:`~lightning_gradsim.experiments.report_stats` 
   (``gradsim/cos_mean/<task>``, ``gradsim/cos_se/<task>``), their last values, ``mean ± 1.96 SE``;
   otherwise the mean of the logged per-step cosines, with a batch-means interval over 20 windows;
 * **first / last quarter**: the first and last ``n // 4`` logged cosines, batch means within each;
-* **open fraction**: the mean of the logged ``gate_open`` (else the last logged ``open_fraction``);
-  **weight**: the mean of the logged ``weight``;
+* **open fraction**: the last logged ``open_fraction`` (the gate's own count over every measured
+  step, logged or not), else the mean of the logged ``gate_open``; **weight**: the mean of the
+  logged ``weight``;
 * **decided by noise**: the last logged ``gradsim/noise_decided/<task>`` if the gate logs it; else
   the fraction of logged steps whose decision cosine (``cos_smoothed`` when logged, else ``cos``) is
   within two running standard errors of ``--threshold``;
@@ -107,10 +108,10 @@ def task_report(run: RunLog, task: str, threshold: float = 0.0, windows: int = W
     late = interval(cos[len(cos) - q :], windows) if q else (math.nan,) * 3
     text, change = reading(steps, cos, threshold, whole, windows, run.unit)
     scalars = run.scalars.get(task, {})
-    if "gate_open" in keys:
-        open_fraction: float | None = float(keys["gate_open"].values.mean())
-    elif "open_fraction" in keys:
-        open_fraction = float(keys["open_fraction"].values[-1])
+    if "open_fraction" in keys:  # the gate's own count, over every measured step (logged or not)
+        open_fraction: float | None = float(keys["open_fraction"].values[-1])
+    elif "gate_open" in keys:
+        open_fraction = float(keys["gate_open"].values.mean())
     else:
         open_fraction = scalars.get("open_fraction")
     weight = float(keys["weight"].values.mean()) if "weight" in keys else None
@@ -190,7 +191,8 @@ def markdown(reports: Sequence[TaskReport], logdir: str, threshold: float, notes
         "- *mean cosine*: the cosine between the auxiliary and the main gradient (on the shared parameters), "
         f"averaged over the logged steps; the interval is 95%, from {', '.join(sources)}.",
         "- *first / last quarter*: the same over the first and the last quarter of the logged steps.",
-        "- *open*: fraction of logged steps with the gate open; *weight*: mean applied weight.",
+        "- *open*: fraction of the gate's decisions that opened it (its own count over every measured step); "
+        "*weight*: mean applied weight over the logged steps.",
         "- *decided by noise*: fraction of decisions taken on a cosine within two standard errors of the "
         f"threshold ({', '.join(noise_sources)}).",
         "- *reading*: positive / conflict = the interval lies above / below the threshold; "
@@ -214,10 +216,10 @@ def plot(reports: Sequence[TaskReport], path: str | Path, threshold: float, wind
         cos = r.series["cos"]
         steps, values = cos.steps, cos.values
         ax_cos.plot(steps, values, color="C0", alpha=0.25, lw=0.7, label="cosine")
-        w = max(1, len(values) // windows)
-        if len(values) >= 2 * w:
-            chunks = np.array_split(np.arange(len(values)), max(1, len(values) // w))
-            ax_cos.step([steps[c[0]] for c in chunks], [values[c].mean() for c in chunks], where="post", color="C0")
+        if len(values) >= 4:
+            chunks = np.array_split(np.arange(len(values)), min(windows, len(values) // 2))
+            edges = [steps[c[0]] for c in chunks] + [steps[-1]]
+            ax_cos.stairs([values[c].mean() for c in chunks], edges, color="C0", label="window means")
         if "cos_mean" in r.series and "cos_se" in r.series:
             mean_s, se_s = r.series["cos_mean"], r.series["cos_se"]
             se_at = _aligned(se_s, mean_s.steps)
@@ -300,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="gradsim report",
         description="Transfer report of a run's GradSimMonitor logs: per auxiliary task, the mean cosine "
-        "with a 95%% interval, early vs late, open fraction, weight, decided-by-noise, a reading, a PNG.",
+        "with a 95% interval, early vs late, open fraction, weight, decided-by-noise, a reading, a PNG.",
     )
     p.add_argument("logdir", help="folder holding the run's logs (searched recursively)")
     p.add_argument("--out", required=True, help="folder for transfer.md and transfer.png")
