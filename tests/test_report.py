@@ -136,6 +136,39 @@ def test_report_of_a_real_trainer_run_matches_the_raw_metrics(digits_run, tmp_pa
     assert f"{mean:.3f} [{mean - T19 * se:.3f}, {mean + T19 * se:.3f}]" in text
 
 
+def test_csv_beside_tensorboard_events_is_read_once_and_transfer_csv(digits_run, tmp_path):
+    import shutil
+
+    root, _ = digits_run
+    both = tmp_path / "both"
+    shutil.copytree(root / "tb" / "version_0", both)  # a CSVLogger and a TensorBoardLogger sharing a folder
+    shutil.copy(root / "csv" / "version_0" / "metrics.csv", both / "metrics.csv")
+    reports, files = write_report(both, tmp_path / "out")
+    assert [r.source for r in reports] == ["csv"]
+    assert "TensorBoard events skipped" in (tmp_path / "out" / "transfer.md").read_text()
+    with open(files["csv"]) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1 and float(rows[0]["cos_mean"]) == reports[0].mean
+    assert rows[0]["reading"] == reports[0].reading and float(rows[0]["noise_decided"]) == reports[0].noise
+
+
+def test_from_arrays_equals_the_same_numbers_from_a_log(tmp_path):
+    from lightning_gradsim.experiments.report import task_report
+    from lightning_gradsim.experiments.report_logs import RunLog
+
+    steps, cos = np.arange(0, 300, 3), 0.1 + centred_noise(100, 0.2, 8)
+    opened = (cos > 0).astype(float)
+    from_log = read_one(tmp_path, steps, {"gradsim/cos/aux": cos, "gradsim/gate_open/aux": opened})
+    direct = task_report(RunLog.from_arrays("mem", "aux", steps, cos, gate_open=opened), "aux")
+    assert (direct.mean, direct.low, direct.high, direct.noise) == pytest.approx(
+        (from_log.mean, from_log.low, from_log.high, from_log.noise)
+    )
+    assert direct.reading == from_log.reading
+    assert direct.open_fraction == pytest.approx(opened.mean())
+    with pytest.raises(ValueError, match="Unknown keys"):
+        RunLog.from_arrays("mem", "aux", steps, cos, gate=opened)
+
+
 def test_running_se_equals_batch_means_of_each_prefix():
     values = np.random.default_rng(3).normal(size=57)
     se = running_se(values)

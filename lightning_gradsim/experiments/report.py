@@ -9,7 +9,11 @@ per run and auxiliary task, to ``DIR``:
   and of the last quarter of the logged steps (each with its interval), the open fraction, the mean
   applied weight, the fraction of decisions "decided by noise", and a one-line reading;
 * ``transfer.png`` -- per run and task: the cosine over steps (per step, window means, the running
-  mean with its 95% band, the threshold) and the gate's open fraction (and weight) over steps.
+  mean with its 95% band, the threshold) and the gate's open fraction (and weight) over steps;
+* ``transfer.csv`` -- the table's numbers, one row per run and task (:func:`transfer_row`).
+
+From arrays in memory (an experiment that keeps its own per-step cosines), without log files:
+``transfer_row(task_report(RunLog.from_arrays("run", "aux", steps, cos, gate_open=...), "aux"))``.
 
 Where the numbers come from (:mod:`~lightning_gradsim.experiments.report_stats` has the rules):
 
@@ -44,13 +48,15 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from .csv_rows import write_csv
 from .report_logs import RunLog, Series, find_runs
 from .report_stats import WINDOWS, batch_means, interval, noise_fraction, reading, running_se
 
-__all__ = ["TaskReport", "task_report", "build_reports", "write_report", "main"]
+__all__ = ["TaskReport", "task_report", "transfer_row", "build_reports", "write_report", "main"]
 
 #: the most (run, task) rows drawn in ``transfer.png`` (the table lists all of them).
 MAX_PLOTTED = 12
@@ -145,6 +151,36 @@ def task_report(run: RunLog, task: str, threshold: float = 0.0, windows: int = W
         change,
         dict(keys),
     )
+
+
+def transfer_row(report: TaskReport) -> dict[str, Any]:
+    """The numbers of one :class:`TaskReport` as a flat row (``transfer.csv``; a ``runs.csv`` can add them).
+
+    >>> from lightning_gradsim.experiments.report_logs import RunLog
+    >>> run = RunLog.from_arrays("r", "aux", np.arange(40), np.full(40, 0.2) + 0.01 * np.sin(np.arange(40)))
+    >>> row = transfer_row(task_report(run, "aux"))
+    >>> row["reading"], round(row["cos_mean"], 2), row["open_fraction"]
+    ('positive transfer throughout', 0.2, None)
+    """
+    return {
+        "run": report.run,
+        "task": report.task,
+        "source": report.source,
+        "unit": report.unit,
+        "n": report.n,
+        "cos_mean": report.mean,
+        "cos_low": report.low,
+        "cos_high": report.high,
+        "cos_se": report.se,
+        "se_source": report.se_source,
+        "cos_first_quarter": report.early[0],
+        "cos_last_quarter": report.late[0],
+        "open_fraction": report.open_fraction,
+        "weight": report.weight,
+        "noise_decided": report.noise,
+        "reading": report.reading,
+        "change_step": report.change_step,
+    }
 
 
 def build_reports(runs: Sequence[RunLog], threshold: float = 0.0, windows: int = WINDOWS) -> list[TaskReport]:
@@ -265,7 +301,7 @@ def plot(reports: Sequence[TaskReport], path: str | Path, threshold: float, wind
 def write_report(
     logdir: str | Path, out: str | Path, threshold: float = 0.0, windows: int = WINDOWS
 ) -> tuple[list[TaskReport], dict[str, str]]:
-    """Read every run under ``logdir``, write ``transfer.md`` and ``transfer.png`` to ``out``.
+    """Read every run under ``logdir``, write ``transfer.md``, ``transfer.png`` and ``transfer.csv`` to ``out``.
 
     Raises ``FileNotFoundError`` when no run with monitor metrics is found.
     """
@@ -280,8 +316,9 @@ def write_report(
         notes = [*notes, f"transfer.png draws the first {MAX_PLOTTED} of the {len(reports)} rows"]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    files = {"markdown": str(out / "transfer.md"), "png": str(out / "transfer.png")}
+    files = {"markdown": str(out / "transfer.md"), "png": str(out / "transfer.png"), "csv": str(out / "transfer.csv")}
     Path(files["markdown"]).write_text(markdown(reports, str(logdir), threshold, notes))
+    write_csv(files["csv"], [transfer_row(r) for r in reports])
     plot(reports, files["png"], threshold, windows)
     return reports, files
 

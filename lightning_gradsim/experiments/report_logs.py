@@ -28,7 +28,7 @@ import csv
 import json
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,6 +74,17 @@ class RunLog:
     unit: str = "step"
     #: scalars a source gives instead of a per-step series (table1: the gate's open fraction).
     scalars: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @staticmethod
+    def from_arrays(
+        label: str, task: str, steps: Sequence[float], cos: Sequence[float], **keys: Sequence[float]
+    ) -> RunLog:
+        """A one-task run from arrays in memory: ``cos`` and any of :data:`KEYS` (``gate_open=...``) at ``steps``."""
+        unknown = set(keys) - set(KEYS)
+        if unknown:
+            raise ValueError(f"Unknown keys {sorted(unknown)}; choose from {', '.join(KEYS)}.")
+        series = {k: Series.from_pairs(zip(steps, v)) for k, v in {"cos": cos, **keys}.items()}
+        return RunLog(label, "arrays", "", {task: series})
 
 
 def parse_metric(name: str) -> tuple[str, str] | None:
