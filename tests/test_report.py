@@ -307,3 +307,18 @@ def test_argument_errors_are_one_line(tmp_path, capsys):
     assert gradsim(["report", str(tmp_path / "logs"), "--out", str(tmp_path / "afile" / "sub")]) == 2
     assert "cannot write to --out" in capsys.readouterr().err
     assert gradsim(["report", str(tmp_path / "logs"), "--out", str(tmp_path / "o"), "--windows", "1"]) == 2
+
+
+def test_tensorboard_missing_is_one_clear_line(digits_run, tmp_path, capsys, monkeypatch):
+    import sys
+
+    root, _ = digits_run
+    for name in ("tensorboard", "tensorboard.backend.event_processing.event_accumulator"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed (also when imported already)
+    assert gradsim(["report", str(root / "tb"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "needs the package 'tensorboard'" in err and "lightning-gradsim[experiments]" in err
+    assert err.strip().count("\n") == 0
+    assert gradsim(["report", str(root / "csv"), "--out", str(tmp_path / "o")]) == 0  # CSV needs no tensorboard
+    assert gradsim(["report", str(root), "--out", str(tmp_path / "both")]) == 0  # the CSV run, and a note
+    assert "tb/version_0): they need the package 'tensorboard'" in (tmp_path / "both" / "transfer.md").read_text()

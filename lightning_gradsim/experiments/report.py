@@ -360,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except FileNotFoundError as err:
             error = str(err)
         except ModuleNotFoundError as err:
-            if err.name != "tensorboard":
+            if not (err.name or "").startswith("tensorboard"):
                 raise
             error = (
                 f"{logdir} holds TensorBoard event files; reading them needs the package 'tensorboard' "

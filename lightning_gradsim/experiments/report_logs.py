@@ -187,13 +187,14 @@ def _table1_runs(path: Path, data: dict, root: Path) -> list[RunLog]:
 def find_runs(root: str | Path) -> tuple[list[RunLog], list[str]]:
     """Every run with monitor metrics under ``root``, and notes on what was skipped and why.
 
-    Raises ``ModuleNotFoundError`` (named ``tensorboard``) when event files are found but tensorboard
-    is not installed and no CSV in the same folder covers them.
+    Without ``tensorboard`` installed, event files are skipped with a note, or, when nothing else
+    is found, ``ModuleNotFoundError`` (named ``tensorboard``) is raised.
     """
     root = Path(root)
     runs: list[RunLog] = []
     notes: list[str] = []
     csv_dirs: set[Path] = set()
+    no_tensorboard: list[str] = []
     for path in sorted(root.rglob("metrics.csv")):
         tasks = read_metrics_csv(path)
         if tasks:
@@ -204,7 +205,13 @@ def find_runs(root: str | Path) -> tuple[list[RunLog], list[str]]:
         if folder in csv_dirs:
             notes.append(f"{_rel(folder, root)}: TensorBoard events skipped (the metrics.csv beside them has the same)")
             continue
-        tasks = read_tensorboard(folder)
+        try:
+            tasks = read_tensorboard(folder)
+        except ModuleNotFoundError as err:
+            if not (err.name or "").startswith("tensorboard"):
+                raise
+            no_tensorboard.append(_rel(folder, root))
+            continue
         if tasks:
             runs.append(RunLog(_rel(folder, root), "tensorboard", str(folder), tasks))
     for path in sorted(root.rglob("result.json")):
@@ -228,4 +235,11 @@ def find_runs(root: str | Path) -> tuple[list[RunLog], list[str]]:
                     f"{_rel(path.parent, root)}: this gradsim compare result.json has the per-step cosine only "
                     "(no gate decisions or weights)"
                 )
+    if no_tensorboard:
+        if not runs:
+            raise ModuleNotFoundError("No module named 'tensorboard'", name="tensorboard")
+        notes.append(
+            f"TensorBoard event files not read ({', '.join(no_tensorboard)}): they need the package 'tensorboard' "
+            "(pip install 'lightning-gradsim[experiments]')"
+        )
     return runs, notes
