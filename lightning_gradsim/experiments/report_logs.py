@@ -145,11 +145,17 @@ def _rel(path: Path, root: Path) -> str:
     return rel or "."
 
 
+def _prefix(path: Path, root: Path) -> str:
+    """``"<folder>: "`` of a result.json below ``root``; empty for one in ``root`` itself."""
+    rel = _rel(path.parent, root)
+    return "" if rel == "." else f"{rel}: "
+
+
 def _compare_runs(path: Path, data: dict, root: Path) -> list[RunLog]:
     out = []
     for run in data.get("runs", []):
         row = run.get("row", {})
-        label = f"{_rel(path.parent, root)}: {row.get('method')} {row.get('variant')} seed={row.get('seed')}"
+        label = f"{_prefix(path, root)}{row.get('method')} {row.get('variant')} seed={row.get('seed')}"
         steps = run.get("cos_steps", [])
         tasks: dict[str, dict[str, Series]] = {}
         for task, values in run.get("cos", {}).items():
@@ -174,7 +180,7 @@ def _table1_runs(path: Path, data: dict, root: Path) -> list[RunLog]:
     for curve in data.get("cosine_curves", []):
         method, angle = curve["method"], float(curve["angle"])
         for seed, values in zip(seeds_of.get((method, angle), []), curve["per_seed"]):
-            label = f"{_rel(path.parent, root)}: {method} angle={angle:g} seed={seed}"
+            label = f"{_prefix(path, root)}{method} angle={angle:g} seed={seed}"
             series = Series.from_pairs(zip(range(1, len(values) + 1), values))
             run = RunLog(label, "table1", str(path), {task: {"cos": series}}, unit="epoch")
             frac = open_frac.get((method, angle, seed))
