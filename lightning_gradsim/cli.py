@@ -50,6 +50,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "lightning_gradsim.experiments.figures:main",
         "paper's Appendix B, Proposition 3, cosine-vs-dimension PNGs",
     ),
+    "report": (
+        "lightning_gradsim.experiments.report:main",
+        "transfer report of a run's GradSimMonitor logs: cosine with its interval, a reading, a PNG",
+    ),
     "configs": ("lightning_gradsim.configs:main", "list the packaged configs (--config NAME), or print one"),
 }
 

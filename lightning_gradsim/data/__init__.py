@@ -5,6 +5,7 @@ Example::
     from lightning_gradsim.data import ClassPairDataModule, ImageNetHierarchy, RotatedDigitsDataModule
 """
 
+from ._common import REFERENCE_FRACTION
 from .celeba import CelebADataModule, CelebAMultiTask
 from .class_pair import BinaryTaskDataset, ClassPairDataModule, balanced_negatives
 from .digits import RotatedDigitsDataModule, rotate_images
@@ -12,6 +13,7 @@ from .hierarchy import ImageNetHierarchy
 from .imagenet import PAIR_PRESETS, DownsampledImageNet, read_label_map, resolve_class, scan_image_folder
 
 __all__ = [
+    "REFERENCE_FRACTION",
     "ClassPairDataModule",
     "ImageNetHierarchy",
     "RotatedDigitsDataModule",

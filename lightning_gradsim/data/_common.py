@@ -14,6 +14,56 @@ from torch.utils.data import DataLoader, Dataset
 #: environment variable naming the MNIST folder when no ``root`` is passed.
 MNIST_ROOT_ENV = "GRADSIM_MNIST_ROOT"
 
+#: The held-out *reference* split's share of the training images, for the gates that measure the
+#: cosine against the main task's gradient on held-out data (issue 23). Ours, not given in the paper;
+#: fixed at 10% before any held-out result was seen. The datamodules' default stays 0 (no split).
+REFERENCE_FRACTION = 0.1
+#: added to ``split_seed`` to seed the reference carve, so it is not the same permutation as a split.
+_REFERENCE_SEED_OFFSET = 1_000_003
+
+
+def check_reference_fraction(fraction: float) -> float:
+    """``fraction`` as a float if it is in ``[0, 1)``, else ``ValueError``."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"reference_fraction must be in [0, 1), got {fraction}.")
+    return float(fraction)
+
+
+def carve_reference(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(keep, reference)``: disjoint positions of ``range(n)``, ``round(fraction * n)`` of them the reference.
+
+    Seeded by ``seed`` (the split seed: the same reference for every training seed); ``keep`` is in
+    increasing order, so the kept images keep their order.
+
+    >>> keep, ref = carve_reference(10, 0.2, seed=0)
+    >>> len(keep), len(ref), sorted(keep.tolist() + ref.tolist()) == list(range(10))
+    (8, 2, True)
+    >>> carve_reference(5, 0.0, seed=0)[0].tolist()
+    [0, 1, 2, 3, 4]
+    """
+    n_ref = int(round(check_reference_fraction(fraction) * n))
+    if fraction > 0 and not 0 < n_ref < n:
+        raise ValueError(f"reference_fraction={fraction} of {n} training images leaves no reference or no training.")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + _REFERENCE_SEED_OFFSET))
+    return perm[n_ref:].sort().values, perm[:n_ref].sort().values
+
+
+def reference_loader(ds: Dataset, batch_size: int, num_workers: int, seed: int) -> DataLoader:
+    """The reference split's loader: shuffled with its own seeded generator, full batches when it can.
+
+    Not sharded under DDP (Lightning adds a ``DistributedSampler`` only to the loaders its hooks return):
+    every rank draws the same batches unless the caller shards them.
+    """
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=len(ds) > batch_size,  # type: ignore[arg-type]
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(seed + _REFERENCE_SEED_OFFSET),
+    )
+
 
 def default_mnist_root() -> Path:
     """The MNIST folder (holding ``MNIST/raw``) named by ``$GRADSIM_MNIST_ROOT``; there is no other default.

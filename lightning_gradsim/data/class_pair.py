@@ -7,6 +7,11 @@ with different images per task, as in the paper. Validation is carved per class 
 training split (``val_fraction``, seeded by ``split_seed``); test is the source's validation split;
 no image is in two splits. Validation and test are the main task's.
 
+With ``reference_fraction > 0`` (``lightning_gradsim.data.REFERENCE_FRACTION``, 10%, is
+ours), that part of each class's training images (after validation is carved) is held out before
+the tasks are built: the main task's *reference* split (its class against balanced negatives, as
+the main task; :meth:`ClassPairDataModule.reference_dataloader`), on which neither task trains.
+
 Sources (``source=``):
 
 * ``"imagefolder"`` -- ``root/train/<wnid>/*.JPEG`` and ``root/val/<wnid>/*.JPEG``;
@@ -41,7 +46,7 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from ._common import eval_loader, task_loaders
+from ._common import check_reference_fraction, eval_loader, reference_loader, task_loaders
 from .imagenet import PAIR_PRESETS, DownsampledImageNet, resolve_class, scan_image_folder
 
 __all__ = ["ClassPairDataModule", "BinaryTaskDataset", "balanced_negatives"]
@@ -167,6 +172,8 @@ class ClassPairDataModule(L.LightningDataModule):
         max_per_class: use at most this many images per class (seeded), for quick runs.
         batch_size: per task; num_workers: loader workers per task loader.
         split_seed: seed of splits and negative samples; seed: seed of the shuffling.
+        reference_fraction: part of each class's training images held out as the main task's
+            reference split (seeded by ``split_seed``). 0, the default: none, today's splits exactly.
     """
 
     def __init__(
@@ -190,8 +197,10 @@ class ClassPairDataModule(L.LightningDataModule):
         num_workers: int = 0,
         split_seed: int = 0,
         seed: int = 0,
+        reference_fraction: float = 0.0,
     ) -> None:
         super().__init__()
+        check_reference_fraction(reference_fraction)
         if source not in {"imagefolder", "downsampled", "dataset"}:
             raise ValueError(f"source must be 'imagefolder', 'downsampled' or 'dataset', got {source!r}.")
         if source != "dataset" and root is None:
@@ -224,6 +233,7 @@ class ClassPairDataModule(L.LightningDataModule):
         self.val_fraction, self.max_per_class = val_fraction, max_per_class
         self.batch_size, self.num_workers = batch_size, num_workers
         self.split_seed, self.seed = split_seed, seed
+        self.reference_fraction = float(reference_fraction)
         self.datasets: dict[str, BinaryTaskDataset] = {}
 
     @property
@@ -292,13 +302,16 @@ class ClassPairDataModule(L.LightningDataModule):
         train_pool, test_pool = self._pools()
         train_all = self._cap(train_pool.labels, self.split_seed)
         rng = np.random.default_rng(self.split_seed + 1)
-        val_parts, train_parts = [], []
+        val_parts, ref_parts, train_parts = [], [], []
         for c in np.unique(train_pool.labels[train_all]):
             members = rng.permutation(train_all[train_pool.labels[train_all] == c])
             n_val = int(round(self.val_fraction * len(members)))
+            n_ref = int(round(self.reference_fraction * (len(members) - n_val)))
             val_parts.append(members[:n_val])
-            train_parts.append(members[n_val:])
+            ref_parts.append(members[n_val : n_val + n_ref])
+            train_parts.append(members[n_val + n_ref :])
         train_idx = np.sort(np.concatenate(train_parts))
+        ref_idx = np.sort(np.concatenate(ref_parts))
         val_idx = np.sort(np.concatenate(val_parts))
         test_idx = self._cap(test_pool.labels, self.split_seed + 2)
         s = self.split_seed * 1000
@@ -309,11 +322,20 @@ class ClassPairDataModule(L.LightningDataModule):
         }
         if len(val_idx):
             self.datasets["val"] = self._task(train_pool, val_idx, self.main_class, s + 17)
+        if self.reference_fraction > 0:
+            self.datasets["reference"] = self._task(train_pool, ref_idx, self.main_class, s + 23)
 
     def train_dataloader(self) -> CombinedLoader:
         return task_loaders(
             {k: self.datasets[k] for k in ("main", "aux")}, self.batch_size, self.num_workers, self.seed
         )
+
+    def reference_dataloader(self) -> DataLoader:
+        """The main task's held-out reference batches ``(x, y)`` (needs ``reference_fraction > 0``)."""
+        if self.reference_fraction <= 0:
+            raise ValueError("ClassPairDataModule has no reference split: pass reference_fraction > 0 (e.g. 0.1).")
+        self.setup("fit")  # a no-op once set up
+        return reference_loader(self.datasets["reference"], self.batch_size, self.num_workers, self.seed)
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         if "val" not in self.datasets:  # val_fraction=0: no validation

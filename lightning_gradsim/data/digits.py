@@ -9,6 +9,11 @@ are split again into two disjoint halves, the main task's (as they are) and the 
 (rotated by ``angle`` degrees counter-clockwise, same 10 labels). Validation and test are the main
 task's, unrotated. Training batches are ``{"main": (x, y), "rotated": (x, y)}``.
 
+With ``reference_fraction > 0`` (``lightning_gradsim.data.REFERENCE_FRACTION``, 10%, is
+ours), that part of the training images is held out *before* the halves are made, as the main task's
+*reference* split (unrotated, :meth:`RotatedDigitsDataModule.reference_dataloader`): neither task trains on
+it, and validation and test are untouched.
+
 >>> from lightning_gradsim.experiments import MultiTaskClassifier
 >>> dm = RotatedDigitsDataModule(angle=90, batch_size=32)
 >>> model = MultiTaskClassifier(tasks=dm.tasks, backbone="mlp", input_dim=dm.input_dim)
@@ -27,7 +32,15 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from ._common import default_mnist_root, eval_loader, seeded_split, task_loaders
+from ._common import (
+    carve_reference,
+    check_reference_fraction,
+    default_mnist_root,
+    eval_loader,
+    reference_loader,
+    seeded_split,
+    task_loaders,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -114,6 +127,9 @@ class RotatedDigitsDataModule(L.LightningDataModule):
         max_images: use only this many images of the source (after a seeded shuffle); ``None`` for all.
         batch_size: per task (each step sees ``batch_size`` main and ``batch_size`` auxiliary images).
         split_seed: seed of the splits (fixed across training seeds); seed: seed of the shuffling.
+        reference_fraction: part of the training images held out as the main task's reference
+            split (seeded by ``split_seed``; both tasks' halves shrink). 0, the default: no
+            reference, today's splits exactly.
     """
 
     def __init__(
@@ -130,8 +146,10 @@ class RotatedDigitsDataModule(L.LightningDataModule):
         num_workers: int = 0,
         split_seed: int = 0,
         seed: int = 0,
+        reference_fraction: float = 0.0,
     ) -> None:
         super().__init__()
+        check_reference_fraction(reference_fraction)
         if not 0.0 < main_fraction < 1.0:
             raise ValueError(f"main_fraction must be in (0, 1) so both tasks get images, got {main_fraction}.")
         if batch_size < 1:
@@ -143,6 +161,7 @@ class RotatedDigitsDataModule(L.LightningDataModule):
         self.max_images = max_images
         self.batch_size, self.num_workers = batch_size, num_workers
         self.split_seed, self.seed = split_seed, seed
+        self.reference_fraction = float(reference_fraction)
         self.datasets: dict[str, TensorDataset] = {}
 
     @property
@@ -166,6 +185,10 @@ class RotatedDigitsDataModule(L.LightningDataModule):
             [self.test_fraction, self.val_fraction, 1.0 - self.test_fraction - self.val_fraction],
             self.split_seed,
         )
+        ref_idx = None
+        if self.reference_fraction > 0:
+            keep, ref = carve_reference(len(train_idx), self.reference_fraction, self.split_seed)
+            train_idx, ref_idx = train_idx[keep], train_idx[ref]
         n_main = int(round(self.main_fraction * len(train_idx)))
         main_idx, aux_idx = train_idx[:n_main], train_idx[n_main:]
         self.datasets = {
@@ -175,11 +198,21 @@ class RotatedDigitsDataModule(L.LightningDataModule):
             "test": TensorDataset(x[test_idx], y[test_idx]),
         }
         self.split_indices = {"main": main_idx, AUX_TASK: aux_idx, "val": val_idx, "test": test_idx}
+        if ref_idx is not None:
+            self.datasets["reference"] = TensorDataset(x[ref_idx], y[ref_idx])
+            self.split_indices["reference"] = ref_idx
 
     def train_dataloader(self) -> CombinedLoader:
         return task_loaders(
             {k: self.datasets[k] for k in ("main", AUX_TASK)}, self.batch_size, self.num_workers, self.seed
         )
+
+    def reference_dataloader(self) -> DataLoader:
+        """The main task's held-out reference batches ``(x, y)`` (needs ``reference_fraction > 0``)."""
+        if self.reference_fraction <= 0:
+            raise ValueError("RotatedDigitsDataModule has no reference split: pass reference_fraction > 0 (e.g. 0.1).")
+        self.setup("fit")  # a no-op once set up
+        return reference_loader(self.datasets["reference"], self.batch_size, self.num_workers, self.seed)
 
     def val_dataloader(self) -> DataLoader:
         return eval_loader(self.datasets["val"], 256, self.num_workers)

@@ -12,11 +12,20 @@ Sources (nothing is ever downloaded):
 * ``"digits"`` -- scikit-learn's bundled 8x8 digits (1,797 images): a fixed seeded split of
   1,437 training / 360 test images (our choice; the paper uses MNIST).
 
+``reference_fraction > 0`` holds that part of the *training* images out (seeded by ``split_seed``)
+as the main task's held-out reference split (:attr:`Table1Data.reference_x`), for the gates that
+measure the cosine on held-out data; both tasks then train on the rest (they share images). 10%
+(``lightning_gradsim.data.REFERENCE_FRACTION``) is ours, not the paper's. The default, 0,
+leaves the data exactly as before.
+
 Example:
 
 >>> data = load_table1_data("digits")
 >>> tuple(data.train_x.shape), tuple(data.test_x.shape)
 ((1437, 1, 8, 8), (360, 1, 8, 8))
+>>> held = load_table1_data("digits", reference_fraction=0.1)
+>>> len(held.train_y), len(held.reference_y), bool((held.test_x == data.test_x).all())
+(1293, 144, True)
 >>> views = rotated_views(data.train_x, [0, 90])
 >>> tuple(views.shape), bool((views[1, 0] == data.train_x[0, 0].rot90(1).flatten()).all())
 ((2, 1437, 64), True)
@@ -25,12 +34,14 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
 
+from ._common import carve_reference, check_reference_fraction, reference_loader
 from .digits import load_digits_source, rotate_images
 
 __all__ = [
@@ -62,10 +73,19 @@ class Table1Data:
     description: str
     #: set when the data differs from the paper's (e.g. the 10k file split 8,000/2,000).
     note: str | None = None
+    #: the held-out reference split of the training images (``reference_fraction > 0``), else ``None``.
+    reference_x: Tensor | None = None
+    reference_y: Tensor | None = None
 
     @property
     def input_dim(self) -> int:
         return int(self.train_x[0].numel())
+
+    def reference_dataloader(self, batch_size: int = 128, seed: int = 0) -> DataLoader:
+        """Shuffled, seeded batches ``(x, y)`` of the reference images (unrotated: the main task's)."""
+        if self.reference_x is None or self.reference_y is None:
+            raise ValueError("This Table1Data has no reference split: load it with reference_fraction > 0.")
+        return reference_loader(TensorDataset(self.reference_x, self.reference_y), batch_size, 0, seed)
 
 
 def split_test_file(n: int, n_train: int, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -85,11 +105,35 @@ def _has_idx(raw: Path, stem: str) -> bool:
     return any((raw / name).is_file() for name in (stem, stem + ".gz"))
 
 
-def load_table1_data(source: str = "mnist", root: str | Path | None = None, split_seed: int = 0) -> Table1Data:
+def load_table1_data(
+    source: str = "mnist", root: str | Path | None = None, split_seed: int = 0, reference_fraction: float = 0.0
+) -> Table1Data:
     """Load Table 1's images from ``source`` (``"mnist"`` needs ``root``; ``"digits"`` is bundled).
 
-    ``split_seed`` fixes the split of the 10k MNIST file (8,000/2,000) and of the digits.
+    ``split_seed`` fixes the split of the 10k MNIST file (8,000/2,000) and of the digits, and the
+    reference split; ``reference_fraction``: part of the training images held out as the reference
+    (module docs; 0: none).
     """
+    check_reference_fraction(reference_fraction)
+    data = _load(source, root, split_seed)
+    if reference_fraction == 0:
+        return data
+    keep, ref = carve_reference(len(data.train_y), reference_fraction, split_seed)
+    desc = (
+        f"{data.description}; {len(ref):,} of the training images held out as the reference split "
+        f"({reference_fraction:.0%}, seed {split_seed}), {len(keep):,} trained on"
+    )
+    return replace(
+        data,
+        train_x=data.train_x[keep],
+        train_y=data.train_y[keep],
+        reference_x=data.train_x[ref],
+        reference_y=data.train_y[ref],
+        description=desc,
+    )
+
+
+def _load(source: str, root: str | Path | None, split_seed: int) -> Table1Data:
     if source == "digits":
         x, y = load_digits_source("digits")
         train_idx, test_idx = split_test_file(len(y), len(y) - DIGITS_TEST_SIZE, split_seed)

@@ -164,7 +164,13 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
         "val_acc": curve.acc,
         "cos_steps": monitor.history.get("step", []),
         "cos": cos,
+        # the gate's decisions at the same steps, for `gradsim report` (cos is above)
+        "gradsim": {k: v for k, v in monitor.history.items() if k.count("/") >= 2 and k.split("/")[-2] in _DECISION},
     }
+
+
+#: monitor keys kept per run in result.json beside the cosine (``gradsim report`` reads them).
+_DECISION = ("cos_smoothed", "weight", "gate_open", "open_fraction", "cos_mean", "cos_se", "noise_decided")
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:

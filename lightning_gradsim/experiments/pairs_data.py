@@ -12,6 +12,10 @@ MNIST (torchvision layout ``ROOT/MNIST/raw``, gzipped or not): the 60k training 
 training if present, else the 10k test file is split once, 8,000 training / 2,000 test images
 (seeded), and :func:`load_mnist` says so.
 
+``reference_fraction`` (default 0: none; 0.1, ``lightning_gradsim.data.REFERENCE_FRACTION``,
+is ours) holds that part of each class's training images out as the main task's *reference* split
+(:attr:`PairData.reference`), built like the main task; neither task trains on it.
+
 Example::
 
     x_tr, y_tr, x_te, y_te, note = load_mnist("/data/mnist")
@@ -27,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 __all__ = ["TaskTensors", "PairData", "load_mnist", "mnist_pair", "imagenet_pair", "tensorize"]
 
@@ -58,10 +62,20 @@ class PairData:
     main: TaskTensors
     aux: TaskTensors
     test: TaskTensors
+    #: the main task's held-out reference split (``reference_fraction > 0``), else ``None``.
+    reference: TaskTensors | None = None
 
     @property
     def label(self) -> str:
         return f"{self.main_name} / {self.aux_name}"
+
+    def reference_dataloader(self, batch_size: int = 64, seed: int = 0) -> DataLoader:
+        """Shuffled, seeded batches ``(x, y)`` of :attr:`reference` (built with ``reference_fraction > 0``)."""
+        if self.reference is None:
+            raise ValueError(f"The pair {self.label} has no reference split: build it with reference_fraction > 0.")
+        from ..data._common import reference_loader
+
+        return reference_loader(TensorDataset(self.reference.x, self.reference.y), batch_size, 0, seed)
 
 
 class _TensorImages(Dataset):
@@ -125,6 +139,7 @@ def _from_datamodule(dm, kind: str, main_name: str, aux_name: str) -> PairData:
         tensorize(dm.datasets["main"]),
         tensorize(dm.datasets["aux"]),
         tensorize(dm.datasets["test"]),
+        tensorize(dm.datasets["reference"]) if "reference" in dm.datasets else None,
     )
 
 
@@ -138,6 +153,7 @@ def mnist_pair(
     kind: str,
     max_per_class: int | None = None,
     split_seed: int = 0,
+    reference_fraction: float = 0.0,
 ) -> PairData:
     """The pair ``(a, b)`` of MNIST digits (as strings, ``"4"``) as tasks (see the module docs)."""
     from ..data.class_pair import ClassPairDataModule
@@ -151,6 +167,7 @@ def mnist_pair(
         val_fraction=0.0,
         max_per_class=max_per_class,
         split_seed=split_seed,
+        reference_fraction=reference_fraction,
     )
     return _from_datamodule(dm, kind, f"digit {a}", f"digit {b}")
 
@@ -165,6 +182,7 @@ def imagenet_pair(
     image_size: int = 64,
     max_per_class: int | None = None,
     split_seed: int = 0,
+    reference_fraction: float = 0.0,
 ) -> PairData:
     """An ImageNet pair (WNIDs, indices or names) from the ImageFolder layout or downsampled files."""
     from ..data.class_pair import ClassPairDataModule
@@ -180,5 +198,6 @@ def imagenet_pair(
         val_fraction=0.0,
         max_per_class=max_per_class,
         split_seed=split_seed,
+        reference_fraction=reference_fraction,
     )
     return _from_datamodule(dm, kind, class_name(dm.main_class), class_name(dm.aux_class))
