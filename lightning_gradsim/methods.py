@@ -37,6 +37,8 @@ Factory = Callable[..., GradientGate]
 BUILTIN_METHODS: dict[str, str] = {
     "uncertainty": "lightning_gradsim.baselines.uncertainty:_make_uncertainty",
     "gradnorm": "lightning_gradsim.baselines.gradnorm:_make_gradnorm",
+    "dwa": "lightning_gradsim.baselines.dwa:_make_dwa",
+    "rlw": "lightning_gradsim.baselines.rlw:_make_rlw",
 }
 
 # name -> factory, or the "module:factory" entry of a built-in not yet imported

@@ -44,6 +44,9 @@ SCENARIOS = [
     },
     # GradNorm: its weights adapt from the global losses and gradient norms.
     {"name": "gradnorm", "model": {"method": "gradnorm", "optimizer": "sgd", "gate": {"lr": 1.0}}},
+    # DWA and RLW: weights from the global losses / one seeded draw per step, the same on every rank.
+    {"name": "dwa", "model": {"method": "dwa", "optimizer": "sgd"}},
+    {"name": "rlw", "model": {"method": "rlw", "optimizer": "sgd", "gate": {"seed": 4}}},
     # 16-mixed with a CPU GradScaler; rank 1 alone overflows on its 3rd batch (see worker).
     {
         "name": "scaler",
@@ -121,6 +124,19 @@ def test_ddp_gradnorm_equals_single_process_on_the_concatenated_batch(ddp_result
         torch.testing.assert_close(
             rank["gate"]["loss_weighting.initial_losses"], ref.gradsim.loss_weighting.initial_losses
         )
+
+
+@pytest.mark.parametrize("name", ["dwa", "rlw"])
+def test_ddp_dwa_and_rlw_equal_single_process_on_the_concatenated_batch(ddp_results, name):
+    """DWA's weights come from the global losses and RLW's from one seeded draw per optimizer step:
+    both ranks hold the same weights and parameters as one process on the whole batch."""
+    ref = _single(name)
+    weights = ref.gradsim.loss_weighting.task_weights
+    assert (weights - 1).abs().max() > 1e-3  # not all 1
+    for r in range(WORLD):
+        rank = ddp_results[name][r]
+        _assert_same_params(rank["params"], params(ref))
+        torch.testing.assert_close(rank["gate"]["loss_weighting.task_weights"], weights, atol=1e-6, rtol=1e-5)
 
 
 def test_ddp_sync_is_one_bucketed_all_reduce_per_step(ddp_results):
