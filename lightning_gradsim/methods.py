@@ -29,7 +29,7 @@ from .gate import GradientGate
 from .rules import get_rule, list_rules, rule_options
 from .rules.base import TORCHJD_PREFIX
 
-__all__ = ["BUILTIN_METHODS", "register_method", "make_gate", "list_methods"]
+__all__ = ["BUILTIN_METHODS", "register_method", "make_gate", "list_methods", "is_method"]
 
 Factory = Callable[..., GradientGate]
 
@@ -64,6 +64,15 @@ def register_method(name: str) -> Callable[[Factory], Factory]:
 def list_methods() -> list[str]:
     """All method names: every registered rule plus the factories (built-in ones without importing them)."""
     return sorted(set(list_rules()) | set(_METHODS))
+
+
+def is_method(name: str) -> bool:
+    """Whether ``make_gate(name)`` knows ``name``: a listed method or a torchjd weighting ``"torchjd:<Name>"``.
+
+    >>> is_method("gradvac"), is_method("torchjd:UPGrad"), is_method("nope")
+    (True, True, False)
+    """
+    return name in list_methods() or name.startswith(TORCHJD_PREFIX)
 
 
 def _factory(method: str) -> Factory:

@@ -105,6 +105,16 @@ class DWA(LossWeighting):
         self.period_losses = torch.zeros((2,) + shape, dtype=dtype, device=like.device)
         self.running = torch.zeros(shape, dtype=dtype, device=like.device)
 
+    def batched_weights(self, batch: tuple[int, ...], num_tasks: int, like: Tensor) -> Tensor:
+        """The ``(*batch, K)`` weights of independent problems (e.g. stacked runs), each with its own
+        loss history; :meth:`record` their ``(*batch, K)`` losses after each step."""
+        self._ensure(num_tasks, like, tuple(batch))
+        return self.task_weights.clone()
+
+    def observe_losses(self, losses: Tensor, finite: Tensor) -> None:
+        """After a step of :meth:`batched_weights`: record the problems' losses (:meth:`record`)."""
+        self.record(losses, finite)
+
     def observe(
         self,
         losses: Tensor | None,

@@ -73,6 +73,16 @@ class RLW(LossWeighting):
         self._ensure((num_tasks,), like)
         return list(self.task_weights.clone().unbind(-1))
 
+    def batched_weights(self, batch: tuple[int, ...], num_tasks: int, like: Tensor) -> Tensor:
+        """This step's ``(*batch, K)`` weights of independent problems (e.g. stacked runs), one draw each;
+        :meth:`observe_losses` draws the next ones."""
+        self._ensure(tuple(batch) + (num_tasks,), like)
+        return self.task_weights.clone()
+
+    def observe_losses(self, losses: Tensor, finite: Tensor) -> None:
+        """After a step of :meth:`batched_weights`: draw the next weights (:meth:`step`)."""
+        self.step()
+
     def _ensure(self, shape: tuple[int, ...], like: Tensor) -> None:
         if tuple(self.task_weights.shape) == shape:
             return
