@@ -13,8 +13,8 @@ never moved, as in the gate's other rules), so the combination is, on the Gramia
 
     g = (1 + sum_k lambda_k c_k) g_main + sum_k lambda_k g_k.
 
-``beta = 0.01`` by default (the value given for the paper's experiments; torchjd's
-``GradVacWeighting`` and LibMTL default to 0.5). The targets are state (the buffer ``target``,
+``beta = 0.01`` by default (the paper's setting as issue 24 cites it; not re-checked against the
+paper's text here; torchjd's ``GradVacWeighting`` and LibMTL default to 0.5). The targets are state (the buffer ``target``,
 ``(*B, K-1)``): the rule is a module, so the gate's ``state_dict`` carries it as ``rule.target``.
 Differences from the peers: torchjd's ``GradVacWeighting`` is symmetric (every task, main
 included, is moved toward every other in a random order); with one auxiliary task its main weight
