@@ -27,9 +27,10 @@ from typing import Any
 from ._lazy import load_entry
 from .core.gate import GradientGate
 from .loss_weighting import method_modules
-from .rules import list_rules
+from .rules import get_rule, list_rules, rule_options
+from .rules.base import TORCHJD_PREFIX
 
-__all__ = ["BUILTIN_METHODS", "register_method", "make_gate", "list_methods"]
+__all__ = ["BUILTIN_METHODS", "register_method", "make_gate", "list_methods", "is_method"]
 
 Factory = Callable[..., GradientGate]
 
@@ -62,6 +63,15 @@ def list_methods() -> list[str]:
     return sorted(set(list_rules()) | set(_METHODS))
 
 
+def is_method(name: str) -> bool:
+    """Whether ``make_gate(name)`` knows ``name``: a listed method or a torchjd weighting ``"torchjd:<Name>"``.
+
+    >>> is_method("gradvac"), is_method("torchjd:UPGrad"), is_method("nope")
+    (True, True, False)
+    """
+    return name in list_methods() or name.startswith(TORCHJD_PREFIX)
+
+
 def _factory(method: str) -> Factory:
     entry = _METHODS[method]
     if isinstance(entry, str):  # a built-in: import it now (its module may register it as it loads)
@@ -70,9 +80,22 @@ def _factory(method: str) -> Factory:
 
 
 def make_gate(method: str, **kwargs: Any) -> GradientGate:
-    """Build the gate for ``method`` (a rule name or a registered factory) with ``kwargs``."""
+    """Build the gate for ``method`` (a rule name, ``"torchjd:<Name>"`` or a registered factory) with ``kwargs``.
+
+    For a rule, the options its constructor takes (e.g. GradVac's ``beta``) build the rule and the
+    others the gate.
+
+    >>> gate = make_gate("gradvac", beta=0.1, aux_weight=0.5)
+    >>> gate.rule.beta, gate.aux_weight
+    (0.1, 0.5)
+    """
     if method in _METHODS:
         return _factory(method)(**kwargs)
-    if method in list_rules():
-        return GradientGate(rule=method, **kwargs)
-    raise ValueError(f"Unknown method {method!r}; choose from {', '.join(list_methods())}.")
+    if method in list_rules() or method.startswith(TORCHJD_PREFIX):
+        names = set(rule_options(method))
+        options = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+        return GradientGate(rule=get_rule(method, **options), **kwargs)
+    raise ValueError(
+        f"Unknown method {method!r}; choose from {', '.join(list_methods())}, or a torchjd weighting as "
+        "'torchjd:<Name>' (e.g. 'torchjd:UPGrad')."
+    )

@@ -3,11 +3,13 @@
 * ``pcgrad`` — gradient surgery (Yu et al., 2020), a gate rule: ``GradientGate(rule="pcgrad")``.
 * ``uncertainty`` — :class:`UncertaintyWeighting` (Kendall et al., 2018), learned log-variances.
 * ``gradnorm`` — :class:`GradNorm` (Chen et al., 2018), task weights balancing gradient norms.
+* ``dwa`` — :class:`DWA` (Liu et al., 2019), dynamic weight average of the loss ratios.
+* ``rlw`` — :class:`RLW` (Lin et al., 2022), random loss weights drawn every step.
 * :class:`CrossStitchUnit` / :class:`CrossStitchNet` (Misra et al., 2016), an architecture that
   learns how much to share; use it with any rule.
 
-The three methods are built-in names of :func:`lightning_gradsim.methods.make_gate` (so
-``gradsim compare --methods pcgrad,uncertainty,gradnorm`` works); each module loads on first use,
+The loss weightings and PCGrad are built-in names of :func:`lightning_gradsim.methods.make_gate` (so
+``gradsim compare --methods pcgrad,uncertainty,gradnorm,dwa,rlw`` works); each module loads on first use,
 and the names below load theirs on first access.
 
 >>> from lightning_gradsim.methods import make_gate
@@ -28,6 +30,8 @@ _EXPORTS: dict[str, str] = {
     "draw_pcgrad_orders": "pcgrad",
     "UncertaintyWeighting": "uncertainty",
     "GradNorm": "gradnorm",
+    "DWA": "dwa",
+    "RLW": "rlw",
     "CrossStitchUnit": "cross_stitch",
     "CrossStitchNet": "cross_stitch",
     "CrossStitchMultiHeadNet": "cross_stitch",
@@ -45,8 +49,10 @@ if TYPE_CHECKING:
         cross_stitch_mlp,
         cross_stitch_resnet,
     )
+    from .dwa import DWA
     from .gradnorm import GradNorm
     from .pcgrad import PCGrad, draw_pcgrad_orders, pcgrad_coefficients
+    from .rlw import RLW
     from .uncertainty import UncertaintyWeighting
 
 

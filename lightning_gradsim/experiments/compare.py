@@ -47,7 +47,7 @@ from lightning.pytorch import Callback
 
 from ..lightning.mixin import GradSimMixin
 from ..lightning.monitor import GradSimMonitor
-from ..methods import list_methods
+from ..methods import is_method, list_methods
 from .compare_report import write_outputs
 from .registry import DEFAULT_METHODS, build_setup, list_setups, register_setup
 
@@ -272,9 +272,11 @@ def compare(
         raise ValueError("compare() needs at least one method, e.g. methods=['main_only', 'sum', 'unweighted'].")
     _check_one_process_per_run(trainer)
     known = list_methods()
-    unknown = [m for m in methods if m not in known]
+    unknown = [m for m in methods if not is_method(m)]
     if unknown:
-        raise ValueError(f"Unknown method(s) {unknown}; choose from {', '.join(known)}.")
+        raise ValueError(
+            f"Unknown method(s) {unknown}; choose from {', '.join(known)}, or a torchjd weighting 'torchjd:<Name>'."
+        )
     if not seeds:
         raise ValueError("compare() needs at least one seed.")
     if max_steps < 1 or eval_every < 1:

@@ -29,8 +29,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..core.gate import GradientGate
-from .stacked_mlp import StackedMLP
+from ..core.gate import GateStats, GradientGate
+from .stacked_mlp import StackedMLP, TaskGradients
 
 __all__ = ["RunGroup", "StepRecord", "StackedTrainer", "RunOrder", "order_seed"]
 
@@ -135,12 +135,43 @@ class StackedTrainer:
         gate_open = torch.empty(r, t - 1, dtype=torch.bool, device=grads.loss.device)
         for group, views in zip(self.groups, self._trunk_views):
             sl = group.runs
-            main = [g[sl, 0] for g in grads.trunk]
-            aux = {name: [g[sl, k + 1] for g in grads.trunk] for k, name in enumerate(self.aux_names)}
-            combined, stats = group.gate.combine(main, aux, batch_dims=1)
+            lw = group.gate.loss_weighting
+            if lw is None:
+                main = [g[sl, 0] for g in grads.trunk]
+                aux = {name: [g[sl, k + 1] for g in grads.trunk] for k, name in enumerate(self.aux_names)}
+                combined, stats = group.gate.combine(main, aux, batch_dims=1)
+            else:
+                combined, stats = _weighted_combine(group, grads, self.aux_names)
             for p, c in zip(views, combined):
                 p.grad = c
             cosine[sl] = stats.cosine
             gate_open[sl] = stats.gate_open
         self.optimizer.step()
         return StepRecord(grads.loss, cosine, gate_open)
+
+
+def _weighted_combine(group: RunGroup, grads: TaskGradients, aux_names: list[str]) -> tuple[list[Tensor], GateStats]:
+    """A gate with a loss weighting (one that has ``batched_weights``: DWA, RLW) over its runs: every task's
+    gradients (trunk and heads) scaled by the run's ``w_i lambda_i``, as the weighted losses would give
+    them, then the gate's rule on the scaled trunk gradients; the weighting observes the runs' losses."""
+    gate, sl = group.gate, group.runs
+    lw = gate.loss_weighting
+    assert lw is not None
+    loss = grads.loss[sl]
+    r, t = loss.shape
+    scale = lw.batched_weights((r,), t, loss) * lw.lambdas(aux_names, loss)
+    for h in grads.heads:  # (R, T, ...): task t's gradient of head t, weighted like its loss
+        view = h[sl]
+        view.mul_(scale.reshape(scale.shape + (1,) * (view.dim() - 2)).to(view.dtype))
+    main = [g[sl, 0] * scale[:, :1].reshape((r,) + (1,) * (g.dim() - 2)) for g in grads.trunk]
+    aux = {
+        name: [g[sl, k + 1] * scale[:, k + 1 : k + 2].reshape((r,) + (1,) * (g.dim() - 2)) for g in grads.trunk]
+        for k, name in enumerate(aux_names)
+    }
+    gate.loss_weighting = None  # combine() gates given vectors; the weights are already in them
+    try:
+        combined, stats = gate.combine(main, aux, batch_dims=1)
+    finally:
+        gate.loss_weighting = lw
+    lw.observe_losses(loss.detach(), stats.finite.all())
+    return combined, stats  # type: ignore[return-value]

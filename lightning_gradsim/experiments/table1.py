@@ -79,8 +79,16 @@ def _value(text: str) -> Any:
 
 
 def parse_method(text: str) -> MethodSpec:
-    """``"name[:key=value...]"`` -> :class:`MethodSpec` (values: numbers, true/false, or text)."""
+    """``"name[:key=value...]"`` -> :class:`MethodSpec` (values: numbers, true/false, or text).
+
+    A torchjd weighting keeps its prefix: ``"torchjd:CAGrad:c=0.5"`` is the method ``torchjd:CAGrad``.
+
+    >>> parse_method("torchjd:CAGrad:c=0.5").method
+    'torchjd:CAGrad'
+    """
     parts = [p.strip() for p in text.strip().split(":")]
+    if parts[0] == "torchjd" and len(parts) > 1:
+        parts = [f"torchjd:{parts[1]}"] + parts[2:]
     if not parts[0]:
         raise ValueError(f"Empty method name in {text!r}.")
     options = {}
@@ -155,20 +163,31 @@ class Table1Result:
         }
 
 
-def _build_gates(specs: list[MethodSpec], common: dict[str, Any]) -> list[Any]:
-    from ..methods import list_methods, make_gate
+def _build_gates(specs: list[MethodSpec], common: dict[str, Any], steps_per_epoch: int = 1) -> list[Any]:
+    """One gate per method. A loss weighting runs only if it can weight a batch of runs
+    (``batched_weights``: DWA, RLW); DWA averages its losses per epoch (``period``), as its authors do."""
+    import warnings
 
-    known = list_methods()
+    from ..methods import is_method, list_methods, make_gate
+
     gates = []
     for spec in specs:
-        if spec.method not in known:
-            raise ValueError(f"Unknown method {spec.method!r}; choose from {', '.join(known)}.")
-        gate = make_gate(spec.method, **{**common, **spec.options})
-        if gate.loss_weighting is not None:
+        if not is_method(spec.method):
             raise ValueError(
-                f"Method {spec.method!r} weights task losses and cannot gate given gradient vectors; "
-                "gradsim table1 runs gradient rules (e.g. main_only, sum, unweighted, weighted, projection, pcgrad). "
-                "Compare it with `gradsim compare --setup rotated_digits --methods ...` instead."
+                f"Unknown method {spec.method!r}; choose from {', '.join(list_methods())}, or 'torchjd:<Name>'."
+            )
+        options = dict(spec.options)
+        if spec.method == "dwa":
+            options.setdefault("period", steps_per_epoch)
+        with warnings.catch_warnings():
+            if not any(common.get(k) for k in ("threshold", "cosine_ema", "per_layer")):
+                warnings.filterwarnings("ignore", message=".*ignores the cosine-gate option")
+            gate = make_gate(spec.method, **{**common, **options})
+        if gate.loss_weighting is not None and not hasattr(gate.loss_weighting, "batched_weights"):
+            raise ValueError(
+                f"Method {spec.method!r} weights task losses in a way gradsim table1's stacked runs do not "
+                "support (it needs batched_weights: dwa and rlw have it). Compare it with "
+                "`gradsim compare --setup rotated_digits --methods ...` instead."
             )
         gates.append(gate)
     return gates
@@ -234,7 +253,7 @@ def build_protocol(cfg: Table1Config, data: Any) -> StackedProtocol:
     _check(cfg)
     device = torch.device(cfg.device)
     specs = [parse_method(m) for m in cfg.methods]
-    gates = _build_gates(specs, cfg.gate_options())
+    gates = _build_gates(specs, cfg.gate_options(), math.ceil(len(data.train_y) / cfg.batch_size))
     angles = [float(a) for a in cfg.angles]
     view_angles = [0.0] + [a for a in angles if a % 360 != 0]
     views = rotated_views(data.train_x, view_angles).to(device)

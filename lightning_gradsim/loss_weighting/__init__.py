@@ -2,6 +2,8 @@
 
 * :class:`UncertaintyWeighting` (Kendall et al., 2018): learned log-variances.
 * :class:`GradNorm` (Chen et al., 2018): weights that balance the tasks' gradient norms.
+* :class:`DWA` (Liu et al., 2019): dynamic weight average, from the ratio of the last two losses.
+* :class:`RLW` (Lin et al., 2022): random weights, a softmax of normal draws, every step.
 * :class:`LossWeighting`: the base class (the seam the gate calls, in :mod:`lightning_gradsim.core`), to
   write your own.
 
@@ -14,8 +16,8 @@ without importing it. A new loss weighting is one new module here.
 >>> gate = GradientGate(rule="unweighted", loss_weighting=UncertaintyWeighting(aux_tasks=1))
 >>> type(gate.loss_weighting).__name__
 'UncertaintyWeighting'
->>> sorted(method_modules())[:2]
-['gradnorm', 'uncertainty']
+>>> sorted(method_modules())
+['dwa', 'gradnorm', 'rlw', 'uncertainty']
 """
 
 from __future__ import annotations
@@ -33,10 +35,15 @@ _EXPORTS: dict[str, str] = {
     "GradNorm": "gradnorm",
     "default_last_shared_layer": "gradnorm",
     "gradnorm_update": "gradnorm",
+    "DWA": "dwa",
+    "dwa_weights": "dwa",
+    "RLW": "rlw",
 }
 
 if TYPE_CHECKING:
+    from .dwa import DWA, dwa_weights
     from .gradnorm import GradNorm, default_last_shared_layer, gradnorm_update
+    from .rlw import RLW
     from .uncertainty import UncertaintyWeighting
 
 __all__ = [
@@ -45,6 +52,9 @@ __all__ = [
     "GradNorm",
     "default_last_shared_layer",
     "gradnorm_update",
+    "DWA",
+    "dwa_weights",
+    "RLW",
     "check_aux_weight",
     "method_modules",
 ]

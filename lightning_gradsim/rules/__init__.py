@@ -1,7 +1,7 @@
 """Combination rules: from the Gramian of the task gradients to one weight per gradient.
 
 One rule per module (``unweighted``, ``weighted``, ``projection``, ``sum``, ``main_only``,
-``pcgrad``); the interface and the registry are in :mod:`lightning_gradsim.rules.base`.
+``pcgrad``, ``gradvac``); the interface and the registry are in :mod:`lightning_gradsim.rules.base`.
 
 >>> from lightning_gradsim.rules import get_rule
 >>> rule = get_rule("projection")
@@ -9,7 +9,8 @@ One rule per module (``unweighted``, ``weighted``, ``projection``, ``sum``, ``ma
 (True, True)
 """
 
-from .base import Rule, RuleInput, get_rule, list_rules, register_rule
+from .base import Rule, RuleInput, get_rule, list_rules, register_rule, rule_options
+from .gradvac import GradVac, gradvac_coefficients
 from .main_only import MainOnly
 from .pcgrad import PCGrad, draw_pcgrad_orders, pcgrad_coefficients
 from .projection import Projection
@@ -23,6 +24,7 @@ __all__ = [
     "register_rule",
     "get_rule",
     "list_rules",
+    "rule_options",
     "Unweighted",
     "Weighted",
     "Projection",
@@ -31,4 +33,6 @@ __all__ = [
     "PCGrad",
     "pcgrad_coefficients",
     "draw_pcgrad_orders",
+    "GradVac",
+    "gradvac_coefficients",
 ]

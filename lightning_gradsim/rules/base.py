@@ -27,14 +27,24 @@ Write your own rule without editing the library (and register it by name with
 
 from __future__ import annotations
 
+import inspect
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
-__all__ = ["Rule", "RuleInput", "register_rule", "get_rule", "list_rules"]
+from .._lazy import load_entry
+
+__all__ = ["Rule", "RuleInput", "register_rule", "get_rule", "list_rules", "rule_options", "TORCHJD_PREFIX"]
+
+#: Names ``"torchjd:<Name>"`` are torchjd's ``<Name>Weighting`` (see :mod:`lightning_gradsim.rules.torchjd`).
+TORCHJD_PREFIX = "torchjd:"
+#: The adapter of torchjd's weightings, loaded by name on first use (``"module:attribute"``), so that this
+#: module, which every rule imports, imports no rule module itself.
+TORCHJD_ADAPTER = "lightning_gradsim.rules.torchjd"
 
 
 @dataclass
@@ -143,19 +153,62 @@ def list_rules() -> list[str]:
     return sorted(_RULES)
 
 
-def get_rule(rule: str | Rule) -> Rule:
-    """Return a rule instance from a registered name, or the instance itself.
+def get_rule(rule: Any, **options: Any) -> Rule:
+    """Return a rule instance from a registered name (built with ``options``), or the instance itself.
+
+    A torchjd ``Weighting`` instance, or a name ``"torchjd:UPGrad"`` (torchjd's ``UPGradWeighting``),
+    is wrapped in ``TorchJDRule`` (:mod:`lightning_gradsim.rules.torchjd`; torchjd is imported only then).
 
     >>> get_rule("unweighted")
     Unweighted()
+    >>> get_rule("gradvac", beta=0.1)
+    GradVac(beta=0.1, per_tensor=False, min_target=None, eps=0.0)
     """
     if isinstance(rule, Rule):
+        if options:
+            raise TypeError(f"Options {sorted(options)} are for a rule name, not for the instance {rule!r}.")
         return rule
+    if _is_torchjd_weighting(rule) or (isinstance(rule, str) and rule.startswith(TORCHJD_PREFIX)):
+        TorchJDRule = load_entry(f"{TORCHJD_ADAPTER}:TorchJDRule")
+        if isinstance(rule, str):
+            adapted: Rule = TorchJDRule.from_name(rule, **options)
+            return adapted
+        if options:
+            raise TypeError(f"Options {sorted(options)} are for a rule name, not for the weighting {rule!r}.")
+        wrapped: Rule = TorchJDRule(rule)
+        return wrapped
     if not isinstance(rule, str):
-        raise TypeError(f"rule must be a registered name or a Rule instance, got {type(rule).__name__}.")
+        raise TypeError(
+            f"rule must be a registered name, a Rule instance or a torchjd Weighting, got {type(rule).__name__}."
+        )
     if rule not in _RULES:
         raise ValueError(
-            f"Unknown rule {rule!r}. Registered rules: {', '.join(list_rules())}. "
-            "Register your own with @lightning_gradsim.rules.register_rule(name)."
+            f"Unknown rule {rule!r}. Registered rules: {', '.join(list_rules())}, and torchjd's weightings as "
+            "'torchjd:<Name>' (e.g. 'torchjd:UPGrad'). Register your own with "
+            "@lightning_gradsim.rules.register_rule(name)."
         )
-    return _RULES[rule]()
+    return _RULES[rule](**options)
+
+
+def rule_options(rule: str) -> list[str]:
+    """The keyword options a registered rule's constructor takes (what ``make_gate`` passes to it).
+
+    >>> rule_options("gradvac"), rule_options("unweighted")
+    (['beta', 'per_tensor', 'min_target', 'eps'], [])
+    """
+    if rule.startswith(TORCHJD_PREFIX):
+        factory: Any = load_entry(f"{TORCHJD_ADAPTER}:weighting_class")(rule[len(TORCHJD_PREFIX) :])
+    else:
+        factory = _RULES[rule]
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return []
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in params if p.kind in kinds and p.name != "self"]
+
+
+def _is_torchjd_weighting(obj: Any) -> bool:
+    """Whether ``obj`` is a torchjd ``Weighting`` (without importing torchjd: it is loaded if it is one)."""
+    aggregation = sys.modules.get("torchjd.aggregation")
+    return aggregation is not None and isinstance(obj, aggregation.Weighting)

@@ -27,7 +27,7 @@ def test_builtin_methods_are_lazy_entries_that_resolve():
     from lightning_gradsim.baselines import GradNorm, PCGrad, UncertaintyWeighting
     from lightning_gradsim.methods import BUILTIN_METHODS
 
-    assert set(BUILTIN_METHODS) == {"uncertainty", "gradnorm"}  # pcgrad is a rule
+    assert set(BUILTIN_METHODS) == {"uncertainty", "gradnorm", "dwa", "rlw"}  # pcgrad is a rule
     assert isinstance(make_gate("uncertainty", aux_tasks=["a"]).loss_weighting, UncertaintyWeighting)
     assert isinstance(make_gate("gradnorm").loss_weighting, GradNorm)
     assert isinstance(make_gate("pcgrad").rule, PCGrad)

@@ -104,7 +104,8 @@ def _reference_run(method, seed, data_x, data_y, angle_k, steps, batch, lr, gate
     """One run trained alone: nn.Linear modules, autograd, torch.optim.RMSprop; rotation by torch.rot90."""
     net = _Run(seed, data_x[0].numel(), hidden, depth)
     opt = torch.optim.RMSprop(net.parameters(), lr=lr)
-    gate = GradientGate(rule=method.split(":")[0], **gate_kwargs) if method not in ("main_only", "sum") else None
+    spec = parse_method(method)
+    gate = make_gate(spec.method, **{**gate_kwargs, **spec.options}) if method not in ("main_only", "sum") else None
     order = RunOrder([seed], len(data_y))
     done = 0
     while done < steps:
@@ -151,6 +152,8 @@ def _reference_params(net):
     [
         (["main_only", "sum", "unweighted"], {}),
         (["unweighted", "weighted"], {"threshold": 0.05, "cosine_ema": 0.8, "per_layer": True}),
+        # GradVac's targets, DWA's loss history (2 steps a period) are per run; torchjd runs per run
+        (["gradvac:beta=0.3", "dwa:period=2", "torchjd:UPGrad"], {}),
     ],
 )
 def test_stacked_runs_equal_separate_runs(digits, methods, gate_kwargs):
@@ -189,6 +192,32 @@ def test_stacked_runs_equal_separate_runs(digits, methods, gate_kwargs):
             # that element: a few elements may differ by a fraction of lr, the mean difference stays tiny.
             torch.testing.assert_close(got, want.detach(), rtol=1e-3, atol=0.05 * lr)
             assert (got - want.detach()).abs().mean() < 1e-6
+
+
+def test_stacked_loss_weighting_scales_each_run_by_its_own_weights():
+    """RLW over stacked runs: each run's trunk gradient is w_main g_main + w_aux lambda g_aux and its heads'
+    gradients are scaled by their task's weight, with the draws of RLW's seeded generator, one per run."""
+    from lightning_gradsim.loss_weighting import RLW
+
+    torch.manual_seed(0)
+    model = StackedMLP([3, 4, 5], input_dim=12, hidden=8, depth=2)
+    gate = make_gate("rlw", seed=7, aux_weight=0.5)
+    trainer = StackedTrainer(model, [RunGroup("rlw", gate, slice(0, 3))])
+    x, y = torch.randn(3, 2, 10, 12), torch.randint(0, 10, (3, 2, 10))
+    grads = model.task_gradients(x, y)
+    trunk = [g.clone() for g in grads.trunk]
+    heads = [h.clone() for h in grads.heads]
+    w = RLW(seed=7).batched_weights((3,), 2, torch.zeros(())) * torch.tensor([1.0, 0.5])
+    trainer.step(x, y)
+    for p, g in zip(trainer._trunk_views[0], trunk):
+        want = (
+            w[:, 0].reshape((3,) + (1,) * (g.dim() - 2)) * g[:, 0]
+            + w[:, 1].reshape((3,) + (1,) * (g.dim() - 2)) * g[:, 1]
+        )
+        torch.testing.assert_close(p.grad, want)
+    for p, h in zip(trainer._head_views, heads):
+        torch.testing.assert_close(p.grad, w.reshape(w.shape + (1,) * (h.dim() - 2)) * h)
+    assert int(gate.loss_weighting.draws) == 2 and gate.loss_weighting.task_weights.shape == (3, 2)
 
 
 def test_per_run_gate_statistics_equal_gate_backward():
@@ -271,6 +300,9 @@ def test_methods_are_checked():
         build_protocol(Table1Config(source="digits", methods=["nope"], seeds=1, epochs=1), data)
     with pytest.raises(ValueError, match="weights task losses"):
         build_protocol(Table1Config(source="digits", methods=["uncertainty"], seeds=1, epochs=1), data)
+    proto = build_protocol(Table1Config(source="digits", methods=["dwa", "rlw"], seeds=1, epochs=1), data)
+    dwa = proto.trainer.groups[0].gate.loss_weighting
+    assert dwa.period == math.ceil(len(data.train_y) / 128)  # DWA averages its losses per epoch here
 
 
 # ----------------------------------------------------------------------------- the command

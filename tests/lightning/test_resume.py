@@ -157,3 +157,21 @@ def test_a_checkpoint_without_gate_state_starts_a_fresh_gate_and_says_so(tmp_pat
         loaded = TinyNet.load_from_checkpoint(path)
     saved = torch.load(path, weights_only=False)["state_dict"]
     torch.testing.assert_close(loaded.trunk[0].weight, saved["trunk.0.weight"])
+
+
+@pytest.mark.parametrize(
+    "method, gate",
+    [("gradvac", {"beta": 0.3}), ("dwa", {"period": 2}), ("rlw", {"seed": 3}), ("torchjd:GradVac", {})],
+)
+def test_resume_of_stateful_rules_and_loss_weightings(tmp_path, method, gate):
+    """GradVac's EMA targets, DWA's loss history, RLW's generator and a torchjd weighting's state are in the
+    checkpoint: resuming mid-epoch equals the uninterrupted run."""
+    if method.startswith("torchjd:"):
+        pytest.importorskip("torchjd", reason='torchjd is not installed: pip install -e ".[torchjd]"')
+    batches = make_batches(5, 8)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1, filename="{step}")
+    kwargs = {"method": method, "optimizer": "sgd", "gate": gate}
+    full = fit(TinyNet(**kwargs), batches, max_epochs=2, callbacks=[ckpt], enable_checkpointing=True)
+    resumed = TinyNet(**kwargs, seed=99)
+    fit(resumed, batches, max_epochs=2, ckpt_path=str(tmp_path / "step=6.ckpt"))
+    _assert_same_state(resumed, full, skip_log=6)

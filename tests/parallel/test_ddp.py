@@ -8,6 +8,7 @@ workers are started like ``torchrun`` does (rank in the environment) and use Lig
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 
@@ -44,6 +45,11 @@ SCENARIOS = [
     },
     # GradNorm: its weights adapt from the global losses and gradient norms.
     {"name": "gradnorm", "model": {"method": "gradnorm", "optimizer": "sgd", "gate": {"lr": 1.0}}},
+    # DWA and RLW: weights from the global losses / one seeded draw per step, the same on every rank.
+    {"name": "dwa", "model": {"method": "dwa", "optimizer": "sgd"}},
+    {"name": "rlw", "model": {"method": "rlw", "optimizer": "sgd", "gate": {"seed": 4}}},
+    # A stateful rule (GradVac's EMA targets, from the global Gramian) and a torchjd weighting.
+    {"name": "gradvac", "model": {"method": "gradvac", "optimizer": "sgd", "gate": {"beta": 0.3}}},
     # 16-mixed with a CPU GradScaler; rank 1 alone overflows on its 3rd batch (see worker).
     {
         "name": "scaler",
@@ -52,6 +58,8 @@ SCENARIOS = [
         "scaler": {"init_scale": 2.0**8},
     },
 ]
+if importlib.util.find_spec("torchjd") is not None and importlib.util.find_spec("qpsolvers") is not None:
+    SCENARIOS.append({"name": "upgrad", "model": {"method": "torchjd:UPGrad", "optimizer": "sgd"}})
 for sc in SCENARIOS:
     sc.setdefault("num_batches", NUM_BATCHES)
     sc.setdefault("batch_size", BATCH)
@@ -121,6 +129,36 @@ def test_ddp_gradnorm_equals_single_process_on_the_concatenated_batch(ddp_result
         torch.testing.assert_close(
             rank["gate"]["loss_weighting.initial_losses"], ref.gradsim.loss_weighting.initial_losses
         )
+
+
+@pytest.mark.parametrize("name", ["dwa", "rlw"])
+def test_ddp_dwa_and_rlw_equal_single_process_on_the_concatenated_batch(ddp_results, name):
+    """DWA's weights come from the global losses and RLW's from one seeded draw per optimizer step:
+    both ranks hold the same weights and parameters as one process on the whole batch."""
+    ref = _single(name)
+    weights = ref.gradsim.loss_weighting.task_weights
+    assert (weights - 1).abs().max() > 1e-3  # not all 1
+    for r in range(WORLD):
+        rank = ddp_results[name][r]
+        _assert_same_params(rank["params"], params(ref))
+        torch.testing.assert_close(rank["gate"]["loss_weighting.task_weights"], weights, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gradvac", "upgrad"])
+def test_ddp_gramian_rules_with_state_or_solvers_equal_single_process(ddp_results, name):
+    """GradVac's targets and torchjd's UPGrad weights come from the reduced (global) Gramian: the same on
+    every rank, equal to one process on the whole batch."""
+    if name not in ddp_results:
+        pytest.skip('torchjd is not installed: pip install -e ".[torchjd]"')
+    ref = _single(name)
+    for r in range(WORLD):
+        rank = ddp_results[name][r]
+        _assert_same_params(rank["params"], params(ref))
+        _assert_same_log(rank["gate_log"], ref.gate_log)
+        if name == "gradvac":
+            torch.testing.assert_close(rank["gate"]["rule.target"], ref.gradsim.rule.target, atol=1e-6, rtol=1e-5)
+    if name == "gradvac":
+        assert float(ref.gradsim.rule.target.abs().max()) > 0.01  # the targets moved
 
 
 def test_ddp_sync_is_one_bucketed_all_reduce_per_step(ddp_results):
