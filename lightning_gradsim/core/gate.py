@@ -335,6 +335,8 @@ class GradientGate(CheckpointedGate):
     def reset_state(self) -> None:
         """Forget the smoothed cosine, the main-gradient EMA, the counters (and a loss weighting's adapted state)."""
         self.state.reset()
+        if callable(getattr(self.rule, "reset", None)):
+            self.rule.reset()  # e.g. GradVac's targets
         if self.loss_weighting is not None:
             self.loss_weighting.reset()
 

@@ -88,6 +88,9 @@ def decide(
     ok = torch.isfinite(torch.cat(parts, dim=-1)).all(-1)  # one check
     if finite is not None:
         ok = ok & finite
+    commit = getattr(rule, "commit", None)
+    if commit is not None:  # a stateful rule keeps what it staged in weights() only on a finite step
+        commit(ok)
     state.commit(
         smoothed,
         gate_open,

@@ -107,6 +107,7 @@ class GradVac(Rule, nn.Module):
         self.register_buffer("target", torch.zeros(0))
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
         self._adjusted: Tensor | None = None
+        self._pending: tuple[Tensor, Tensor] | None = None
 
     def weights(self, inp: RuleInput) -> Tensor:
         gram = inp.gramian
@@ -127,12 +128,21 @@ class GradVac(Rule, nn.Module):
         ok = torch.isfinite(gram).flatten(-2).all(-1).unsqueeze(-1)
         if self.per_tensor:
             ok = ok.all(0, keepdim=True)
-        new = (1 - self.beta) * self.target + self.beta * cos
-        self.target.copy_(torch.where(ok, new, self.target).detach())
-        self.updates.add_(ok.all().long())
+        self._pending = (torch.where(ok, (1 - self.beta) * self.target + self.beta * cos, self.target).detach(), ok)
         self._adjusted = adjusted
         main = 1 + (lam * c).sum(-1)
         return torch.cat([main.unsqueeze(-1), lam.expand_as(c)], dim=-1)
+
+    def commit(self, finite: Tensor) -> None:
+        """Keep the targets staged by :meth:`weights` where the step is finite (losses, heads, other ranks too):
+        a skipped step leaves them as they were."""
+        if self._pending is None:
+            return
+        new, ok = self._pending
+        keep = ok & finite.reshape(finite.shape + (1,) * (ok.dim() - finite.dim())) if finite.dim() < ok.dim() else ok
+        self.target.copy_(torch.where(keep, new, self.target))
+        self.updates.add_(keep.all().long())
+        self._pending = None
 
     def gate_open(self, inp: RuleInput, weights: Tensor) -> Tensor:
         adjusted = self._adjusted

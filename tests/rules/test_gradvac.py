@@ -179,3 +179,27 @@ def test_gradvac_coefficients_per_tensor_batch_equals_each_tensor_alone():
         c1, a1, cos1 = gradvac_coefficients(grams[layer], target[layer])
         torch.testing.assert_close(c[layer], c1)
         assert torch.equal(adjusted[layer], a1)
+
+
+def test_a_skipped_step_leaves_the_targets_alone():
+    # a NaN/inf only in a head's gradient: the Gramian on the trunk is finite, the step is skipped all the same
+    from lightning_gradsim import GradientGate
+
+    w, head = torch.nn.Parameter(torch.tensor([1.0, 0.5])), torch.nn.Parameter(torch.ones(1))
+    gate = GradientGate(rule="gradvac")
+
+    def step(poison: bool):
+        w.grad = head.grad = None
+        h = head * 1.0
+        if poison:
+            h.register_hook(lambda g: g * float("inf"))
+        main = (w * torch.tensor([1.0, 0.0])).sum() + h.sum()
+        return gate.backward(main, {"aux": (w * torch.tensor([-1.0, 1.0])).sum()}, [w])
+
+    assert bool(step(False).finite)
+    before = gate.rule.target.clone()
+    assert not bool(step(True).finite)
+    torch.testing.assert_close(gate.rule.target, before, rtol=0, atol=0)
+    assert bool(step(False).finite) and not torch.equal(gate.rule.target, before)  # a finite step moves them
+    gate.reset_state()
+    assert gate.rule.target.numel() == 0
