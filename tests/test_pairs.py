@@ -246,4 +246,4 @@ def test_pairs_command_imagefolder(tmp_path, capsys):
     )
     assert (out / "figure3.png").is_file()
     assert gradsim(["pairs", "--source", "downsampled", "--root", str(root), "--out", str(out)]) == 2
-    assert "map_file" in capsys.readouterr().out
+    assert "map_file" in capsys.readouterr().err

@@ -201,7 +201,7 @@ def test_stacked_runs_equal_separate_runs(digits, methods, gate_kwargs):
         # added ("sum") ends elsewhere
         closed.add(methods[mi])
         summed = _reference_params(_reference_run("sum", *run[1:]))
-        gap = max(float((g - s.detach()).abs().max()) for g, s in zip(_stacked_params(proto.model, r), summed))
+        gap = max(float((g.detach() - s.detach()).abs().max()) for g, s in zip(_stacked_params(proto.model, r), summed))
         assert gap > 5 * atol
     assert closed == set(methods) - {"main_only", "sum"}  # every gated method closed on some run and step
 
@@ -358,4 +358,4 @@ def test_cli_on_the_mnist_10k_file_says_it_splits(tmp_path, mnist_root):
 
 def test_cli_reports_bad_input(capsys):
     assert main(["--source", "digits", "--methods", "main_only,bogus", "--no-progress"]) == 2
-    assert "Unknown method 'bogus'" in capsys.readouterr().out
+    assert "Unknown method 'bogus'" in capsys.readouterr().err
