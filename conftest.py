@@ -42,3 +42,13 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if _not_collected:
         terminalreporter.write_line("doctests not collected, optional dependency missing: " + ", ".join(_not_collected))
+
+
+@pytest.fixture(autouse=True)
+def _doctests_in_a_temporary_folder(request: pytest.FixtureRequest) -> None:
+    """A docstring example that writes files writes them in a temporary folder, seeded as the tests are."""
+    if isinstance(request.node, pytest.DoctestItem):
+        import torch
+
+        request.getfixturevalue("monkeypatch").chdir(request.getfixturevalue("tmp_path"))
+        torch.manual_seed(0)

@@ -1,7 +1,10 @@
 """``gradsim``: one command line for training, comparing and the paper's experiments.
 
 Sub-commands are looked up in :data:`COMMANDS` and imported lazily, so ``gradsim --help`` imports
-neither torch nor Lightning and each experiment's dependencies load only when it runs.
+neither torch nor Lightning and each experiment's dependencies load only when it runs. Before a
+command starts, the packages it needs are looked up (not imported) and a missing one is named with
+the extra that installs it; a user error is one line on stderr and exit status 2
+(:mod:`lightning_gradsim.cli_checks`).
 
 >>> main(["--help"])  # doctest: +ELLIPSIS
 usage: gradsim <command> [options]    (gradsim --version: the version)
@@ -35,7 +38,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "toy": ("lightning_gradsim.experiments.toys:main", "2-D toys: blog's unit circle (default), paper's Figure 2"),
     "gridworld": ("lightning_gradsim.rl.cli:main", "RL distillation from a teacher in gridworlds: curves + figures"),
     "table1": (
-        "lightning_gradsim.experiments.table1:main",
+        "lightning_gradsim.experiments.table1_cli:main",
         "paper Table 1 (rotated MNIST): all runs stacked, table + paired tests + plots",
     ),
     "atari": (
@@ -76,19 +79,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gradsim: unknown command {name!r}; choose from {', '.join(COMMANDS)}.", file=sys.stderr)
         return 2
     entry = COMMANDS[name][0]
+    from .cli_checks import UsageError, check_requirements
+
     try:
-        command = load_entry(entry)
-    except ModuleNotFoundError as err:
-        if (err.name or "").startswith("lightning_gradsim"):
+        if not {"-h", "--help"} & set(rest):
+            check_requirements(name)  # the extras it needs, before anything runs
+        try:
+            command = load_entry(entry)
+        except ModuleNotFoundError as err:
+            if (err.name or "").startswith("lightning_gradsim"):
+                raise
+            check_requirements(name, [(err.name or "").partition(".")[0]])
             raise
-        extra = "rl" if entry.startswith("lightning_gradsim.rl.") else "experiments"
-        print(
-            f"gradsim {name}: needs the package {err.name!r}; "
-            f"install it with pip install 'lightning-gradsim[{extra}]'.",
-            file=sys.stderr,
-        )
+        return int(command(rest) or 0)
+    except UsageError as err:  # a user error: one line, status 2 (see lightning_gradsim.cli_checks)
+        print(f"gradsim {name}: {err}", file=sys.stderr, flush=True)
         return 2
-    return int(command(rest) or 0)
 
 
 if __name__ == "__main__":

@@ -208,9 +208,12 @@ def shortened(path: Path, root_dir: Path, data_root: Path | None = None, probe: 
 
 
 def checkpoint(root_dir: Path) -> Path:
+    """The run's best checkpoint (the configs' monitored ModelCheckpoint), next to its ``last.ckpt``."""
     ckpts = sorted(root_dir.rglob("*.ckpt"))
-    assert len(ckpts) == 1, f"expected the run to write one checkpoint under {root_dir}, found {ckpts}"
-    return ckpts[0]
+    best = [c for c in ckpts if c.name != "last.ckpt"]
+    assert len(best) == 1, f"expected the run to write one best checkpoint under {root_dir}, found {ckpts}"
+    assert [c.name for c in ckpts if c.name == "last.ckpt"] == ["last.ckpt"], f"no last.ckpt under {root_dir}"
+    return best[0]
 
 
 def probe_records(folder: Path, stage: str) -> list[dict[str, Any]]:

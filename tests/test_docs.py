@@ -121,3 +121,36 @@ def test_doctests_of_modules_with_a_missing_optional_dependency_are_not_collecte
     (package / "needs_typo.py").write_text("import not_a_known_extra_package\n")
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.returncode != 0 and "not_a_known_extra_package" in proc.stdout
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/usage.md"])
+def test_the_without_lightning_example_skips_a_non_finite_step(page):
+    """The page's "Without Lightning" training step runs as written, and a NaN loss leaves the weights alone."""
+    import re
+
+    import torch
+
+    from lightning_gradsim import GradientGate
+
+    text = (REPO / page).read_text()
+    start = text.index("Without Lightning")
+    code = re.search(r"```python\n(.*?)```", text[start:], flags=re.S).group(1)
+    assert "if stats.finite:" in code and code.index("if stats.finite:") < code.index("optimizer.step()")
+    code = code.split("update, stats = gate.combine")[0]  # the step (combine is shown for other vectors)
+    for poison, moves in ((1.0, True), (float("nan"), False)):
+        torch.manual_seed(0)
+        model = torch.nn.Module()
+        model.trunk = torch.nn.Linear(3, 3)
+        x = torch.randn(4, 3)
+        before = [p.detach().clone() for p in model.trunk.parameters()]
+        scope = {
+            "GradientGate": GradientGate,
+            "model": model,
+            "main_loss": model.trunk(x).pow(2).mean(),
+            "aux_loss": model.trunk(x).sum() * poison,
+            "optimizer": torch.optim.SGD(model.trunk.parameters(), lr=0.1),
+        }
+        exec(compile(code, page, "exec"), scope)
+        moved = any(not torch.equal(b, p) for b, p in zip(before, model.trunk.parameters()))
+        assert moved == moves
+        assert all(torch.isfinite(p).all() for p in model.trunk.parameters())

@@ -272,3 +272,22 @@ def test_wheel_runs_outside_the_repository(tmp_path):
     assert [float(r["test_error"]) for r in runs] == pytest.approx(
         [float(r["test_error"]) for r in reference], abs=1e-6
     )
+
+
+def test_readme_names_the_core_dependencies_and_they_have_no_upper_pin_on_torch():
+    """README's install line names exactly pyproject's dependencies; torch and torchvision are not capped
+    in the package metadata (scripts/setup.sh bounds them with constraints.txt instead)."""
+    import re
+
+    block = (REPO / "pyproject.toml").read_text().split("\ndependencies = [", 1)[1].split("\n]", 1)[0]
+    deps = re.findall(r'^\s*"([^"]+)"', block, flags=re.M)  # (tomllib is Python 3.11+)
+    names = {re.split(r"[<>=!~\[ ;]", d, maxsplit=1)[0].lower() for d in deps}
+    readme = (REPO / "README.md").read_text()
+    line = next(ln for ln in readme.splitlines() if "(needs " in ln)
+    listed = {n.strip().lower() for n in line.split("(needs ", 1)[1].rstrip(")").split(",")}
+    assert listed == names, (listed, names)
+    for d in deps:
+        if re.split(r"[<>=!~\[ ;]", d, maxsplit=1)[0].lower() in ("torch", "torchvision"):
+            assert "<" not in d, d
+    constraints = (REPO / "constraints.txt").read_text()
+    assert "torch<=" in constraints and "-c constraints.txt" in (REPO / "scripts" / "setup.sh").read_text()

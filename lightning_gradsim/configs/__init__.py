@@ -28,6 +28,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..cli_checks import user_errors
+
 __all__ = ["CONFIG_DIR", "ConfigNotFoundError", "list_configs", "resolve_config", "resolve_config_args", "main"]
 
 #: The folder holding the packaged configs (``<group>/<name>.yaml``).
@@ -114,11 +116,12 @@ def resolve_config_args(argv: Sequence[str]) -> list[str]:
     return out
 
 
+@user_errors("gradsim configs")
 def main(argv: list[str] | None = None) -> int:
     """``gradsim configs``: list the packaged configs; ``gradsim configs NAME``: print one (to copy and edit)."""
-    import argparse
+    from ..cli_checks import command_parser
 
-    parser = argparse.ArgumentParser(
+    parser = command_parser(
         prog="gradsim configs",
         description="List the packaged example configs (usable as --config NAME), or print one.",
     )

@@ -335,8 +335,9 @@ class GradientGate(CheckpointedGate):
     def reset_state(self) -> None:
         """Forget the smoothed cosine, the main-gradient EMA, the counters (and a loss weighting's adapted state)."""
         self.state.reset()
-        if callable(getattr(self.rule, "reset", None)):
-            self.rule.reset()  # e.g. GradVac's targets
+        reset_rule = getattr(self.rule, "reset", None)
+        if callable(reset_rule):
+            reset_rule()  # e.g. GradVac's targets
         if self.loss_weighting is not None:
             self.loss_weighting.reset()
 

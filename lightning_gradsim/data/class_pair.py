@@ -77,6 +77,11 @@ def balanced_negatives(labels: np.ndarray, candidates: np.ndarray, exclude: set[
     return np.sort(cand[pick])
 
 
+#: The label given to an image file that cannot be decoded: no task draws it (see ``_Pool.unreadable``).
+#: Empty: no class is named so, and it fits the fixed-width string array of the labels.
+UNREADABLE = ""
+
+
 class _Pool:
     """Images of one source split with a label per image."""
 
@@ -85,12 +90,35 @@ class _Pool:
     def load(self, index: int) -> Tensor:  # (3, H, W) float in [0, 1]
         raise NotImplementedError
 
+    def unreadable(self, indices: np.ndarray) -> list[int]:
+        """Those of ``indices`` whose image cannot be decoded (none: the data are in memory)."""
+        return []
+
 
 class _FolderPool(_Pool):
     def __init__(self, root: str, image_size: int) -> None:
         self.paths, labels = scan_image_folder(root)
         self.labels = np.asarray(labels)
         self.image_size = image_size
+        self._checked: set[int] = set()
+
+    def unreadable(self, indices: np.ndarray) -> list[int]:
+        """Decode each file once, at the reduced size JPEG allows (``draft``: a fraction of a full decode),
+        so that a garbage or truncated file is found at setup and never in the middle of an epoch."""
+        from PIL import Image
+
+        bad = []
+        for i in (int(i) for i in indices):
+            if i in self._checked:
+                continue
+            self._checked.add(i)
+            try:
+                with Image.open(self.paths[i]) as img:
+                    img.draft("RGB", (self.image_size, self.image_size))
+                    img.load()
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+                bad.append(i)
+        return bad
 
     def load(self, index: int) -> Tensor:
         from PIL import Image
@@ -235,6 +263,8 @@ class ClassPairDataModule(L.LightningDataModule):
         self.split_seed, self.seed = split_seed, seed
         self.reference_fraction = float(reference_fraction)
         self.datasets: dict[str, BinaryTaskDataset] = {}
+        #: image files found unreadable at setup and skipped (the tasks drew other images instead)
+        self.skipped_files: list[str] = []
 
     @property
     def tasks(self) -> dict[str, int]:
@@ -283,6 +313,18 @@ class ClassPairDataModule(L.LightningDataModule):
         return np.sort(np.concatenate(kept))
 
     def _task(self, pool: _Pool, candidates: np.ndarray, positive: str, seed: int) -> BinaryTaskDataset:
+        """The task's images, every one decodable: an unreadable file is labelled ``UNREADABLE`` (so that no
+        task draws it) and the draw is made again; counted in ``self.skipped_files``."""
+        while True:
+            task = self._draw_task(pool, candidates, positive, seed)
+            bad = pool.unreadable(task.indices)
+            if not bad:
+                return task
+            pool.labels[bad] = UNREADABLE
+            paths = getattr(pool, "paths", None)
+            self.skipped_files += [paths[i] if paths is not None else str(i) for i in bad]
+
+    def _draw_task(self, pool: _Pool, candidates: np.ndarray, positive: str, seed: int) -> BinaryTaskDataset:
         positives = candidates[pool.labels[candidates] == positive]
         if len(positives) == 0:
             raise ValueError(
@@ -290,6 +332,7 @@ class ClassPairDataModule(L.LightningDataModule):
                 f"(WNID/name) and that the folder or label map holds it."
             )
         exclude = {self.main_class, self.aux_class} if self.exclude_pair else {positive}
+        exclude.add(UNREADABLE)
         n_neg = int(round(self.negative_ratio * len(positives)))
         negatives = balanced_negatives(pool.labels, candidates, exclude, n_neg, seed)
         if len(negatives) == 0:
@@ -299,6 +342,7 @@ class ClassPairDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
+        self.skipped_files = []
         train_pool, test_pool = self._pools()
         train_all = self._cap(train_pool.labels, self.split_seed)
         rng = np.random.default_rng(self.split_seed + 1)
@@ -324,6 +368,14 @@ class ClassPairDataModule(L.LightningDataModule):
             self.datasets["val"] = self._task(train_pool, val_idx, self.main_class, s + 17)
         if self.reference_fraction > 0:
             self.datasets["reference"] = self._task(train_pool, ref_idx, self.main_class, s + 23)
+        if self.skipped_files:
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn(
+                f"ClassPairDataModule: {len(self.skipped_files)} image file(s) under {self.root} cannot be decoded "
+                f"and are skipped (e.g. {self.skipped_files[0]}); the tasks drew other images in their place. "
+                "The full list is in `datamodule.skipped_files`."
+            )
 
     def train_dataloader(self) -> CombinedLoader:
         return task_loaders(

@@ -25,6 +25,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from ..cli_checks import user_errors
+
 __all__ = ["GradSimCLI", "fit", "validate", "test", "run_cli", "relaunch_mismatch"]
 
 
@@ -112,28 +114,35 @@ def run_cli(subcommand: str, argv: list[str]) -> int:
     ``--config NAME`` names a packaged config (see :class:`GradSimCLI`). ``sys.argv`` is left alone:
     Lightning's ``ddp`` launcher re-runs it for ranks 1..N-1, which resolve the same name to the same file.
     """
+    from jsonargparse import ArgumentError
+
+    from ..cli_checks import UsageError, one_line
     from ..configs import ConfigNotFoundError
 
     try:
-        GradSimCLI([subcommand, *argv])
+        GradSimCLI([subcommand, *argv], parser_kwargs={"exit_on_error": False})
     except ConfigNotFoundError as err:
-        print(f"gradsim {subcommand}: {err}", file=sys.stderr)
-        return 2
+        raise UsageError(str(err)) from None
+    except ArgumentError as err:  # a bad flag or config value: one line, not the usage text
+        raise UsageError(f"{one_line(err)} (gradsim {subcommand} --help lists the options)") from None
     except SystemExit as exit_:
         return int(exit_.code or 0)
     return 0
 
 
+@user_errors("gradsim fit")
 def fit(argv: list[str]) -> int:
     """``gradsim fit --config FILE|NAME [--section.key value ...]``."""
     return run_cli("fit", argv)
 
 
+@user_errors("gradsim validate")
 def validate(argv: list[str]) -> int:
     """``gradsim validate --config FILE|NAME [--ckpt_path PATH]``."""
     return run_cli("validate", argv)
 
 
+@user_errors("gradsim test")
 def test(argv: list[str]) -> int:
     """``gradsim test --config FILE|NAME [--ckpt_path PATH]``."""
     return run_cli("test", argv)

@@ -248,6 +248,7 @@ def compare(
     progress: bool = True,
     trainer: Mapping[str, Any] | None = None,
     select: Mapping[str, Any] | None = None,
+    resume: bool = False,
 ) -> CompareResult:
     """Run every method over every seed (and variant) of ``setup``; tabulate the main task's test error.
 
@@ -266,6 +267,9 @@ def compare(
         select: best-epoch selection, e.g. ``{"monitor": "val/auroc", "mode": "max", "patience": 5}``:
             each run is tested with the weights of its best validation (and stops early on that
             metric when ``patience > 0``); ``runs.csv`` then names the selected validation.
+        resume: with ``out_dir``, each finished run is kept in ``out_dir/finished/`` as it ends
+            (:mod:`~lightning_gradsim.experiments.compare_store`); ``resume=True`` reuses the runs
+            kept there by a compare that did not end, and runs only the others.
     """
     methods = list(methods)
     if not methods:
@@ -300,7 +304,10 @@ def compare(
         )
         for (label, opts), m, s in product(grid, methods, seeds)
     ]
-    runs = _execute(specs, jobs, progress)
+    from .compare_store import RunStore
+
+    store = RunStore(out_dir, resume) if out_dir is not None else None
+    runs = _execute(specs, jobs, progress, store)
     rows = [r["row"] for r in runs]
     summary = []
     for label, _ in grid:
@@ -315,6 +322,8 @@ def compare(
     result = CompareResult(rows, summary, runs, methods, [label for label, _ in grid])
     if out_dir is not None:
         result.files = write_outputs(result, Path(out_dir), setup)
+    if store is not None:
+        store.clear()
     return result
 
 
@@ -341,25 +350,34 @@ def _check_one_process_per_run(trainer: Mapping[str, Any] | None) -> None:
         )
 
 
-def _execute(specs: list[RunSpec], jobs: int, progress: bool) -> list[dict[str, Any]]:
+def _execute(specs: list[RunSpec], jobs: int, progress: bool, store: Any = None) -> list[dict[str, Any]]:
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(specs), desc="gradsim compare", unit="run", disable=not progress)
-    out: list[dict[str, Any] | None] = [None] * len(specs)
+    out: list[dict[str, Any] | None] = [store.get(s) if store is not None else None for s in specs]
+    todo = [i for i, r in enumerate(out) if r is None]
+    bar = tqdm(
+        total=len(specs), initial=len(specs) - len(todo), desc="gradsim compare", unit="run", disable=not progress
+    )
+
+    def done(i: int, res: dict[str, Any]) -> None:
+        out[i] = res
+        if store is not None:
+            store.put(specs[i], res)  # kept as soon as it ends: a crash later loses nothing of it
+        bar.update()
+
     try:
         if jobs <= 1:
-            for i, spec in enumerate(specs):
+            for i in todo:
+                spec = specs[i]
                 bar.set_postfix_str(f"{spec.variant} {spec.method} seed={spec.seed}")
-                out[i] = run_one(spec)
-                bar.update()
-        else:
+                done(i, run_one(spec))
+        elif todo:
             import multiprocessing as mp
 
             ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
             with ctx.Pool(jobs) as pool:
-                for i, res in pool.imap_unordered(_indexed_run, list(enumerate(specs))):
-                    out[i] = res
-                    bar.update()
+                for i, res in pool.imap_unordered(_indexed_run, [(i, specs[i]) for i in todo]):
+                    done(i, res)
     finally:
         bar.close()
     return [r for r in out if r is not None]

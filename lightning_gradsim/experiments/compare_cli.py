@@ -20,6 +20,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from ..cli_checks import UsageError, check_out_dir, command_parser, int_at_least, one_line, user_errors
 from .registry import DEFAULT_METHODS, list_setups
 
 __all__ = ["build_parser", "main"]
@@ -50,7 +51,7 @@ def _parse_assignments(items: Sequence[str] | None, what: str) -> dict[str, Any]
     out: dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
-            raise SystemExit(f"gradsim compare: {what} {item!r} must look like key=value.")
+            raise UsageError(f"{what} {item!r} must look like key=value.")
         key, value = item.split("=", 1)
         out[key.strip()] = yaml.safe_load(value)
     return out
@@ -58,7 +59,7 @@ def _parse_assignments(items: Sequence[str] | None, what: str) -> dict[str, Any]
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``gradsim compare`` (built without importing torch)."""
-    parser = argparse.ArgumentParser(
+    parser = command_parser(
         prog="gradsim compare",
         description="Run methods x seeds (x variants) on one setup; print and save the main task's test error table.",
     )
@@ -67,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--setup", help="setup name (default rotated_digits)")
     parser.add_argument("--methods", nargs="+", help=f"methods (default: {' '.join(DEFAULT_METHODS)})")
-    parser.add_argument("--seeds", nargs="+", type=int, help="seeds (default 0 1 2)")
+    parser.add_argument("--seeds", nargs="+", type=int_at_least(0), help="seeds (default 0 1 2)")
     parser.add_argument(
         "--vary", action="append", metavar="KEY=V1,V2", help="sweep a setup option, e.g. angle=0,90,180"
     )
@@ -75,11 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", dest="options", action="append", metavar="KEY=VALUE", help="a setup option for every run"
     )
     parser.add_argument("--gate", action="append", metavar="KEY=VALUE", help="a gate argument, e.g. aux_weight=0.5")
-    parser.add_argument("--max-steps", type=int)
-    parser.add_argument("--eval-every", type=int)
-    parser.add_argument("--log-every", type=int)
-    parser.add_argument("--jobs", type=int, help="parallel runs (processes)")
+    parser.add_argument("--max-steps", type=int_at_least(1))
+    parser.add_argument("--eval-every", type=int_at_least(1))
+    parser.add_argument("--log-every", type=int_at_least(1))
+    parser.add_argument("--jobs", type=int_at_least(1), help="parallel runs (processes)")
     parser.add_argument("--out-dir", help="output folder (default runs/compare/<setup>)")
+    parser.add_argument(
+        "--resume", action="store_true", help="reuse the finished runs an interrupted compare kept in --out-dir"
+    )
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--list", action="store_true", help="list setups and methods, then exit")
     parser.add_argument(
@@ -92,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@user_errors("gradsim compare")
 def main(argv: list[str] | None = None) -> int:
     """``gradsim compare [--config FILE] [--setup S] [--methods ...] [--seeds ...] [--vary k=v1,v2] ...``"""
     import yaml
@@ -119,8 +124,13 @@ def main(argv: list[str] | None = None) -> int:
             args.config = resolve_config(args.config)
         except ConfigNotFoundError as err:
             parser.error(str(err))
-        with open(args.config) as f:
-            cfg = yaml.safe_load(f) or {}
+        try:
+            with open(args.config) as f:
+                cfg = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise UsageError(f"--config {args.config}: cannot be read as YAML ({one_line(err)}).") from None
+        if not isinstance(cfg, dict):
+            raise UsageError(f"--config {args.config}: a mapping of keys {sorted(CONFIG_KEYS)} is expected.")
         bad = set(cfg) - set(CONFIG_KEYS)
         if bad:
             parser.error(f"unknown key(s) {sorted(bad)} in {args.config}; allowed: {sorted(CONFIG_KEYS)}")
@@ -128,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         value = getattr(args, key)
         if value is not None:
             cfg[key] = value
+    bad_vary = [item for item in args.vary or [] if "=" not in item]
+    if bad_vary:
+        raise UsageError(f"--vary {bad_vary[0]!r} must look like key=v1,v2 (e.g. angle=0,90).")
     if args.vary:
         cfg["variants"] = {
             **cfg.get("variants", {}),
@@ -142,13 +155,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg["progress"] = False
     cfg.setdefault("setup", "rotated_digits")
     cfg.setdefault("out_dir", os.path.join("runs", "compare", cfg["setup"]))
+    check_out_dir(cfg["out_dir"], "--out-dir")
     from .compare import compare
 
     try:
-        result = compare(**cfg)
+        result = compare(**cfg, resume=args.resume)
     except (ValueError, KeyError, FileNotFoundError) as err:
-        print(f"gradsim compare: {err}", flush=True)
-        return 2
+        raise UsageError(str(err).strip("'\"")) from None
     print(result.markdown())
     if result.has_auroc:
         print("\n" + result.markdown("auroc"))

@@ -72,6 +72,7 @@ class CrossStitchClassifier(MultiTaskClassifier):
         per_channel: bool = True,
         small_input: bool = False,
         stitch_lr: float | None = None,
+        sync_buffers: str = "none",
     ) -> None:
         # The parent builds a plain MLP trunk (cheap) that is replaced below.
         super().__init__(
@@ -87,6 +88,7 @@ class CrossStitchClassifier(MultiTaskClassifier):
             lr=lr,
             weight_decay=weight_decay,
             momentum=momentum,
+            sync_buffers=sync_buffers,
         )
         self.save_hyperparameters()
         if backbone == "mlp":

@@ -25,7 +25,6 @@ Example::
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 from collections.abc import Sequence
@@ -37,6 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..cli_checks import UsageError, check_device, check_out_dir, check_path, command_parser, int_at_least, user_errors
 from .csv_rows import write_csv
 
 __all__ = [
@@ -292,9 +292,10 @@ def _scatter(rows: list[dict[str, Any]], path: Path, backbone: str, trained: boo
     plt.close(fig)
 
 
+@user_errors("gradsim distances")
 def main(argv: list[str] | None = None) -> int:
     """``gradsim distances --root DIR --hierarchy FILE [--weights FILE | --pretrained] [...]``"""
-    p = argparse.ArgumentParser(
+    p = command_parser(
         prog="gradsim distances",
         description="LCA level vs Fréchet distance of ImageNet class pairs (paper app. D.1, Fig. 10).",
     )
@@ -311,15 +312,26 @@ def main(argv: list[str] | None = None) -> int:
         "--pretrained", action="store_true", help="timm's pretrained weights from the LOCAL cache (never downloaded)"
     )
     p.add_argument(
-        "--per-level", type=int, default=D1_PAIRS_PER_LEVEL, help=f"pairs per LCA level (D.1: {D1_PAIRS_PER_LEVEL})"
+        "--per-level",
+        type=int_at_least(1),
+        default=D1_PAIRS_PER_LEVEL,
+        help=f"pairs per LCA level (D.1: {D1_PAIRS_PER_LEVEL})",
     )
-    p.add_argument("--levels", type=int, nargs="+")
-    p.add_argument("--images-per-class", type=int, default=50)
-    p.add_argument("--image-size", type=int, help="default: the backbone's pretrained input size (224 for resnetv2_50)")
+    p.add_argument("--levels", type=int_at_least(1), nargs="+")
+    p.add_argument("--images-per-class", type=int_at_least(2), default=50)
+    p.add_argument(
+        "--image-size", type=int_at_least(8), help="default: the backbone's pretrained input size (224 for resnetv2_50)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out-dir", default=os.path.join("runs", "distances"))
     args = p.parse_args(argv)
+    check_path(args.root, "--root", "dir")
+    check_path(args.hierarchy, "--hierarchy")
+    check_path(args.map_file, "--map-file")
+    check_path(args.weights, "--weights")
+    check_device(args.device)
+    check_out_dir(args.out_dir, "--out-dir")
     try:
         result = class_distances(
             args.root,
@@ -339,8 +351,7 @@ def main(argv: list[str] | None = None) -> int:
             args.device,
         )
     except (ValueError, FileNotFoundError, KeyError) as err:
-        print(f"gradsim distances: {err}")
-        return 2
+        raise UsageError(str(err).strip("'\"")) from None
     if result.fallbacks:
         print("gradsim distances: FALLS BACK from appendix D.1 (pretrained ResNetV2-50, 50 pairs per LCA level):")
         for line in result.fallbacks:

@@ -33,7 +33,6 @@ Example::
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 from collections.abc import Sequence
@@ -41,6 +40,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ..cli_checks import check_out_dir, command_parser, user_errors
 from ..core.gate import GradientGate
 from .toy_figure2 import ROWS, ConvergenceResult, convergence_times, random_starts
 
@@ -334,12 +334,14 @@ FIGURES = {
 }
 
 
+@user_errors("gradsim figures")
 def main(argv: list[str] | None = None) -> int:
     """``gradsim figures [--out DIR] [--only NAME ...]``: write the PNGs."""
-    parser = argparse.ArgumentParser(prog="gradsim figures", description="Draw the paper's remaining figures.")
+    parser = command_parser(prog="gradsim figures", description="Draw the paper's remaining figures.")
     parser.add_argument("--out", default="figures", help="output folder (default: ./figures)")
     parser.add_argument("--only", nargs="*", choices=sorted(FIGURES), help="draw only these figures")
     args = parser.parse_args(argv)
+    check_out_dir(args.out, "--out")
     for name in args.only or FIGURES:
         print(FIGURES[name](os.path.join(args.out, f"{name}.png")))
     return 0

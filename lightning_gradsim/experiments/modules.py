@@ -53,6 +53,9 @@ class MultiTaskClassifier(GradSimMixin, L.LightningModule):
         gate: keyword arguments of the method's gate, e.g. ``{"aux_weight": 1.0, "threshold": 0.0}``.
         optimizer: ``"rmsprop"`` (the paper's choice for digits), ``"adam"``, ``"adamw"`` or ``"sgd"``.
         lr, weight_decay, momentum: optimizer settings (``momentum`` for SGD and RMSprop).
+        sync_buffers: the mixin's ``gradsim_sync_buffers``: ``"broadcast"`` copies rank 0's BatchNorm
+            running statistics to every rank after each step under DDP (as DDP does in automatic
+            optimisation); ``"none"`` leaves each rank its own (and warns once when BatchNorm is used).
     """
 
     def __init__(
@@ -70,8 +73,10 @@ class MultiTaskClassifier(GradSimMixin, L.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         momentum: float = 0.0,
+        sync_buffers: str = "none",
     ) -> None:
         super().__init__()
+        self.gradsim_sync_buffers = sync_buffers
         tasks = dict(tasks or {"main": 10, "aux": 10})
         if "main" not in tasks or len(tasks) < 2:
             raise ValueError(f"tasks must name 'main' and at least one auxiliary task, got {sorted(tasks)}.")
@@ -114,7 +119,7 @@ class MultiTaskClassifier(GradSimMixin, L.LightningModule):
     def _evaluate(self, batch: Any, stage: str) -> None:
         x, y = batch
         logits = self.net(x, "main")
-        self.log(f"{stage}/loss", F.cross_entropy(logits, y), on_epoch=True, on_step=False)
+        self.log(f"{stage}/loss", F.cross_entropy(logits, y), on_epoch=True, on_step=False, sync_dist=True)
         acc = self.val_acc if stage == "val" else self.test_acc
         acc(logits, y)
         self.log(f"{stage}/acc", acc, on_epoch=True, on_step=False, prog_bar=stage == "val")

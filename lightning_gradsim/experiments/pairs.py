@@ -35,6 +35,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..cli_checks import (
+    UsageError,
+    check_device,
+    check_out_dir,
+    check_path,
+    command_parser,
+    float_in,
+    int_at_least,
+    user_errors,
+)
 from .pairs_data import PairData
 from .stacked import EpochSampler, Run, StackedRuns
 
@@ -229,9 +239,10 @@ def _build_pairs(args: argparse.Namespace) -> tuple[list[PairData], list[str], A
     return pairs, notes, choice
 
 
+@user_errors("gradsim pairs")
 def main(argv: list[str] | None = None) -> int:
     """``gradsim pairs [--source mnist|imagefolder|downsampled] --root DIR [...]``"""
-    p = argparse.ArgumentParser(
+    p = command_parser(
         prog="gradsim pairs",
         description="Paper Figure 3: single-task / multi-task / gate on a near and a far class pair.",
     )
@@ -251,23 +262,27 @@ def main(argv: list[str] | None = None) -> int:
         help="MNIST: class features for picking the pairs",
     )
     p.add_argument("--methods", default="main_only,sum,unweighted", help="comma-separated methods (any registered)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--eval-every", type=int)
-    p.add_argument("--batch-size", type=int, help="images per task per step")
-    p.add_argument("--lr", type=float)
+    p.add_argument("--seeds", type=int_at_least(1), default=3, help="seeds 0..N-1")
+    p.add_argument("--steps", type=int_at_least(1))
+    p.add_argument("--eval-every", type=int_at_least(1))
+    p.add_argument("--batch-size", type=int_at_least(1), help="images per task per step")
+    p.add_argument("--lr", type=float_in(0, low_open=True))
     p.add_argument("--optimizer", default="adam", choices=["adam", "sgd", "rmsprop"])
     p.add_argument(
         "--model", help="small_cnn, tiny_cnn or a timm name (default: small_cnn for MNIST, resnetv2_18 for ImageNet)"
     )
-    p.add_argument("--aux-weight", type=float, default=1.0)
-    p.add_argument("--threshold", type=float, default=0.0)
-    p.add_argument("--image-size", type=int, default=64, help="ImageNet image side")
-    p.add_argument("--max-per-class", type=int, help="use at most this many images per class (quick runs)")
+    p.add_argument("--aux-weight", type=float_in(0), default=1.0)
+    p.add_argument("--threshold", type=float_in(-1, 1), default=0.0)
+    p.add_argument("--image-size", type=int_at_least(8), default=64, help="ImageNet image side")
+    p.add_argument("--max-per-class", type=int_at_least(2), help="use at most this many images per class (quick runs)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=os.path.join("runs", "pairs"))
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    check_path(args.root, "--root", "any")
+    check_path(args.map_file, "--map-file")
+    check_device(args.device)
+    check_out_dir(args.out, "--out")
     start = time.perf_counter()
     d = DEFAULTS["mnist" if args.source == "mnist" else "imagenet"]
     settings = {k: getattr(args, k) if getattr(args, k) is not None else d[k] for k in d}
@@ -278,12 +293,9 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [m for m in methods if m not in list_methods()]
         if unknown or not methods:
             raise ValueError(f"Unknown method(s) {unknown}; choose from {', '.join(list_methods())}.")
-        if args.seeds < 1:
-            raise ValueError(f"--seeds must be >= 1, got {args.seeds}.")
         pairs, notes, choice = _build_pairs(args)
     except (ValueError, FileNotFoundError, KeyError) as err:
-        print(f"gradsim pairs: {err}")
-        return 2
+        raise UsageError(str(err).strip("'\"")) from None
     for pair in pairs:
         print(
             f"{pair.kind} pair: main '{pair.main_name}' ({pair.main_class}) "

@@ -16,6 +16,7 @@ from dataclasses import replace
 
 import torch
 
+from ..cli_checks import check_out_dir, command_parser, float_in, int_at_least, user_errors
 from . import relatedness
 from .relatedness import SweepConfig, run_sweep
 from .relatedness_claims import claim3_markdown
@@ -36,12 +37,13 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in text.split(",") if v.strip())
 
 
+@user_errors("gradsim relatedness")
 def main(argv: list[str] | None = None) -> int:
     """``gradsim relatedness``: run the sweep and write the table and the figure."""
-    parser = argparse.ArgumentParser(
-        prog="gradsim relatedness", description=(relatedness.__doc__ or "").split("\n\n")[0]
+    parser = command_parser(prog="gradsim relatedness", description=(relatedness.__doc__ or "").split("\n\n")[0])
+    parser.add_argument(
+        "--seeds", type=int_at_least(1), default=None, help="number of seeds (default 3; 10 with --full)"
     )
-    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; 10 with --full)")
     parser.add_argument("--lambdas", type=_floats, default=None, help="comma-separated lambdas (default 0.3,1,3)")
     parser.add_argument(
         "--methods",
@@ -56,17 +58,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--full", action="store_true", help="the complete sweep (10 seeds, 6 lambdas, lr 1e-3, up to 150 epochs)"
     )
-    parser.add_argument("--max-epochs", type=int, default=None)
-    parser.add_argument("--patience", type=int, default=None)
-    parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--n-train", type=int, default=None, help="training vectors per task (default 1000)")
-    parser.add_argument("--n-val", type=int, default=None, help="main-task validation vectors (default 1000)")
-    parser.add_argument("--n-test", type=int, default=None, help="main-task test vectors (default 10000)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--max-epochs", type=int_at_least(1), default=None)
+    parser.add_argument("--patience", type=int_at_least(0), default=None)
+    parser.add_argument("--lr", type=float_in(0, low_open=True), default=None)
+    parser.add_argument("--batch-size", type=int_at_least(1), default=None)
+    parser.add_argument(
+        "--n-train", type=int_at_least(1), default=None, help="training vectors per task (default 1000)"
+    )
+    parser.add_argument(
+        "--n-val", type=int_at_least(1), default=None, help="main-task validation vectors (default 1000)"
+    )
+    parser.add_argument("--n-test", type=int_at_least(1), default=None, help="main-task test vectors (default 10000)")
+    parser.add_argument(
+        "--threads", type=int_at_least(1), default=None, help="torch.set_num_threads (default: torch's)"
+    )
     parser.add_argument("--out", default="relatedness_out", help="output folder")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    check_out_dir(args.out, "--out")
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = SweepConfig.full() if args.full else SweepConfig()

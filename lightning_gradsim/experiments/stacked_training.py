@@ -62,6 +62,16 @@ class RunOrder:
         perms = torch.stack([torch.randperm(self.n, generator=g) for g in self._generators]).to(self.device)
         return perms[self._position]
 
+    def state_dict(self) -> dict[str, list[Tensor]]:
+        """The generators' states (to continue the same orders after a restart)."""
+        return {"generators": [g.get_state() for g in self._generators]}
+
+    def load_state_dict(self, state: dict[str, list[Tensor]]) -> None:
+        if len(state["generators"]) != len(self._generators):
+            raise ValueError(f"{len(state['generators'])} saved generators for {len(self._generators)} seeds.")
+        for g, saved in zip(self._generators, state["generators"]):
+            g.set_state(saved)
+
 
 @dataclass(frozen=True)
 class RunGroup:

@@ -27,7 +27,6 @@ Example::
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -43,6 +42,8 @@ __all__ = [
     "StackedProtocol",
     "build_protocol",
     "run_table1",
+    "setup_table1",
+    "train_table1",
     "main",
     "DEFAULT_METHODS",
     "DEFAULT_ANGLES",
@@ -273,26 +274,65 @@ def build_protocol(cfg: Table1Config, data: Any) -> StackedProtocol:
     )
 
 
-def run_table1(cfg: Table1Config) -> Table1Result:
-    """Train every ``method x angle x seed`` run of ``cfg`` as one stacked model; returns the result."""
-    from tqdm.auto import tqdm
+def run_table1(cfg: Table1Config, out_dir: str | None = None, resume: bool = False) -> Table1Result:
+    """Train every ``method x angle x seed`` run of ``cfg`` as one stacked model; returns the result.
 
+    With ``out_dir``, the state after each finished epoch is saved there, and ``resume=True``
+    continues from it (see :mod:`~lightning_gradsim.experiments.table1_resume`).
+    """
+    start = time.perf_counter()
+    data, proto = setup_table1(cfg)
+    return train_table1(cfg, data, proto, start, out_dir, resume)
+
+
+def setup_table1(cfg: Table1Config) -> tuple[Any, StackedProtocol]:
+    """Load the data and stack the runs: every check of ``cfg`` and of the data happens here."""
     from ..data.table1 import load_table1_data
 
     _check(cfg)
-    start = time.perf_counter()
     data = load_table1_data(cfg.source, cfg.root, cfg.split_seed)
-    proto = build_protocol(cfg, data)
+    return data, build_protocol(cfg, data)
+
+
+def train_table1(
+    cfg: Table1Config,
+    data: Any,
+    proto: StackedProtocol,
+    start: float,
+    out_dir: str | None = None,
+    resume: bool = False,
+) -> Table1Result:
+    """The epochs of :func:`run_table1` (saving each finished one in ``out_dir``), then the test errors."""
+    from tqdm.auto import tqdm
+
+    from .table1_resume import load_progress, restore_progress, save_progress
+
     num_runs = len(proto.runs)
     device = proto.views.device
     cos_epochs = torch.zeros(cfg.epochs, num_runs, device=device)
     loss_last = torch.zeros(num_runs, 2, device=device)
+    first, earlier = 0, 0.0
+    state = load_progress(out_dir, cfg) if out_dir is not None and resume else None
+    if state is not None:
+        restore_progress(proto, state)
+        first, earlier = int(state["epoch"]), float(state["seconds"])
+        cos_epochs[:first] = state["cos_epochs"].to(device)
+        loss_last = state["loss_last"].to(device)
     bar = tqdm(
-        range(cfg.epochs), desc=f"gradsim table1 ({num_runs} runs stacked)", unit="epoch", disable=not cfg.progress
+        range(first, cfg.epochs),
+        desc=f"gradsim table1 ({num_runs} runs stacked)",
+        unit="epoch",
+        disable=not cfg.progress,
+        initial=first,
+        total=cfg.epochs,
     )
     for epoch in bar:
         cos_epochs[epoch], loss_last = proto.train_epoch()
+        if out_dir is not None:
+            seconds = earlier + time.perf_counter() - start
+            save_progress(out_dir, cfg, proto, epoch + 1, cos_epochs, loss_last, seconds)
     bar.close()
+    start -= earlier  # the time of the epochs run before a resume counts
     test_x = data.test_x.reshape(len(data.test_y), -1).to(device)
     errors = proto.model.error(test_x, data.test_y.to(device)).cpu()
     finite = proto.model.finite().cpu()
@@ -331,83 +371,8 @@ def run_table1(cfg: Table1Config) -> Table1Result:
     )
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(t) for t in text.split(",") if t.strip()]
-    except ValueError as err:
-        raise SystemExit(f"gradsim table1: --angles takes comma-separated numbers, e.g. 0,90 ({err}).") from None
-
-
 def main(argv: list[str] | None = None) -> int:
-    """``gradsim table1 [--root DIR | --source digits] [--angles 0,90] [--methods a,b] [--seeds N] ...``"""
-    import argparse
+    """``gradsim table1 ...`` (see :func:`lightning_gradsim.experiments.table1_cli.main`)."""
+    from .table1_cli import main as table1_main
 
-    wall_start = time.perf_counter()
-    p = argparse.ArgumentParser(
-        prog="gradsim table1",
-        description="The paper's Table 1 (rotated MNIST, section 4.2): stacked runs, table, plots.",
-    )
-    p.add_argument("--root", help="torchvision MNIST folder (holding MNIST/raw); default $GRADSIM_MNIST_ROOT")
-    p.add_argument(
-        "--source", choices=["mnist", "digits"], default="mnist", help="mnist (needs --root) or digits (bundled 8x8)"
-    )
-    p.add_argument(
-        "--angles", default=",".join(f"{a:g}" for a in DEFAULT_ANGLES), help="rotations in degrees, e.g. 0,90"
-    )
-    p.add_argument(
-        "--methods", default=",".join(DEFAULT_METHODS), help="methods, e.g. main_only,sum,unweighted:threshold=0.02"
-    )
-    p.add_argument("--seeds", type=int, default=10, help="number of seeds: 0..N-1 (default 10)")
-    p.add_argument("--epochs", type=int, default=50)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3, help="RMSprop learning rate (blank in the paper; default 1e-3)")
-    p.add_argument("--aux-weight", type=float, default=1.0, help="lambda of the auxiliary task (default 1)")
-    p.add_argument("--threshold", type=float, default=0.0, help="cosine threshold of the gates (default 0)")
-    p.add_argument("--cosine-ema", type=float, default=0.0, help="EMA factor of the cosine (default 0: none)")
-    p.add_argument("--per-layer", action="store_true", help="cosine per parameter tensor, averaged (paper D.3)")
-    p.add_argument("--hidden", type=int, default=100)
-    p.add_argument("--depth", type=int, default=3)
-    p.add_argument(
-        "--split-seed", type=int, default=0, help="seed of the fixed train/test split (10k MNIST file, digits)"
-    )
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    p.add_argument("--out", default=os.path.join("runs", "table1"), help="output folder (default runs/table1)")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    root = args.root or (os.environ.get("GRADSIM_MNIST_ROOT") if args.source == "mnist" else None)
-    cfg = Table1Config(
-        source=args.source,
-        root=root,
-        angles=_floats(args.angles),
-        methods=[m for m in args.methods.split(",") if m.strip()],
-        seeds=args.seeds,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        hidden=args.hidden,
-        depth=args.depth,
-        aux_weight=args.aux_weight,
-        threshold=args.threshold,
-        cosine_ema=args.cosine_ema,
-        per_layer=args.per_layer,
-        split_seed=args.split_seed,
-        device=args.device,
-        progress=args.progress,
-    )
-    try:
-        result = run_table1(cfg)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"gradsim table1: {err}", flush=True)
-        return 2
-    from .table1_report import write_outputs
-
-    command = "gradsim table1 " + " ".join(argv if argv is not None else [])
-    files = write_outputs(result, args.out, command=command.strip(), wall_start=wall_start)
-    print(files.pop("markdown_text"))
-    print("\nfiles:")
-    for key, path in files.items():
-        print(f"  {key:<14} {path}")
-    return 0
+    return table1_main(argv)

@@ -115,8 +115,9 @@ class CelebATCDCN(GradSimMixin, L.LightningModule):
         prob = torch.sigmoid(logit)
         acc.update(prob, attractive.long())
         auroc.update(prob, attractive.long())
-        self.log(f"{stage}/loss_main", F.binary_cross_entropy_with_logits(logit, attractive), prog_bar=stage == "val")
-        self.log(f"{stage}/loss_landmarks", F.mse_loss(coords, landmarks))
+        main_loss = F.binary_cross_entropy_with_logits(logit, attractive)
+        self.log(f"{stage}/loss_main", main_loss, prog_bar=stage == "val", sync_dist=True)
+        self.log(f"{stage}/loss_landmarks", F.mse_loss(coords, landmarks), sync_dist=True)
         self.log(f"{stage}/acc", acc, on_epoch=True)
         self.log(f"{stage}/auroc", auroc, on_epoch=True)
 

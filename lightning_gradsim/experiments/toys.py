@@ -32,13 +32,13 @@ Example::
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from ..cli_checks import check_out_dir, command_parser, float_in, int_at_least, user_errors
 from ..methods import list_methods, make_gate
 from .csv_rows import write_csv
 
@@ -146,15 +146,16 @@ def plot_trajectories(problem: str, paths: dict[str, Tensor], path: str | os.Pat
 
 
 def _trajectories_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = command_parser(
         prog="gradsim toy trajectories", description="Trajectories of each rule on a 2-D toy problem, as PNGs."
     )
     parser.add_argument("--problem", default="all", choices=[*PROBLEMS, "all"])
     parser.add_argument("--rules", nargs="+", default=["main_only", "sum", "unweighted", "weighted", "projection"])
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--steps", type=int_at_least(1), default=200)
+    parser.add_argument("--lr", type=float_in(0, low_open=True), default=0.05)
     parser.add_argument("--out-dir", default=os.path.join("runs", "toys"))
     args = parser.parse_args(argv)
+    check_out_dir(args.out_dir, "--out-dir")
     problems = list(PROBLEMS) if args.problem == "all" else [args.problem]
     try:
         for problem in problems:
@@ -179,22 +180,23 @@ def _blog_main(argv: list[str]) -> int:
     )
 
     d = BlogCircle()
-    parser = argparse.ArgumentParser(
+    parser = command_parser(
         prog="gradsim toy blog",
         description="The projection blog's unit-circle toy with its settings: L_primary = (|theta| - 1)^2, "
         "L_aux = |theta - (2, 0)|^2, start (0, 2), lambda 0.1, Adam and gradient descent at lr 0.01.",
     )
     parser.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="comma-separated subset of adam,gd")
     parser.add_argument("--rules", nargs="+", default=list(BLOG_RULES))
-    parser.add_argument("--steps", type=int, default=d.steps, help=f"steps per run (ours: {d.steps})")
+    parser.add_argument("--steps", type=int_at_least(1), default=d.steps, help=f"steps per run (ours: {d.steps})")
     parser.add_argument(
         "--random-starts",
-        type=int,
+        type=int_at_least(0),
         default=d.random_starts,
         help=f"extra random starts in [-{d.box:g}, {d.box:g}]^2 (ours: {d.random_starts})",
     )
     parser.add_argument("--out-dir", default=os.path.join("runs", "toys"))
     args = parser.parse_args(argv)
+    check_out_dir(args.out_dir, "--out-dir")
     import time
 
     settings = BlogCircle(steps=args.steps, random_starts=args.random_starts)
@@ -217,21 +219,24 @@ def _blog_main(argv: list[str]) -> int:
 def _figure2_main(argv: list[str]) -> int:
     from .toy_figure2 import FIGURE2_RULES, PAPER, ROWS, figure2_markdown, figure2_table, plot_figure2
 
-    parser = argparse.ArgumentParser(
+    parser = command_parser(
         prog="gradsim toy figure2",
         description="The paper's Figure 2 toys: convergence time (steps until the main loss stays below the "
         "level) over random starts, per row (main + auxiliary) and rule.",
     )
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
     parser.add_argument("--rules", nargs="+", default=list(FIGURE2_RULES))
-    parser.add_argument("--starts", type=int, default=500, help="random starts per cell (ours: 500)")
-    parser.add_argument("--box", type=float, default=2.0, help="starts uniform in [-box, box]^2 (ours: 2)")
-    parser.add_argument("--steps", type=int, default=PAPER["steps"])
-    parser.add_argument("--lr", type=float, default=PAPER["lr"])
-    parser.add_argument("--level", type=float, default=PAPER["level"])
+    parser.add_argument("--starts", type=int_at_least(1), default=500, help="random starts per cell (ours: 500)")
+    parser.add_argument(
+        "--box", type=float_in(0, low_open=True), default=2.0, help="starts uniform in [-box, box]^2 (ours: 2)"
+    )
+    parser.add_argument("--steps", type=int_at_least(1), default=PAPER["steps"])
+    parser.add_argument("--lr", type=float_in(0, low_open=True), default=PAPER["lr"])
+    parser.add_argument("--level", type=float_in(0, low_open=True), default=PAPER["level"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", default=os.path.join("runs", "toys"))
     args = parser.parse_args(argv)
+    check_out_dir(args.out_dir, "--out-dir")
     import time
 
     start = time.perf_counter()
@@ -263,6 +268,7 @@ def _figure2_main(argv: list[str]) -> int:
 _PARTS = {"blog": _blog_main, "figure2": _figure2_main, "trajectories": _trajectories_main}
 
 
+@user_errors("gradsim toy")
 def main(argv: list[str] | None = None) -> int:
     """``gradsim toy [blog|figure2|trajectories] [options]`` (default ``blog``; ``--problem ...`` means
     ``trajectories``, as before)."""

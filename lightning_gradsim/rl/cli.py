@@ -17,6 +17,8 @@ import time
 
 import torch
 
+from ..cli_checks import check_out_dir, command_parser, float_in, int_at_least, user_errors
+
 __all__ = ["main", "build_parser"]
 
 
@@ -24,15 +26,20 @@ def build_parser() -> argparse.ArgumentParser:
     from .experiment import METHOD_ALIASES, METHODS, REMOVED_CODES, ExperimentConfig
 
     d = ExperimentConfig()
-    p = argparse.ArgumentParser(
+    p = command_parser(
         prog="gradsim gridworld",
         description="Distillation from a Q-learning teacher in partially observable gridworlds (Du et al., sec. 4.3, "
         "Figure 4). Writes curves.csv, gate.csv, summary.csv, claims.md, curves.png, gate.png and layout.png.",
     )
     p.add_argument(
-        "--envs", type=int, default=d.envs, help="number of gridworlds (default %(default)s; the paper: 1000)"
+        "--envs",
+        type=int_at_least(1),
+        default=d.envs,
+        help="number of gridworlds (default %(default)s; the paper: 1000)",
     )
-    p.add_argument("--steps", type=int, default=d.steps, help="training steps per student (default %(default)s)")
+    p.add_argument(
+        "--steps", type=int_at_least(1), default=d.steps, help="training steps per student (default %(default)s)"
+    )
     p.add_argument(
         "--seed", type=int, default=d.seed, help="seed of layouts, teachers and episodes (default %(default)s)"
     )
@@ -53,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--temperatures",
-        type=float,
+        type=float_in(0),
         nargs="+",
         default=list(d.temperatures),
         help="teacher temperatures, one column each (default %(default)s)",
@@ -69,17 +76,27 @@ def build_parser() -> argparse.ArgumentParser:
         + ")",
     )
     p.add_argument(
-        "--eval-every", type=int, default=d.eval_every, help="steps between evaluations (default %(default)s)"
+        "--eval-every",
+        type=int_at_least(1),
+        default=d.eval_every,
+        help="steps between evaluations (default %(default)s)",
     )
-    p.add_argument("--lr", type=float, default=d.lr, help="students' learning rate (default %(default)s)")
-    p.add_argument("--aux-weight", type=float, default=d.aux_weight, help="lambda of the distillation update")
     p.add_argument(
-        "--gamma", type=float, default=d.gamma, help="discount of the students and the teacher (default %(default)s)"
+        "--lr", type=float_in(0, low_open=True), default=d.lr, help="students' learning rate (default %(default)s)"
     )
-    p.add_argument("--teacher-steps", type=int, default=d.teacher_steps, help="Q-learning steps per gridworld")
+    p.add_argument("--aux-weight", type=float_in(0), default=d.aux_weight, help="lambda of the distillation update")
+    p.add_argument(
+        "--gamma",
+        type=float_in(0, 1),
+        default=d.gamma,
+        help="discount of the students and the teacher (default %(default)s)",
+    )
+    p.add_argument(
+        "--teacher-steps", type=int_at_least(1), default=d.teacher_steps, help="Q-learning steps per gridworld"
+    )
     p.add_argument(
         "--threads",
-        type=int,
+        type=int_at_least(0),
         default=1,
         help="torch CPU threads (default %(default)s: the per-step tensors are small; 0 leaves torch's default)",
     )
@@ -87,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@user_errors("gradsim gridworld")
 def main(argv: list[str] | None = None) -> int:
     """Run the experiment and write its files; returns the exit code."""
     from .claims import assess_claims, claims_markdown
@@ -94,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     from .report import write_outputs
 
     args = build_parser().parse_args(argv)
+    check_out_dir(args.out, "--out")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     try:

@@ -197,3 +197,39 @@ def test_generic_labelled_dataset_source():
         _codes(dm.datasets["main"])
     ) == Counter({"cat": 9, "car": 4, "bus": 5})
     assert Counter(_codes(dm.datasets["test"]))["cat"] == 3
+
+
+def test_unreadable_images_are_found_at_setup_skipped_and_counted(tmp_path):
+    """A garbage and a truncated .JPEG in the folder: found when the tasks are drawn (a cheap decode at
+    reduced size), replaced by other images, warned about once with their count; every item then loads."""
+    import warnings
+
+    root = make_image_folder(tmp_path / "imagenet", n_train=10, n_val=4, size=32)
+    garbage = root / "train" / TRIMARAN / f"{TRIMARAN}_train_0.JPEG"
+    garbage.write_bytes(b"not a JPEG at all" * 10)
+    other = sorted(c for c in CLASSES if c not in (TRIMARAN, CATAMARAN))[0]
+    truncated = root / "train" / other / f"{other}_train_1.JPEG"
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    kw = dict(main_class=TRIMARAN, aux_class=CATAMARAN, image_size=16, negative_ratio=3.0)
+    clean = ClassPairDataModule(str(make_image_folder(tmp_path / "clean", n_train=10, n_val=4, size=32)), **kw)
+    clean.setup()
+
+    dm = ClassPairDataModule(str(root), **kw)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dm.setup()
+    ours = [w for w in caught if "cannot be decoded" in str(w.message)]
+    assert len(ours) == 1 and "2 image file(s)" in str(ours[0].message)
+    assert sorted(dm.skipped_files) == sorted([str(garbage), str(truncated)])
+    for name, ds in dm.datasets.items():
+        paths = {ds.pool.paths[i] for i in ds.indices}
+        assert str(garbage) not in paths and str(truncated) not in paths, name
+        for i in range(len(ds)):  # every item decodes: nothing can fail in the middle of an epoch
+            x, _ = ds[i]
+            assert x.shape == (3, 16, 16)
+    # one trimaran fewer (in the main task's training or validation part); other images replace the
+    # truncated negative, so the auxiliary task keeps its size
+    positives = {k: int(ds.targets.sum()) for k, ds in dm.datasets.items() if k in ("main", "val")}
+    clean_positives = {k: int(ds.targets.sum()) for k, ds in clean.datasets.items() if k in ("main", "val")}
+    assert sum(positives.values()) == sum(clean_positives.values()) - 1
+    assert len(dm.datasets["aux"]) == len(clean.datasets["aux"])

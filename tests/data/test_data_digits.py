@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -70,8 +68,6 @@ def test_mnist_root_comes_from_the_caller_or_the_environment(monkeypatch, tmp_pa
 
 
 def test_real_mnist_test_split(mnist_root):
-    if not (Path(mnist_root) / "MNIST" / "raw").is_dir():
-        pytest.skip(f"real MNIST files not found under {mnist_root}")
     x, y = load_digits_source("mnist", mnist_root)
     assert x.shape == (10000, 1, 28, 28) and 0.0 <= x.min() and x.max() <= 1.0
     assert y[:5].tolist() == [7, 2, 1, 0, 4]  # the well-known first labels of the MNIST test set
@@ -81,3 +77,24 @@ def test_real_mnist_test_split(mnist_root):
     assert dm.input_dim == 784 and len(dm.datasets["test"]) == 100
     batch, _, _ = next(iter(dm.train_dataloader()))
     assert batch["rotated"][0].shape == (8, 1, 28, 28)
+
+
+def test_one_rule_for_missing_mnist(monkeypatch, tmp_path):
+    """Missing MNIST files fail the test when the run asked for them ($GRADSIM_MNIST_ROOT or $CI), else skip."""
+    from .conftest import mnist_root_or_skip
+
+    empty = str(tmp_path)
+    for env, outcome in (
+        ({}, pytest.skip.Exception),
+        ({"CI": "true"}, pytest.fail.Exception),
+        ({"GRADSIM_MNIST_ROOT": empty}, pytest.fail.Exception),
+        ({"CI": "false"}, pytest.skip.Exception),
+    ):
+        monkeypatch.delenv("CI", raising=False)
+        monkeypatch.delenv("GRADSIM_MNIST_ROOT", raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        with pytest.raises(outcome, match="MNIST files are not under"):
+            mnist_root_or_skip(empty)
+    (tmp_path / "MNIST" / "raw").mkdir(parents=True)
+    assert mnist_root_or_skip(empty) == empty

@@ -197,8 +197,9 @@ def test_best_epoch_keeps_and_restores_the_weights_of_the_best_validation():
         best.on_validation_end(SimpleNamespace(sanity_checking=False, callback_metrics={}, global_step=0), net)
 
 
-def _write_graded_celeba(folder, n=(24, 10, 10)) -> None:
-    """A CelebA-layout folder whose "Attractive" label follows the image brightness (learnable)."""
+def _write_graded_celeba(folder, n=(24, 10, 10), mix=None) -> None:
+    """A CelebA-layout folder whose "Attractive" label follows the image brightness (learnable), or with
+    ``mix=(a, b)`` random colours labelled by ``a * red + b * green`` plus noise."""
     from PIL import Image
 
     img_dir = folder / "img_align_celeba"
@@ -229,10 +230,16 @@ def _write_graded_celeba(folder, n=(24, 10, 10)) -> None:
     for part, count in enumerate(n):
         for _ in range(count):
             i += 1
-            grey = int(torch.randint(0, 256, (1,), generator=gen))
-            attractive = 1 if grey + int(torch.randint(-60, 61, (1,), generator=gen)) > 128 else -1
+            if mix is None:
+                grey = int(torch.randint(0, 256, (1,), generator=gen))
+                attractive = 1 if grey + int(torch.randint(-60, 61, (1,), generator=gen)) > 128 else -1
+                colour = (grey, grey, grey)
+            else:
+                colour = tuple(int(v) for v in torch.randint(0, 256, (3,), generator=gen))
+                score = mix[0] * colour[0] + mix[1] * colour[1] + int(torch.randint(-40, 41, (1,), generator=gen))
+                attractive = 1 if score > 128 * sum(mix) else -1
             name = f"{i:06d}.jpg"
-            Image.new("RGB", (WIDTH, HEIGHT), (grey, grey, grey)).save(img_dir / name, quality=95)
+            Image.new("RGB", (WIDTH, HEIGHT), colour).save(img_dir / name, quality=95)
             attr_lines.append(f"{name} -1 -1 {attractive:2d} 1")
             lm_lines.append(name + " " + " ".join(str(v) for v in _landmarks(i % 20)))
             part_lines.append(f"{name} {part}")
@@ -257,10 +264,9 @@ def test_compare_reports_the_test_auc_of_the_best_validation_epoch(tmp_path):
     from lightning.pytorch import Callback
 
     from lightning_gradsim.experiments.compare import RunSpec, run_one
-    from lightning_gradsim.experiments.selection import best_index
 
     root = tmp_path / "graded"
-    _write_graded_celeba(root)
+    _write_graded_celeba(root, mix=(1, -1))  # red vs green: the ranking changes as the net learns
 
     class Record(Callback):
         def __init__(self):
@@ -286,7 +292,8 @@ def test_compare_reports_the_test_auc_of_the_best_validation_epoch(tmp_path):
     )
     row = run_one(spec)["row"]
     assert len(record.val) == 6
-    best = best_index(record.val)
+    # the truth, without the library's selection code: the first validation with the highest AUC
+    best = next(i for i, v in enumerate(record.val) if v == max(record.val))
     assert best < len(record.val) - 1  # the last weights are not the selected ones: restoring matters
     assert row["selected_validation"] == best + 1 and row["selected_step"] == 3 * (best + 1)
     assert row["selected_value"] == pytest.approx(record.val[best])
@@ -303,7 +310,8 @@ def test_compare_reports_the_test_auc_of_the_best_validation_epoch(tmp_path):
         with torch.no_grad():
             aucs.append(_auc(torch.sigmoid(model(x)[0]), test.attractive))
     assert row["test_auroc"] == pytest.approx(aucs[best], abs=1e-6)
-    assert len({round(a, 6) for a in aucs}) > 1  # the epochs differ, so picking the wrong one would show
+    # the best and the last weights give different test AUCs, so a missing restore would show
+    assert abs(aucs[best] - aucs[-1]) > 0.01, aucs
 
 
 @pytest.mark.slow

@@ -95,7 +95,11 @@ def test_fit_bad_config_is_a_clear_error(tmp_path, capsys):
     bad.write_text(
         "model:\n  class_path: lightning_gradsim.experiments.MultiTaskClassifier\n  init_args:\n    methodd: sum\n"
     )
-    assert gradsim(["fit", "--config", str(bad)]) != 0
+    assert gradsim(["fit", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    # one line that names the option and the class, not jsonargparse's usage text
+    assert err.startswith("gradsim fit: ") and "\n" not in err and "usage:" not in err
+    assert "Option 'methodd' is not accepted" in err and "MultiTaskClassifier" in err
 
 
 def test_models_used_by_the_configs():

@@ -156,7 +156,7 @@ def test_distances_with_local_weights(tmp_path, capsys, monkeypatch):
         )
         == 2
     )
-    assert "does not fit backbone 'resnetv2_50'" in capsys.readouterr().out
+    assert "does not fit backbone 'resnetv2_50'" in capsys.readouterr().err
     # --pretrained reads only the local cache: an empty cache is an error that says nothing is downloaded
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_hf"))
     torch.hub.set_dir(str(tmp_path / "empty_torch"))
@@ -164,4 +164,4 @@ def test_distances_with_local_weights(tmp_path, capsys, monkeypatch):
         gradsim(["distances", "--root", str(root), "--hierarchy", str(is_a), "--pretrained", "--out-dir", str(out)])
         == 2
     )
-    assert "nothing is downloaded" in capsys.readouterr().out
+    assert "nothing is downloaded" in capsys.readouterr().err

@@ -151,7 +151,8 @@ def _reference_params(net):
     "methods, gate_kwargs",
     [
         (["main_only", "sum", "unweighted"], {}),
-        (["unweighted", "weighted"], {"threshold": 0.05, "cosine_ema": 0.8, "per_layer": True}),
+        # threshold 0.2: the smoothed cosines start at 0.07-0.42, so the gate closes on some runs
+        (["unweighted", "weighted"], {"threshold": 0.2, "cosine_ema": 0.8, "per_layer": True}),
         # GradVac's targets, DWA's loss history (2 steps a period) are per run; torchjd runs per run
         (["gradvac:beta=0.3", "dwa:period=2", "torchjd:UPGrad"], {}),
     ],
@@ -177,21 +178,35 @@ def test_stacked_runs_equal_separate_runs(digits, methods, gate_kwargs):
     proto = build_protocol(cfg, data)
     from lightning_gradsim.data.table1 import task_batch as tb
 
-    done = 0
+    done, records = 0, []
     while done < steps:
         idx = proto.order.epoch()
         for k in range(0, idx.shape[1], batch):
             if done == steps:
                 break
-            proto.trainer.step(*tb(proto.views, proto.train_y, proto.task_view, idx[:, k : k + batch]))
+            records.append(proto.trainer.step(*tb(proto.views, proto.train_y, proto.task_view, idx[:, k : k + batch])))
             done += 1
+    gate_open = torch.stack([rec.gate_open[:, 0] for rec in records])  # (steps, runs)
+    # The stacked einsum and nn.Linear sum in different orders: float32 rounding, measured at most 1.8e-5
+    # (0.006 lr) on any element after 7 RMSprop steps, 3e-7 on average. RMSprop's step lr g / sqrt(v) does
+    # not shrink with g, so a near-zero gradient whose sign the rounding flipped would move its element by
+    # ~lr and fail this check: atol is a fifth of lr, ten times the measured rounding.
+    atol, closed = 0.2 * lr, set()
     for r, (mi, angle, seed) in enumerate(proto.runs):
-        ref = _reference_run(methods[mi], seed, x, y, int(angle // 90), steps, batch, lr, gate_kwargs, hidden, depth)
+        run = (methods[mi], seed, x, y, int(angle // 90), steps, batch, lr, gate_kwargs, hidden, depth)
+        ref = _reference_run(*run)
         for got, want in zip(_stacked_params(proto.model, r), _reference_params(ref)):
-            # float32 noise can flip a near-zero gradient, which RMSprop turns into a step of ~lr on
-            # that element: a few elements may differ by a fraction of lr, the mean difference stays tiny.
-            torch.testing.assert_close(got, want.detach(), rtol=1e-3, atol=0.05 * lr)
+            torch.testing.assert_close(got, want.detach(), rtol=0, atol=atol)
             assert (got - want.detach()).abs().mean() < 1e-6
+        if methods[mi] in ("main_only", "sum") or bool(gate_open[:, r].all()):
+            continue
+        # where the gate closed, the comparison can fail: the same run with the auxiliary loss always
+        # added ("sum") ends elsewhere
+        closed.add(methods[mi])
+        summed = _reference_params(_reference_run("sum", *run[1:]))
+        gap = max(float((g.detach() - s.detach()).abs().max()) for g, s in zip(_stacked_params(proto.model, r), summed))
+        assert gap > 5 * atol
+    assert closed == set(methods) - {"main_only", "sum"}  # every gated method closed on some run and step
 
 
 def test_stacked_loss_weighting_scales_each_run_by_its_own_weights():
@@ -236,6 +251,7 @@ def test_per_run_gate_statistics_equal_gate_backward():
         loss_aux = F.cross_entropy(net.heads[1](net.trunk(x[r, 1])), y[r, 1])
         stats = gate.backward(loss_main, {"rotated": loss_aux}, net.trunk.parameters())
         assert rec.cosine[r, 0].item() == pytest.approx(stats.cosine.item(), abs=1e-5)
+        assert abs(stats.cosine.item() - 0.1) > 1e-3  # the decision is no rounding question (threshold 0.1)
         assert bool(rec.gate_open[r, 0]) == bool(stats.gate_open)
 
 
@@ -374,4 +390,4 @@ def test_cli_on_the_mnist_10k_file_says_it_splits(tmp_path, mnist_root):
 
 def test_cli_reports_bad_input(capsys):
     assert main(["--source", "digits", "--methods", "main_only,bogus", "--no-progress"]) == 2
-    assert "Unknown method 'bogus'" in capsys.readouterr().out
+    assert "Unknown method 'bogus'" in capsys.readouterr().err

@@ -20,7 +20,6 @@ from torch import nn
 
 from lightning_gradsim import GradientGate
 from lightning_gradsim.core.gradients import backward_gradients, per_task_gradients
-from lightning_gradsim.core.state import GateState
 from lightning_gradsim.lightning.validation import check_buffers, parallel_mode
 from lightning_gradsim.parallel.ddp_sharded import ShardLayout
 
@@ -305,12 +304,25 @@ def test_packed_gate_state_round_trips_into_a_fresh_gate():
     packed = gate.state_dict()
     assert isinstance(packed["state._extra_state"], bytes) and "state.cosine_state" not in packed
     fresh = GradientGate(rule="projection", main_grad_ema=0.5, cosine_ema=0.5)
+    assert fresh.state.cosine_state.numel() == 0  # unshaped before the load
     fresh.load_state_dict(packed)
     gate.state.packed = False
-    for key, value in gate.state.state_dict().items():
-        if isinstance(value, torch.Tensor):
-            torch.testing.assert_close(fresh.state.state_dict()[key], value, msg=key)
-    assert isinstance(GateState(), nn.Module)
+    tensors = {k: v for k, v in gate.state.state_dict().items() if isinstance(v, torch.Tensor)}
+    assert {"cosine_state", "main_grad_ema_0", "step"} <= set(tensors)  # the loop below checks something
+    for key, value in tensors.items():
+        torch.testing.assert_close(fresh.state.state_dict()[key], value, msg=key)
+    assert int(fresh.state.step) == 2 and float(gate.state.cosine_state.abs().sum()) > 0
+    # and the fresh gate carries on exactly as the original: same gradient and smoothed cosine next step
+    out = []
+    with torch.no_grad():
+        w.copy_(torch.tensor([0.3, -1.0, 2.0]))  # elsewhere: another cosine than the state's
+    for g in (gate, fresh, GradientGate(rule="projection", main_grad_ema=0.5, cosine_ema=0.5)):
+        w.grad = None
+        stats = g.backward((w * w).sum(), [w.sin().sum()], [w])
+        out.append((w.grad.clone(), stats.smoothed_cosine.clone()))
+    torch.testing.assert_close(out[1][0], out[0][0], rtol=0, atol=0)
+    torch.testing.assert_close(out[1][1], out[0][1], rtol=0, atol=0)
+    assert not torch.equal(out[2][1], out[0][1])  # a gate without the state smooths otherwise: it can fail
 
 
 def test_refusals_name_the_alternative():

@@ -12,12 +12,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from ...cli_checks import (
+    check_device,
+    check_out_dir,
+    check_path,
+    check_requirements,
+    command_parser,
+    float_in,
+    int_at_least,
+    user_errors,
+)
 
 __all__ = ["main", "build_parser", "build_teacher_parser", "teacher_main"]
 
@@ -32,22 +44,35 @@ def _add_common(p: argparse.ArgumentParser, frames: int, envs: int) -> None:
         default="minatar",
         help="minatar: 10x10 MinAtar games on CPU (default); ale: full Atari, 84x84x4 (GPU recipe)",
     )
-    p.add_argument("--frames", type=int, default=frames, help="training frames per run (default %(default)s)")
     p.add_argument(
-        "--envs", type=int, default=envs, help="games per run, the batch of one unroll (default %(default)s)"
+        "--frames", type=int_at_least(1), default=frames, help="training frames per run (default %(default)s)"
     )
-    p.add_argument("--unroll", type=int, default=20, help="unroll length T, the V-trace horizon (default %(default)s)")
-    p.add_argument("--lr", type=float, default=d.lr, help="RMSprop learning rate (default %(default)s)")
-    p.add_argument("--entropy-cost", type=float, default=d.entropy_cost, help="entropy bonus (default %(default)s)")
-    p.add_argument("--discount", type=float, default=d.discount, help="discount (default %(default)s)")
+    p.add_argument(
+        "--envs",
+        type=int_at_least(1),
+        default=envs,
+        help="games per run, the batch of one unroll (default %(default)s)",
+    )
+    p.add_argument(
+        "--unroll", type=int_at_least(1), default=20, help="unroll length T, the V-trace horizon (default %(default)s)"
+    )
+    p.add_argument(
+        "--lr", type=float_in(0, low_open=True), default=d.lr, help="RMSprop learning rate (default %(default)s)"
+    )
+    p.add_argument(
+        "--entropy-cost", type=float_in(0), default=d.entropy_cost, help="entropy bonus (default %(default)s)"
+    )
+    p.add_argument("--discount", type=float_in(0, 1), default=d.discount, help="discount (default %(default)s)")
     p.add_argument(
         "--max-grad-norm",
-        type=float,
+        type=float_in(0),
         default=d.max_grad_norm,
         help="per-run gradient clipping norm, 0: none (default %(default)s)",
     )
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default %(default)s)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default; default %(default)s)")
+    p.add_argument(
+        "--threads", type=int_at_least(0), default=1, help="torch CPU threads (0: torch's default; default %(default)s)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -55,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .learner import METHODS, LearnerConfig
 
     d = LearnerConfig()
-    p = argparse.ArgumentParser(
+    p = command_parser(
         prog="gradsim atari",
         description="Distillation from a sub-optimal Breakout teacher with a V-trace actor-critic (Du et al., "
         "sec. 4.4). Writes curves.csv, curves.png, summary.csv, config.json. `gradsim atari teacher -h`: the teacher.",
@@ -65,30 +90,35 @@ def build_parser() -> argparse.ArgumentParser:
         default="breakout",
         help="game(s), comma-separated: breakout (Figure 5) or breakout,asterix (Figure 6; ALE: breakout,ms_pacman)",
     )
-    p.add_argument("--seeds", type=int, default=3, help="seeds per method (default %(default)s)")
-    p.add_argument("--seed-offset", type=int, default=0, help="first seed (default %(default)s)")
+    p.add_argument("--seeds", type=int_at_least(1), default=3, help="seeds per method (default %(default)s)")
+    p.add_argument("--seed-offset", type=int_at_least(0), default=0, help="first seed (default %(default)s)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     p.add_argument("--out", default="runs/atari", help="output folder (default %(default)s)")
     p.add_argument("--teacher", default=None, help="teacher checkpoint (default: the packaged MinAtar Breakout one)")
     p.add_argument(
-        "--aux-weight", type=float, default=d.aux_weight, help="lambda on the KL update (default %(default)s)"
+        "--aux-weight", type=float_in(0), default=d.aux_weight, help="lambda on the KL update (default %(default)s)"
     )
     p.add_argument(
         "--rule", default=d.rule, help="gate rule of rl_kl_cos (default %(default)s: KL scaled by the cosine)"
     )
     p.add_argument(
         "--threshold",
-        type=float,
+        type=float_in(-1, 1),
         default=None,
         help="gate threshold on the cosine (default: 0.02 for one game, 0.01 for several, as in D.3)",
     )
     p.add_argument(
-        "--cosine-ema", type=float, default=d.cosine_ema, help="EMA factor of the cosine (default %(default)s)"
+        "--cosine-ema",
+        type=float_in(0, 1, high_open=True),
+        default=d.cosine_ema,
+        help="EMA factor of the cosine (default %(default)s)",
     )
-    p.add_argument("--log-every", type=int, default=0, help="frames between curve points (default frames/40)")
+    p.add_argument(
+        "--log-every", type=int_at_least(0), default=0, help="frames between curve points (default frames/40)"
+    )
     p.add_argument(
         "--random-episodes",
-        type=int,
+        type=int_at_least(0),
         default=32,
         help="episodes of the random policy measured per game for the plots, 0: none (default %(default)s)",
     )
@@ -97,18 +127,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_teacher_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = command_parser(
         prog="gradsim atari teacher",
         description="Train the `rl` agent on one game, stop early, evaluate it and save it as a teacher checkpoint.",
     )
     p.add_argument("--env", default="breakout", help="the teacher's game (default %(default)s)")
     p.add_argument("--seed", type=int, default=1000, help="seed (default %(default)s, distinct from the runs' seeds)")
     p.add_argument(
-        "--eval-episodes", type=int, default=100, help="episodes of the final evaluation (default %(default)s)"
+        "--eval-episodes",
+        type=int_at_least(1),
+        default=100,
+        help="episodes of the final evaluation (default %(default)s)",
     )
     p.add_argument("--out", required=True, help="checkpoint path, e.g. teacher.pt")
     _add_common(p, frames=50_000, envs=16)
     return p
+
+
+def _check_common(args: argparse.Namespace) -> None:
+    """What the command checks before it starts: the device, and the extra of the ALE backend."""
+    check_device(args.device)
+    if args.backend == "ale":
+        check_requirements("atari", ["ale_py", "gymnasium"])
 
 
 def _learner_config(args: argparse.Namespace, **extra):
@@ -134,6 +174,8 @@ def teacher_main(argv: list[str]) -> int:
     from .teacher import evaluate_policy, save_teacher
 
     args = build_teacher_parser().parse_args(argv)
+    _check_common(args)
+    check_out_dir(os.path.dirname(os.path.abspath(args.out)), "--out (its folder)")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     try:
@@ -182,6 +224,7 @@ def teacher_main(argv: list[str]) -> int:
     return 0
 
 
+@user_errors("gradsim atari")
 def main(argv: list[str] | None = None) -> int:
     """``gradsim atari``: run the methods, write curves and figures; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -191,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     from .plots import plot_curves
 
     args = build_parser().parse_args(argv)
+    _check_common(args)
+    check_path(args.teacher, "--teacher")
+    check_out_dir(args.out, "--out")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     games = tuple(g.strip() for g in args.env.split(",") if g.strip())
