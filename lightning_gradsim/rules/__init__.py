@@ -5,11 +5,11 @@ One rule per module (``unweighted``, ``weighted``, ``projection``, ``sum``, ``ma
 
 >>> from lightning_gradsim.rules import get_rule
 >>> rule = get_rule("projection")
->>> rule.uses_main_direction, rule.keeps_main_descent
-(True, True)
+>>> rule.uses_main_direction, rule.keeps_main_descent(), rule.keeps_main_descent(main_grad_ema=0.9)
+(True, True, False)
 """
 
-from .base import Rule, RuleInput, get_rule, list_rules, register_rule
+from .base import Rule, RuleInput, exact_gradients, get_rule, list_rules, register_rule
 from .main_only import MainOnly
 from .pcgrad import PCGrad, draw_pcgrad_orders, pcgrad_coefficients
 from .projection import Projection
@@ -23,6 +23,7 @@ __all__ = [
     "register_rule",
     "get_rule",
     "list_rules",
+    "exact_gradients",
     "Unweighted",
     "Weighted",
     "Projection",
