@@ -5,6 +5,8 @@
 * ``gradnorm`` — :class:`GradNorm` (Chen et al., 2018), task weights balancing gradient norms.
 * :class:`CrossStitchUnit` / :class:`CrossStitchNet` (Misra et al., 2016), an architecture that
   learns how much to share; use it with any rule.
+* :class:`NDDRUnit` / :class:`NDDRNet` (NDDR-CNN, Gao et al., 2019): the columns' features
+  concatenated and fused per task by a learned 1x1 convolution, BatchNorm and ReLU.
 
 The three methods are built-in names of :func:`lightning_gradsim.methods.make_gate` (so
 ``gradsim compare --methods pcgrad,uncertainty,gradnorm`` works); each module loads on first use,
@@ -33,6 +35,10 @@ _EXPORTS: dict[str, str] = {
     "CrossStitchMultiHeadNet": "cross_stitch",
     "cross_stitch_mlp": "cross_stitch",
     "cross_stitch_resnet": "cross_stitch",
+    "NDDRUnit": "nddr",
+    "NDDRNet": "nddr",
+    "nddr_mlp": "nddr",
+    "nddr_resnet": "nddr",
 }
 
 __all__ = list(_EXPORTS)
@@ -46,6 +52,7 @@ if TYPE_CHECKING:
         cross_stitch_resnet,
     )
     from .gradnorm import GradNorm
+    from .nddr import NDDRNet, NDDRUnit, nddr_mlp, nddr_resnet
     from .pcgrad import PCGrad, draw_pcgrad_orders, pcgrad_coefficients
     from .uncertainty import UncertaintyWeighting
 
