@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..baselines.cross_stitch import CrossStitchMultiHeadNet, cross_stitch_mlp, cross_stitch_resnet
+from ..baselines.cross_stitch import CrossStitchMultiHeadNet, CrossStitchNet, cross_stitch_mlp, cross_stitch_resnet
 from ..baselines.nddr import nddr_mlp, nddr_resnet
 from .modules import _OPTIMIZERS, MultiTaskClassifier
 
@@ -106,6 +106,7 @@ class CrossStitchClassifier(MultiTaskClassifier):
             momentum=momentum,
         )
         self.save_hyperparameters()
+        net: CrossStitchNet  # NDDRNet is one
         if backbone == "mlp":
             if input_dim is None:
                 raise ValueError("backbone='mlp' needs input_dim (64 for 8x8 digits, 784 for MNIST).")
