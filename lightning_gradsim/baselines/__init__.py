@@ -7,6 +7,8 @@
 * ``rlw`` — :class:`RLW` (Lin et al., 2022), random loss weights drawn every step.
 * :class:`CrossStitchUnit` / :class:`CrossStitchNet` (Misra et al., 2016), an architecture that
   learns how much to share; use it with any rule.
+* :class:`NDDRUnit` / :class:`NDDRNet` (NDDR-CNN, Gao et al., 2019): the columns' features
+  concatenated and fused per task by a learned 1x1 convolution, BatchNorm and ReLU.
 
 The loss weightings and PCGrad are built-in names of :func:`lightning_gradsim.methods.make_gate` (so
 ``gradsim compare --methods pcgrad,uncertainty,gradnorm,dwa,rlw`` works); each module loads on first use,
@@ -37,6 +39,10 @@ _EXPORTS: dict[str, str] = {
     "CrossStitchMultiHeadNet": "cross_stitch",
     "cross_stitch_mlp": "cross_stitch",
     "cross_stitch_resnet": "cross_stitch",
+    "NDDRUnit": "nddr",
+    "NDDRNet": "nddr",
+    "nddr_mlp": "nddr",
+    "nddr_resnet": "nddr",
 }
 
 __all__ = list(_EXPORTS)
@@ -51,6 +57,7 @@ if TYPE_CHECKING:
     )
     from .dwa import DWA
     from .gradnorm import GradNorm
+    from .nddr import NDDRNet, NDDRUnit, nddr_mlp, nddr_resnet
     from .pcgrad import PCGrad, draw_pcgrad_orders, pcgrad_coefficients
     from .rlw import RLW
     from .uncertainty import UncertaintyWeighting

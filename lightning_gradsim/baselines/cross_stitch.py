@@ -127,7 +127,11 @@ class CrossStitchNet(nn.Module):
         self.column_a = nn.ModuleList(stages_a)
         self.column_b = nn.ModuleList(stages_b)
         self.stitch_after = list(stitch_after)
-        self.units = nn.ModuleDict({str(i): CrossStitchUnit(c, same_weight) for i, c in zip(stitch_after, channels)})
+        self.units = nn.ModuleDict({str(i): self.make_unit(c, same_weight) for i, c in zip(stitch_after, channels)})
+
+    def make_unit(self, channels: int | None, same_weight: float) -> nn.Module:
+        """The unit after a stitched stage: ``unit(h_a, h_b) -> (h_a, h_b)`` (subclasses use other units)."""
+        return CrossStitchUnit(channels, same_weight)
 
     def forward(self, x_a: Tensor, x_b: Tensor | None = None) -> tuple[Tensor, Tensor]:
         h_a, h_b = x_a, (x_a if x_b is None else x_b)
@@ -208,25 +212,34 @@ def cross_stitch_mlp(
         net = cross_stitch_mlp(64, hidden=(100, 100))   # sklearn digits: 8x8 = 64 inputs
         feat_a, feat_b = net(x.flatten(1))               # (N, 100) each
     """
+    idx = mlp_stitch_indices(hidden, stitch_after)
+    channels = [hidden[i] if per_channel else None for i in idx]
+    return CrossStitchNet(mlp_column(in_features, hidden), mlp_column(in_features, hidden), idx, channels, same_weight)
+
+
+def mlp_column(in_features: int, hidden: Sequence[int]) -> list[nn.Module]:
+    """One MLP column: a ``Linear + ReLU`` stage per hidden width (the first flattens its input)."""
     if not hidden:
         raise ValueError("hidden must list at least one layer width.")
+    sizes = [in_features] + list(hidden)
+    stages: list[nn.Module] = []
+    for i in range(len(hidden)):
+        layers: list[nn.Module] = [nn.Linear(sizes[i], sizes[i + 1]), nn.ReLU()]
+        if i == 0:  # accept (N, 8, 8) digits as well as (N, 64)
+            layers.insert(0, nn.Flatten())
+        stages.append(nn.Sequential(*layers))
+    return stages
 
-    def column() -> list[nn.Module]:
-        sizes = [in_features] + list(hidden)
-        stages: list[nn.Module] = []
-        for i in range(len(hidden)):
-            layers: list[nn.Module] = [nn.Linear(sizes[i], sizes[i + 1]), nn.ReLU()]
-            if i == 0:  # accept (N, 8, 8) digits as well as (N, 64)
-                layers.insert(0, nn.Flatten())
-            stages.append(nn.Sequential(*layers))
-        return stages
 
+def mlp_stitch_indices(hidden: Sequence[int], stitch_after: Sequence[int] | None) -> list[int]:
+    """The hidden layers followed by a unit: all by default; checked against ``hidden``."""
+    if not hidden:
+        raise ValueError("hidden must list at least one layer width.")
     idx = list(range(len(hidden))) if stitch_after is None else sorted({int(i) for i in stitch_after})
     bad = [i for i in idx if not 0 <= i < len(hidden)]
     if bad:
         raise ValueError(f"stitch_after has layer indices {bad} outside 0..{len(hidden) - 1} (one per hidden layer).")
-    channels = [hidden[i] if per_channel else None for i in idx]
-    return CrossStitchNet(column(), column(), idx, channels, same_weight)
+    return idx
 
 
 def cross_stitch_resnet(
@@ -248,31 +261,39 @@ def cross_stitch_resnet(
         net = cross_stitch_resnet("resnet18", stitch_after=("layer1", "layer2"), in_chans=1, small_input=True)
         feat_a, feat_b = net(images)   # (N, 512) each
     """
-    import torchvision
-
-    names = ["stem", "layer1", "layer2", "layer3", "layer4", "pool"]
-    unknown = [s for s in stitch_after if s not in names]
-    if unknown:
-        raise ValueError(f"Unknown ResNet stage(s) {unknown}; choose from {names}.")
-    if not hasattr(torchvision.models, arch):
-        raise ValueError(f"Unknown torchvision architecture {arch!r}, e.g. 'resnet18' or 'resnet50'.")
-
-    def column() -> tuple[list[nn.Module], list[int]]:
-        m = getattr(torchvision.models, arch)(weights=None)
-        if small_input:
-            stem = nn.Sequential(nn.Conv2d(in_chans, 64, 3, 1, 1, bias=False), m.bn1, m.relu)
-        else:
-            conv = m.conv1 if in_chans == 3 else nn.Conv2d(in_chans, 64, 7, 2, 3, bias=False)
-            stem = nn.Sequential(conv, m.bn1, m.relu, m.maxpool)
-        stages = [stem, m.layer1, m.layer2, m.layer3, m.layer4, nn.Sequential(m.avgpool, nn.Flatten(1))]
-        widths = [64] + [_stage_width(layer) for layer in (m.layer1, m.layer2, m.layer3, m.layer4)] + [m.fc.in_features]
-        return stages, widths
-
-    stages_a, widths = column()
-    stages_b, _ = column()
-    idx = sorted(names.index(s) for s in set(stitch_after))
+    idx = resnet_stitch_indices(stitch_after)
+    stages_a, widths = resnet_column(arch, in_chans, small_input)
+    stages_b, _ = resnet_column(arch, in_chans, small_input)
     channels = [widths[i] if per_channel else None for i in idx]
     return CrossStitchNet(stages_a, stages_b, idx, channels, same_weight)
+
+
+RESNET_STAGES = ("stem", "layer1", "layer2", "layer3", "layer4", "pool")
+
+
+def resnet_stitch_indices(stitch_after: Sequence[str]) -> list[int]:
+    """Stage names (:data:`RESNET_STAGES`) -> sorted stage indices."""
+    unknown = [s for s in stitch_after if s not in RESNET_STAGES]
+    if unknown:
+        raise ValueError(f"Unknown ResNet stage(s) {unknown}; choose from {list(RESNET_STAGES)}.")
+    return sorted(RESNET_STAGES.index(s) for s in set(stitch_after))
+
+
+def resnet_column(arch: str, in_chans: int = 3, small_input: bool = False) -> tuple[list[nn.Module], list[int]]:
+    """One torchvision ResNet (random init) as stages ``stem .. pool``, and each stage's output channels."""
+    import torchvision
+
+    if not hasattr(torchvision.models, arch):
+        raise ValueError(f"Unknown torchvision architecture {arch!r}, e.g. 'resnet18' or 'resnet50'.")
+    m = getattr(torchvision.models, arch)(weights=None)
+    if small_input:
+        stem = nn.Sequential(nn.Conv2d(in_chans, 64, 3, 1, 1, bias=False), m.bn1, m.relu)
+    else:
+        conv = m.conv1 if in_chans == 3 else nn.Conv2d(in_chans, 64, 7, 2, 3, bias=False)
+        stem = nn.Sequential(conv, m.bn1, m.relu, m.maxpool)
+    stages = [stem, m.layer1, m.layer2, m.layer3, m.layer4, nn.Sequential(m.avgpool, nn.Flatten(1))]
+    widths = [64] + [_stage_width(layer) for layer in (m.layer1, m.layer2, m.layer3, m.layer4)] + [m.fc.in_features]
+    return stages, widths
 
 
 def _stage_width(layer: nn.Module) -> int:

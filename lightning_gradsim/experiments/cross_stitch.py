@@ -5,6 +5,9 @@
   paper's MLP as two columns with a unit after every hidden layer; ``backbone="resnet18"`` (any
   torchvision ResNet): two ResNet columns with units after ``stitch_after`` stages). The main
   task reads column A, auxiliary tasks column B; works with every method.
+* ``unit="nddr"``: the same two columns fused by NDDR units (Gao et al., 2019; a 1x1
+  convolution per task over both columns' concatenated features, BatchNorm, ReLU), setups
+  ``rotated_digits_nddr`` and ``class_pair_nddr``.
 * Setups ``rotated_digits_cross_stitch`` and ``class_pair_cross_stitch`` of
   :func:`~lightning_gradsim.experiments.compare.compare` (built-in names, see
   :data:`~lightning_gradsim.experiments.registry.SETUPS`).
@@ -24,10 +27,18 @@ from typing import Any
 
 import torch
 
-from ..baselines.cross_stitch import CrossStitchMultiHeadNet, cross_stitch_mlp, cross_stitch_resnet
+from ..baselines.cross_stitch import CrossStitchMultiHeadNet, CrossStitchNet, cross_stitch_mlp, cross_stitch_resnet
+from ..baselines.nddr import nddr_mlp, nddr_resnet
 from .modules import _OPTIMIZERS, MultiTaskClassifier
 
-__all__ = ["CrossStitchClassifier", "rotated_digits_cross_stitch", "class_pair_cross_stitch"]
+__all__ = [
+    "CrossStitchClassifier",
+    "rotated_digits_cross_stitch",
+    "class_pair_cross_stitch",
+    "rotated_digits_nddr",
+    "class_pair_nddr",
+]
+UNITS = ("cross_stitch", "nddr")
 
 
 class CrossStitchClassifier(MultiTaskClassifier):
@@ -39,7 +50,10 @@ class CrossStitchClassifier(MultiTaskClassifier):
         stitch_after: MLP: hidden-layer indices (default all); ResNet: stage names among
             ``stem, layer1, layer2, layer3, layer4`` (default ``layer1, layer2, layer3``).
         same_weight: initial same-column weight of every unit (other-column weight ``1 - same_weight``).
-        per_channel: one 2x2 unit per channel (default) or one per layer.
+        per_channel: one 2x2 unit per channel (default) or one per layer (cross-stitch units only).
+        unit: ``"cross_stitch"`` (Misra et al.) or ``"nddr"`` (NDDR-CNN: per task a 1x1 convolution
+            of both columns' concatenated features, BatchNorm, ReLU; diagonal init
+            ``same_weight`` / ``1 - same_weight``, 0.9 / 0.1 as in the NDDR paper).
         small_input: ResNet stem for small images (3x3 stride 1, no max-pool).
         stitch_lr: learning rate of the units (the paper uses 10^2-10^3 times the network's);
             ``None`` uses ``lr``.
@@ -73,7 +87,10 @@ class CrossStitchClassifier(MultiTaskClassifier):
         small_input: bool = False,
         stitch_lr: float | None = None,
         sync_buffers: str = "none",
+        unit: str = "cross_stitch",
     ) -> None:
+        if unit not in UNITS:
+            raise ValueError(f"unit must be one of {UNITS}, got {unit!r}.")
         # The parent builds a plain MLP trunk (cheap) that is replaced below.
         super().__init__(
             tasks=tasks,
@@ -91,14 +108,22 @@ class CrossStitchClassifier(MultiTaskClassifier):
             sync_buffers=sync_buffers,
         )
         self.save_hyperparameters()
+        net: CrossStitchNet  # NDDRNet is one
         if backbone == "mlp":
             if input_dim is None:
                 raise ValueError("backbone='mlp' needs input_dim (64 for 8x8 digits, 784 for MNIST).")
-            net = cross_stitch_mlp(input_dim, (hidden,) * depth, stitch_after, per_channel, same_weight)  # type: ignore[arg-type]
+            widths = (hidden,) * depth
+            if unit == "nddr":
+                net = nddr_mlp(input_dim, widths, stitch_after, same_weight, 1.0 - same_weight)  # type: ignore[arg-type]
+            else:
+                net = cross_stitch_mlp(input_dim, widths, stitch_after, per_channel, same_weight)  # type: ignore[arg-type]
             dim = hidden
         else:
             stages = tuple(stitch_after) if stitch_after is not None else ("layer1", "layer2", "layer3")
-            net = cross_stitch_resnet(backbone, stages, in_chans, per_channel, same_weight, small_input)  # type: ignore[arg-type]
+            if unit == "nddr":
+                net = nddr_resnet(backbone, stages, in_chans, same_weight, 1.0 - same_weight, small_input)  # type: ignore[arg-type]
+            else:
+                net = cross_stitch_resnet(backbone, stages, in_chans, per_channel, same_weight, small_input)  # type: ignore[arg-type]
             dim = _resnet_feature_dim(net)
         self.net = CrossStitchMultiHeadNet(net, dim, self.tasks)
 
@@ -138,6 +163,7 @@ _MODEL_KEYS = (
     "small_input",
     "stitch_lr",
     "in_chans",
+    "unit",
 )
 
 
@@ -168,3 +194,13 @@ def class_pair_cross_stitch(method: str, seed: int, gate: dict[str, Any], **opti
     datamodule = ClassPairDataModule(seed=seed, **data_kw)
     module = CrossStitchClassifier(tasks=datamodule.tasks, input_dim=None, method=method, gate=gate, **model_kw)
     return module, datamodule
+
+
+def rotated_digits_nddr(method: str, seed: int, gate: dict[str, Any], **options: Any):
+    """``rotated_digits`` on two MLP columns fused by NDDR units after every hidden layer (Gao et al., 2019)."""
+    return rotated_digits_cross_stitch(method, seed, gate, **{"unit": "nddr", **options})
+
+
+def class_pair_nddr(method: str, seed: int, gate: dict[str, Any], **options: Any):
+    """``class_pair`` on two torchvision ResNet columns fused by NDDR units (``backbone="resnet18"``)."""
+    return class_pair_cross_stitch(method, seed, gate, **{"unit": "nddr", **options})

@@ -59,6 +59,14 @@ SETUPS: dict[str, tuple[str, str]] = {
         f"{_E}.cross_stitch:class_pair_cross_stitch",
         "ImageNet class pair (paper 4.1) on two stitched ResNet-18 columns",
     ),
+    "rotated_digits_nddr": (
+        f"{_E}.cross_stitch:rotated_digits_nddr",
+        "rotated digits (paper 4.2) on two MLP columns fused by NDDR units (NDDR-CNN)",
+    ),
+    "class_pair_nddr": (
+        f"{_E}.cross_stitch:class_pair_nddr",
+        "ImageNet class pair (paper 4.1) on two ResNet-18 columns fused by NDDR units",
+    ),
 }
 
 # setups registered with the decorator: name -> (factory, description)

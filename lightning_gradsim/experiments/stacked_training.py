@@ -7,6 +7,14 @@ every run's main and auxiliary gradients on the shared trunk with
 ``gate.combine(main, aux, batch_dims=1)``. Heads get their own task's gradient, as
 ``gate.backward`` gives them. With a single task the step is plain single-task training.
 
+A run does not depend on what else is stacked with it (bitwise, on one machine): its
+initialisation and data order come from its own seeded generators, every matmul is one batch
+element of a batched matmul, and the gate is handed each run's trunk gradient as *one* flat vector
+(all layers concatenated), so its Gramian is one batched matmul per run and not a sum over
+per-layer Gramians -- a reduction over ``(layers, runs, ...)`` whose summation path depends on how
+many runs share the group. Gates with ``per_layer=True`` need the per-layer Gramians: they get the
+per-layer tensors, and their runs can differ in the last bits with the group's size.
+
 Example:
 
 >>> from lightning_gradsim.methods import make_gate
@@ -112,6 +120,7 @@ class StackedTrainer:
         self.model = model
         self.groups = list(groups)
         self.aux_names = list(aux_names)
+        self._sizes = [p[0].numel() for p in model.trunk]  # per-run numbers of each trunk tensor
         if model.num_tasks > 1:
             if len(self.aux_names) != model.num_tasks - 1:
                 raise ValueError(f"{model.num_tasks - 1} auxiliary task(s) but aux_names={self.aux_names}.")
@@ -146,12 +155,18 @@ class StackedTrainer:
         for group, views in zip(self.groups, self._trunk_views):
             sl = group.runs
             lw = group.gate.loss_weighting
-            if lw is None:
+            combined: Tensor | list[Tensor]
+            if lw is not None:
+                combined, stats = _weighted_combine(group, grads, self.aux_names)
+            elif group.gate.per_layer:  # the per-layer cosines need the layers apart
                 main = [g[sl, 0] for g in grads.trunk]
                 aux = {name: [g[sl, k + 1] for g in grads.trunk] for k, name in enumerate(self.aux_names)}
                 combined, stats = group.gate.combine(main, aux, batch_dims=1)
-            else:
-                combined, stats = _weighted_combine(group, grads, self.aux_names)
+            else:  # one flat vector per run and task: the Gramian is one matmul per run (see the module doc)
+                flat = torch.cat([g[sl].flatten(2) for g in grads.trunk], dim=2)  # (R_g, T, P)
+                aux_flat = {name: flat[:, k + 1] for k, name in enumerate(self.aux_names)}
+                whole, stats = group.gate.combine(flat[:, 0], aux_flat, batch_dims=1)
+                combined = [c.view(p.shape) for c, p in zip(torch.split(whole, self._sizes, dim=1), views)]  # type: ignore[arg-type]
             for p, c in zip(views, combined):
                 p.grad = c
             cosine[sl] = stats.cosine

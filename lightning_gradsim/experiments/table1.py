@@ -47,6 +47,7 @@ __all__ = [
     "main",
     "DEFAULT_METHODS",
     "DEFAULT_ANGLES",
+    "machine_info",
 ]
 
 DEFAULT_METHODS = ("main_only", "sum", "unweighted", "weighted")
@@ -149,6 +150,8 @@ class Table1Result:
     seconds: float
     device: str
     threads: int
+    #: what the numbers were computed with (:func:`machine_info`): torch, CPU, GPU, threads
+    machine: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -161,7 +164,38 @@ class Table1Result:
             "seconds": self.seconds,
             "device": self.device,
             "threads": self.threads,
+            "machine": self.machine,
         }
+
+
+def machine_info(device: str | torch.device = "cpu") -> dict[str, Any]:
+    """What a table's numbers depend on beyond the seeds: torch and its BLAS, the CPU, the GPU, threads.
+
+    Two machines with the same values here give the same table bitwise; another torch, BLAS, CPU
+    instruction set or GPU can change the last bits of a run, and so a few gate decisions and test
+    predictions (see the README's main-job paragraph).
+
+    >>> sorted(machine_info())
+    ['cpu', 'cpu_capability', 'gpu', 'python', 'threads', 'torch']
+    """
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    dev = torch.device(device)
+    gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" and torch.cuda.is_available() else None
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "gpu": gpu,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def _build_gates(specs: list[MethodSpec], common: dict[str, Any], steps_per_epoch: int = 1) -> list[Any]:
@@ -368,6 +402,7 @@ def train_table1(
         time.perf_counter() - start,
         str(device),
         torch.get_num_threads(),
+        machine_info(device),
     )
 
 

@@ -168,6 +168,9 @@ def table_markdown(result: Any, command: str, total_seconds: float | None) -> st
         f"Training: {_duration(result.seconds)} for {len(result.rows)} stacked runs "
         f"on {result.device} ({result.threads} thread(s))"
     )
+    m = result.machine
+    if m:
+        timing += f"; torch {m.get('torch')}, {m.get('gpu') or m.get('cpu')} ({m.get('cpu_capability')})"
     if total_seconds is not None:
         timing += f"; whole command, start-up included: {_duration(total_seconds)}"
     parts += ["", timing + "."]

@@ -11,8 +11,16 @@ Rows (:data:`ROWS`), recovered from the captions; our copy garbles some formulas
 * ``L1+L2`` -- main ``L1 = t1^2 + t2^2``, auxiliary ``L2 = (t1 - 1)^2 + (t2 - 1)^2`` (caption, intact).
 * ``L1+V`` -- main ``L1``, auxiliary field ``V``. The caption reads ``V = [- t2+t2 - 2t1,
   t1+t1 - 2t2]`` with superscripts lost; we read ``V = (-t2 + t2^2 - 2 t1, t1 + t1^2 - 2 t2)``.
-  Any such reading has ``g_main + V = (-t2 + t2^2, t1 + t1^2)``: the sum drops the main gradient
-  and turns around the origin (curl ``2 + 2 (t1 - t2)``, not a gradient field).
+  Reading 1 (``L1+V``): ``V`` is added like a gradient (the step is ``-lr (g_main + V)``). Then
+  ``g_main + V = (-t2 + t2^2, t1 + t1^2)``: the sum drops the main gradient and turns around the
+  origin (curl ``2 + 2 (t1 - t2)``, not a gradient field), and ``V`` opposes ``g_main`` near the
+  origin, so a cosine gate is mostly closed and cannot speed anything up.
+* ``L1-V`` -- reading 2 of the same caption: ``V`` is a *velocity* (an update direction, the
+  step is ``+lr V``, as for the Q-learning updates section 3 names), so the auxiliary vector in
+  the gradient's convention is ``-V = (t2 - t2^2 + 2 t1, -t1 - t1^2 + 2 t2)``: aligned with
+  ``g_main = 2 t`` near the origin (the gate opens there), rotating and quadratic farther out.
+  The text ("our method speeds up learning, even when combined with V"; "simply adding V ... leads
+  to divergence") does not say which; both rows are shown side by side.
 * ``L3+L4`` -- the negative example: main ``L3 = 1[t1 < 0] (t1^2 + t2^2) + 1[t1 >= 0] (1 -
   exp(-2 (t1^2 + t2^2)))`` (caption partly garbled: we read the exponent as ``-2 r^2``), flat far
   from 0 for ``t1 >= 0``; auxiliary ``L4 = (t1 - 2)^2 + (t2 - 0.5)^2`` (intact), which pulls into
@@ -81,6 +89,10 @@ def _v_field(t: Tensor) -> Tensor:
     return torch.stack([-b + b**2 - 2 * a, a + a**2 - 2 * b], -1)
 
 
+def _minus_v_field(t: Tensor) -> Tensor:
+    return -_v_field(t)
+
+
 def _l3(t: Tensor) -> Tensor:
     r2 = (t**2).sum(-1)
     return torch.where(t[..., 0] < 0, r2, 1 - torch.exp(-2 * r2))
@@ -107,7 +119,8 @@ class Row:
 
 ROWS: dict[str, Row] = {
     "L1+L2": Row(_l1, _l1_grad, _l2_grad, "main t1^2+t2^2, aux (t1-1)^2+(t2-1)^2"),
-    "L1+V": Row(_l1, _l1_grad, _v_field, "main t1^2+t2^2, aux field V (not a gradient)"),
+    "L1+V": Row(_l1, _l1_grad, _v_field, "main t1^2+t2^2, aux field V added like a gradient (reading 1)"),
+    "L1-V": Row(_l1, _l1_grad, _minus_v_field, "main t1^2+t2^2, V a velocity: aux vector -V (reading 2)"),
     "L3+L4": Row(_l3, _l3_grad, _l4_grad, "main flat for t1>=0 (negative example), aux (t1-2)^2+(t2-0.5)^2"),
 }
 

@@ -59,6 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
         "all (no positive reward left) (default %(default)s)",
     )
     p.add_argument(
+        "--rewards",
+        choices=["paper3", "legacy"],
+        default="paper3",
+        help="reward values (GOAL, GEM, PIT, MUD): paper3 = 10, 5, -10, -1 (a main-task return of about 3, the "
+        "paper's D.2 number, is reachable; the values are not given in the paper) or legacy = 1, 0.5, -1, -0.1 "
+        "(default %(default)s)",
+    )
+    p.add_argument(
         "--temperatures",
         type=float_in(0),
         nargs="+",
@@ -128,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             teacher_steps=args.teacher_steps,
             gamma=args.gamma,
             remove=args.remove,
+            rewards=args.rewards,
             transfers=("cross", "same") if args.transfer == "both" else (args.transfer,),
         )
     except ValueError as err:

@@ -34,7 +34,7 @@ from .expected import expected_cosine
 from .student import cell_kernel
 from .teacher import q_learning, teacher_policy
 from .training import GATED_RULES, METHODS, StudentTrainer
-from .world import GEM, GOAL, GridSpec, Layouts, policy_evaluation, sample_layouts
+from .world import GEM, GOAL, GridSpec, Layouts, policy_evaluation, sample_layouts, with_rewards
 
 __all__ = [
     "METHODS",
@@ -88,6 +88,9 @@ class ExperimentConfig:
         gamma: discount of the students' returns and of the teacher's Q-learning.
         teacher_steps: Q-learning transitions per gridworld.
         spec: the gridworld distribution.
+        rewards: a name of :data:`~lightning_gradsim.rl.world.REWARD_SCALES` (``"paper3"``: GOAL 10,
+            GEM 5, PIT -10, MUD -1; ``"legacy"``: 1, 0.5, -1, -0.1) that replaces ``spec``'s rewards,
+            or ``None`` to keep them. ``gradsim gridworld`` uses ``"paper3"`` by default.
     """
 
     envs: int = 200
@@ -103,8 +106,11 @@ class ExperimentConfig:
     gamma: float = 0.99
     teacher_steps: int = 20_000
     spec: GridSpec = field(default_factory=GridSpec)
+    rewards: str | None = None
 
     def __post_init__(self) -> None:
+        if self.rewards is not None:
+            self.spec = with_rewards(self.spec, self.rewards)
         if not self.methods:
             raise ValueError("Give at least one method.")
         self.methods = tuple(dict.fromkeys(canonical_method(m) for m in self.methods))

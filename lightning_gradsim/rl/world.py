@@ -32,7 +32,7 @@ Example::
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -47,6 +47,8 @@ __all__ = [
     "NUM_CODES",
     "MOVES",
     "GridSpec",
+    "REWARD_SCALES",
+    "with_rewards",
     "Layouts",
     "sample_layouts",
     "windows",
@@ -58,6 +60,21 @@ __all__ = [
 ]
 
 EMPTY, WALL, GOAL, GEM, PIT, MUD = range(6)
+
+#: Reward values ``(GOAL, GEM, PIT, MUD)`` by name. The paper's two positive values are blank in our
+#: copy (D.2: "two types of positive rewards: [] and [] points"); its only surviving number is that
+#: the gated students "score on average 3 points after 10,000 steps" in the main task, where the
+#: teacher's GOAL is removed and a GEM is the only positive reward left. ``"paper3"`` (not given in
+#: the paper; chosen from the text before any run): every reward of ``"legacy"`` times 10, so a GEM
+#: is worth 5 points and an average of 3 is reachable (with 10 % move noise, a 1 % drop per step and
+#: pits on the way), the teacher's GOAL (10) stays worth twice a GEM, and the optimal policies and the
+#: Q-learning teacher's greedy policy are those of ``"legacy"`` (a positive scale changes neither); what
+#: changes is the size of the policy gradient against the distillation gradient. ``"legacy"``: this
+#: library's earlier values (+1, +0.5, -1, -0.1), under which a main-task return of 3 is impossible.
+REWARD_SCALES: dict[str, tuple[float, float, float, float]] = {
+    "paper3": (10.0, 5.0, -10.0, -1.0),
+    "legacy": (1.0, 0.5, -1.0, -0.1),
+}
 NUM_CODES = 6
 #: (row, column) offset of actions 0..3: up, right, down, left.
 MOVES: tuple[tuple[int, int], ...] = ((-1, 0), (0, 1), (1, 0), (0, -1))
@@ -140,6 +157,18 @@ class GridSpec:
     def terminal_table() -> Tensor:
         """Whether entering each cell code ends the episode, ``(NUM_CODES,)`` bool."""
         return torch.tensor([False, False, True, True, True, False])
+
+
+def with_rewards(spec: GridSpec, scale: str) -> GridSpec:
+    """``spec`` with the rewards of :data:`REWARD_SCALES` ``[scale]`` (GOAL, GEM, PIT, MUD).
+
+    >>> with_rewards(GridSpec(), "paper3").rewards
+    (0.0, 0.0, 10.0, 5.0, -10.0, -1.0)
+    """
+    if scale not in REWARD_SCALES:
+        raise ValueError(f"rewards must be one of {tuple(REWARD_SCALES)}, got {scale!r}.")
+    goal, gem, pit, mud = REWARD_SCALES[scale]
+    return replace(spec, reward_goal=goal, reward_gem=gem, reward_pit=pit, reward_mud=mud)
 
 
 @dataclass

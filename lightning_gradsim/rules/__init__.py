@@ -5,11 +5,11 @@ One rule per module (``unweighted``, ``weighted``, ``projection``, ``sum``, ``ma
 
 >>> from lightning_gradsim.rules import get_rule
 >>> rule = get_rule("projection")
->>> rule.uses_main_direction, rule.keeps_main_descent
-(True, True)
+>>> rule.uses_main_direction, rule.keeps_main_descent(), rule.keeps_main_descent(main_grad_ema=0.9)
+(True, True, False)
 """
 
-from .base import Rule, RuleInput, get_rule, list_rules, register_rule, rule_options
+from .base import Rule, RuleInput, exact_gradients, get_rule, list_rules, register_rule, rule_options
 from .gradvac import GradVac, gradvac_coefficients
 from .main_only import MainOnly
 from .pcgrad import PCGrad, draw_pcgrad_orders, pcgrad_coefficients
@@ -25,6 +25,7 @@ __all__ = [
     "get_rule",
     "list_rules",
     "rule_options",
+    "exact_gradients",
     "Unweighted",
     "Weighted",
     "Projection",

@@ -38,13 +38,36 @@ from torch import Tensor
 
 from .._lazy import load_entry
 
-__all__ = ["Rule", "RuleInput", "register_rule", "get_rule", "list_rules", "rule_options", "TORCHJD_PREFIX"]
+__all__ = [
+    "Rule",
+    "RuleInput",
+    "register_rule",
+    "get_rule",
+    "list_rules",
+    "rule_options",
+    "TORCHJD_PREFIX",
+    "exact_gradients",
+]
 
 #: Names ``"torchjd:<Name>"`` are torchjd's ``<Name>Weighting`` (see :mod:`lightning_gradsim.rules.torchjd`).
 TORCHJD_PREFIX = "torchjd:"
 #: The adapter of torchjd's weightings, loaded by name on first use (``"module:attribute"``), so that this
 #: module, which every rule imports, imports no rule module itself.
 TORCHJD_ADAPTER = "lightning_gradsim.rules.torchjd"
+
+
+def exact_gradients(per_layer: bool, similarity: str, every_n_steps: int) -> bool:
+    """Whether the rule's Gramian is this step's Gramian of the shared *parameter* gradients as one vector.
+
+    It is not with ``per_layer=True`` (a mean of per-tensor cosines, whose sign can differ from the
+    whole vector's), ``similarity="features"`` (the Gramian of the feature gradients, not of the
+    parameter gradients that the update is made of) or ``every_n_steps > 1`` (the weights of an
+    earlier step reused). The cosine rules' Proposition 1 needs it.
+
+    >>> exact_gradients(False, "parameters", 1), exact_gradients(True, "parameters", 1)
+    (True, False)
+    """
+    return not per_layer and similarity == "parameters" and every_n_steps == 1
 
 
 @dataclass
@@ -95,8 +118,6 @@ class Rule:
 
     #: Whether the rule needs the direction vector (main gradient or its EMA) as an extra vector.
     uses_main_direction: bool = False
-    #: Whether the rule keeps Proposition 1 of the paper (g . g_main >= |g_main|^2) with default options.
-    keeps_main_descent: bool = True
     #: Whether the rule's output depends on the per-task statistics (False lets the gate skip them
     #: on steps where nothing is measured).
     needs_statistics: bool = True
@@ -111,6 +132,34 @@ class Rule:
 
     def gate_open(self, inp: RuleInput, weights: Tensor) -> Tensor:
         return weights[..., 1 : 1 + inp.num_aux] > 0
+
+    def keeps_main_descent(
+        self,
+        *,
+        threshold: float = 0.0,
+        cosine_ema: float = 0.0,
+        main_grad_ema: float = 0.0,
+        per_layer: bool = False,
+        similarity: str = "parameters",
+        every_n_steps: int = 1,
+    ) -> bool:
+        """Whether a gate with these options keeps Proposition 1 of the paper at *every* step.
+
+        Proposition 1: the update ``g`` written into the shared parameters has
+        ``g . g_main >= |g_main|^2`` for every main and auxiliary gradient and every ``lambda >= 0``,
+        where ``g_main`` is the main loss's gradient on the shared parameters (of the *weighted*
+        main loss when the gate has a ``loss_weighting``) and the gradients are the ones the gate
+        sees (the global ones under DDP with ``gradsim_sync`` ``"global"``/``"sharded"``, each
+        rank's own with ``"local"``). The keyword arguments are the :class:`GradientGate` options of
+        the same names (defaults: the gate's). The base class claims nothing (``False``); a rule
+        that keeps the bound overrides this with the exact conditions (see ``docs/rules.md``).
+
+        >>> from lightning_gradsim.rules import get_rule
+        >>> rule = get_rule("unweighted")
+        >>> rule.keeps_main_descent(), rule.keeps_main_descent(per_layer=True), rule.keeps_main_descent(threshold=-0.1)
+        (True, False, False)
+        """
+        return False
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

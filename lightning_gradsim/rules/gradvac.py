@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import Rule, RuleInput, register_rule
+from .base import Rule, RuleInput, exact_gradients, register_rule
 
 __all__ = ["GradVac", "gradvac_coefficients"]
 
@@ -102,8 +102,6 @@ class GradVac(Rule, nn.Module):
             raise ValueError(f"eps must be >= 0, got {eps}.")
         self.beta, self.per_tensor, self.eps = float(beta), bool(per_tensor), float(eps)
         self.min_target = None if min_target is None else float(min_target)
-        #: Proposition 1 holds when every used target is >= 0.
-        self.keeps_main_descent = self.min_target is not None and self.min_target >= 0
         self.register_buffer("target", torch.zeros(0))
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
         self._adjusted: Tensor | None = None
@@ -132,6 +130,21 @@ class GradVac(Rule, nn.Module):
         self._adjusted = adjusted
         main = 1 + (lam * c).sum(-1)
         return torch.cat([main.unsqueeze(-1), lam.expand_as(c)], dim=-1)
+
+    def keeps_main_descent(
+        self,
+        *,
+        threshold: float = 0.0,
+        cosine_ema: float = 0.0,
+        main_grad_ema: float = 0.0,
+        per_layer: bool = False,
+        similarity: str = "parameters",
+        every_n_steps: int = 1,
+    ) -> bool:
+        """Only when every used target is >= 0 (``min_target >= 0``: the auxiliary gradient is moved to a cosine
+        >= 0 with the main one), on the exact per-step Gramian (``Rule.keeps_main_descent``)."""
+        floor = self.min_target is not None and self.min_target >= 0
+        return floor and exact_gradients(per_layer, similarity, every_n_steps)
 
     def commit(self, finite: Tensor) -> None:
         """Keep the targets staged by :meth:`weights` where the step is finite (losses, heads, other ranks too):

@@ -23,3 +23,16 @@ class MainOnly(Rule):
 
     def weights(self, inp: RuleInput) -> Tensor:
         return inp.with_main(torch.zeros_like(inp.cosine))
+
+    def keeps_main_descent(
+        self,
+        *,
+        threshold: float = 0.0,
+        cosine_ema: float = 0.0,
+        main_grad_ema: float = 0.0,
+        per_layer: bool = False,
+        similarity: str = "parameters",
+        every_n_steps: int = 1,
+    ) -> bool:
+        """Always: the update is ``g_main`` (``g . g_main = |g_main|^2``)."""
+        return True

@@ -8,7 +8,7 @@ torchjd's ``PCGradWeighting`` does) and returns one coefficient per task gradien
 
 With a main task and auxiliary tasks the *main gradient is projected too*: unlike the cosine
 rules (``unweighted``, ``weighted``, ``projection``), PCGrad gives up the guarantee
-``g . g_main >= |g_main|^2`` (``keeps_main_descent = False``).
+``g . g_main >= |g_main|^2`` (``keeps_main_descent()`` is ``False`` whatever the options).
 
 >>> import torch
 >>> from lightning_gradsim import GradientGate
@@ -115,7 +115,6 @@ class PCGrad(Rule):
     tensor([2.5000, 1.5000])
     """
 
-    keeps_main_descent = False
     deterministic = False
 
     def weights(self, inp: RuleInput) -> Tensor:

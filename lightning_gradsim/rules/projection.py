@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Rule, RuleInput, register_rule
+from .base import Rule, RuleInput, exact_gradients, register_rule
 
 __all__ = ["Projection"]
 
@@ -41,3 +41,17 @@ class Projection(Rule):
     def gate_open(self, inp: RuleInput, weights: Tensor) -> Tensor:
         k = inp.num_aux + 1
         return inp.gramian[..., 1:k, k] >= 0
+
+    def keeps_main_descent(
+        self,
+        *,
+        threshold: float = 0.0,
+        cosine_ema: float = 0.0,
+        main_grad_ema: float = 0.0,
+        per_layer: bool = False,
+        similarity: str = "parameters",
+        every_n_steps: int = 1,
+    ) -> bool:
+        """With ``d = g_main`` (no ``main_grad_ema``), projected in parameter space, every step (the
+        cosine options do not enter: the rule reads the whole-vector Gramian)."""
+        return main_grad_ema == 0 and exact_gradients(False, similarity, every_n_steps)

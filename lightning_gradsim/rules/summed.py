@@ -19,7 +19,6 @@ class Sum(Rule):
     tensor([-2.,  0.])
     """
 
-    keeps_main_descent = False
     needs_statistics = False
 
     def weights(self, inp: RuleInput) -> Tensor:

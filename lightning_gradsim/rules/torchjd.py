@@ -134,7 +134,6 @@ class TorchJDRule(Rule, nn.Module):
     gate = GradientGate(rule=UPGradWeighting())  # wrapped in TorchJDRule by get_rule
     """
 
-    keeps_main_descent = False
     deterministic = False
 
     def __init__(self, weighting: Any, name: str | None = None) -> None:

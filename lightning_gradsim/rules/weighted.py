@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .base import Rule, RuleInput, register_rule
+from .base import Rule, RuleInput, exact_gradients, register_rule
 
 __all__ = ["Weighted"]
 
@@ -22,3 +22,16 @@ class Weighted(Rule):
     def weights(self, inp: RuleInput) -> Tensor:
         scale = inp.cosine.clamp(min=0.0) * (inp.cosine >= inp.threshold).to(inp.cosine.dtype)
         return inp.with_main(inp.aux_weight * scale)
+
+    def keeps_main_descent(
+        self,
+        *,
+        threshold: float = 0.0,
+        cosine_ema: float = 0.0,
+        main_grad_ema: float = 0.0,
+        per_layer: bool = False,
+        similarity: str = "parameters",
+        every_n_steps: int = 1,
+    ) -> bool:
+        """With any threshold (``max(0, cos)`` is 0 below zero), no cosine EMA and the exact per-step cosine."""
+        return cosine_ema == 0 and exact_gradients(per_layer, similarity, every_n_steps)

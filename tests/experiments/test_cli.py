@@ -50,6 +50,28 @@ def test_example_configs_exist():
             assert trainer["devices"] == 1
 
 
+def test_rotated_mnist_config_says_it_is_not_the_papers_protocol():
+    from lightning_gradsim.configs import list_configs
+
+    text = list_configs()["rotated_mnist"].read_text()
+    assert "NOT the paper's protocol" in text and "gradsim table1" in text and "variant of the main job" not in text
+
+
+def test_imagenet_pair_configs_and_gradsim_pairs_share_one_protocol():
+    """One ImageNet class-pair protocol (docs/protocols.md): the `gradsim fit` configs train as long,
+    evaluate as often and take as many images per task and step as `gradsim pairs` does."""
+    from lightning_gradsim.experiments.pairs import DEFAULTS
+
+    want = DEFAULTS["imagenet"]
+    for path in PAIR_CONFIGS:
+        cfg = yaml.safe_load(path.read_text())
+        trainer, data, model = cfg["trainer"], cfg["data"]["init_args"], cfg["model"]["init_args"]
+        assert trainer["max_steps"] == want["steps"] and trainer["val_check_interval"] == want["eval_every"], path
+        per_step = data["batch_size"] * trainer["devices"] * trainer["num_nodes"]
+        assert per_step == want["batch_size"], path  # per task, summed over the devices
+        assert model["backbone"] == want["model"] and model["lr"] == want["lr"] and data["image_size"] == 64
+
+
 # Every example config is run as a user runs it (Lightning's own DDP launcher included) in
 # tests/lightning/test_launch.py.
 

@@ -235,6 +235,28 @@ def test_stacked_loss_weighting_scales_each_run_by_its_own_weights():
     assert int(gate.loss_weighting.draws) == 2 and gate.loss_weighting.task_weights.shape == (3, 2)
 
 
+def test_a_run_does_not_depend_on_what_else_is_stacked(digits):
+    """Bitwise (one machine, one process): a subset of the runs trained alone equals the same runs
+    inside the full stack -- parameters, per-epoch cosines and losses, gate statistics, test errors."""
+    data = type(digits)(digits.train_x[:640], digits.train_y[:640], digits.test_x, digits.test_y, "digits", "subset")
+    common = dict(source="digits", seeds=3, epochs=2, batch_size=64, hidden=100, depth=3, progress=False)
+    full = build_protocol(Table1Config(angles=[0, 45, 90, 135, 180], **common), data)  # 4 methods x 5 x 3 = 60
+    sub = build_protocol(Table1Config(angles=[90, 45], methods=["weighted", "sum"], **common), data)
+    labels = [s.label for s in full.specs]
+    where = [full.runs.index((labels.index(sub.specs[m].label), a, s)) for m, a, s in sub.runs]
+    for _ in range(2):
+        cos_full, loss_full = full.train_epoch()
+        cos_sub, loss_sub = sub.train_epoch()
+        assert torch.equal(cos_full[where], cos_sub) and torch.equal(loss_full[where], loss_sub)
+    for p_full, p_sub in zip(full.model.parameters(), sub.model.parameters()):
+        assert torch.equal(p_full.detach()[where], p_sub.detach())
+    test_x = data.test_x.reshape(len(data.test_y), -1)
+    assert torch.equal(full.model.error(test_x, data.test_y)[where], sub.model.error(test_x, data.test_y))
+    open_full = torch.cat([g.gate.open_fraction().reshape(-1) for g in full.trainer.groups])
+    open_sub = torch.cat([g.gate.open_fraction().reshape(-1) for g in sub.trainer.groups])
+    assert torch.equal(open_full[where], open_sub)
+
+
 def test_per_run_gate_statistics_equal_gate_backward():
     """One step: the stacked group's cosines and open flags are those of gate.backward on each run alone."""
     torch.manual_seed(0)
@@ -358,6 +380,11 @@ def test_cli_end_to_end_on_digits(tmp_path, capsys):
     for png in ("error_vs_angle.png", "cosine.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert "single-task" in capsys.readouterr().out
+    import json
+
+    machine = json.loads((out / "result.json").read_text())["machine"]
+    assert machine["torch"] == torch.__version__ and machine["threads"] == torch.get_num_threads()
+    assert machine["cpu"] and machine["gpu"] is None  # a CPU run
 
 
 @pytest.mark.slow

@@ -162,6 +162,23 @@ def test_figure2_rows_sum_and_gate_outcomes():
         convergence_times("L9", "sum", starts)
 
 
+def test_figure2_shows_both_readings_of_v():
+    """The garbled V read as a gradient-like term (``L1+V``) and as a velocity (``L1-V``: aux vector -V)."""
+    from lightning_gradsim.experiments.toy_figure2 import figure2_table
+
+    t = torch.tensor([[0.3, -0.7]], dtype=torch.float64)  # -V = (t2 - t2^2 + 2 t1, -t1 - t1^2 + 2 t2) by hand
+    torch.testing.assert_close(
+        ROWS["L1-V"].aux_field(t), torch.tensor([[-0.7 - 0.49 + 0.6, -0.3 - 0.09 - 1.4]]).double()
+    )
+    table, _ = figure2_table(rules=["main_only"], n_starts=1, steps=2)
+    assert [r["row"] for r in table] == ["L1+L2", "L1+V", "L1-V", "L3+L4"]  # side by side by default
+    # reading 2: near the origin -V agrees with grad L1, the gate opens and speeds descent up
+    starts = random_starts(8, seed=1)
+    main = convergence_times("L1-V", "main_only", starts, steps=150)
+    gated = convergence_times("L1-V", "unweighted", starts, steps=150)
+    assert gated.converged.all() and (gated.steps <= main.steps).all() and (gated.steps < main.steps).any()
+
+
 def test_toy_figure2_command_end_to_end(tmp_path, capsys):
     assert (
         gradsim(

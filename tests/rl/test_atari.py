@@ -98,7 +98,10 @@ def _cos(a, b):
     return float((a * b).sum() / (a.norm() * b.norm()))
 
 
-def test_gate_on_the_two_update_vectors_matches_hand_gating():
+@pytest.mark.parametrize("cosine_of", ["policy_gradient", "actor_critic"])
+def test_gate_on_the_two_update_vectors_matches_hand_gating(cosine_of):
+    """The gate decides on the cosine of the KL gradient with the policy-gradient term alone (the text,
+    default) or with the whole RL gradient (option); either way the update is g_rl + w g_kl."""
     shape, actions, t_len, n = (2, 4, 4), 3, 4, 3
     methods = ["rl", "kl", "rl_kl", "rl_kl_cos", "rl_kl_cos"]
     seeds = [0, 0, 0, 0, 1]
@@ -131,11 +134,23 @@ def test_gate_on_the_two_update_vectors_matches_hand_gating():
             )
             t_logits, _ = teacher(b.obs[:-1, i : i + 1].reshape(1, t_len * n, *shape))
             kl = distillation_loss(logits[:-1], t_logits.reshape(t_len, 1, n, -1))
+            pg = actor_critic_losses(  # the policy-gradient term alone: no baseline, no entropy
+                logits[:-1],
+                values[:-1],
+                values[-1],
+                b.actions[:, i : i + 1],
+                b.behaviour_logits[:, i : i + 1],
+                b.rewards[:, i : i + 1],
+                0.99 * (~b.dones[:, i : i + 1]).float(),
+                0.0,
+                0.0,
+            )
             g_rl = torch.autograd.grad(rl.sum(), shared + heads, retain_graph=True)
+            g_pg = torch.autograd.grad(pg.sum(), shared, retain_graph=True)
             g_kl = torch.autograd.grad(kl.sum(), shared)
-            per_step.append((g_rl, g_kl))
+            per_step.append((g_rl, g_kl, g_pg if cosine_of == "policy_gradient" else g_rl[: len(shared)]))
         vectors.append(per_step)
-        cos = [sum(_cos(a, c) for a, c in zip(g_rl[: len(shared)], g_kl)) / len(shared) for g_rl, g_kl in per_step]
+        cos = [sum(_cos(a, c) for a, c in zip(g_main, g_kl)) / len(shared) for _, g_kl, g_main in per_step]
         hand_cos.append(cos)
     # A threshold between the gated members' smoothed cosines at some step, so the gate opens and closes.
     smoothed = []
@@ -149,13 +164,15 @@ def test_gate_on_the_two_update_vectors_matches_hand_gating():
     threshold = 0.5 * (gated_values[3] + gated_values[4])
 
     net = StackedActorCritic(len(methods), shape, actions, seeds=seeds)
-    cfg = LearnerConfig(aux_weight=lam, threshold=threshold, cosine_ema=beta, rule="weighted", max_grad_norm=0.0)
+    cfg = LearnerConfig(
+        aux_weight=lam, threshold=threshold, cosine_ema=beta, rule="weighted", max_grad_norm=0.0, cosine_of=cosine_of
+    )
     learner = BatchedLearner(net, methods, teacher, cfg)
     opened = set()
     for step, b in enumerate(batches):
         grads, stats = learner.compute_update(b)
         for i, meth in enumerate(methods):
-            g_rl, g_kl = vectors[i][step]
+            g_rl, g_kl, _ = vectors[i][step]
             n_shared = len(g_kl)
             s_t = smoothed[i][step]
             w = {"rl": 0.0, "kl": lam, "rl_kl": lam, "rl_kl_cos": lam * max(0.0, s_t) * (s_t >= threshold)}[meth]
@@ -168,6 +185,11 @@ def test_gate_on_the_two_update_vectors_matches_hand_gating():
                 expected = g_rl[k] if k >= n_shared else main * g_rl[k] + w * g_kl[k]
                 torch.testing.assert_close(g[i], expected[0], rtol=1e-4, atol=1e-6)
     assert opened == {True, False}
+    if cosine_of == "policy_gradient":  # the two readings differ here: the test tells them apart
+        whole = [sum(_cos(a, c) for a, c in zip(g_rl[: len(g_kl)], g_kl)) / len(g_kl) for g_rl, g_kl, _ in vectors[3]]
+        assert max(abs(a - b) for a, b in zip(whole, hand_cos[3])) > 1e-3
+    with pytest.raises(ValueError, match="cosine_of"):
+        BatchedLearner(net, methods, teacher, LearnerConfig(cosine_of="value"))
 
 
 def test_minatar_vector_env_matches_single_games():

@@ -33,7 +33,7 @@ def reference_pcgrad(vectors: list[torch.Tensor], orders: torch.Tensor) -> torch
 def test_registered_as_rule_and_method():
     assert "pcgrad" in list_methods()
     assert isinstance(get_rule("pcgrad"), PCGrad)
-    assert PCGrad.keeps_main_descent is False
+    assert PCGrad().keeps_main_descent() is False
     assert make_gate("pcgrad").rule_name == "pcgrad"
 
 

@@ -144,7 +144,8 @@ def test_gradvac_non_finite_step_leaves_the_targets():
 def test_min_target_zero_keeps_proposition_1_and_the_paper_rule_does_not():
     steps = _vectors(40, 2, seed=1, shift=-1.5)  # mostly conflicting: the EMA targets go negative
     keep, paper = GradientGate(rule=GradVac(beta=0.2, min_target=0.0)), GradientGate(rule=GradVac(beta=0.2))
-    assert keep.rule.keeps_main_descent and not paper.rule.keeps_main_descent
+    assert keep.rule.keeps_main_descent() and not paper.rule.keeps_main_descent()
+    assert not keep.rule.keeps_main_descent(per_layer=True)
     worst_keep = worst_paper = math.inf
     for main, aux in steps:
         for gate in (keep, paper):

@@ -117,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-every", type=int_at_least(0), default=0, help="frames between curve points (default frames/40)"
     )
     p.add_argument(
+        "--cosine-of",
+        choices=["policy_gradient", "actor_critic"],
+        default=d.cosine_of,
+        help="what the KL gradient's cosine is measured against: the policy-gradient term alone (the text, "
+        "default) or the whole RL loss (policy gradient + baseline + entropy); the update adds all terms either way",
+    )
+    p.add_argument(
         "--random-episodes",
         type=int_at_least(0),
         default=32,
@@ -242,7 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     games = tuple(g.strip() for g in args.env.split(",") if g.strip())
     try:
         lcfg = _learner_config(
-            args, aux_weight=args.aux_weight, rule=args.rule, threshold=args.threshold, cosine_ema=args.cosine_ema
+            args,
+            aux_weight=args.aux_weight,
+            rule=args.rule,
+            threshold=args.threshold,
+            cosine_ema=args.cosine_ema,
+            cosine_of=args.cosine_of,
         )
         cfg = AtariConfig(
             games=games,

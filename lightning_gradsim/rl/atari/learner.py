@@ -8,8 +8,12 @@ baseline and entropy terms) and the gradient of the distillation loss (KL from t
 student on the student's states), and combines them by the member's method:
 
 * ``rl``: the RL gradient;  * ``kl``: the KL gradient;  * ``rl_kl``: their sum (``lambda`` on KL);
-* ``rl_kl_cos``: :meth:`GradientGate.combine` of the two (rule, threshold, per-layer cosine,
-  cosine EMA as in D.3), one gate state per member.
+* ``rl_kl_cos``: :meth:`GradientGate.combine` of the policy-gradient term and the KL gradient
+  (rule, threshold, per-layer cosine, cosine EMA as in D.3), one gate state per member, plus the
+  baseline and entropy terms: ``g_rl + w g_kl`` with ``w`` from the cosine of ``g_pg`` and
+  ``g_kl`` (the text: "the cosine similarity between the policy gradient and distillation
+  losses"). ``LearnerConfig(cosine_of="actor_critic")`` measures the cosine with the whole RL
+  gradient ``g_rl`` instead (this library's earlier default).
 
 The value head gets the RL gradient (its own task's, Proposition 2) for every method.
 
@@ -37,6 +41,8 @@ from .nets import StackedActorCritic
 
 __all__ = [
     "METHODS",
+    "COSINE_OF",
+    "actor_critic_terms",
     "LearnerConfig",
     "Rollout",
     "UpdateStats",
@@ -46,6 +52,7 @@ __all__ = [
 ]
 
 METHODS: tuple[str, ...] = ("rl", "kl", "rl_kl", "rl_kl_cos")
+COSINE_OF: tuple[str, ...] = ("policy_gradient", "actor_critic")
 
 
 @dataclass
@@ -62,6 +69,9 @@ class LearnerConfig:
     rule: str = "weighted"
     threshold: float | None = None  #: None: 0.02 with one game, 0.01 with several (D.3)
     cosine_ema: float = 0.9
+    #: what the KL gradient's cosine is measured against: "policy_gradient" (the text, 4.4: the
+    #: V-trace policy-gradient term alone) or "actor_critic" (the whole RL loss: + baseline, entropy)
+    cosine_of: str = "policy_gradient"
     rmsprop_alpha: float = 0.99
     rmsprop_eps: float = 1e-5
 
@@ -105,6 +115,35 @@ def actor_critic_losses(
     ``bootstrap_value`` ``[M, N]``). Each term is averaged over ``T`` and ``N``; ``weights``
     ``[T, M, N]`` (e.g. a game mask) multiplies the per-sample terms before averaging. Returns ``[M]``.
     """
+    pg, rest = actor_critic_terms(
+        logits,
+        values,
+        bootstrap_value,
+        actions,
+        behaviour_logits,
+        rewards,
+        discounts,
+        entropy_cost,
+        baseline_cost,
+        weights,
+    )
+    return pg + rest
+
+
+def actor_critic_terms(
+    logits: Tensor,
+    values: Tensor,
+    bootstrap_value: Tensor,
+    actions: Tensor,
+    behaviour_logits: Tensor,
+    rewards: Tensor,
+    discounts: Tensor,
+    entropy_cost: float,
+    baseline_cost: float,
+    weights: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`actor_critic_losses` in two ``[M]`` parts: the policy-gradient term
+    ``-log pi(a|s) * advantage`` and the rest (``baseline_cost`` * value loss - ``entropy_cost`` * entropy)."""
     logp_all = F.log_softmax(logits, dim=-1)
     logp = logp_all.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
     behaviour_logp = F.log_softmax(behaviour_logits, dim=-1).gather(-1, actions.unsqueeze(-1)).squeeze(-1)
@@ -116,10 +155,11 @@ def actor_critic_losses(
         bootstrap_value=bootstrap_value.detach(),
     )
     entropy = -(logp_all.exp() * logp_all).sum(-1)
-    per_sample = -logp * vt.pg_advantages + baseline_cost * 0.5 * (vt.vs - values) ** 2 - entropy_cost * entropy
+    pg = -logp * vt.pg_advantages
+    rest = baseline_cost * 0.5 * (vt.vs - values) ** 2 - entropy_cost * entropy
     if weights is not None:
-        per_sample = per_sample * weights
-    return per_sample.mean(dim=(0, 2))
+        pg, rest = pg * weights, rest * weights
+    return pg.mean(dim=(0, 2)), rest.mean(dim=(0, 2))
 
 
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
@@ -158,6 +198,8 @@ class BatchedLearner:
             raise ValueError(f"Unknown methods {unknown}; choose from {', '.join(METHODS)}.")
         if len(methods) != net.members:
             raise ValueError(f"{len(methods)} methods for a network of {net.members} members.")
+        if config.cosine_of not in COSINE_OF:
+            raise ValueError(f"cosine_of must be one of {COSINE_OF}, got {config.cosine_of!r}.")
         self.uses_kl = any(m != "rl" for m in methods)
         if self.uses_kl and teacher is None:
             raise ValueError("Methods kl, rl_kl and rl_kl_cos need a teacher network.")
@@ -208,8 +250,8 @@ class BatchedLearner:
         discounts = cfg.discount * (~batch.dones).to(values.dtype)
         shared, heads = net.shared_parameters(), net.value_parameters()
         game_masks = [(batch.game == g).to(values.dtype).expand(t_len, m, n) for g in range(self.num_games)]
-        rl_losses = [
-            actor_critic_losses(
+        terms = [
+            actor_critic_terms(
                 logits[:-1],
                 values[:-1],
                 values[-1],
@@ -223,10 +265,20 @@ class BatchedLearner:
             )
             for mask in game_masks
         ]
+        rl_losses = [pg + rest for pg, rest in terms]
         params = shared + heads
         game_grads = [torch.autograd.grad(loss.sum(), params, retain_graph=True) for loss in rl_losses]
         g_rl = [sum(gs) for gs in zip(*game_grads)] if self.num_games > 1 else list(game_grads[0])
         rl_loss = torch.stack(rl_losses).sum(0).detach()
+        # What the KL gradient is compared with, per game (on the shared parameters): the policy-gradient
+        # term alone (the text) or the whole RL loss.
+        pg_text = self.uses_kl and cfg.cosine_of == "policy_gradient"
+        game_mains = (
+            [torch.autograd.grad(pg.sum(), shared, retain_graph=True) for pg, _ in terms]
+            if pg_text
+            else [gg[: len(shared)] for gg in game_grads]
+        )
+        g_main = [sum(gs) for gs in zip(*game_mains)] if self.num_games > 1 else list(game_mains[0])
         zeros_m = torch.zeros(m, device=values.device)
         if self.uses_kl:
             assert self.teacher is not None
@@ -234,16 +286,17 @@ class BatchedLearner:
                 t_logits, _ = self.teacher(batch.obs[:-1].reshape(1, t_len * m * n, *batch.obs.shape[3:]))
             kl = distillation_loss(logits[:-1], t_logits.reshape(t_len, m, n, -1))
             g_kl = list(torch.autograd.grad(kl.sum(), shared))
-            combined, stats = self.gate.combine(g_rl[: len(shared)], {"kl": g_kl}, batch_dims=1)
+            combined, stats = self.gate.combine(g_main, {"kl": g_kl}, batch_dims=1)
             update_shared = []
-            for c, g, a in zip(combined, g_rl, g_kl):
+            for c, g, a, gm in zip(combined, g_rl, g_kl, g_main):
                 shape = (m,) + (1,) * (g.dim() - 1)
                 fixed = self.main_coef.view(shape) * g + self.aux_coef.view(shape) * a
-                update_shared.append(torch.where(self.gated.view(shape), c, fixed))
+                gated = c + (g - gm) if pg_text else c  # the rule's combination, plus baseline and entropy terms
+                update_shared.append(torch.where(self.gated.view(shape), gated, fixed))
             cosine = stats.smoothed_cosine[:, 0]
             weight = torch.where(self.gated, stats.weight[:, 0], self.aux_coef)
             if self.num_games > 1:
-                mains = [torch.stack([gg[i] for gg in game_grads], dim=1) for i in range(len(shared))]
+                mains = [torch.stack([gg[i] for gg in game_mains], dim=1) for i in range(len(shared))]
                 auxes = [a.unsqueeze(1).expand_as(mm) for a, mm in zip(g_kl, mains)]
                 _, gstats = self.game_monitor.combine(mains, {"kl": auxes}, batch_dims=2)
                 game_cosine = gstats.smoothed_cosine[..., 0]
