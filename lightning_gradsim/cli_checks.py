@@ -229,6 +229,7 @@ REQUIREMENTS: dict[str, tuple[str, ...]] = {
     "atari": (*_CORE, "numpy", "tqdm", "minatar"),
     "relatedness": (*_CORE, "tqdm"),
     "figures": _CORE,
+    "report": ("matplotlib", "numpy"),  # TensorBoard event files need tensorboard too (said when met)
     "configs": (),
 }
 

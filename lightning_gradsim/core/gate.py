@@ -335,11 +335,10 @@ class GradientGate(CheckpointedGate):
     def reset_state(self) -> None:
         """Forget the smoothed cosine, the main-gradient EMA, the counters (and a loss weighting's adapted state)."""
         self.state.reset()
-        reset_rule = getattr(self.rule, "reset", None)
-        if callable(reset_rule):
-            reset_rule()  # e.g. GradVac's targets
-        if self.loss_weighting is not None:
-            self.loss_weighting.reset()
+        for part in (self.rule, self.loss_weighting):  # a stateful rule (GradVac's targets), a loss weighting
+            reset = getattr(part, "reset", None)
+            if callable(reset):
+                reset()
 
     def extra_repr(self) -> str:
         return (

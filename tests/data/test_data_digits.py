@@ -81,7 +81,7 @@ def test_real_mnist_test_split(mnist_root):
 
 def test_one_rule_for_missing_mnist(monkeypatch, tmp_path):
     """Missing MNIST files fail the test when the run asked for them ($GRADSIM_MNIST_ROOT or $CI), else skip."""
-    from .conftest import mnist_root_or_skip
+    from ..conftest import mnist_root_or_skip
 
     empty = str(tmp_path)
     for env, outcome in (
