@@ -335,9 +335,8 @@ class GradientGate(CheckpointedGate):
     def reset_state(self) -> None:
         """Forget the smoothed cosine, the main-gradient EMA, the counters (and a loss weighting's adapted state)."""
         self.state.reset()
-        for part in (self.rule, self.loss_weighting):  # a stateful rule (GradVac's targets), a loss weighting
-            reset = getattr(part, "reset", None)
-            if callable(reset):
+        for reset in (getattr(part, "reset", None) for part in (self.rule, self.loss_weighting)):
+            if callable(reset):  # a stateful rule (GradVac's targets), a loss weighting
                 reset()
 
     def extra_repr(self) -> str:
