@@ -64,9 +64,9 @@ def test_docs_site_builds_strict(tmp_path):
     field = stats[stats.index('id="lightning_gradsim.core.stats.GateStats.finite"') :]  # after the summary table
     assert "whether the step was finite" in field[: field.index("</article>")]
     # the pictures a reader would rather look at than read
-    for page, image in (("table1", "table1/error_vs_angle.png"), ("table1", "table1/cosine.png")):
-        assert f'src="../{image}"' in (site / page / "index.html").read_text()
-        assert (site / image).is_file()
+    for page, image in (("table1", "error_vs_angle.png"), ("table1", "cosine.png")):
+        assert f'src="{image}"' in (site / page / "index.html").read_text()  # docs/<page>/<image>: beside the page
+        assert (site / page / image).is_file()
 
 
 def test_strict_build_fails_on_a_broken_link_a_missing_page_and_an_orphan(tmp_path):
