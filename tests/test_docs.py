@@ -56,6 +56,17 @@ def test_docs_site_builds_strict(tmp_path):
     assert "<blockquote>" not in configs
     # the formulas are MathJax input
     assert r'<span class="arithmatex">\(g_0 + \sum_k \lambda_k' in (site / "rules" / "index.html").read_text()
+    # the API reference: public API first, the internals grouped under their package; GateStats's fields described
+    home = (site / "reference" / "lightning_gradsim" / "index.html").read_text()
+    assert home.index("Public API") < home.index("Internals") < home.index("Experiments, data, baselines")
+    assert 'id="lightning_gradsim.GradientGate"' in home and 'id="lightning_gradsim.GateStats"' in home
+    stats = (site / "reference" / "lightning_gradsim" / "core" / "stats" / "index.html").read_text()
+    field = stats[stats.index('id="lightning_gradsim.core.stats.GateStats.finite"') :]  # after the summary table
+    assert "whether the step was finite" in field[: field.index("</article>")]
+    # the pictures a reader would rather look at than read
+    for page, image in (("table1", "error_vs_angle.png"), ("table1", "cosine.png")):
+        assert f'src="{image}"' in (site / page / "index.html").read_text()  # docs/<page>/<image>: beside the page
+        assert (site / page / image).is_file()
 
 
 def test_strict_build_fails_on_a_broken_link_a_missing_page_and_an_orphan(tmp_path):
@@ -94,6 +105,40 @@ def test_docstring_markdown_extension():
     )
     fenced = "```python\n>>> not a doctest block here\n```"
     assert to_markdown(fenced) == fenced
+
+
+def test_every_public_field_is_described():
+    """With the docs' griffe extension, each field of the public classes has a description on its page."""
+    griffe = pytest.importorskip("griffe", reason="the docs extra (in dev) installs the site's tools")
+    sys.path.insert(0, str(REPO / "docs"))
+    try:
+        from griffe_docstrings import DocstringsAsMarkdown
+    finally:
+        sys.path.remove(str(REPO / "docs"))
+    package = griffe.load(
+        "lightning_gradsim",
+        search_paths=[str(REPO)],
+        extensions=griffe.load_extensions(DocstringsAsMarkdown()),
+        docstring_parser="google",
+    )
+    classes = {
+        "core.stats.GateStats": "the cosine the rule used",  # Attributes: section
+        "lightning.mixin.GradSimMixin": "clip the combined gradient",  # "Settings (... attributes):"
+        "rules.base.Rule": "Proposition 1",  # #: comments
+        "rules.summed.Sum": "Proposition 1",  # inherited from Rule
+        "rules.base.RuleInput": "dot products",
+        "parallel.registry.SyncMode": "concatenated batch",
+        "parallel.registry.SyncSettings": "gradsim_sync",
+        "core.loss_weighting.LossWeighting": "prior lambda",
+    }
+    for path, some_text in classes.items():
+        cls = package[path]
+        fields = {name: m for name, m in cls.members.items() if not name.startswith("_") and m.is_attribute}
+        fields.pop("automatic_optimization", None)  # Lightning's property, documented by Lightning
+        fields.pop("gradsim_last_step_skipped", None)  # documented in the class's text, not as a field
+        undescribed = [name for name, m in fields.items() if m.docstring is None or not m.docstring.value.strip()]
+        assert fields and not undescribed, (path, undescribed)
+        assert any(some_text in m.docstring.value for m in fields.values()), path
 
 
 def test_doctests_of_modules_with_a_missing_optional_dependency_are_not_collected(tmp_path):

@@ -68,7 +68,11 @@ def check_aux_weight(aux_weight: float | Mapping[str, float]) -> float | dict[st
 
 
 class LossWeighting(nn.Module):
-    """Base class of loss weightings (see the module docstring). ``aux_weight``: the fixed prior lambda."""
+    """Base class of loss weightings (see the module docstring).
+
+    Attributes:
+        aux_weight: the fixed prior lambda: one number, or ``{task: lambda}``.
+    """
 
     #: Needs the per-layer Gramian of the *parameter* gradients (so no ``similarity="features"``,
     #: no reused steps of ``every_n_steps``); the gate refuses those options at construction.

@@ -67,6 +67,7 @@ class GradientTransform:
     parameter gradients; the gate refuses such transforms there).
     """
 
+    #: whether the transform acts on the per-task gradients (see above).
     needs_task_gradients: bool = True
     #: whether the transform takes parameter gradients that are DTensor shards (FSDP2's ``.grad``) to local
     #: tensors and reduces the Gramian over the shards (the gate refuses DTensor parameters without one).

@@ -43,7 +43,16 @@ Refusal = tuple[str, str]  # (kind, message): kind "misconfigured" or "unsupport
 
 
 class SyncSettings(NamedTuple):
-    """What a sync mode's requirements look at (the module's and the gate's settings)."""
+    """What a sync mode's requirements look at (the module's and the gate's settings).
+
+    Attributes:
+        similarity: the gate's ``similarity`` (``"parameters"`` or ``"features"``).
+        every_n_steps: the gate's ``every_n_steps``.
+        loss_weighting: the class name of the gate's loss weighting, ``None`` without one.
+        accumulate: the module's ``gradsim_accumulate_grad_batches``.
+        grad_scaler: whether a GradScaler scales the losses (``precision="16-mixed"``).
+        requested: the module's ``gradsim_sync``.
+    """
 
     similarity: str = "parameters"
     every_n_steps: int = 1
@@ -56,7 +65,19 @@ class SyncSettings(NamedTuple):
 
 @dataclass(frozen=True)
 class SyncMode:
-    """One way to synchronise a step (see the module docstring)."""
+    """One way to synchronise a step (see the module docstring).
+
+    Attributes:
+        name: the mode's name, the key in :data:`SYNC_MODES` (what ``gradsim_sync`` takes for a DDP mode).
+        strategy: the strategy it serves: ``"ddp"`` or ``"fsdp2"``.
+        transform: ``overlap -> GradientTransform``: builds the transform the mode adds to every step.
+        exact: whether a run on ``N`` processes equals one process on the concatenated batch.
+        needs_task_gradients: whether its transform acts on the per-task parameter gradients (then
+            ``similarity="features"`` and ``every_n_steps > 1`` are refused).
+        summary: one line saying what the mode sends.
+        refuses: ``SyncSettings -> [(kind, message), ...]``: the settings the mode cannot run with,
+            beyond the ``needs_task_gradients`` check :meth:`refusals` adds.
+    """
 
     name: str
     strategy: str  # "ddp" or "fsdp2"

@@ -93,6 +93,7 @@ class RuleInput:
 
     @property
     def num_aux(self) -> int:
+        """The number of auxiliary tasks, ``K-1`` (the last dimension of ``cosine``)."""
         return self.cosine.shape[-1]
 
     def with_main(self, aux_coefficients: Tensor, main_coefficient: Tensor | float = 1.0) -> Tensor:
@@ -125,6 +126,7 @@ class Rule:
     #: from ``RuleInput.generator``, e.g. PCGrad's visiting orders).
     deterministic: bool = True
 
+    #: The name the rule is registered under (set by :func:`register_rule`).
     name: str = ""
 
     def weights(self, inp: RuleInput) -> Tensor:
