@@ -13,6 +13,8 @@ Sections:
             datasets): per-task gradients cost no extra backward.
 
 Peers: ``naive loop`` = per-task ``backward(retain_graph=True)`` + flatten + combine + unflatten;
+``two-backward loop (floor)`` = ``a.backward(retain_graph=True); b.backward()`` (one backward per
+task summed into ``.grad``: what any exact per-task method costs at least on a shared batch);
 ``torchjd`` = ``torchjd.autojac.mtl_backward`` (shared) or ``torchjd.autojac.backward``
 (separate) + ``jac_to_grad`` with the ``PCGrad`` aggregator (``pip install torchjd``; skipped
 when it is not installed).
@@ -145,6 +147,18 @@ def plain_step(s: Setup) -> Callable[[], None]:
     return step
 
 
+def loop_step(s: Setup) -> Callable[[], None]:
+    """The floor of exact per-task gradients: one backward per task summed into ``.grad`` by autograd
+    (``a.backward(retain_graph=True); b.backward()``; no per-task gradient is kept or combined)."""
+
+    def step() -> None:
+        losses, _ = s.forward()
+        for k, loss in enumerate(losses):
+            loss.backward(retain_graph=k < len(losses) - 1)
+
+    return step
+
+
 def gate_step(s: Setup, grad_strategy: str | None = None, **gate_kwargs: Any) -> Callable[[], None]:
     gate = GradientGate(**gate_kwargs).to(s.device)
     if grad_strategy is not None:
@@ -223,6 +237,7 @@ def configurations(s: Setup, rules: tuple[str, ...]) -> list[tuple[str, Callable
     if jd is not None:
         configs.append(("torchjd PCGrad", jd))
     configs.append(("naive loop", naive_step(s)))
+    configs.append(("two-backward loop (floor)", loop_step(s)))
     return configs
 
 

@@ -11,10 +11,16 @@ Modes:
                    loss's backward (DDP's bucketed all-reduce overlaps it), ``optimizer.step()``
   global           the gate, ``gradsim_sync="global"`` (``AllReduce``: one all-reduce of the K
                    per-task gradients and the heads')
+  global+overlap   the same, each task's all-reduce started while the next task's backward runs
+                   (``AllReduce(overlap=True)``)
   sharded          ``gradsim_sync="sharded"`` (``ReduceScatter``: K reduce-scatters, the Gramian
                    all-reduced, one all-gather of the combined gradient)
   sharded+overlap  the same, each task's reduce-scatter started while the next task's backward runs
   local            ``gradsim_sync="local"`` (``AllReduceCombined``: gate locally, all-reduce the combined)
+
+Bound of the exact modes with overlap: ``local`` (the gate's work and one all-reduce of the combined
+gradient) plus the transfer that cannot overlap a backward pass, the last task's gradients: the median
+time of an all-reduce of ``S`` elements alone, timed in the same rounds.
 
 Bytes: every ``torch.distributed`` collective the gate calls is counted (elements x element size);
 a ring moves ``2 (N-1)/N`` of an all-reduce's buffer per rank, ``(N-1)/N`` of a reduce-scatter's
@@ -44,7 +50,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-MODES = ("ddp", "global", "sharded", "sharded+overlap", "local")
+MODES = ("ddp", "global", "global+overlap", "sharded", "sharded+overlap", "local")
 COLLECTIVES = ("all_reduce", "reduce_scatter_single", "reduce_scatter_tensor", "all_gather_single",
                "all_gather_into_tensor", "broadcast")  # fmt: skip
 
@@ -124,8 +130,8 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: An
     head_numel = sum(p.numel() for p in runs[args.modes[0]][0].heads.parameters())
 
     def transform(mode: str) -> Any:
-        return {"global": AllReduce(), "sharded": ReduceScatter(), "sharded+overlap": ReduceScatter(overlap=True),
-                "local": AllReduceCombined()}[mode]  # fmt: skip
+        return {"global": AllReduce(), "global+overlap": AllReduce(overlap=True), "sharded": ReduceScatter(),
+                "sharded+overlap": ReduceScatter(overlap=True), "local": AllReduceCombined()}[mode]  # fmt: skip
 
     def step(mode: str) -> None:
         net, model, opt, gate = runs[mode]
@@ -141,8 +147,15 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: An
 
     counter = Counter(world)
     times: dict[str, list[float]] = {m: [] for m in args.modes}
+    times["transfer"] = []  # an all-reduce of S elements alone: the last task's gradients
+    last_task = torch.zeros(shared_numel)
     counts: dict[str, tuple[int, int, float]] = {}
     for i in range(args.warmup + args.steps):
+        dist.barrier()
+        start = time.perf_counter()
+        dist.all_reduce(last_task)
+        if i >= args.warmup:
+            times["transfer"].append(time.perf_counter() - start)
         for mode in args.modes:
             dist.barrier()
             counter.reset()
@@ -190,7 +203,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"sync overhead: {N} processes (gloo, CPU, {args.threads} thread each), MLP {args.inputs}-"
           f"{'-'.join([str(args.hidden)] * args.layers)}, K = {K} tasks, S = {S:,} shared and H = {H:,} head "
           f"elements, batch {args.batch} per process, {args.steps} timed steps per mode (round-robin)")  # fmt: skip
-    header = ("mode", "step ms", "x ddp", "collectives", "elements", "x ddp", "ring MB/rank", "x ddp")
+    transfer = 1e3 * statistics.median(res["times"]["transfer"])
+    bound = 1e3 * statistics.median(res["times"]["local"]) + transfer if "local" in res["times"] else float("nan")
+    header = ("mode", "step ms", "x ddp", "x bound", "collectives", "elements", "x ddp", "ring MB/rank", "x ddp")
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---" for _ in header) + "|")
     for mode in args.modes:
@@ -199,8 +214,10 @@ def main(argv: list[str] | None = None) -> None:
             calls, elements, moved = "bucketed", ddp_elements, ddp_bytes
         else:
             calls, elements, moved = res["counts"][mode]
-        print(f"| {mode} | {ms:.1f} | {ms / (1e3 * base):.2f} | {calls} | {elements:,} | "
+        print(f"| {mode} | {ms:.1f} | {ms / (1e3 * base):.2f} | {ms / bound:.2f} | {calls} | {elements:,} | "
               f"{elements / ddp_elements:.2f} | {moved / 1e6:.2f} | {moved / ddp_bytes:.2f} |")  # fmt: skip
+    print(f"bound of the exact modes with overlap: local {bound - transfer:.1f} ms + all-reduce of the last task's "
+          f"S elements alone {transfer:.1f} ms = {bound:.1f} ms")  # fmt: skip
     print(
         f"formulas (elements handed to collectives): ddp S+H; global K S+H+1; sharded K N c + (H+1) + L K^2 + N c "
         f"(c = ceil(S/N): K S reduce-scattered, S all-gathered); local S+H+1. Wall time {wall:.0f} s."

@@ -155,8 +155,15 @@ def _per_task(
                 # Out of place: autograd may hand the same tensor to several inputs.
                 other_sum[j] = r if total is None else total + r
     reached = [any(x is not None for x in r) for r in rows]
+    # Fresh autograd outputs that no transform has seen (no hook): apply may build .grad in them.
     return TaskGradients(
-        rows=rows, others=other_sum, reached=reached, strategy=strategy, params=shared, other_params=others
+        rows=rows,
+        others=other_sum,
+        reached=reached,
+        strategy=strategy,
+        params=shared,
+        other_params=others,
+        owned=on_task is None,
     )
 
 

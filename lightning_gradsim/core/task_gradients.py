@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .task_kernels import rows_gram, write_rows, write_stacked
 from .tensor_ops import accumulate_grad, add_optional, all_finite, and_optional, dot, grad_norms, stat_dtype
 
 __all__ = ["TaskGradients", "PerTaskGradients", "accumulate_grad", "stat_dtype", "grad_norms", "all_finite"]
@@ -47,6 +48,7 @@ class TaskGradients:
         finite: ``None`` or a bool tensor: ``False`` when a loss or a transform saw a NaN/inf.
         losses: ``None`` or the ``(K,)`` loss values (reduced along with the gradients).
         params / other_params: the tensors the gradients belong to (``.grad`` is written there).
+        owned: the ``rows`` are fresh autograd outputs no one else holds: :meth:`apply` may write ``.grad`` in them.
     """
 
     __slots__ = (
@@ -60,6 +62,7 @@ class TaskGradients:
         "losses",
         "params",
         "other_params",
+        "owned",
         "_present",
     )
 
@@ -76,6 +79,7 @@ class TaskGradients:
         losses: Tensor | None = None,
         params: Sequence[Tensor] | None = None,
         other_params: Sequence[Tensor] | None = None,
+        owned: bool = False,
     ) -> None:
         if (stacked is None) == (rows is None):
             raise ValueError("TaskGradients takes exactly one of stacked= and rows=.")
@@ -83,11 +87,8 @@ class TaskGradients:
         self.rows = rows
         self.others: list[Tensor | None] = list(others) if others is not None else []
         if reached is None:  # every task (the number of rows, or of stacked vectors)
-            if rows is not None:
-                reached = [True] * len(rows)
-            else:
-                assert stacked is not None  # exactly one of the two (checked above)
-                reached = [True] * next(s for s in stacked if s is not None).shape[batch_dims]
+            first = rows if rows is not None else next(s for s in stacked if s is not None)  # type: ignore[union-attr]
+            reached = [True] * (len(first) if rows is not None else first.shape[batch_dims])  # type: ignore[union-attr]
         self.reached = list(reached)
         self.strategy = strategy
         self.batch_dims = batch_dims
@@ -95,6 +96,7 @@ class TaskGradients:
         self.losses = losses
         self.params = list(params) if params is not None else None
         self.other_params = list(other_params) if other_params is not None else None
+        self.owned = bool(owned)
         self._present: list[int] | None = None
 
     # ------------------------------------------------------------------ shape
@@ -155,7 +157,7 @@ class TaskGradients:
         rows = self.rows
         ref = next(r[present[0]] for r in rows if r[present[0]] is not None)
         zero = torch.zeros((), dtype=stat_dtype(ref.dtype), device=ref.device)  # type: ignore[union-attr]
-        gram = torch.stack([_rows_gram([r[i] for r in rows], zero) for i in present])
+        gram = rows_gram(rows, present, zero)
         if direction is None:
             return gram
         cross = torch.stack(
@@ -183,7 +185,7 @@ class TaskGradients:
         num_tasks = self.num_tasks
         w, wd = _split_weights(weights, num_tasks, direction is None)
         if into is not None:
-            (_write_stacked if self.stacked is not None else _write_rows)(self, into, w, wd, direction)
+            (write_stacked if self.stacked is not None else write_rows)(self, into, w, wd, direction)
             return []
         present = self.present()
         n = len(self.stacked if self.stacked is not None else self.rows[0])  # type: ignore[index]
@@ -235,6 +237,7 @@ class TaskGradients:
         self.others = [None if g is None else fn(g) for g in self.others]
         if self.losses is not None:
             self.losses = fn(self.losses)
+        self.owned = False
 
     def add(self, other: TaskGradients) -> None:
         """Add ``other`` (same tensors, any layout) into this bundle (accumulation over micro-batches)."""
@@ -258,11 +261,11 @@ class TaskGradients:
         self.reached = [a or b for a, b in zip(self.reached, other.reached)]
         self.finite = and_optional(self.finite, other.finite)
         self.losses = add_optional(self.losses, other.losses)
+        self.owned = False
         self._present = None
 
     def flat(self) -> list[Tensor]:
-        """Every gradient as a tensor, zeros where a task or head is not reached, in a layout-independent
-        order (shared tensor by task, heads, losses): what every rank sends to an all-reduce."""
+        """Every gradient (zeros where not reached), shared tensor by task, heads, losses: what a rank all-reduces."""
         assert self.params is not None and self.other_params is not None
         out: list[Tensor] = []
         num_tasks = self.num_tasks
@@ -289,6 +292,7 @@ class TaskGradients:
         self.others = [next(it) for _ in self.others]
         if self.losses is not None:
             self.losses = next(it)
+        self.owned = False
         self._present = None
 
     def to_stacked(self) -> TaskGradients:
@@ -337,71 +341,6 @@ class TaskGradients:
 PerTaskGradients = TaskGradients
 
 
-def _write_stacked(
-    grads: TaskGradients,
-    params: Sequence[Tensor],
-    w: Tensor,
-    wd: Tensor | None,
-    direction: Sequence[Tensor | None] | None,
-) -> None:
-    """``.grad += sum_k w_k g_k (+ w_d d)`` from stacked gradients: one ``addmv_`` per tensor."""
-    for b, i in enumerate(grads.present()):
-        p, s = params[i], grads.stacked[i]  # type: ignore[index]
-        f = s.reshape(grads.num_tasks, -1)  # type: ignore[union-attr]
-        wf = w.to(f.dtype)
-        grad = p.grad
-        if grad is None or not grad.is_contiguous() or grad.dtype != f.dtype:
-            accumulate_grad(p, (wf @ f).view(p.shape))
-        else:
-            grad.view(-1).addmv_(f.mT, wf)
-        d = direction[b] if direction is not None else None
-        if wd is not None and d is not None:
-            grad = p.grad
-            assert grad is not None  # written just above
-            grad.add_((d * wd.to(d.dtype)).view(p.shape).to(grad.dtype))
-
-
-def _write_rows(
-    grads: TaskGradients,
-    params: Sequence[Tensor],
-    w: Tensor,
-    wd: Tensor | None,
-    direction: Sequence[Tensor | None] | None,
-) -> None:
-    """``.grad += sum_k w_k g_k (+ w_d d)`` from per-task rows: per task, one multi-tensor pass."""
-    num_tasks, rows = grads.num_tasks, grads.rows  # the first term initialises .grad
-    assert rows is not None
-    targets: list[list[Tensor]] = [[] for _ in range(num_tasks + 1)]
-    sources: list[list[Tensor]] = [[] for _ in range(num_tasks + 1)]
-    cast: dict[tuple[int, torch.dtype], Tensor] = {}
-
-    def coef(k: int, dtype: torch.dtype) -> Tensor:
-        c = cast.get((k, dtype))
-        if c is None:
-            c = cast[(k, dtype)] = (w[k] if k < num_tasks else wd).to(dtype)  # type: ignore[union-attr]
-        return c
-
-    for b, i in enumerate(grads.present()):
-        p = params[i]
-        col = [(k, g) for k, g in enumerate(r[i] for r in rows) if g is not None]
-        start = 0
-        grad = p.grad
-        if grad is None:
-            k0, g0 = col[0]
-            grad = p.grad = torch.mul(g0, coef(k0, g0.dtype)).to(p.dtype)
-            start = 1
-        for k, g in col[start:]:
-            targets[k].append(grad)
-            sources[k].append(g if g.dtype == grad.dtype else g.to(grad.dtype))
-        d = direction[b] if direction is not None else None
-        if wd is not None and d is not None:
-            targets[num_tasks].append(grad)
-            sources[num_tasks].append(d.view(p.shape).to(grad.dtype))
-    for k, (t, src) in enumerate(zip(targets, sources)):
-        if t:
-            torch._foreach_addcmul_(t, src, [coef(k, x.dtype) for x in t])
-
-
 def _extend(gram: Tensor, cross: Tensor, dd: Tensor) -> Tensor:
     top = torch.cat([gram, cross.unsqueeze(-1)], dim=-1)
     bottom = torch.cat([cross, dd.unsqueeze(-1)], dim=-1).unsqueeze(-2)
@@ -416,24 +355,3 @@ def _split_weights(weights: Tensor, num_tasks: int, direction_is_main: bool) -> 
     if direction_is_main:
         return torch.cat([w[..., :1] + weights[..., num_tasks:], w[..., 1:]], dim=-1), None
     return w, weights[..., num_tasks]
-
-
-def _rows_gram(col: list[Tensor | None], zero: Tensor) -> Tensor:
-    """(K, K) Gramian of one tensor's per-task gradients (``None``: the task does not reach it)."""
-    k = len(col)
-    if all(c is not None for c in col) and len({c.dtype for c in col}) == 1:  # type: ignore[union-attr]
-        # Two kernels: a (K, P) temporary of this one tensor, and its Gramian.
-        f = torch.stack([c.reshape(-1) for c in col])  # type: ignore[union-attr]
-        return (f @ f.mT).to(zero.dtype)
-    entries: list[list[Tensor]] = [[zero] * k for _ in range(k)]
-    for i in range(k):
-        a = col[i]
-        if a is None:
-            continue
-        for j in range(i, k):
-            b = col[j]
-            if b is not None:
-                v = dot(a, b).to(zero.dtype)
-                entries[i][j] = v
-                entries[j][i] = v
-    return torch.stack([torch.stack(r) for r in entries])

@@ -64,8 +64,8 @@ class GradSimMixin(GradSimHooks):
             gradient) or ``"local"`` (each rank gates on its own cosine; only the combined gradient
             is all-reduced). Under ``ModelParallelStrategy`` (FSDP2) the gate works on the gradient
             shards and is exact. See ``docs/scaling.md``.
-        gradsim_sync_overlap: with ``"sharded"``, start each task's reduce-scatter while the next
-            task's backward runs.
+        gradsim_sync_overlap: with ``"global"`` or ``"sharded"``, start each task's all-reduce or
+            reduce-scatter while the next task's backward runs (the same numbers; see ``docs/scaling.md``).
         gradsim_sync_buffers: ``"none"`` or ``"broadcast"`` (copy rank 0's module buffers, e.g.
             BatchNorm running statistics, to every rank after each optimizer step, as DDP does in
             automatic optimisation); with neither this nor ``Trainer(sync_batchnorm=True)`` a model

@@ -44,8 +44,8 @@ __all__ = [
 def sync_transform(mode: str, sync: str, overlap: bool = False) -> GradientTransform | None:
     """The transform that synchronises a step: ``mode`` is ``"single"``, ``"ddp"`` or ``"fsdp2"``
     (:func:`~lightning_gradsim.lightning.validation.parallel_mode`), ``sync`` the module's ``gradsim_sync``;
-    ``overlap``: start the sharded reduce-scatters during the per-task backward. The registry
-    (:data:`~lightning_gradsim.parallel.registry.SYNC_MODES`) builds it."""
+    ``overlap``: start each task's all-reduce (global) or reduce-scatter (sharded) during the per-task
+    backward. The registry (:data:`~lightning_gradsim.parallel.registry.SYNC_MODES`) builds it."""
     if mode == "single":
         return None
     name = "fsdp2" if mode == "fsdp2" else check_sync_mode(sync)

@@ -44,6 +44,8 @@ from torch import Tensor
 __all__ = [
     "world_size",
     "all_reduce_mean",
+    "start_all_reduce",
+    "PendingMean",
     "broadcast_buffers",
     "reduce_scatter",
     "all_gather",
@@ -102,6 +104,60 @@ def all_reduce_mean(
             out[i] = buffer[offset : offset + numel].view_as(tensors[i])
             offset += numel
     return [t for t in out if t is not None], any_bad
+
+
+class PendingMean:
+    """An all-reduce started by :func:`start_all_reduce`; :meth:`wait` gives what :func:`all_reduce_mean` returns."""
+
+    def __init__(
+        self, tensors: list[Tensor], buffers: list[tuple[Tensor, list[int], Any]], n: int, flagged: bool
+    ) -> None:
+        self.tensors, self.buffers, self.n, self.flagged = tensors, buffers, n, flagged
+
+    def wait(self) -> tuple[list[Tensor], Tensor]:
+        out: list[Tensor | None] = [None] * len(self.tensors)
+        any_bad: Tensor | None = None
+        for g, (buffer, idx, work) in enumerate(self.buffers):
+            work.wait()
+            bad = torch.zeros((), dtype=torch.bool, device=buffer.device)
+            if g == 0 and self.flagged:
+                bad = buffer[-1] != 0
+                buffer = buffer[:-1]
+            buffer.div_(self.n)
+            bad = bad | ~torch.isfinite(buffer).all()
+            any_bad = bad if any_bad is None else any_bad | bad.to(any_bad.device)
+            offset = 0
+            for i in idx:
+                numel = self.tensors[i].numel()
+                out[i] = buffer[offset : offset + numel].view_as(self.tensors[i])
+                offset += numel
+        assert any_bad is not None
+        return [t for t in out if t is not None], any_bad
+
+
+def start_all_reduce(
+    tensors: Sequence[Tensor], nonfinite: Tensor | None = None, group: dist.ProcessGroup | None = None
+) -> PendingMean:
+    """Start (``async_op``) the all-reduce of :func:`all_reduce_mean`: one flat buffer per (device, dtype),
+    ``nonfinite`` riding in the first; the caller goes on (e.g. with the next task's backward) and calls
+    ``wait()`` on the result for the averaged tensors and the non-finite flag. The same numbers as
+    :func:`all_reduce_mean` (each element is the same sum over the ranks, divided by their number)."""
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError("start_all_reduce() needs at least one tensor.")
+    n = world_size(group)
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    buffers: list[tuple[Tensor, list[int], Any]] = []
+    for g, ((device, dtype), idx) in enumerate(groups.items()):
+        parts = [tensors[i].detach().reshape(-1) for i in idx]
+        if g == 0 and nonfinite is not None:
+            parts.append(nonfinite.detach().reshape(1).to(device=device, dtype=dtype))
+        buffer = torch.cat(parts)
+        work = dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group, async_op=True)
+        buffers.append((buffer, idx, work))
+    return PendingMean(tensors, buffers, n, nonfinite is not None)
 
 
 def broadcast_buffers(tensors: Sequence[Tensor], src: int = 0, group: dist.ProcessGroup | None = None) -> None:

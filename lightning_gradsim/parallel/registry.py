@@ -166,7 +166,7 @@ SYNC_MODES: dict[str, SyncMode] = {
     "global": SyncMode(
         "global",
         "ddp",
-        lambda overlap: AllReduce(),
+        lambda overlap: AllReduce(overlap=overlap),
         exact=True,
         needs_task_gradients=True,
         summary="exact: gate on the all-reduced per-task gradients",
