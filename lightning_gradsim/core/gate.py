@@ -122,9 +122,11 @@ class GradientGate(CheckpointedGate):
         self.per_layer, self.seed = bool(per_layer), int(seed)
         self.similarity, self.every_n_steps = similarity, every_n_steps
         self.loss_weighting = loss_weighting
+        #: The state (cosine and direction EMAs, counters, the cosine's moments, reused weights): a submodule.
         self.state = GateState(seed=self.seed)
         #: How per-task gradients are taken: "auto", "separate", "batched" or "sequential".
         self.grad_strategy = "auto"
+        #: The auxiliary tasks' names, fixed by the first step (checkpointed).
         self.aux_names: list[str] | None = None
         self._last_stats: GateStats | None = None
         self._features: list[Tensor] | None = None
@@ -135,19 +137,11 @@ class GradientGate(CheckpointedGate):
     @property
     def config(self) -> GateConfig:
         """The settings a step reads (built from the attributes at each call: changing one applies next step)."""
-        return GateConfig(
-            self.rule,
-            self.threshold,
-            self.cosine_ema,
-            self.main_grad_ema,
-            self.per_layer,
-            self.similarity,
-            self.every_n_steps,
-            self.loss_weighting,
-        )
+        return GateConfig(*(getattr(self, name) for name in GateConfig._fields))
 
     @property
     def rule_name(self) -> str:
+        """The rule's registered name (or its class name)."""
         return self.rule.name or type(self.rule).__name__
 
     @property

@@ -54,7 +54,18 @@ MAIN_TASK = "main"
 
 
 class GateConfig(NamedTuple):
-    """The gate's settings as one step sees them (read from the gate at each call; see ``GradientGate``)."""
+    """The gate's settings as one step sees them (read from the gate at each call; see ``GradientGate``).
+
+    Attributes:
+        rule: the rule (Gramian -> weights).
+        threshold: the cosine at or above which an auxiliary gradient is used.
+        cosine_ema: EMA factor of the cosine (0: this step's).
+        main_grad_ema: EMA factor of the main gradient used as the projection direction (0: this step's).
+        per_layer: the cosine is the mean of the per-tensor cosines.
+        similarity: ``"parameters"`` or ``"features"``.
+        every_n_steps: measure every this many calls, reuse the weights in between.
+        loss_weighting: the loss weighting composed with the gate, if any.
+    """
 
     rule: Rule
     threshold: float

@@ -51,7 +51,18 @@ class Reuse(NamedTuple):
 
 
 class GateState(nn.Module):
-    """The gate's state; see the module docstring. ``seed`` seeds the generator of random rules."""
+    """The gate's state; see the module docstring. ``seed`` seeds the generator of random rules.
+
+    Attributes:
+        cosine_state: the smoothed cosine per problem and auxiliary task (``cosine_ema > 0``).
+        cosine_moments: the measured cosines' moments per problem and task (``cosine_summary()``).
+        open_steps: finite measured steps on which each auxiliary gate was open.
+        measured_steps: finite measured steps.
+        skipped_steps: non-finite steps (skipped; nothing of them is kept).
+        step: every step, measured, reused or skipped.
+        calls: calls of ``gate.backward`` (the ``every_n_steps`` cycle).
+        reuse: the weights, statistics and direction layout reused between measured steps.
+    """
 
     cosine_state: Tensor
     cosine_moments: Tensor

@@ -63,9 +63,11 @@ class GradSimMonitor(Callback):
             raise ValueError(f"logging_interval must be >= 1, got {logging_interval}.")
         self.logging_interval = int(logging_interval)
         self.plot = plot
+        #: every logged metric's values by name, with ``step`` (NaN where a step did not log it); checkpointed
         self.history: dict[str, list[float]] = {}
         self._last_logged: dict[str, GateStats] = {}
         self._batches_seen = 0
+        #: where the plot was saved at the end of fit (``None`` before, or without ``plot``)
         self.plot_path: str | None = None
 
     # ------------------------------------------------------------------ hooks
