@@ -91,6 +91,7 @@ class TinyNet(GradSimMixin, L.LightningModule):
         scheduler: bool = False,
         inject_inf_at: tuple[int, ...] = (),
         clip: float | None = None,
+        inject: dict[int, str] | None = None,
         method: str | None = None,
     ) -> None:
         super().__init__()
@@ -105,6 +106,11 @@ class TinyNet(GradSimMixin, L.LightningModule):
         self.gradsim_sync = sync
         self.gradsim_clip_val = clip
         self.inject_inf_at = set(inject_inf_at)
+        #: batch index -> where the auxiliary task is poisoned: "trunk" (its gradient on the trunk output,
+        #: what ``inject_inf_at`` does), "loss" (the loss times inf) or "head" (its head's weight gradient)
+        self.inject = dict(inject or {})
+        #: per batch: the mixin's ``gradsim_last_step_skipped``
+        self.skip_log: list[bool | None] = []
         #: one entry per gate step: (cosine, gate_open, skipped)
         self.gate_log: list[tuple[list[float], list[bool], bool]] = []
         self.batches_seen = 0
@@ -115,21 +121,27 @@ class TinyNet(GradSimMixin, L.LightningModule):
     def task_losses(self, batch, batch_idx):
         x, y, y_aux = batch
         h = self.trunk(x)
-        h_aux = h
-        if self.batches_seen in self.inject_inf_at:
+        h_aux, aux_weight = h, self.aux_head.weight
+        site = "trunk" if self.batches_seen in self.inject_inf_at else self.inject.get(self.batches_seen)
+        if site == "trunk":
             # An overflow in the auxiliary task's backward only (its loss stays finite).
             h_aux = h * 1.0
             h_aux.register_hook(lambda g: torch.full_like(g, float("inf")))
+        elif site == "head":  # the auxiliary head's weight gradient only
+            aux_weight = aux_weight * 1.0
+            aux_weight.register_hook(lambda g: torch.full_like(g, float("nan")))
         self.batches_seen += 1
+        aux = F.cross_entropy(F.linear(h_aux, aux_weight, self.aux_head.bias).float(), y_aux)
         return {
             "main": F.cross_entropy(self.main_head(h).float(), y),
-            "aux": F.cross_entropy(self.aux_head(h_aux).float(), y_aux),
+            "aux": aux * float("inf") if site == "loss" else aux,
         }
 
     def on_train_start(self):
         self._logged_step = int(self.gradsim.step)  # after a checkpoint is restored
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.skip_log.append(self.gradsim_last_step_skipped)
         stats = self.gradsim.last_stats
         if stats is not None and int(self.gradsim.step) != self._logged_step:
             self._logged_step = int(self.gradsim.step)
@@ -194,7 +206,7 @@ def ddp_worker(rank: int, world: int, port: int, out_dir: str, scenarios: list[d
     for sc in scenarios:
         model = TinyNet(**sc["model"])
         if sc.get("inject_rank", rank) != rank:
-            model.inject_inf_at = set()
+            model.inject_inf_at, model.inject = set(), {}
         batches = rank_slice(make_batches(sc["num_batches"], sc["batch_size"]), rank, world)
         kwargs = dict(sc.get("trainer", {}))
         callbacks = []
@@ -242,6 +254,8 @@ def ddp_worker(rank: int, world: int, port: int, out_dir: str, scenarios: list[d
             "all_reduce_sizes": sizes,
             "params": params(model),
             "gate_log": model.gate_log,
+            "skip_log": model.skip_log,
+            "optimizer": t.optimizers[0].state_dict()["state"],
             "gate": {k: v.clone() for k, v in model.gradsim.state_dict().items() if isinstance(v, torch.Tensor)},
         }
         if sc.get("scaler"):
