@@ -10,6 +10,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch import Callback
 from torch import nn
 
 from lightning_gradsim import GradientGate, GradSimMixin
@@ -184,6 +185,31 @@ def params(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+class DroppedCalls(Callback):
+    """For a reference run on the batches without the poisoned ones: before each batch, what the dropped
+    batches before it did in the poisoned run: one gate call each, and (``backoff``) the GradScaler's backoff."""
+
+    def __init__(self, dropped, num_batches: int, backoff: bool = False) -> None:
+        self.kept = [i for i in range(num_batches) if i not in set(dropped)]
+        self.num_batches = num_batches
+        self.pending = sorted(dropped)
+        self.backoff = backoff
+
+    def _catch_up(self, trainer, pl_module, upto: int) -> None:
+        while self.pending and self.pending[0] < upto:
+            self.pending.pop(0)
+            pl_module.gradsim.state.calls += 1
+            if self.backoff:
+                scaler = trainer.precision_plugin.scaler
+                scaler.update(new_scale=scaler.get_scale() * scaler.get_backoff_factor())
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._catch_up(trainer, pl_module, self.kept[batch_idx])
+
+    def on_train_end(self, trainer, pl_module):
+        self._catch_up(trainer, pl_module, self.num_batches)
+
+
 # ---------------------------------------------------------------------- DDP worker
 def ddp_worker(rank: int, world: int, port: int, out_dir: str, scenarios: list[dict[str, Any]]) -> None:
     """Entry point of one DDP rank (``torch.multiprocessing.spawn``): like ``torchrun``, the
@@ -209,7 +235,10 @@ def ddp_worker(rank: int, world: int, port: int, out_dir: str, scenarios: list[d
             model.inject_inf_at, model.inject = set(), {}
         batches = rank_slice(make_batches(sc["num_batches"], sc["batch_size"]), rank, world)
         kwargs = dict(sc.get("trainer", {}))
-        callbacks = []
+        callbacks: list[Callback] = []
+        if sc.get("drop"):  # a reference run without these batches (what their skipped steps did, done)
+            batches = [b for i, b in enumerate(batches) if i not in sc["drop"]]
+            callbacks.append(DroppedCalls(sc["drop"], sc["num_batches"], backoff=bool(sc.get("scaler"))))
         if sc.get("checkpoint_every"):
             callbacks.append(
                 ModelCheckpoint(
@@ -240,7 +269,7 @@ def ddp_worker(rank: int, world: int, port: int, out_dir: str, scenarios: list[d
                 devices=world,
                 strategy=DDPStrategy(process_group_backend="gloo"),
                 logger=False,
-                enable_checkpointing=bool(callbacks),
+                enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
                 callbacks=callbacks,
                 plugins=plugins,
                 enable_progress_bar=False,

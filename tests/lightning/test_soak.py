@@ -35,11 +35,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from lightning.pytorch import Callback
 
 from lightning_gradsim.rules import list_rules
 
-from ..scale_utils import TinyNet, ddp_worker, fit, make_batches, params
+from ..scale_utils import DroppedCalls, TinyNet, ddp_worker, fit, make_batches, params
 from .test_precision import scaler_plugin
 
 _spec = importlib.util.spec_from_file_location("_soak_benchmark", Path(__file__).parents[2] / "benchmarks" / "soak.py")
@@ -122,30 +121,6 @@ def test_the_soak_script_reports_each_combination_and_its_verdict(tmp_path, caps
 
 
 # ---------------------------------------------------------------------- the Lightning mixin, 16-mixed
-class DroppedCalls(Callback):
-    """For a reference run on the batches without the poisoned ones: before each batch, what the dropped
-    batches before it did in the poisoned run: one gate call each, and (``backoff``) the GradScaler's backoff."""
-
-    def __init__(self, dropped, num_batches: int, backoff: bool = False) -> None:
-        self.kept = [i for i in range(num_batches) if i not in set(dropped)]
-        self.pending = sorted(dropped)
-        self.backoff = backoff
-
-    def _catch_up(self, trainer, pl_module, upto: int) -> None:
-        while self.pending and self.pending[0] < upto:
-            self.pending.pop(0)
-            pl_module.gradsim.state.calls += 1
-            if self.backoff:
-                scaler = trainer.precision_plugin.scaler
-                scaler.update(new_scale=scaler.get_scale() * scaler.get_backoff_factor())
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._catch_up(trainer, pl_module, self.kept[batch_idx])
-
-    def on_train_end(self, trainer, pl_module):
-        self._catch_up(trainer, pl_module, math.inf)  # type: ignore[arg-type]
-
-
 def _adam(model) -> dict[str, torch.Tensor]:
     state = model.trainer.optimizers[0].state_dict()["state"]
     return {f"{i}/{k}": v.clone() for i, st in state.items() for k, v in st.items() if k != "step"}
@@ -203,14 +178,14 @@ def test_the_mixin_skips_exactly_the_poisoned_steps_and_equals_the_run_without_t
 # ---------------------------------------------------------------------- 2 DDP processes
 WORLD, DDP_BATCHES = 2, 12
 DDP_SCENARIOS = [
-    {
-        "name": "projection_n5",
-        "model": {"rule": "projection", "gate": {"every_n_steps": 5, "main_grad_ema": 0.9, "cosine_ema": 0.5}},
+    {  # every_n_steps > 1 under DDP needs the local sync (each rank decides, the updates are averaged)
+        "name": "projection_n5_local",
+        "model": {"rule": "projection", "sync": "local", "gate": {"every_n_steps": 5, "main_grad_ema": 0.9}},
         "inject": {5: "trunk", 7: "loss", 8: "head"},
         "inject_rank": 1,
     },
     {
-        "name": "pcgrad_n1",
+        "name": "pcgrad",
         "model": {"rule": "pcgrad", "gate": {"cosine_ema": 0.5}},
         "inject": {3: "head", 4: "loss", 9: "trunk"},
         "inject_rank": 0,
@@ -223,9 +198,10 @@ DDP_SCENARIOS = [
         "scaler": {"init_scale": 2.0**8},
     },
 ]
-for _sc in DDP_SCENARIOS:
-    _sc["model"]["inject"] = _sc["inject"]
+for _sc in list(DDP_SCENARIOS):  # each with its reference: the same DDP run without the poisoned batches
     _sc.update(num_batches=DDP_BATCHES, batch_size=8)
+    DDP_SCENARIOS.append({**_sc, "name": _sc["name"] + "_ref", "drop": sorted(_sc["inject"])})
+    _sc["model"] = {**_sc["model"], "inject": _sc["inject"]}
 
 
 def _free_port() -> int:
@@ -239,7 +215,9 @@ def ddp_soak(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp_soak")
     mp.spawn(ddp_worker, args=(WORLD, _free_port(), str(out), DDP_SCENARIOS), nprocs=WORLD, join=True)
     return {
-        sc["name"]: [torch.load(os.path.join(out, f"{sc['name']}_rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+        sc["name"]: [
+            torch.load(os.path.join(out, f"{sc['name']}_rank{r}.pt"), weights_only=False) for r in range(WORLD)
+        ]
         for sc in DDP_SCENARIOS
     }
 
@@ -247,7 +225,7 @@ def ddp_soak(tmp_path_factory):
 @pytest.mark.ddp
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("name", [sc["name"] for sc in DDP_SCENARIOS])
+@pytest.mark.parametrize("name", [sc["name"] for sc in DDP_SCENARIOS if "drop" not in sc])
 def test_ddp_a_nan_on_one_rank_is_one_skipped_step_on_both_and_equals_the_run_without_it(ddp_soak, name):
     sc = next(s for s in DDP_SCENARIOS if s["name"] == name)
     plan = sc["inject"]
@@ -259,15 +237,30 @@ def test_ddp_a_nan_on_one_rank_is_one_skipped_step_on_both_and_equals_the_run_wi
         assert _all_finite({f"{i}/{k}": v for i, st in ranks[r]["optimizer"].items() for k, v in st.items()})
     for key, value in ranks[0]["params"].items():  # the ranks stay bitwise equal
         torch.testing.assert_close(ranks[1]["params"][key], value, rtol=0, atol=0, msg=key)
-    # one process on the concatenated batches, without the poisoned ones (counter moved on, scaler backed off)
-    batches = make_batches(DDP_BATCHES, 8)
-    model_kwargs = {k: v for k, v in sc["model"].items() if k != "inject"}
-    plugins = [scaler_plugin(**sc["scaler"])] if sc.get("scaler") else []
-    ref = fit(
-        TinyNet(**model_kwargs),
-        [b for i, b in enumerate(batches) if i not in plan],
-        plugins=plugins,
-        callbacks=[DroppedCalls(plan, DDP_BATCHES, backoff=bool(plugins))],
-    )
-    for key, value in params(ref).items():  # measured: the DDP mean against the concatenated batch, ~1e-7
-        torch.testing.assert_close(ranks[0]["params"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    ref = ddp_soak[name + "_ref"]  # the same DDP run on the batches without the poisoned ones
+    for r in range(WORLD):
+        assert ref[r]["skip_log"] == [False] * (DDP_BATCHES - len(plan))
+        for key, value in ref[r]["params"].items():
+            torch.testing.assert_close(ranks[r]["params"][key], value, rtol=0, atol=0, msg=key)
+    if "local" not in name:  # see the next test
+        _assert_same_gate_state(ranks, ref)
+
+
+def _assert_same_gate_state(ranks, ref) -> None:
+    for r in range(WORLD):
+        for key, value in ref[r]["gate"].items():
+            if not key.endswith(("skipped_steps", "state.step")):
+                torch.testing.assert_close(ranks[r]["gate"][key], value, rtol=0, atol=0, msg=f"rank {r}: {key}")
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.xfail(
+    strict=True,
+    reason="core bug: under the local sync a rank whose own step was finite commits its gate state (cosine "
+    "moments, cosine EMA, direction EMA, open counts) before the all-reduce reveals the other rank's NaN; "
+    "the recheck moves only the counters (GateStep._recheck -> GateState.recount)",
+)
+def test_ddp_local_sync_a_step_skipped_for_another_ranks_nan_leaves_the_gate_state_alone(ddp_soak):
+    _assert_same_gate_state(ddp_soak["projection_n5_local"], ddp_soak["projection_n5_local_ref"])
