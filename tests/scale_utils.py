@@ -10,6 +10,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch import Callback
 from torch import nn
 
 from lightning_gradsim import GradientGate, GradSimMixin
@@ -91,6 +92,7 @@ class TinyNet(GradSimMixin, L.LightningModule):
         scheduler: bool = False,
         inject_inf_at: tuple[int, ...] = (),
         clip: float | None = None,
+        inject: dict[int, str] | None = None,
         method: str | None = None,
     ) -> None:
         super().__init__()
@@ -105,6 +107,11 @@ class TinyNet(GradSimMixin, L.LightningModule):
         self.gradsim_sync = sync
         self.gradsim_clip_val = clip
         self.inject_inf_at = set(inject_inf_at)
+        #: batch index -> where the auxiliary task is poisoned: "trunk" (its gradient on the trunk output,
+        #: what ``inject_inf_at`` does), "loss" (the loss times inf) or "head" (its head's weight gradient)
+        self.inject = dict(inject or {})
+        #: per batch: the mixin's ``gradsim_last_step_skipped``
+        self.skip_log: list[bool | None] = []
         #: one entry per gate step: (cosine, gate_open, skipped)
         self.gate_log: list[tuple[list[float], list[bool], bool]] = []
         self.batches_seen = 0
@@ -115,21 +122,27 @@ class TinyNet(GradSimMixin, L.LightningModule):
     def task_losses(self, batch, batch_idx):
         x, y, y_aux = batch
         h = self.trunk(x)
-        h_aux = h
-        if self.batches_seen in self.inject_inf_at:
+        h_aux, aux_weight = h, self.aux_head.weight
+        site = "trunk" if self.batches_seen in self.inject_inf_at else self.inject.get(self.batches_seen)
+        if site == "trunk":
             # An overflow in the auxiliary task's backward only (its loss stays finite).
             h_aux = h * 1.0
             h_aux.register_hook(lambda g: torch.full_like(g, float("inf")))
+        elif site == "head":  # the auxiliary head's weight gradient only
+            aux_weight = aux_weight * 1.0
+            aux_weight.register_hook(lambda g: torch.full_like(g, float("nan")))
         self.batches_seen += 1
+        aux = F.cross_entropy(F.linear(h_aux, aux_weight, self.aux_head.bias).float(), y_aux)
         return {
             "main": F.cross_entropy(self.main_head(h).float(), y),
-            "aux": F.cross_entropy(self.aux_head(h_aux).float(), y_aux),
+            "aux": aux * float("inf") if site == "loss" else aux,
         }
 
     def on_train_start(self):
         self._logged_step = int(self.gradsim.step)  # after a checkpoint is restored
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.skip_log.append(self.gradsim_last_step_skipped)
         stats = self.gradsim.last_stats
         if stats is not None and int(self.gradsim.step) != self._logged_step:
             self._logged_step = int(self.gradsim.step)
@@ -172,6 +185,31 @@ def params(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+class DroppedCalls(Callback):
+    """For a reference run on the batches without the poisoned ones: before each batch, what the dropped
+    batches before it did in the poisoned run: one gate call each, and (``backoff``) the GradScaler's backoff."""
+
+    def __init__(self, dropped, num_batches: int, backoff: bool = False) -> None:
+        self.kept = [i for i in range(num_batches) if i not in set(dropped)]
+        self.num_batches = num_batches
+        self.pending = sorted(dropped)
+        self.backoff = backoff
+
+    def _catch_up(self, trainer, pl_module, upto: int) -> None:
+        while self.pending and self.pending[0] < upto:
+            self.pending.pop(0)
+            pl_module.gradsim.state.calls += 1
+            if self.backoff:
+                scaler = trainer.precision_plugin.scaler
+                scaler.update(new_scale=scaler.get_scale() * scaler.get_backoff_factor())
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._catch_up(trainer, pl_module, self.kept[batch_idx])
+
+    def on_train_end(self, trainer, pl_module):
+        self._catch_up(trainer, pl_module, self.num_batches)
+
+
 # ---------------------------------------------------------------------- DDP worker
 def ddp_worker(rank: int, world: int, port: int, out_dir: str, scenarios: list[dict[str, Any]]) -> None:
     """Entry point of one DDP rank (``torch.multiprocessing.spawn``): like ``torchrun``, the
@@ -194,10 +232,13 @@ def ddp_worker(rank: int, world: int, port: int, out_dir: str, scenarios: list[d
     for sc in scenarios:
         model = TinyNet(**sc["model"])
         if sc.get("inject_rank", rank) != rank:
-            model.inject_inf_at = set()
+            model.inject_inf_at, model.inject = set(), {}
         batches = rank_slice(make_batches(sc["num_batches"], sc["batch_size"]), rank, world)
         kwargs = dict(sc.get("trainer", {}))
-        callbacks = []
+        callbacks: list[Callback] = []
+        if sc.get("drop"):  # a reference run without these batches (what their skipped steps did, done)
+            batches = [b for i, b in enumerate(batches) if i not in sc["drop"]]
+            callbacks.append(DroppedCalls(sc["drop"], sc["num_batches"], backoff=bool(sc.get("scaler"))))
         if sc.get("checkpoint_every"):
             callbacks.append(
                 ModelCheckpoint(
@@ -228,7 +269,7 @@ def ddp_worker(rank: int, world: int, port: int, out_dir: str, scenarios: list[d
                 devices=world,
                 strategy=DDPStrategy(process_group_backend="gloo"),
                 logger=False,
-                enable_checkpointing=bool(callbacks),
+                enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
                 callbacks=callbacks,
                 plugins=plugins,
                 enable_progress_bar=False,
@@ -242,6 +283,8 @@ def ddp_worker(rank: int, world: int, port: int, out_dir: str, scenarios: list[d
             "all_reduce_sizes": sizes,
             "params": params(model),
             "gate_log": model.gate_log,
+            "skip_log": model.skip_log,
+            "optimizer": t.optimizers[0].state_dict()["state"],
             "gate": {k: v.clone() for k, v in model.gradsim.state_dict().items() if isinstance(v, torch.Tensor)},
         }
         if sc.get("scaler"):

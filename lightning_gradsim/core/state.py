@@ -178,6 +178,17 @@ class GateState(nn.Module):
         if bool(reuse.stats.finite.all()):
             self.reuse = reuse
 
+    def rng_mark(self, deterministic: bool) -> Tensor | None:
+        """The generator's state before a random rule draws (``None`` for a deterministic rule), for
+        :meth:`undo_draws` once the step's finiteness is known."""
+        return None if deterministic else self.rng().get_state()
+
+    def undo_draws(self, mark: Tensor | None, finite: Tensor) -> None:
+        """A skipped step draws nothing: put the generator back to ``mark`` unless ``finite`` (one host read,
+        random rules only), so the next finite step draws what it would have drawn without the poisoned one."""
+        if mark is not None and not bool(finite.all()):
+            self.rng().set_state(mark)
+
     def cosine_summary(self) -> tuple[Tensor, Tensor, Tensor]:
         """Per problem and auxiliary task: the mean measured cosine, its standard error (batch means) and
         the fraction of decisions taken within two standard errors of the threshold (``core.cosine_stats``)."""

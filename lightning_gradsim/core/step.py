@@ -208,12 +208,14 @@ class GateStep:
         if status == NON_FINITE:
             finite = torch.zeros((), dtype=torch.bool, device=self.raw.device)
         checks.append(grads.others_norms())  # the heads' gradients too
+        mark = self.state.rng_mark(self.config.rule.deterministic)
         weights, stats, direction = self._decide(grads, finite, self.pipeline, checks)
         if status != NON_FINITE:
             grads.apply(weights, direction, into=grads.params)  # a sharding transform may point them at shards
             grads.write_others()
             self._regularize()
         stats = self._combined(stats)
+        self.state.undo_draws(mark, stats.finite)  # a skipped step leaves the generator alone too
         if self.config.every_n_steps > 1:
             self.state.keep_for_reuse(Reuse(self._reusable(weights).detach(), stats, grads.present()))
         return stats
@@ -236,6 +238,7 @@ class GateStep:
             raise ValueError(
                 "The main loss does not depend on the marked features: mark the tensor the main head reads."
             )
+        mark = self.state.rng_mark(self.config.rule.deterministic)
         weights, stats, direction = self._decide(grads, None, None, [self.raw, grads.others_norms()])
         present = grads.present()
         feature_grad = grads.apply(weights, direction)
@@ -247,6 +250,7 @@ class GateStep:
         grads.write_others()
         self._regularize()
         stats = self._combined(stats)
+        self.state.undo_draws(mark, stats.finite)
         self.state.keep_for_reuse(Reuse(weights.detach(), stats, present))
         return stats
 

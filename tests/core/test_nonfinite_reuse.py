@@ -80,3 +80,35 @@ def test_the_monitor_logs_an_unmeasured_task_as_not_measured_rather_than_open():
     assert metrics["gradsim/measured/zero"] == 0.0
     assert not any(k.endswith("/zero") for k in metrics if k.split("/")[1] in ("cos", "gate_open", "weight"))
     del w
+
+
+@pytest.mark.parametrize("similarity", ["parameters", "features"])
+def test_a_skipped_pcgrad_step_draws_no_visiting_order(similarity):
+    """PCGrad draws its visiting orders from the gate's generator; a skipped step must not advance it, or
+    every later order (with two auxiliary tasks the order matters) differs from the run without that batch."""
+
+    def run(poison: int | None, skip: int | None):
+        torch.manual_seed(0)
+        trunk, heads = torch.nn.Linear(3, 4), [torch.nn.Linear(4, 1) for _ in range(3)]
+        gate = GradientGate(rule="pcgrad", similarity=similarity, seed=3)
+        g = torch.Generator().manual_seed(1)
+        for step in range(6):
+            x, y = torch.randn(8, 3, generator=g), torch.randn(3, 8, 1, generator=g)
+            if step == skip:
+                continue
+            for p in [*trunk.parameters(), *(q for h in heads for q in h.parameters())]:
+                p.grad = None
+            h = trunk(x)
+            if similarity == "features":
+                h = gate.mark_features(h)
+            losses = [(head(h) - y[i]).pow(2).mean() for i, head in enumerate(heads)]
+            if step == poison:
+                losses[2] = losses[2] * float("nan")
+            stats = gate.backward(losses[0], losses[1:], trunk.parameters())
+            assert bool(stats.finite) == (step != poison)
+        return gate.state.rng().get_state(), trunk.weight.grad.clone()
+
+    poisoned_rng, poisoned_grad = run(poison=2, skip=None)
+    ref_rng, ref_grad = run(poison=None, skip=2)
+    assert torch.equal(poisoned_rng, ref_rng)  # two draws too many before the fix
+    torch.testing.assert_close(poisoned_grad, ref_grad, rtol=0, atol=0)
