@@ -124,8 +124,8 @@ def test_every_public_field_is_described():
     classes = {
         "core.stats.GateStats": "the cosine the rule used",  # Attributes: section
         "lightning.mixin.GradSimMixin": "clip the combined gradient",  # "Settings (... attributes):"
-        "rules.base.Rule": "Proposition 1",  # #: comments
-        "rules.summed.Sum": "Proposition 1",  # inherited from Rule
+        "rules.base.Rule": "direction vector",  # #: comments
+        "rules.summed.Sum": "direction vector",  # inherited from Rule
         "rules.base.RuleInput": "dot products",
         "parallel.registry.SyncMode": "concatenated batch",
         "parallel.registry.SyncSettings": "gradsim_sync",
