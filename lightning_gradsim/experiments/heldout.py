@@ -29,7 +29,6 @@ import torch
 from torch import Tensor
 
 from ..data import REFERENCE_FRACTION
-from .stacked import EpochSampler
 
 __all__ = ["HELDOUT_SUFFIX", "HELDOUT_METHODS", "base_method", "reference_fraction_for", "ReferenceOrder"]
 
@@ -59,6 +58,8 @@ class ReferenceOrder:
     (seeded shuffles, a new one per pass, partial batch dropped); runs with the same seed draw the same."""
 
     def __init__(self, seeds: Sequence[int], n: int, batch_size: int, device: str | torch.device = "cpu") -> None:
+        from .stacked import EpochSampler  # (stacked imports this module)
+
         unique = sorted({int(s) for s in seeds})
         self._samplers = [EpochSampler(n, batch_size, _REFERENCE_ORDER_OFFSET + s) for s in unique]
         self._position = torch.tensor([unique.index(int(s)) for s in seeds], device=device)

@@ -9,12 +9,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_gradsim import GradientGate
+from lightning_gradsim.data import REFERENCE_FRACTION
 from lightning_gradsim.data.table1 import load_table1_data, rotated_views, split_test_file, task_batch
+from lightning_gradsim.experiments.heldout import ReferenceOrder, base_method
 from lightning_gradsim.experiments.paired import paired_t_test, student_t_sf
 from lightning_gradsim.experiments.stacked_mlp import StackedMLP, init_run_parameters
 from lightning_gradsim.experiments.stacked_training import RunGroup, RunOrder, StackedTrainer
-from lightning_gradsim.data import REFERENCE_FRACTION
-from lightning_gradsim.experiments.heldout import ReferenceOrder, base_method
 from lightning_gradsim.experiments.table1 import (
     DEFAULT_METHODS,
     Table1Config,
