@@ -444,3 +444,20 @@ def test_cli_on_the_mnist_10k_file_says_it_splits(tmp_path, mnist_root):
 def test_cli_reports_bad_input(capsys):
     assert main(["--source", "digits", "--methods", "main_only,bogus", "--no-progress"]) == 2
     assert "Unknown method 'bogus'" in capsys.readouterr().out
+
+
+def test_paired_table_compares_a_heldout_gate_with_its_training_batch_gate():
+    """The held-out column appears only with a held-out method; its difference is computed by hand."""
+    from lightning_gradsim.experiments.table1_report import paired_table
+
+    errors = {"main_only": [0.10, 0.12, 0.11], "sum": [0.12, 0.12, 0.14], "unweighted": [0.11, 0.13, 0.15]}
+    errors["unweighted_heldout"] = [0.10, 0.12, 0.12]  # minus unweighted: -1, -1, -3 points, mean -1.67
+    rows = [
+        {"angle": 90.0, "method": m, "seed": s, "test_error": e} for m, es in errors.items() for s, e in enumerate(es)
+    ]
+    plain = paired_table(rows, ["main_only", "sum", "unweighted"], [90.0])
+    held = paired_table(rows, list(errors), [90.0])
+    assert plain is not None and held is not None and "heldout" not in plain
+    header, _, row = held.splitlines()
+    assert header.split(" | ")[-1] == "`unweighted_heldout` − `unweighted` |"
+    assert row.split(" | ")[-1].startswith("-1.67 (p ")
