@@ -17,6 +17,11 @@ ResNetV2-18 from timm, random init) and MNIST (``--source mnist``; the pairs are
 Fréchet distance of class features, see :mod:`~lightning_gradsim.experiments.pair_select`; a small
 CNN). Writes ``curves.csv``, ``cosine_steps.csv``, ``figure3.png`` and ``summary.md``.
 
+Held-out gates ``unweighted_heldout`` / ``weighted_heldout`` (:mod:`~lightning_gradsim.experiments.heldout`)
+measure the cosine against the main head's gradient on a batch of the pair's held-out reference split
+(one per run and step); with one in the command every pair is built with the reference split
+(``REFERENCE_FRACTION`` of each class's training images), so every method trains on the same images.
+
 Example::
 
     gradsim pairs --source mnist --root /data/mnist --out runs/pairs_mnist
@@ -45,6 +50,7 @@ from ..cli_checks import (
     int_at_least,
     user_errors,
 )
+from .heldout import base_method, reference_fraction_for
 from .pairs_data import PairData
 from .stacked import EpochSampler, Run, StackedRuns
 
@@ -133,6 +139,19 @@ def train_pairs(
         for s in seeds
         for task in ("main", "aux")
     }
+    heldout = any(base_method(m)[1] for m in methods)
+    if heldout:
+        if any(p.reference is None for p in pairs):
+            raise ValueError("A held-out method needs every pair's reference split (build it with reference_fraction).")
+        for d, p in zip(data, pairs):
+            assert p.reference is not None
+            d["reference"] = p.reference
+            p.reference.x, p.reference.y = p.reference.x.to(stack.device), p.reference.y.to(stack.device)
+        for g in range(len(pairs)):
+            for s in seeds:
+                samplers[(g, s, "reference")] = EpochSampler(
+                    len(data[g]["reference"]), batch_size, 1_000_003 * s + 101 * g + 2
+                )
     groups = {
         g: torch.tensor([i for i, r in enumerate(runs) if r.group == g], device=stack.device) for g in range(len(pairs))
     }
@@ -168,12 +187,12 @@ def train_pairs(
     for step in tqdm(range(1, steps + 1), desc="pairs: training all runs", disable=not progress):
         picks = {key: s.next() for key, s in samplers.items()}
         batches = []
-        for task in ("main", "aux"):
+        for task in ("main", "aux", "reference") if heldout else ("main", "aux"):
             idx = [picks[(r.group, r.seed, task)] for r in runs]
             x = torch.stack([data[r.group][task].x[i.to(stack.device)] for r, i in zip(runs, idx)])
             y = torch.stack([data[r.group][task].y[i.to(stack.device)] for r, i in zip(runs, idx)])
             batches.append((x, y))
-        st = stack.step(batches[0], batches[1])
+        st = stack.step(batches[0], batches[1], batches[2] if heldout else None)
         cos, opened = st.cosine.detach().cpu(), st.gate_open.detach().cpu()
         since.append((cos, opened, st.main_loss.detach().cpu()))
         for i, r in enumerate(runs):
@@ -202,10 +221,16 @@ def _parse_pair(text: str, flag: str) -> tuple[str, str]:
     return parts[0], parts[1]
 
 
-def _build_pairs(args: argparse.Namespace) -> tuple[list[PairData], list[str], Any]:
+def _build_pairs(args: argparse.Namespace, reference_fraction: float = 0.0) -> tuple[list[PairData], list[str], Any]:
     from .pairs_data import imagenet_pair, load_mnist, mnist_pair
 
-    notes: list[str] = []
+    if reference_fraction:
+        notes_ref = (
+            f"held-out reference split: {reference_fraction:.0%} of each class's training images, cut for every "
+            "method of this command (a held-out method is in it); no method trains on it"
+        )
+
+    notes: list[str] = [notes_ref] if reference_fraction else []
     choice = None
     if args.source == "mnist":
         x_tr, y_tr, x_te, y_te, note = load_mnist(args.root)
@@ -227,13 +252,28 @@ def _build_pairs(args: argparse.Namespace) -> tuple[list[PairData], list[str], A
                 f"check: `{other}` features pick near {'/'.join(check.near)} and far {'/'.join(check.far)} ({agree})"
             )
         pairs = [
-            mnist_pair(x_tr, y_tr, x_te, y_te, *near, kind="near", max_per_class=args.max_per_class),
-            mnist_pair(x_tr, y_tr, x_te, y_te, *far, kind="far", max_per_class=args.max_per_class),
+            mnist_pair(
+                x_tr,
+                y_tr,
+                x_te,
+                y_te,
+                *pair,
+                kind=kind,
+                max_per_class=args.max_per_class,
+                reference_fraction=reference_fraction,
+            )  # fmt: skip
+            for pair, kind in ((near, "near"), (far, "far"))
         ]
         return pairs, notes, choice
     near = _parse_pair(args.near, "--near") if args.near else PAPER_NEAR
     far = _parse_pair(args.far, "--far") if args.far else PAPER_FAR
-    kw = dict(source=args.source, map_file=args.map_file, image_size=args.image_size, max_per_class=args.max_per_class)
+    kw = dict(
+        source=args.source,
+        map_file=args.map_file,
+        image_size=args.image_size,
+        max_per_class=args.max_per_class,
+        reference_fraction=reference_fraction,
+    )
     pairs = [imagenet_pair(args.root, *near, kind="near", **kw), imagenet_pair(args.root, *far, kind="far", **kw)]
     notes.append(f"ImageNet ({args.source}) under {args.root}, images {args.image_size}x{args.image_size}")
     return pairs, notes, choice
@@ -261,7 +301,11 @@ def main(argv: list[str] | None = None) -> int:
         choices=["pixels", "random_conv"],
         help="MNIST: class features for picking the pairs",
     )
-    p.add_argument("--methods", default="main_only,sum,unweighted", help="comma-separated methods (any registered)")
+    p.add_argument(
+        "--methods",
+        default="main_only,sum,unweighted",
+        help="comma-separated methods (any registered, or unweighted_heldout / weighted_heldout)",
+    )
     p.add_argument("--seeds", type=int_at_least(1), default=3, help="seeds 0..N-1")
     p.add_argument("--steps", type=int_at_least(1))
     p.add_argument("--eval-every", type=int_at_least(1))
@@ -290,10 +334,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from ..methods import list_methods
 
-        unknown = [m for m in methods if m not in list_methods()]
+        unknown = [m for m in methods if base_method(m)[0] not in list_methods()]
         if unknown or not methods:
             raise ValueError(f"Unknown method(s) {unknown}; choose from {', '.join(list_methods())}.")
-        pairs, notes, choice = _build_pairs(args)
+        pairs, notes, choice = _build_pairs(args, reference_fraction_for(methods))
     except (ValueError, FileNotFoundError, KeyError) as err:
         raise UsageError(str(err).strip("'\"")) from None
     for pair in pairs:

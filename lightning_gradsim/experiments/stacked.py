@@ -116,7 +116,11 @@ class StackedRuns:
         self._base = copy.deepcopy(nets[0]).to("meta")
         self.optimizer = _OPTIMIZERS[optimizer](list(self.params.values()), lr=lr, **dict(optimizer_kwargs or {}))
         self.methods = list(dict.fromkeys(r.method for r in self.runs))
-        self.gates = {m: make_gate(m, **dict(gate or {})) for m in self.methods}
+        from .heldout import base_method
+
+        self.gates = {m: make_gate(base_method(m)[0], **dict(gate or {})) for m in self.methods}
+        #: methods whose gate measures against the main head's gradient on a held-out reference batch
+        self.heldout = {m for m in self.methods if base_method(m)[1]}
         # a method's runs as a slice (a view, no copy) when they are contiguous, else an index tensor
         self.method_index: dict[str, slice | Tensor] = {}
         for m in self.methods:
@@ -147,8 +151,27 @@ class StackedRuns:
         return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
 
     # ------------------------------------------------------------------ training
-    def step(self, main: tuple[Tensor, Tensor], aux: tuple[Tensor, Tensor]) -> StepStats:
-        """One step of every run: ``main`` and ``aux`` are ``(x (R, B, ...), y (R, B))`` batches."""
+    def _reference_gradients(self, reference: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
+        """The main head's gradient on the shared parameters for each held-out run's reference batch, in
+        train mode like the training batches; the BatchNorm running statistics are not updated (the forward
+        reads copies of the buffers: a measurement only). Rows of other runs are zero."""
+        rows = torch.tensor([i for i, r in enumerate(self.runs) if r.method in self.heldout], device=self.device)
+        x, y = reference
+        logits = self.logits(x.to(self.device)[rows], "main", index=rows)
+        y = y.to(self.device)[rows].long()
+        per_run = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
+        leaves = [self.params[n] for n in self.shared_names]
+        g = torch.autograd.grad(per_run.sum(), leaves, allow_unused=True)
+        return {n: torch.zeros_like(p) if gi is None else gi for n, p, gi in zip(self.shared_names, leaves, g)}
+
+    def step(
+        self, main: tuple[Tensor, Tensor], aux: tuple[Tensor, Tensor], reference: tuple[Tensor, Tensor] | None = None
+    ) -> StepStats:
+        """One step of every run: ``main`` and ``aux`` are ``(x (R, B, ...), y (R, B))`` batches; ``reference``:
+        each run's held-out main-task batch, needed with a held-out method (its gate's cosines are measured
+        against the main head's gradient there; :mod:`~lightning_gradsim.experiments.heldout`)."""
+        if self.heldout and reference is None:
+            raise ValueError(f"Held-out method(s) {sorted(self.heldout)}: pass step(main, aux, reference=(x, y)).")
         self._base.train()
         names = list(self.params)
         leaves = [self.params[n] for n in names]
@@ -164,13 +187,19 @@ class StackedRuns:
             g = torch.autograd.grad(per_run.sum(), leaves, allow_unused=True)
             grads[task] = {n: torch.zeros_like(p) if gi is None else gi for n, p, gi in zip(names, leaves, g)}
             losses[task] = per_run.detach()
+        ref_grads = None
+        if self.heldout and reference is not None:
+            ref_grads = self._reference_gradients(reference)
         cosine = torch.zeros(len(self.runs), device=self.device)
         gate_open = torch.zeros(len(self.runs), dtype=torch.bool, device=self.device)
         shared = {n: torch.empty_like(self.params[n]) for n in self.shared_names}
         for method, idx in self.method_index.items():
             main_list = [grads["main"][n][idx] for n in self.shared_names]
             aux_list = [grads["aux"][n][idx] for n in self.shared_names]
-            combined, stats = self.gates[method].combine(main_list, {"aux": aux_list}, batch_dims=1)
+            ref = None
+            if method in self.heldout and ref_grads is not None:
+                ref = [ref_grads[n][idx] for n in self.shared_names]
+            combined, stats = self.gates[method].combine(main_list, {"aux": aux_list}, batch_dims=1, reference=ref)
             for n, c in zip(self.shared_names, combined):
                 shared[n][idx] = c
             cosine[idx] = stats.cosine[..., 0].to(cosine.dtype)

@@ -181,6 +181,24 @@ class StackedMLP:
                 dh = torch.bmm(dz, self.trunk[2 * layer].transpose(1, 2), out=buf(f"dh{layer}", (r, t * b, width), x))
         return TaskGradients(trunk, heads, loss)
 
+    def head_trunk_gradient(self, x: Tensor, y: Tensor, runs: slice, task: int = 0) -> list[Tensor]:
+        """The trunk gradient of head ``task``'s mean cross-entropy for the runs ``runs`` (a slice),
+        inputs ``x`` ``(R', B, D)``, labels ``y`` ``(R', B)``: ``[W_1, b_1, ...]`` shaped like the trunk's
+        slice. Fresh tensors (autograd on detached copies); nothing is written to the parameters.
+
+        Used for the held-out reference gradient (the main head on a held-out batch).
+        """
+        with torch.enable_grad():
+            trunk = [p.detach()[runs].requires_grad_() for p in self.trunk]
+            h = x
+            for layer in range(self.depth):
+                h = torch.baddbmm(trunk[2 * layer + 1].unsqueeze(1), h, trunk[2 * layer]).clamp_min(0.0)
+            logits = torch.baddbmm(
+                self.heads[1].detach()[runs, task].unsqueeze(1), h, self.heads[0].detach()[runs, task]
+            )
+            per_run = torch.nn.functional.cross_entropy(logits.transpose(1, 2), y.long(), reduction="none").mean(1)
+            return list(torch.autograd.grad(per_run.sum(), trunk))
+
     @torch.no_grad()
     def logits(self, x: Tensor, task: int = 0, chunk: int = 1024) -> Tensor:
         """``(R, N, C)`` logits of head ``task`` for inputs ``x`` ``(N, D)`` shared by every run."""

@@ -83,18 +83,22 @@ class RunOrder:
 
 @dataclass(frozen=True)
 class RunGroup:
-    """The runs ``runs`` (a slice of the stacked runs) trained with one method's ``gate``."""
+    """The runs ``runs`` (a slice of the stacked runs) trained with one method's ``gate``; ``reference``:
+    the gate measures its cosines against the main head's gradient on a held-out reference batch."""
 
     label: str
     gate: GradientGate
     runs: slice
+    reference: bool = False
 
 
 class StepRecord(NamedTuple):
     """One step's per-run numbers (tensors on the model's device; no host sync)."""
 
     loss: Tensor  #: ``(R, T)`` mean cross-entropy per task
-    cosine: Tensor  #: ``(R, T-1)`` cosine of each auxiliary gradient with the main one on the trunk
+    #: ``(R, T-1)`` cosine of each auxiliary gradient with the main one on the trunk (with the held-out
+    #: reference gradient for a ``reference`` group: the cosine the gate decided on)
+    cosine: Tensor
     gate_open: Tensor  #: ``(R, T-1)`` bool, whether the gate used the auxiliary gradient
 
 
@@ -138,8 +142,15 @@ class StackedTrainer:
         self.optimizer = torch.optim.RMSprop(params, lr=lr, alpha=alpha, eps=eps)
 
     @torch.no_grad()
-    def step(self, x: Tensor, y: Tensor) -> StepRecord:
-        """One optimizer step of every run on ``x`` ``(R, T, B, D)``, labels ``y`` ``(R, T, B)``."""
+    def step(self, x: Tensor, y: Tensor, reference: tuple[Tensor, Tensor] | None = None) -> StepRecord:
+        """One optimizer step of every run on ``x`` ``(R, T, B, D)``, labels ``y`` ``(R, T, B)``.
+
+        ``reference``: ``(x (R, B', D), y (R, B'))``, each run's held-out batch of the main task, needed
+        when a group has ``reference=True`` (its gate measures the cosines against the main head's
+        gradient there, :meth:`GradientGate.combine(..., reference=...) <lightning_gradsim.GradientGate.combine>`).
+        """
+        if reference is None and any(g.reference for g in self.groups):
+            raise ValueError("A run group measures against a held-out reference: pass step(x, y, reference=(x, y)).")
         grads = self.model.task_gradients(x, y)
         for p, g in zip(self._head_views, grads.heads):
             p.grad = g
@@ -156,12 +167,15 @@ class StackedTrainer:
             sl = group.runs
             lw = group.gate.loss_weighting
             combined: Tensor | list[Tensor]
+            ref = None
+            if group.reference and reference is not None:  # a held-out gate: its runs' reference gradients
+                ref = self.model.head_trunk_gradient(reference[0][sl], reference[1][sl], sl, task=0)
             if lw is not None:
                 combined, stats = _weighted_combine(group, grads, self.aux_names)
-            elif group.gate.per_layer:  # the per-layer cosines need the layers apart
+            elif group.gate.per_layer or ref is not None:  # per layer: the per-layer cosines; a reference
                 main = [g[sl, 0] for g in grads.trunk]
                 aux = {name: [g[sl, k + 1] for g in grads.trunk] for k, name in enumerate(self.aux_names)}
-                combined, stats = group.gate.combine(main, aux, batch_dims=1)
+                combined, stats = group.gate.combine(main, aux, batch_dims=1, reference=ref)
             else:  # one flat vector per run and task: the Gramian is one matmul per run (see the module doc)
                 flat = torch.cat([g[sl].flatten(2) for g in grads.trunk], dim=2)  # (R_g, T, P)
                 aux_flat = {name: flat[:, k + 1] for k, name in enumerate(self.aux_names)}

@@ -12,7 +12,10 @@ angle, so methods are compared paired by seed), and one
 trunk, run by run. Choices the paper leaves blank are listed in ``docs/protocols.md`` (section Table 1).
 
 A method is a name from :func:`lightning_gradsim.methods.list_methods`, optionally with its own gate
-options after colons: ``unweighted:threshold=0.02:cosine_ema=0.9:per_layer=true``.
+options after colons: ``unweighted:threshold=0.02:cosine_ema=0.9:per_layer=true``; or a held-out gate
+``unweighted_heldout`` / ``weighted_heldout`` (:mod:`~lightning_gradsim.experiments.heldout`: the cosine
+against the main head's gradient on a held-out reference batch; with one in the command, every method
+trains on the same 90% of the training images).
 
 Example::
 
@@ -204,20 +207,22 @@ def _build_gates(specs: list[MethodSpec], common: dict[str, Any], steps_per_epoc
     import warnings
 
     from ..methods import is_method, list_methods, make_gate
+    from .heldout import base_method
 
     gates = []
     for spec in specs:
-        if not is_method(spec.method):
+        method = base_method(spec.method)[0]
+        if not is_method(method):
             raise ValueError(
                 f"Unknown method {spec.method!r}; choose from {', '.join(list_methods())}, or 'torchjd:<Name>'."
             )
         options = dict(spec.options)
-        if spec.method == "dwa":
+        if method == "dwa":
             options.setdefault("period", steps_per_epoch)
         with warnings.catch_warnings():
             if not any(common.get(k) for k in ("threshold", "cosine_ema", "per_layer")):
                 warnings.filterwarnings("ignore", message=".*ignores the cosine-gate option")
-            gate = make_gate(spec.method, **{**common, **options})
+            gate = make_gate(method, **{**common, **options})
         if gate.loss_weighting is not None and not hasattr(gate.loss_weighting, "batched_weights"):
             raise ValueError(
                 f"Method {spec.method!r} weights task losses in a way gradsim table1's stacked runs do not "
@@ -253,6 +258,16 @@ class StackedProtocol:
     task_view: torch.Tensor  #: ``(R, 2)`` view read by each run's main and auxiliary task
     train_y: torch.Tensor
     batch_size: int
+    #: the held-out reference images ``(N', D)`` and labels, and each run's batches of them (held-out methods)
+    reference: tuple[torch.Tensor, torch.Tensor] | None = None
+    reference_order: Any = None
+
+    def reference_batch(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Every run's next reference batch ``(x (R, B', D), y (R, B'))``, or ``None`` without held-out runs."""
+        if self.reference is None or self.reference_order is None:
+            return None
+        idx = self.reference_order.next()
+        return self.reference[0][idx], self.reference[1][idx]
 
     def train_epoch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One epoch of every run; returns per run the mean cosine ``(R,)`` and mean losses ``(R, 2)``."""
@@ -270,7 +285,7 @@ class StackedProtocol:
             if size not in buffers:
                 buffers[size] = self.views.new_empty(len(self.runs), 2, size, self.views.shape[-1])
             x, y = task_batch(self.views, self.train_y, self.task_view, batch, out=buffers[size])
-            record = self.trainer.step(x, y)  # x: (R, 2, B, D), the same images, rotated for task 1
+            record = self.trainer.step(x, y, self.reference_batch())  # x: (R, 2, B, D), task 1 rotated
             cos += record.cosine[:, 0]
             loss += record.loss
         return cos / steps, loss / steps
@@ -279,9 +294,11 @@ class StackedProtocol:
 def build_protocol(cfg: Table1Config, data: Any) -> StackedProtocol:
     """Stack every ``method x angle x seed`` run of ``cfg`` on ``data``.
 
-    ``data`` is a :class:`~lightning_gradsim.data.table1.Table1Data`.
+    ``data`` is a :class:`~lightning_gradsim.data.table1.Table1Data` (with its reference split when a
+    method is held-out).
     """
     from ..data.table1 import rotated_views
+    from .heldout import ReferenceOrder, base_method
     from .stacked_mlp import StackedMLP
     from .stacked_training import RunGroup, RunOrder, StackedTrainer
 
@@ -297,14 +314,33 @@ def build_protocol(cfg: Table1Config, data: Any) -> StackedProtocol:
     run_seeds = [s for _, _, s in runs]
     model = StackedMLP(run_seeds, data.input_dim, cfg.hidden, cfg.depth, num_tasks=2, device=device)
     groups = [
-        RunGroup(spec.label, gate.to(device), slice(i * per_method, (i + 1) * per_method))
+        RunGroup(spec.label, gate.to(device), slice(i * per_method, (i + 1) * per_method), base_method(spec.method)[1])
         for i, (spec, gate) in enumerate(zip(specs, gates))
     ]
+    reference, reference_order = None, None
+    if any(g.reference for g in groups):
+        if data.reference_x is None or data.reference_y is None:
+            raise ValueError(
+                "A held-out method needs the data's reference split (load_table1_data(reference_fraction=...))."
+            )
+        n_ref = len(data.reference_y)
+        reference = (data.reference_x.reshape(n_ref, -1).to(device), data.reference_y.to(device))
+        reference_order = ReferenceOrder(run_seeds, n_ref, cfg.batch_size, device)
     trainer = StackedTrainer(model, groups, lr=cfg.lr, aux_names=[AUX_TASK])
     task_view = torch.tensor([[0, view_angles.index(a if a % 360 != 0 else 0.0)] for _, a, _ in runs], device=device)
     order = RunOrder(run_seeds, len(data.train_y), device)
     return StackedProtocol(
-        specs, runs, model, trainer, order, views, task_view, data.train_y.to(device), cfg.batch_size
+        specs,
+        runs,
+        model,
+        trainer,
+        order,
+        views,
+        task_view,
+        data.train_y.to(device),
+        cfg.batch_size,
+        reference,
+        reference_order,
     )
 
 
@@ -322,9 +358,10 @@ def run_table1(cfg: Table1Config, out_dir: str | None = None, resume: bool = Fal
 def setup_table1(cfg: Table1Config) -> tuple[Any, StackedProtocol]:
     """Load the data and stack the runs: every check of ``cfg`` and of the data happens here."""
     from ..data.table1 import load_table1_data
+    from .heldout import reference_fraction_for
 
     _check(cfg)
-    data = load_table1_data(cfg.source, cfg.root, cfg.split_seed)
+    data = load_table1_data(cfg.source, cfg.root, cfg.split_seed, reference_fraction_for(cfg.methods))
     return data, build_protocol(cfg, data)
 
 
@@ -371,6 +408,9 @@ def train_table1(
     errors = proto.model.error(test_x, data.test_y.to(device)).cpu()
     finite = proto.model.finite().cpu()
     open_frac = torch.cat([g.gate.open_fraction().reshape(-1) for g in proto.trainer.groups]).cpu()
+    summaries = [g.gate.state.cosine_summary() for g in proto.trainer.groups]
+    cos_se = torch.cat([se.reshape(-1) for _, se, _ in summaries]).cpu()
+    noise = torch.cat([nf.reshape(-1) for _, _, nf in summaries]).cpu()
     cos_cpu, loss_cpu = cos_epochs.cpu(), loss_last.cpu()
     rows: list[dict[str, Any]] = []
     curves: dict[tuple[str, float], list[list[float]]] = {}
@@ -383,7 +423,9 @@ def train_table1(
                 "seed": seed,
                 "test_error": float(errors[r]),
                 "mean_cosine": float(cos_cpu[:, r].mean()),
+                "cosine_se": float(cos_se[r]),
                 "open_fraction": float(open_frac[r]),
+                "noise_fraction": float(noise[r]),
                 "train_loss_main": float(loss_cpu[r, 0]),
                 "train_loss_aux": float(loss_cpu[r, 1]),
                 "finite": bool(finite[r]),

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .csv_rows import write_csv
+from .heldout import base_method
 from .paired import paired_t_test
 
 __all__ = ["error_table", "paired_table", "gate_table", "table_markdown", "write_outputs", "PAPER_COLUMNS"]
@@ -76,11 +77,14 @@ def error_table(rows: list[dict[str, Any]], methods: Sequence[str], angles: Sequ
 
 
 def paired_table(rows: list[dict[str, Any]], methods: Sequence[str], angles: Sequence[float]) -> str | None:
-    """Each method minus ``sum`` and minus ``main_only``, paired by seed: mean difference (points) and p."""
+    """Each method minus ``sum`` and minus ``main_only``, paired by seed: mean difference (points) and p; a
+    held-out gate (``unweighted_heldout``) also minus its training-batch gate (``unweighted``) when both ran."""
     # main_only is the reference of all; sum is compared with main_only only.
     pairs = [
         (m, base) for m in _ordered(methods) if m != "main_only" for base in BASELINES if base in methods and m != base
     ]
+    # a held-out gate also against the same gate on the training batch (when both ran)
+    pairs += [(m, gate) for m in _ordered(methods) for gate, held in [base_method(m)] if held and gate in methods]
     if not pairs:
         return None
     lines = [

@@ -247,3 +247,49 @@ def test_pairs_command_imagefolder(tmp_path, capsys):
     assert (out / "figure3.png").is_file()
     assert gradsim(["pairs", "--source", "downsampled", "--root", str(root), "--out", str(out)]) == 2
     assert "map_file" in capsys.readouterr().err
+
+
+def test_stacked_heldout_runs_equal_separate_runs():
+    """Held-out gates in the stacked trainer equal gate.backward(..., reference_loss=...) run alone on the
+    same batches (the reference forward in train mode, the BatchNorm running statistics left as they were)."""
+    methods = ("unweighted", "unweighted_heldout", "weighted_heldout")
+    runs = [Run(g, s, m) for m in methods for g in (0, 1) for s in (0, 1)]
+    stack = StackedRuns(_small_net, runs, lr=1e-2)
+    g = torch.Generator().manual_seed(7)
+    steps = []
+    for _ in range(6):
+        step = {}
+        for task in ("main", "aux", "reference"):
+            per_key = {
+                (gr, s): (torch.randn(6, 1, 8, 8, generator=g), torch.randint(2, (6,), generator=g))
+                for gr in (0, 1)
+                for s in (0, 1)
+            }
+            step[task] = tuple(torch.stack([per_key[(r.group, r.seed)][k] for r in runs]) for k in (0, 1))
+        steps.append(step)
+    with pytest.raises(ValueError, match="reference"):
+        stack.step(steps[0]["main"], steps[0]["aux"])
+    stats = [stack.step(s["main"], s["aux"], s["reference"]) for s in steps]
+    for r, run in enumerate(runs):
+        net, gate = _small_net(run.seed), make_gate(run.method.removesuffix("_heldout"))
+        opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+        for i, s in enumerate(steps):
+            opt.zero_grad()
+            main_loss = F.cross_entropy(net(s["main"][0][r], "main"), s["main"][1][r])
+            aux_loss = F.cross_entropy(net(s["aux"][0][r], "aux"), s["aux"][1][r])
+            ref_loss, saved = None, {n: b.clone() for n, b in net.named_buffers()}
+            if run.method.endswith("_heldout"):
+                ref_loss = F.cross_entropy(net(s["reference"][0][r], "main"), s["reference"][1][r])
+            ref = gate.backward(main_loss, {"aux": aux_loss}, net.trunk.parameters(), reference_loss=ref_loss)
+            for n, b in net.named_buffers():  # the reference forward leaves the running statistics alone
+                b.copy_(saved[n])
+            opt.step()
+            assert float(stats[i].cosine[r]) == pytest.approx(float(ref.cosine[0]), abs=1e-5)
+            assert bool(stats[i].gate_open[r]) == bool(ref.gate_open[0])
+        for name, p in net.named_parameters():
+            torch.testing.assert_close(stack.params[name][r], p.detach(), atol=1e-5, rtol=1e-5)
+        for name, b in net.named_buffers():
+            torch.testing.assert_close(stack.buffers[name][r], b, atol=1e-5, rtol=1e-5)
+    # at step 1 every method of a (group, seed) has the same weights and batches: the held-out cosine differs
+    plain, held = stats[0].cosine[:4], stats[0].cosine[4:8]
+    assert (plain - held).abs().min() > 1e-3

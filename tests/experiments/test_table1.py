@@ -9,11 +9,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_gradsim import GradientGate
+from lightning_gradsim.data import REFERENCE_FRACTION
 from lightning_gradsim.data.table1 import load_table1_data, rotated_views, split_test_file, task_batch
+from lightning_gradsim.experiments.heldout import ReferenceOrder, base_method
 from lightning_gradsim.experiments.paired import paired_t_test, student_t_sf
 from lightning_gradsim.experiments.stacked_mlp import StackedMLP, init_run_parameters
 from lightning_gradsim.experiments.stacked_training import RunGroup, RunOrder, StackedTrainer
-from lightning_gradsim.experiments.table1 import Table1Config, build_protocol, main, parse_method
+from lightning_gradsim.experiments.table1 import (
+    DEFAULT_METHODS,
+    Table1Config,
+    build_protocol,
+    main,
+    parse_method,
+    run_table1,
+)
 from lightning_gradsim.experiments.table1_report import error_table
 from lightning_gradsim.methods import make_gate
 
@@ -258,6 +267,98 @@ def test_a_run_does_not_depend_on_what_else_is_stacked(digits):
     assert torch.equal(open_full[where], open_sub)
 
 
+def _heldout_run(method, seed, data, angle_k, steps, batch, lr, hidden, depth):
+    """One held-out run alone: nn.Linear modules, gate.backward(..., reference_loss=...) on the same batches."""
+    net = _Run(seed, data.train_x[0].numel(), hidden, depth)
+    opt = torch.optim.RMSprop(net.parameters(), lr=lr)
+    gate = GradientGate(rule=base_method(method)[0])
+    order = RunOrder([seed], len(data.train_y))
+    ref_order = ReferenceOrder([seed], len(data.reference_y), batch)
+    x_all, y_all = data.train_x, data.train_y
+    done = 0
+    while done < steps:
+        idx = order.epoch()[0]
+        for k in range(0, len(idx), batch):
+            if done == steps:
+                break
+            bi, ri = idx[k : k + batch], ref_order.next()[0]
+            x = x_all[bi]
+            opt.zero_grad()
+            loss_main = F.cross_entropy(net.heads[0](net.trunk(x.flatten(1))), y_all[bi])
+            x_rot = torch.rot90(x, angle_k, dims=(-2, -1)).flatten(1)
+            loss_aux = F.cross_entropy(net.heads[1](net.trunk(x_rot)), y_all[bi])
+            ref = F.cross_entropy(net.heads[0](net.trunk(data.reference_x[ri].flatten(1))), data.reference_y[ri])
+            gate.backward(loss_main, {"rotated": loss_aux}, net.trunk.parameters(), reference_loss=ref)
+            opt.step()
+            done += 1
+    return net, gate
+
+
+def test_stacked_heldout_runs_equal_separate_runs(digits):
+    """Stacked held-out runs equal the same runs alone with gate.backward(..., reference_loss=...)."""
+    held = load_table1_data("digits", reference_fraction=REFERENCE_FRACTION)
+    data = type(held)(
+        held.train_x[:200], held.train_y[:200], held.test_x, held.test_y, "digits", "subset", None,
+        held.reference_x[:80], held.reference_y[:80],
+    )  # fmt: skip
+    hidden, depth, batch, lr, steps = 16, 2, 64, 3e-3, 5  # 3 steps per epoch; 1 reference batch per pass
+    methods = ["unweighted_heldout", "weighted_heldout"]
+    cfg = Table1Config(
+        source="digits", angles=[0.0, 90.0], methods=methods, seeds=2, epochs=1, batch_size=batch, lr=lr,
+        hidden=hidden, depth=depth,
+    )  # fmt: skip
+    proto = build_protocol(cfg, data)
+    assert [g.reference for g in proto.trainer.groups] == [True, True]
+    done = 0
+    while done < steps:
+        idx = proto.order.epoch()
+        for k in range(0, idx.shape[1], batch):
+            if done == steps:
+                break
+            x, y = task_batch(proto.views, proto.train_y, proto.task_view, idx[:, k : k + batch])
+            proto.trainer.step(x, y, proto.reference_batch())
+            done += 1
+    for r, (mi, angle, seed) in enumerate(proto.runs):
+        ref, gate = _heldout_run(methods[mi], seed, data, int(angle // 90), steps, batch, lr, hidden, depth)
+        for got, want in zip(_stacked_params(proto.model, r), _reference_params(ref)):
+            torch.testing.assert_close(got, want.detach(), rtol=1e-3, atol=0.05 * lr)
+            assert (got - want.detach()).abs().mean() < 1e-6
+        group = proto.trainer.groups[mi]
+        row = r - group.runs.start
+        assert int(group.gate.state.measured_steps) == int(gate.state.measured_steps) == steps
+        assert float(group.gate.open_fraction()[row, 0]) == pytest.approx(float(gate.open_fraction().reshape(-1)[0]))
+        mean, _, _ = group.gate.state.cosine_summary()  # the cosine against the reference, as alone
+        want_mean, _, _ = gate.state.cosine_summary()
+        assert float(mean[row, 0]) == pytest.approx(float(want_mean.reshape(-1)[0]), abs=1e-4)
+
+
+def test_heldout_methods_cut_the_reference_split_for_every_method(monkeypatch):
+    """The default command keeps its four methods and all the training data; a held-out method in a command
+    cuts REFERENCE_FRACTION for every method of it; a held-out method without a reference split is refused."""
+    import lightning_gradsim.data.table1 as t1
+
+    assert DEFAULT_METHODS == ("main_only", "sum", "unweighted", "weighted")
+    assert Table1Config().methods == DEFAULT_METHODS
+    asked = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_load(source, root, split_seed, reference_fraction=0.0):
+        asked.append(reference_fraction)
+        raise Stop
+
+    monkeypatch.setattr(t1, "load_table1_data", fake_load)
+    for methods in (list(DEFAULT_METHODS), ["main_only", "weighted_heldout"]):
+        with pytest.raises(Stop):
+            run_table1(Table1Config(source="digits", methods=methods, progress=False))
+    assert asked == [0.0, REFERENCE_FRACTION] and REFERENCE_FRACTION == 0.1
+    monkeypatch.undo()
+    small = load_table1_data("digits")
+    with pytest.raises(ValueError, match="reference split"):
+        build_protocol(Table1Config(source="digits", methods=["unweighted_heldout"], seeds=1, hidden=4), small)
+
+
 def test_per_run_gate_statistics_equal_gate_backward():
     """One step: the stacked group's cosines and open flags are those of gate.backward on each run alone."""
     torch.manual_seed(0)
@@ -419,3 +520,20 @@ def test_cli_on_the_mnist_10k_file_says_it_splits(tmp_path, mnist_root):
 def test_cli_reports_bad_input(capsys):
     assert main(["--source", "digits", "--methods", "main_only,bogus", "--no-progress"]) == 2
     assert "Unknown method 'bogus'" in capsys.readouterr().err
+
+
+def test_paired_table_compares_a_heldout_gate_with_its_training_batch_gate():
+    """The held-out column appears only with a held-out method; its difference is computed by hand."""
+    from lightning_gradsim.experiments.table1_report import paired_table
+
+    errors = {"main_only": [0.10, 0.12, 0.11], "sum": [0.12, 0.12, 0.14], "unweighted": [0.11, 0.13, 0.15]}
+    errors["unweighted_heldout"] = [0.10, 0.12, 0.12]  # minus unweighted: -1, -1, -3 points, mean -1.67
+    rows = [
+        {"angle": 90.0, "method": m, "seed": s, "test_error": e} for m, es in errors.items() for s, e in enumerate(es)
+    ]
+    plain = paired_table(rows, ["main_only", "sum", "unweighted"], [90.0])
+    held = paired_table(rows, list(errors), [90.0])
+    assert plain is not None and held is not None and "heldout" not in plain
+    header, _, row = held.splitlines()
+    assert header.split(" | ")[-1] == "`unweighted_heldout` − `unweighted` |"
+    assert row.split(" | ")[-1].startswith("-1.67 (p ")
