@@ -40,8 +40,9 @@ _REFERENCE_ORDER_OFFSET = 2_000_003
 
 
 def base_method(method: str) -> tuple[str, bool]:
-    """``(gate method, held-out?)`` of a method name (options after ``:`` are ignored)."""
-    name = method.split(":", 1)[0].strip()
+    """``(gate method, held-out?)`` of a method name (options after ``:`` are ignored; ``torchjd:<Name>`` is
+    a name)."""
+    name = method.strip() if method.startswith("torchjd:") else method.split(":", 1)[0].strip()
     if name.endswith(HELDOUT_SUFFIX) and len(name) > len(HELDOUT_SUFFIX):
         return name[: -len(HELDOUT_SUFFIX)], True
     return name, False
