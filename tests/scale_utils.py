@@ -132,7 +132,9 @@ class TinyNet(GradSimMixin, L.LightningModule):
             aux_weight = aux_weight * 1.0
             aux_weight.register_hook(lambda g: torch.full_like(g, float("nan")))
         self.batches_seen += 1
-        aux = F.cross_entropy(F.linear(h_aux, aux_weight, self.aux_head.bias).float(), y_aux)
+        # through the module itself unless its weight is poisoned (FSDP2 shards the module's parameters)
+        logits = F.linear(h_aux, aux_weight, self.aux_head.bias) if site == "head" else self.aux_head(h_aux)
+        aux = F.cross_entropy(logits.float(), y_aux)
         return {
             "main": F.cross_entropy(self.main_head(h).float(), y),
             "aux": aux * float("inf") if site == "loss" else aux,

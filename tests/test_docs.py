@@ -125,7 +125,7 @@ def test_every_public_field_is_described():
         "core.stats.GateStats": "the cosine the rule used",  # Attributes: section
         "lightning.mixin.GradSimMixin": "clip the combined gradient",  # "Settings (... attributes):"
         "rules.base.Rule": "direction vector",  # #: comments
-        "rules.summed.Sum": "direction vector",  # inherited from Rule
+        "rules.summed.Sum": "per-task statistics",  # inherited from Rule
         "rules.base.RuleInput": "dot products",
         "parallel.registry.SyncMode": "concatenated batch",
         "parallel.registry.SyncSettings": "gradsim_sync",

@@ -37,6 +37,8 @@ from typing import Any
 
 import torch
 
+from .machine import machine_info
+
 __all__ = [
     "MethodSpec",
     "parse_method",
@@ -169,36 +171,6 @@ class Table1Result:
             "threads": self.threads,
             "machine": self.machine,
         }
-
-
-def machine_info(device: str | torch.device = "cpu") -> dict[str, Any]:
-    """What a table's numbers depend on beyond the seeds: torch and its BLAS, the CPU, the GPU, threads.
-
-    Two machines with the same values here give the same table bitwise; another torch, BLAS, CPU
-    instruction set or GPU can change the last bits of a run, and so a few gate decisions and test
-    predictions (see the README's main-job paragraph).
-
-    >>> sorted(machine_info())
-    ['cpu', 'cpu_capability', 'gpu', 'python', 'threads', 'torch']
-    """
-    import platform
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    dev = torch.device(device)
-    gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" and torch.cuda.is_available() else None
-    return {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "cpu": cpu,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "gpu": gpu,
-        "threads": torch.get_num_threads(),
-    }
 
 
 def _build_gates(specs: list[MethodSpec], common: dict[str, Any], steps_per_epoch: int = 1) -> list[Any]:

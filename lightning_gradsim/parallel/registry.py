@@ -49,6 +49,7 @@ class SyncSettings(NamedTuple):
         similarity: the gate's ``similarity`` (``"parameters"`` or ``"features"``).
         every_n_steps: the gate's ``every_n_steps``.
         loss_weighting: the class name of the gate's loss weighting, ``None`` without one.
+        needs_losses: whether that loss weighting reads the task losses (GradNorm does).
         accumulate: the module's ``gradsim_accumulate_grad_batches``.
         grad_scaler: whether a GradScaler scales the losses (``precision="16-mixed"``).
         requested: the module's ``gradsim_sync``.
