@@ -77,6 +77,7 @@ def decide_step(
         finite=finite,
         direction=direction,
         checks=checks,
+        agree=pipeline.agree if pipeline else None,
     )
     return weights, _observed(config, grads, names, gram, k, scale, stats), direction
 
@@ -152,6 +153,7 @@ def _decide_on_reference(
         direction=direction,
         checks=[*checks, every],
         cosine_layers=_select(full, against),
+        agree=pipeline.agree if pipeline else None,
     )
     main_norm = full.sum(0)[..., 0, 0].clamp(min=0).sqrt()
     stats = stats._replace(main_norm=main_norm.detach(), against_reference=True)

@@ -6,7 +6,9 @@ The gate's step, with the three places a transform can act (see ``docs/architect
       -> transform.task_gradients(grads) -> status          accumulate / unscale / all-reduce / reduce-scatter
     local per-layer Gramian (L, K, K)                     from whatever gradients the bundle now holds
       -> transform.gramian(gram) -> gram                    e.g. all-reduce (sum) the Gramian of local shards
-    rule: Gramian -> weights; state update                the seam: a rule never sees gradients
+    rule: Gramian -> weights                              the seam: a rule never sees gradients
+      -> transform.agree(finite) -> finite                  e.g. a NaN on another rank (before any state moves)
+    state update
     apply weights to the (possibly sharded) gradients     TaskGradients.apply, into .grad
       -> transform.combined(params, others, finite)         e.g. all-gather the combined shards
 
@@ -87,6 +89,12 @@ class GradientTransform:
         """Return the per-layer Gramian ``(L, *B, V, V)`` to decide on (e.g. summed over shards)."""
         return gram
 
+    def agree(self, finite: Tensor) -> Tensor:
+        """The step's finiteness as this rank decided it (``(*B,)`` bool: the Gramian, the weights, the losses,
+        the heads), just before the gate commits its state: return it as every rank must take it (e.g.
+        ``False`` where another rank saw a NaN), so that a step skipped anywhere changes no state anywhere."""
+        return finite
+
     def combined(self, params: Sequence[Tensor], others: Sequence[Tensor], finite: Tensor) -> Tensor:
         """After the gate wrote ``.grad`` of ``params`` (shared) and ``others`` (heads): return the step's
         finiteness (a bool tensor; ``finite`` as given unless, e.g., another rank saw a NaN)."""
@@ -136,6 +144,11 @@ class Transforms:
         for t in self.items:
             gram = t.gramian(gram)
         return gram
+
+    def agree(self, finite: Tensor) -> Tensor:
+        for t in self.items:
+            finite = t.agree(finite)
+        return finite
 
     def combined(self, params: Sequence[Tensor], others: Sequence[Tensor], finite: Tensor) -> Tensor:
         for t in self.items:

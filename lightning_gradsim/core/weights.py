@@ -14,7 +14,7 @@ ranks or shards) and "apply the weights": it never touches a gradient.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -40,6 +40,7 @@ def decide(
     direction: list[Tensor] | None = None,
     checks: Sequence[Tensor | None] = (),
     cosine_layers: Tensor | None = None,
+    agree: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, GateStats]:
     """Weights and statistics from per-layer Gramians ``(L, *B, V, V)``, and the state update.
 
@@ -49,7 +50,8 @@ def decide(
     ``finite``: what else the caller knows about the step (losses, heads, other ranks); ``checks``:
     1-D tensors (e.g. loss values, gradient norms) whose finiteness joins the step's one check.
     ``cosine_layers``: per-layer Gramians ``(L, *B, K, K)`` to take the cosines from instead (a held-out
-    reference in the main slot). Returns ``weights`` (``(*B, K)`` or ``(*B, K+1)``) and the step's
+    reference in the main slot). ``agree``: the step's finiteness as this process found it -> as every
+    process takes it (e.g. over the ranks of the ``local`` sync), before any state moves. Returns ``weights`` (``(*B, K)`` or ``(*B, K+1)``) and the step's
     :class:`GateStats`.
     """
     k = layer_gram.shape[-1] if num_tasks is None else num_tasks
@@ -88,6 +90,8 @@ def decide(
     ok = torch.isfinite(torch.cat(parts, dim=-1)).all(-1)  # one check
     if finite is not None:
         ok = ok & finite
+    if agree is not None:
+        ok = agree(ok)
     commit = getattr(rule, "commit", None)
     if commit is not None:  # a stateful rule keeps what it staged in weights() only on a finite step
         commit(ok)

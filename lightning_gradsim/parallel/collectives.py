@@ -43,6 +43,7 @@ from torch import Tensor
 
 __all__ = [
     "world_size",
+    "any_nonfinite",
     "all_reduce_mean",
     "start_all_reduce",
     "PendingMean",
@@ -58,6 +59,23 @@ def world_size(group: dist.ProcessGroup | None = None) -> int:
     if not (dist.is_available() and dist.is_initialized()):
         return 1
     return dist.get_world_size(group)
+
+
+def any_nonfinite(t: Tensor) -> Tensor:
+    """Whether any element of ``t`` is NaN or infinite, as a bool scalar on ``t``'s device.
+
+    On CPU one pass without a temporary: the sum is NaN or infinite if an element is (or if finite
+    values overflow it), and only then the elements are checked one by one; ``torch.isfinite(t)``
+    allocates and touches several temporaries of ``t``'s size. Elsewhere the element-wise check
+    (reading the sum would wait for the device).
+
+    >>> any_nonfinite(torch.tensor([3e38, 3e38])), any_nonfinite(torch.tensor([1.0, float("nan")]))
+    (tensor(False), tensor(True))
+    """
+    if t.device.type == "cpu" and t.is_floating_point():
+        if bool(torch.isfinite(t.sum())):
+            return torch.zeros((), dtype=torch.bool)
+    return ~torch.isfinite(t).all()
 
 
 def all_reduce_mean(
@@ -97,7 +115,7 @@ def all_reduce_mean(
             any_bad = any_bad | (buffer[-1] != 0)
             buffer = buffer[:-1]
         buffer.div_(n)
-        any_bad = any_bad | ~torch.isfinite(buffer).all()
+        any_bad = any_bad | any_nonfinite(buffer)
         offset = 0
         for i in idx:
             numel = tensors[i].numel()
@@ -124,7 +142,7 @@ class PendingMean:
                 bad = buffer[-1] != 0
                 buffer = buffer[:-1]
             buffer.div_(self.n)
-            bad = bad | ~torch.isfinite(buffer).all()
+            bad = bad | any_nonfinite(buffer)
             any_bad = bad if any_bad is None else any_bad | bad.to(any_bad.device)
             offset = 0
             for i in idx:

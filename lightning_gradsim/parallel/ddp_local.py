@@ -28,7 +28,9 @@ class AllReduceCombined(GradientTransform):
     all-reduce, with this rank's non-finite flag in it.
 
     The step is finite only if it is on every rank: a NaN/inf on another rank makes this rank skip too,
-    and the gate counts the step as skipped (not measured). It needs no per-task gradients, so it also
+    and the gate counts the step as skipped (not measured). Every rank learns it before the gate
+    commits its state (:meth:`agree`: a one-flag all-reduce per step, ``(*B,)`` flags for stacked
+    runs), so a skipped step leaves every rank's gate state as it was. It needs no per-task gradients, so it also
     serves ``similarity="features"`` and ``every_n_steps``. With one process it does nothing.
 
     >>> p = torch.nn.Parameter(torch.ones(2))
@@ -41,6 +43,15 @@ class AllReduceCombined(GradientTransform):
 
     def __init__(self, group: dist.ProcessGroup | None = None) -> None:
         self.group = group
+
+    def agree(self, finite: Tensor) -> Tensor:
+        """Skip the step on every rank where any rank found it non-finite, before the gate commits its state
+        (cosine moments and EMA, direction EMA, open counts, a rule's targets): one small all-reduce."""
+        if world_size(self.group) == 1:
+            return finite
+        bad = (~finite).to(torch.float32)
+        dist.all_reduce(bad, op=dist.ReduceOp.SUM, group=self.group)
+        return finite & (bad == 0).to(finite.device)
 
     def combined(self, params: Sequence[Tensor], others: Sequence[Tensor], finite: Tensor) -> Tensor:
         if world_size(self.group) == 1:
