@@ -30,6 +30,7 @@ from .options import (
     check_dtensor_inputs,
     check_names,
     check_options,
+    check_per_tensor,
     check_reference,
     check_transforms,
     check_update_vectors,
@@ -118,6 +119,7 @@ class GradientGate(CheckpointedGate):
         self.rule = get_rule(rule)
         self.aux_weight = check_aux_weight(aux_weight)
         check_options(threshold, cosine_ema, main_grad_ema, seed, similarity, every_n_steps, loss_weighting)
+        check_per_tensor(self.rule, similarity, every_n_steps)
         self.threshold, self.cosine_ema, self.main_grad_ema = float(threshold), float(cosine_ema), float(main_grad_ema)
         self.per_layer, self.seed = bool(per_layer), int(seed)
         self.similarity, self.every_n_steps = similarity, every_n_steps
@@ -194,7 +196,7 @@ class GradientGate(CheckpointedGate):
             raise RuntimeError("A Transforms pipeline serves one gate.backward() call; build one per step.")
         marked, self._features = self._features, None
         names, losses = named_losses(main_loss, aux_losses)
-        check_reference(reference_loss, self.similarity)
+        check_reference(reference_loss, self.similarity, self.rule)
         self.aux_names = check_names(names, self.aux_names, self.aux_weight)
         shared = shared_list(shared_params)
         check_transforms(pipeline, self.similarity, self.every_n_steps)
@@ -311,7 +313,7 @@ class GradientGate(CheckpointedGate):
             self.config, self.state, grads, names, aux_weight, reference=reference is not None
         )
         self.last_stats = stats
-        combined = grads.apply(weights, direction)
+        combined = grads.apply(weights, direction, per_tensor=self.rule.per_tensor_weights)
         return (combined[0] if single else combined), stats  # type: ignore[return-value]
 
     def open_fraction(self) -> Tensor:

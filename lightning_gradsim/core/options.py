@@ -33,6 +33,7 @@ __all__ = [
     "check_transforms",
     "other_parameters",
     "with_reference",
+    "check_per_tensor",
     "check_reference",
     "warn_unreached",
     "GateConfig",
@@ -296,11 +297,36 @@ def warn_unreached(names: Sequence[str], reached: Sequence[bool], warned: set[st
             )
 
 
-def check_reference(reference_loss: Any, similarity: str) -> None:
+def check_per_tensor(rule: Any, similarity: Any, every_n_steps: Any) -> None:
+    """A rule that weighs each shared tensor on its own (``per_tensor_weights``) needs this step's per-tensor
+    parameter gradients and applies no direction vector.
+
+    >>> from lightning_gradsim.rules import get_rule
+    >>> check_per_tensor(get_rule("gradvac", per_tensor=True), "features", 1)
+    Traceback (most recent call last):
+    ...
+    ValueError: GradVac(beta=0.01, per_tensor=True, min_target=None, eps=0.0) weighs each shared tensor on its own: ...
+    """
+    if not getattr(rule, "per_tensor_weights", False):
+        return
+    if similarity != "parameters" or every_n_steps != 1 or rule.uses_main_direction:
+        raise ValueError(
+            f"{rule!r} weighs each shared tensor on its own: it needs similarity='parameters' and every_n_steps=1 "
+            f"(got {similarity!r}, {every_n_steps}) and a rule without a direction vector; use the whole-trunk "
+            "variant (e.g. GradVac(per_tensor=False)) with these options."
+        )
+
+
+def check_reference(reference_loss: Any, similarity: str, rule: Any = None) -> None:
     """A held-out reference loss must be a scalar tensor with a gradient, and the gate must take parameter
-    gradients (``similarity="parameters"``)."""
+    gradients (``similarity="parameters"``) with a rule that weighs the whole trunk."""
     if reference_loss is None:
         return
+    if getattr(rule, "per_tensor_weights", False):
+        raise ValueError(
+            f"reference_loss is not supported with {rule!r}, which weighs each shared tensor on its own; use the "
+            "whole-trunk variant (per_tensor=False) to measure against a held-out batch."
+        )
     if not isinstance(reference_loss, Tensor) or reference_loss.numel() != 1:
         shape = tuple(reference_loss.shape) if isinstance(reference_loss, Tensor) else ""
         raise TypeError(

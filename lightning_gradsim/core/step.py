@@ -213,7 +213,8 @@ class GateStep:
         mark = self.state.rng_mark(self.config.rule.deterministic)
         weights, stats, direction = self._decide(grads, finite, self.pipeline, checks)
         if status != NON_FINITE:
-            grads.apply(weights, direction, into=grads.params)  # a sharding transform may point them at shards
+            per_tensor = self.config.rule.per_tensor_weights  # a sharding transform may point params at shards
+            grads.apply(weights, direction, into=grads.params, per_tensor=per_tensor)
             grads.write_others()
             self._regularize()
         stats = self._combined(stats)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .task_kernels import rows_gram, write_rows, write_stacked
+from .task_kernels import apply_per_tensor, rows_gram, write_rows, write_stacked
 from .tensor_ops import accumulate_grad, add_optional, all_finite, and_optional, dot, grad_norms, stat_dtype
 
 __all__ = ["TaskGradients", "PerTaskGradients", "accumulate_grad", "stat_dtype", "grad_norms", "all_finite"]
@@ -171,7 +171,11 @@ class TaskGradients:
 
     # ------------------------------------------------------------------ combination
     def apply(
-        self, weights: Tensor, direction: Sequence[Tensor | None] | None = None, into: Sequence[Tensor] | None = None
+        self,
+        weights: Tensor,
+        direction: Sequence[Tensor | None] | None = None,
+        into: Sequence[Tensor] | None = None,
+        per_tensor: bool = False,
     ) -> list[Tensor | None]:
         """``sum_k w_k g_k (+ w_d d)`` on every shared tensor: the only place weights meet gradients.
 
@@ -180,9 +184,12 @@ class TaskGradients:
         ``w_0``); otherwise one tensor (or ``None``: no direction there) per present tensor. With
         ``into`` (the shared parameters), the combination is accumulated into their
         ``.grad`` in place (and ``[]`` returned); otherwise one new tensor per shared tensor is
-        returned (``None`` where no task reaches it).
+        returned (``None`` where no task reaches it). ``per_tensor``: ``weights`` is ``(L, *B, K)``, a row per
+        present tensor (no direction).
         """
         num_tasks = self.num_tasks
+        if per_tensor:
+            return apply_per_tensor(self, weights, into)
         w, wd = _split_weights(weights, num_tasks, direction is None)
         if into is not None:
             (write_stacked if self.stacked is not None else write_rows)(self, into, w, wd, direction)

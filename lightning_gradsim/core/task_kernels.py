@@ -26,7 +26,7 @@ from .tensor_ops import accumulate_grad, dot
 if TYPE_CHECKING:
     from .task_gradients import TaskGradients
 
-__all__ = ["rows_gram", "write_rows", "write_stacked"]
+__all__ = ["rows_gram", "write_rows", "write_stacked", "apply_per_tensor"]
 
 
 def write_stacked(
@@ -51,6 +51,35 @@ def write_stacked(
             grad = p.grad
             assert grad is not None  # written just above
             grad.add_((d * wd.to(d.dtype)).view(p.shape).to(grad.dtype))
+
+
+def apply_per_tensor(grads: TaskGradients, weights: Tensor, into: Sequence[Tensor] | None) -> list[Tensor | None]:
+    """``sum_k w[l, k] g_k`` on each present tensor ``l`` with its own row of ``weights`` (``(L, *B, K)``):
+    accumulated into the ``.grad`` of ``into`` (the shared parameters; ``[]`` returned), or returned as new
+    tensors (``None`` where no task reaches a tensor). The gradients themselves are not changed."""
+    present = grads.present()
+    n = len(grads.stacked if grads.stacked is not None else grads.rows[0])  # type: ignore[index]
+    out: list[Tensor | None] = [None] * n
+    for b, i in enumerate(present):
+        w = weights[b]  # (*B, K)
+        c: Tensor | None = None
+        if grads.stacked is not None:
+            s = grads.stacked[i]
+            assert s is not None
+            tail = (1,) * (s.dim() - grads.batch_dims - 1)
+            c = (w.reshape(w.shape + tail).to(s.dtype) * s).sum(grads.batch_dims)
+        else:
+            assert grads.rows is not None
+            for k, row in enumerate(grads.rows):
+                g = row[i]
+                if g is not None:
+                    c = torch.mul(g, w[k].to(g.dtype)) if c is None else c.addcmul_(g, w[k].to(g.dtype))
+        assert c is not None
+        if into is None:
+            out[i] = c
+        else:
+            accumulate_grad(into[i], c.view(into[i].shape))
+    return [] if into is not None else out
 
 
 def write_rows(

@@ -50,9 +50,11 @@ def decide(
     ``finite``: what else the caller knows about the step (losses, heads, other ranks); ``checks``:
     1-D tensors (e.g. loss values, gradient norms) whose finiteness joins the step's one check.
     ``cosine_layers``: per-layer Gramians ``(L, *B, K, K)`` to take the cosines from instead (a held-out
-    reference in the main slot). ``agree``: the step's finiteness as this process found it -> as every
-    process takes it (e.g. over the ranks of the ``local`` sync), before any state moves. Returns ``weights`` (``(*B, K)`` or ``(*B, K+1)``) and the step's
-    :class:`GateStats`.
+    reference in the main slot). A rule with ``per_tensor_weights`` gets the per-layer Gramians and returns
+    ``(L, *B, K)`` weights (the statistics report their mean over the layers). ``agree``: the step's
+    finiteness as this process found it -> as every process takes it (e.g. over the ranks of the
+    ``local`` sync), before any state moves. Returns ``weights`` (``(*B, K)``, ``(*B, K+1)`` or
+    ``(L, *B, K)``) and the step's :class:`GateStats`.
     """
     k = layer_gram.shape[-1] if num_tasks is None else num_tasks
     gram = layer_gram.sum(0)
@@ -62,7 +64,10 @@ def decide(
     raw_cos = cosine_from_gram(cos_layers if per_layer else cos_gram, per_layer=per_layer)
     state.ensure(tuple(gram.shape[:-2]) + (k - 1,), gram)
     smoothed = state.smooth(raw_cos, cosine_ema)
-    if rule.uses_main_direction and gram.shape[-1] == k:
+    per_tensor = rule.per_tensor_weights
+    if per_tensor:  # (L, *B, K, K) in, (L, *B, K) out (the gate refuses a direction with it)
+        rule_gram = layer_gram[..., :k, :k]
+    elif rule.uses_main_direction and gram.shape[-1] == k:
         # The direction is this step's main gradient: its row is the main one.
         cross = gram[..., :, 0]
         top = torch.cat([gram, cross.unsqueeze(-1)], dim=-1)
@@ -81,11 +86,13 @@ def decide(
         generator=state.rng(),
     )
     weights = rule.weights(inp)
+    summary = weights.mean(0) if per_tensor else weights  # the statistics' weights: the mean over the tensors
     diag = torch.diagonal(task_gram, dim1=-2, dim2=-1).clamp(min=0).sqrt()
     cos_diag = torch.diagonal(cos_gram, dim1=-2, dim2=-1)
     measured = (cos_diag[..., :1] > 0) & (cos_diag[..., 1:] > 0)  # a zero vector has no cosine: not measured
     gate_open = rule.gate_open(inp, weights) & measured
-    parts = [gram.flatten(-2), weights.to(gram.dtype)]
+    flat_weights = weights.movedim(0, -2).flatten(-2) if per_tensor else weights
+    parts = [gram.flatten(-2), flat_weights.to(gram.dtype)]
     parts += [c.reshape(-1).to(gram.dtype).expand(gram.shape[:-2] + (-1,)) for c in checks if c is not None]
     ok = torch.isfinite(torch.cat(parts, dim=-1)).all(-1)  # one check
     if finite is not None:
@@ -108,7 +115,7 @@ def decide(
     stats = GateStats(
         cosine=raw_cos.detach(),
         smoothed_cosine=smoothed.detach(),
-        weight=weights[..., 1:k].detach(),
+        weight=summary[..., 1:k].detach(),
         gate_open=gate_open.detach(),
         main_norm=diag[..., 0].detach(),
         aux_norm=diag[..., 1:].detach(),

@@ -125,6 +125,11 @@ class Rule:
     #: Whether the rule's weights are a function of its input alone (False: it draws random numbers
     #: from ``RuleInput.generator``, e.g. PCGrad's visiting orders).
     deterministic: bool = True
+    #: Whether the rule weighs each shared tensor on its own: :meth:`weights` then gets the per-tensor
+    #: Gramians ``(L, ..., K, K)`` (``L`` shared tensors) and returns ``(L, ..., K)`` weights, one row per
+    #: tensor (GradVac's per-layer variant). Only with ``similarity="parameters"``, ``every_n_steps=1``, no
+    #: direction vector and no held-out reference (the gate checks).
+    per_tensor_weights: bool = False
 
     #: The name the rule is registered under (set by :func:`register_rule`).
     name: str = ""

@@ -22,8 +22,10 @@ equals ours and its auxiliary weight is ``1 + c`` (the main gradient moved towar
 one) where ours is ``lambda``. LibMTL's updates the EMA only on the steps where ``phi < t``.
 
 ``per_tensor=True`` measures and adjusts each shared parameter tensor on its own (the paper's
-per-layer variant): it needs the per-tensor Gramians and per-tensor weights from the gate (see
-``docs/methods.md``). ``min_target=0`` keeps Proposition 1 (``g . g_main >= |g_main|^2``): every
+per-layer variant): one target per tensor and auxiliary task, and the main gradient's weight
+``1 + sum_k lambda_k c_{k,l}`` differs per tensor ``l`` (the gate applies per-tensor weights:
+``Rule.per_tensor_weights``); a step's finiteness is checked over all tensors at once.
+``min_target=0`` keeps Proposition 1 (``g . g_main >= |g_main|^2``, per tensor and so in sum): every
 adjusted auxiliary gradient then has a non-negative cosine with the main one.
 
 >>> import torch
@@ -101,6 +103,7 @@ class GradVac(Rule, nn.Module):
         if not float(eps) >= 0:
             raise ValueError(f"eps must be >= 0, got {eps}.")
         self.beta, self.per_tensor, self.eps = float(beta), bool(per_tensor), float(eps)
+        self.per_tensor_weights = self.per_tensor  # the gate hands per-tensor Gramians, applies per-tensor weights
         self.min_target = None if min_target is None else float(min_target)
         self.register_buffer("target", torch.zeros(0))
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
@@ -108,17 +111,8 @@ class GradVac(Rule, nn.Module):
         self._pending: tuple[Tensor, Tensor] | None = None
 
     def weights(self, inp: RuleInput) -> Tensor:
-        gram = inp.gramian
         k = inp.num_aux + 1
-        if self.per_tensor:
-            layer_gram = getattr(inp, "layer_gramian", None)
-            if layer_gram is None:
-                raise NotImplementedError(
-                    "GradVac(per_tensor=True) needs the per-tensor Gramians and per-tensor weights, which this "
-                    "version of the gate does not hand to rules; use GradVac() (whole trunk)."
-                )
-            gram = layer_gram
-        gram = gram[..., :k, :k]
+        gram = inp.gramian[..., :k, :k]  # (L, *B, K, K) per tensor (per_tensor_weights), else (*B, K, K)
         self._ensure(tuple(gram.shape[:-2]) + (k - 1,), gram)
         used = self.target if self.min_target is None else self.target.clamp(min=self.min_target)
         c, adjusted, cos = gradvac_coefficients(gram, used, self.eps)
@@ -152,7 +146,8 @@ class GradVac(Rule, nn.Module):
         if self._pending is None:
             return
         new, ok = self._pending
-        keep = ok & finite.reshape(finite.shape + (1,) * (ok.dim() - finite.dim())) if finite.dim() < ok.dim() else ok
+        step_ok = finite.unsqueeze(-1)  # (*B, 1) against the targets' (*B, K-1); (1, *B, 1) per tensor
+        keep = ok & (step_ok.unsqueeze(0) if self.per_tensor else step_ok)
         self.target.copy_(torch.where(keep, new, self.target))
         self.updates.add_(keep.all().long())
         self._pending = None

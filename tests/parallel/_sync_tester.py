@@ -34,7 +34,7 @@ from lightning_gradsim.methods import make_gate
 from lightning_gradsim.parallel.ddp_sharded import ReduceScatter, gather_directions
 from lightning_gradsim.parallel.fsdp2 import ShardSpec
 from lightning_gradsim.parallel.registry import SYNC_MODES, SyncMode, SyncSettings
-from lightning_gradsim.rules import list_rules
+from lightning_gradsim.rules import get_rule, list_rules
 
 IN, HIDDEN, FEATURES = 4, 8, 6
 AUX = ("agrees", "conflicts")  # the auxiliary tasks: one pulls the trunk with the main task, one against it
@@ -43,6 +43,8 @@ STEPS, BATCH, LR, SEED = 4, 16, 0.05, 0
 GATE_OPTIONS = {"cosine_ema": 0.5, "main_grad_ema": 0.5, "seed": 3}
 #: What each loss weighting's make_gate needs besides the gate options (none needed: {}).
 WEIGHTING_OPTIONS: dict[str, dict[str, Any]] = {"uncertainty": {"aux_tasks": list(AUX)}}
+#: Rules with options, tested as rules of their own: name -> (registered rule, its options).
+RULE_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"gradvac_per_tensor": ("gradvac", {"per_tensor": True})}
 STAT_FIELDS = ("cosine", "smoothed_cosine", "weight", "gate_open", "main_norm", "aux_norm", "finite")
 
 
@@ -61,11 +63,18 @@ class Combo(NamedTuple):
         return self.key
 
 
+def rule_of(name: str) -> Any:
+    """The rule object of a combination's rule name (a registered rule or one of :data:`RULE_VARIANTS`)."""
+    rule, kwargs = RULE_VARIANTS.get(name, (name, {}))
+    return get_rule(rule, **kwargs)
+
+
 def build_gate(rule: str, weighting: str | None) -> nn.Module:
     """The gate of ``rule`` (with ``weighting``), built as users do, through :func:`make_gate`."""
+    rule, rule_kwargs = RULE_VARIANTS.get(rule, (rule, {}))
     if weighting is None:
-        return make_gate(rule, **GATE_OPTIONS)
-    options = dict(WEIGHTING_OPTIONS.get(weighting, {}), rule=rule)
+        return make_gate(rule, **GATE_OPTIONS, **rule_kwargs)
+    options = dict(WEIGHTING_OPTIONS.get(weighting, {}), rule=get_rule(rule, **rule_kwargs) if rule_kwargs else rule)
     options.update(GATE_OPTIONS if rule != "sum" else {"seed": GATE_OPTIONS["seed"]})
     return make_gate(weighting, **options)
 
@@ -86,13 +95,13 @@ def all_combos(modes: dict[str, SyncMode] | None = None) -> list[tuple[Combo, li
     """Every (combination, the mode's refusals of it), read from the registries now.
 
     >>> combos = all_combos()
-    >>> len(combos) == len(SYNC_MODES) * len(list_rules()) * (1 + len(method_modules()))
+    >>> len(combos) == len(SYNC_MODES) * (len(list_rules()) + len(RULE_VARIANTS)) * (1 + len(method_modules()))
     True
     """
     modes = SYNC_MODES if modes is None else modes
     out = []
     for name, mode in modes.items():
-        for rule in list_rules():
+        for rule in [*list_rules(), *RULE_VARIANTS]:
             for weighting in [None, *sorted(method_modules())]:
                 gate = build_gate(rule, weighting)
                 out.append((Combo(name, rule, weighting), mode.refusals(settings_of(name, mode, gate))))

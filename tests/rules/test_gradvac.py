@@ -166,8 +166,132 @@ def test_gradvac_options_and_per_tensor_needs_the_gate():
     assert (gate.rule.beta, gate.rule.min_target, gate.aux_weight) == (0.1, 0.0, 0.5)
     with pytest.raises(ValueError, match="beta"):
         GradVac(beta=0.0)
-    with pytest.raises(NotImplementedError, match="per-tensor"):
-        GradientGate(rule=GradVac(per_tensor=True)).combine(torch.ones(2), [torch.ones(2)])
+    for kwargs in ({"similarity": "features"}, {"every_n_steps": 2}):
+        with pytest.raises(ValueError, match="weighs each shared tensor on its own"):
+            GradientGate(rule=GradVac(per_tensor=True), **kwargs)
+    w = nn.Parameter(torch.ones(2))
+    with pytest.raises(ValueError, match="reference_loss is not supported"):
+        GradientGate(rule=GradVac(per_tensor=True)).backward(w.sum(), [w.prod()], [w], reference_loss=2 * w.sum())
+
+
+def _per_tensor_reference(layers, beta, lam, targets):
+    """GradVac per tensor on explicit per-tensor vectors: each tensor's auxiliary pieces moved toward its main
+    piece with that tensor's own target; returns the update per tensor and the new targets."""
+    out, new = [], [list(t) for t in targets]
+    for li, (main, auxes) in enumerate(layers):
+        acc = main.clone()
+        for k, g in enumerate(auxes):
+            cos = float(g @ main / (g.norm() * main.norm()))
+            t = targets[li][k]
+            moved = g
+            if cos < t:
+                coef = (
+                    g.norm()
+                    * (t * math.sqrt(1 - cos**2) - cos * math.sqrt(1 - t**2))
+                    / (main.norm() * math.sqrt(1 - t**2))
+                )
+                moved = g + coef * main
+            acc = acc + lam[k] * moved
+            new[li][k] = (1 - beta) * t + beta * cos
+        out.append(acc)
+    return out, new
+
+
+class _Trunk(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.heads = nn.ModuleList([nn.Linear(3, 1) for _ in range(3)])
+
+    def forward(self, x):
+        h = self.b(torch.tanh(self.a(x)))
+        return [head(h).squeeze(-1) for head in self.heads]
+
+
+def _losses(net, x, y):
+    return [((o - y[:, k]) ** 2).mean() for k, o in enumerate(net(x))]
+
+
+@pytest.mark.parametrize("layout", ["sequential", "batched"])
+def test_gradvac_per_tensor_equals_the_per_tensor_update_over_steps(layout):
+    """Each shared tensor gets its own targets and its own main weight; heads get their own task's gradient."""
+    torch.manual_seed(3)
+    net = _Trunk().double()
+    shared = [*net.a.parameters(), *net.b.parameters()]
+    gate = GradientGate(rule=GradVac(beta=0.3, per_tensor=True), aux_weight={"x": 0.5, "y": 2.0})
+    gate.grad_strategy = layout
+    lam = [0.5, 2.0]
+    targets = [[0.0, 0.0] for _ in shared]
+    g = torch.Generator().manual_seed(0)
+    adjusted_some = opened_some = False
+    for _ in range(8):
+        x, y = torch.randn(16, 4, generator=g, dtype=DT), torch.randn(16, 3, generator=g, dtype=DT)
+        y[:, 2] = -y[:, 0] + 0.3 * y[:, 2]  # "y" leans against the main task
+        losses = _losses(net, x, y)
+        per_task = [torch.autograd.grad(loss, shared, retain_graph=True) for loss in losses]
+        heads_want = [
+            torch.autograd.grad(losses[k], list(net.heads[k].parameters()), retain_graph=True) for k in range(3)
+        ]
+        layers = [
+            (per_task[0][i].flatten(), [per_task[1][i].flatten(), per_task[2][i].flatten()]) for i in range(len(shared))
+        ]
+        want, targets = _per_tensor_reference(layers, 0.3, lam, targets)
+        net.zero_grad(set_to_none=True)
+        stats = gate.backward(losses[0], {"x": losses[1], "y": losses[2]}, shared, net.heads.parameters())
+        for p, w in zip(shared, want):
+            torch.testing.assert_close(p.grad.flatten(), w, rtol=1e-12, atol=1e-12)
+        for k in range(3):
+            for p, w in zip(net.heads[k].parameters(), heads_want[k]):
+                torch.testing.assert_close(p.grad, w, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(gate.rule.target, torch.tensor(targets, dtype=DT), rtol=1e-12, atol=1e-12)
+        assert gate.rule.target.shape == (len(shared), 2)
+        torch.testing.assert_close(stats.weight, torch.tensor(lam, dtype=stats.weight.dtype))  # the mean over tensors
+        adjusted_some |= not bool(stats.gate_open.all())
+        opened_some |= bool(stats.gate_open.any())
+        with torch.no_grad():
+            for p in net.parameters():
+                p -= 0.05 * p.grad
+    assert adjusted_some and opened_some
+
+
+def test_gradvac_per_tensor_with_one_tensor_is_the_whole_trunk_rule_and_stacked_runs_are_independent():
+    steps = _vectors(10, 2, seed=4)
+    whole, per = GradientGate(rule=GradVac(beta=0.2)), GradientGate(rule=GradVac(beta=0.2, per_tensor=True))
+    for main, aux in steps:
+        torch.testing.assert_close(per.combine(main, aux)[0], whole.combine(main, aux)[0], rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(per.rule.target[0], whole.rule.target)
+    # three stacked runs (batch_dims=1) of two tensors each == each run alone
+    g = torch.Generator().manual_seed(1)
+    mains = [torch.randn(3, 4, generator=g, dtype=DT), torch.randn(3, 2, 2, generator=g, dtype=DT)]
+    auxes = [[-m + 0.5 * torch.randn(m.shape, generator=g, dtype=DT) for m in mains]]
+    stacked = GradientGate(rule=GradVac(beta=0.5, per_tensor=True))
+    both, _ = stacked.combine(mains, auxes, batch_dims=1)
+    for r in range(3):
+        alone = GradientGate(rule=GradVac(beta=0.5, per_tensor=True))
+        got, _ = alone.combine([m[r] for m in mains], [[a[r] for a in auxes[0]]])
+        for b, a in zip(both, got):
+            torch.testing.assert_close(b[r], a, rtol=1e-14, atol=1e-14)
+        torch.testing.assert_close(stacked.rule.target[:, r], alone.rule.target)
+
+
+def test_gradvac_per_tensor_resumes_exactly_and_a_skipped_step_leaves_its_targets():
+    layers = [_vectors(12, 1, dim=3, seed=s) for s in (1, 2)]  # two tensors
+    steps = [([a[0], b[0]], [[a[1][0], b[1][0]]]) for a, b in zip(*layers)]
+    gate = GradientGate(rule=GradVac(beta=0.25, per_tensor=True))
+    for main, aux in steps[:6]:
+        gate.combine(main, aux)
+    saved = copy.deepcopy(gate.state_dict())
+    assert saved["rule.target"].shape == (2, 1)
+    rest = [gate.combine(main, aux)[0] for main, aux in steps[6:]]
+    fresh = GradientGate(rule=GradVac(beta=0.25, per_tensor=True))
+    fresh.load_state_dict(saved)
+    for (main, aux), want in zip(steps[6:], rest):
+        got = fresh.combine(main, aux)[0]
+        assert all(torch.equal(x, y) for x, y in zip(got, want))
+    before = fresh.rule.target.clone()
+    bad = [steps[0][0][0], torch.full((3,), float("nan"), dtype=DT)]  # NaN in the second tensor only
+    _, stats = fresh.combine(bad, steps[0][1])
+    assert not bool(stats.finite) and torch.equal(fresh.rule.target, before)
 
 
 def test_gradvac_coefficients_per_tensor_batch_equals_each_tensor_alone():
