@@ -12,8 +12,9 @@ initialisation and data order come from its own seeded generators, every matmul 
 element of a batched matmul, and the gate is handed each run's trunk gradient as *one* flat vector
 (all layers concatenated), so its Gramian is one batched matmul per run and not a sum over
 per-layer Gramians -- a reduction over ``(layers, runs, ...)`` whose summation path depends on how
-many runs share the group. Gates with ``per_layer=True`` need the per-layer Gramians: they get the
-per-layer tensors, and their runs can differ in the last bits with the group's size.
+many runs share the group. Gates with ``per_layer=True`` or a per-tensor rule (``gradvac`` with
+``per_tensor=True``) need the per-layer Gramians: they get the per-layer tensors, and their runs
+can differ in the last bits with the group's size.
 
 Example:
 
@@ -172,7 +173,8 @@ class StackedTrainer:
                 ref = self.model.head_trunk_gradient(reference[0][sl], reference[1][sl], sl, task=0)
             if lw is not None:
                 combined, stats = _weighted_combine(group, grads, self.aux_names)
-            elif group.gate.per_layer or ref is not None:  # per layer: the per-layer cosines; a reference
+            elif group.gate.per_layer or group.gate.rule.per_tensor_weights or ref is not None:
+                # per layer: the per-layer cosines; a per-tensor rule (GradVac's per_tensor); a reference
                 main = [g[sl, 0] for g in grads.trunk]
                 aux = {name: [g[sl, k + 1] for g in grads.trunk] for k, name in enumerate(self.aux_names)}
                 combined, stats = group.gate.combine(main, aux, batch_dims=1, reference=ref)

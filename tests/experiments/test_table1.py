@@ -164,6 +164,8 @@ def _reference_params(net):
         (["unweighted", "weighted"], {"threshold": 0.2, "cosine_ema": 0.8, "per_layer": True}),
         # GradVac's targets, DWA's loss history (2 steps a period) are per run; torchjd runs per run
         (["gradvac:beta=0.3", "dwa:period=2", "torchjd:UPGrad"], {}),
+        # per tensor: the stacked runs hand the gate each tensor's gradients, not one flat vector
+        (["gradvac:beta=0.3:per_tensor=true"], {}),
     ],
 )
 def test_stacked_runs_equal_separate_runs(digits, methods, gate_kwargs):
