@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .task_kernels import apply_per_tensor, rows_gram, write_rows, write_stacked
+from .task_kernels import apply_per_tensor, combined_tensors, rows_gram, write_rows, write_stacked
 from .tensor_ops import accumulate_grad, add_optional, all_finite, and_optional, dot, grad_norms, stat_dtype
 
 __all__ = ["TaskGradients", "PerTaskGradients", "accumulate_grad", "stat_dtype", "grad_norms", "all_finite"]
@@ -194,34 +194,7 @@ class TaskGradients:
         if into is not None:
             (write_stacked if self.stacked is not None else write_rows)(self, into, w, wd, direction)
             return []
-        present = self.present()
-        n = len(self.stacked if self.stacked is not None else self.rows[0])  # type: ignore[index]
-        out: list[Tensor | None] = [None] * n
-        if self.stacked is not None:
-            bd = self.batch_dims
-            for b, i in enumerate(present):
-                s = self.stacked[i]
-                assert s is not None
-                tail = (1,) * (s.dim() - bd - 1)
-                c = (w.reshape(w.shape + tail).to(s.dtype) * s).sum(bd)
-                d = direction[b] if direction is not None else None
-                if wd is not None and d is not None:
-                    c = c + wd.reshape(wd.shape + tail).to(s.dtype) * d.to(s.dtype)
-                out[i] = c
-            return out
-        assert self.rows is not None
-        for b, i in enumerate(present):
-            acc: Tensor | None = None
-            for k in range(num_tasks):
-                g = self.rows[k][i]
-                if g is not None:
-                    acc = torch.mul(g, w[k].to(g.dtype)) if acc is None else acc.addcmul_(g, w[k].to(g.dtype))
-            assert acc is not None
-            d = direction[b] if direction is not None else None
-            if wd is not None and d is not None:
-                acc.addcmul_(d.view(acc.shape).to(acc.dtype), wd.to(acc.dtype))
-            out[i] = acc
-        return out
+        return combined_tensors(self, w, wd, direction)
 
     def write_others(self) -> None:
         """Accumulate the heads' summed gradients into their ``.grad``."""

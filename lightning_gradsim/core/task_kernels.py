@@ -26,7 +26,7 @@ from .tensor_ops import accumulate_grad, dot
 if TYPE_CHECKING:
     from .task_gradients import TaskGradients
 
-__all__ = ["rows_gram", "write_rows", "write_stacked", "apply_per_tensor"]
+__all__ = ["rows_gram", "write_rows", "write_stacked", "apply_per_tensor", "combined_tensors"]
 
 
 def write_stacked(
@@ -53,33 +53,54 @@ def write_stacked(
             grad.add_((d * wd.to(d.dtype)).view(p.shape).to(grad.dtype))
 
 
-def apply_per_tensor(grads: TaskGradients, weights: Tensor, into: Sequence[Tensor] | None) -> list[Tensor | None]:
-    """``sum_k w[l, k] g_k`` on each present tensor ``l`` with its own row of ``weights`` (``(L, *B, K)``):
-    accumulated into the ``.grad`` of ``into`` (the shared parameters; ``[]`` returned), or returned as new
-    tensors (``None`` where no task reaches a tensor). The gradients themselves are not changed."""
+def combined_tensors(
+    grads: TaskGradients,
+    w: Tensor,
+    wd: Tensor | None = None,
+    direction: Sequence[Tensor | None] | None = None,
+    per_tensor: bool = False,
+) -> list[Tensor | None]:
+    """``sum_k w_k g_k (+ w_d d)`` on every shared tensor as new tensors (``None`` where no task reaches it);
+    the gradients themselves are not changed. ``per_tensor``: ``w`` is ``(L, *B, K)``, row ``b`` for the
+    ``b``-th present tensor."""
     present = grads.present()
     n = len(grads.stacked if grads.stacked is not None else grads.rows[0])  # type: ignore[index]
     out: list[Tensor | None] = [None] * n
     for b, i in enumerate(present):
-        w = weights[b]  # (*B, K)
+        wb = w[b] if per_tensor else w  # (*B, K)
         c: Tensor | None = None
         if grads.stacked is not None:
             s = grads.stacked[i]
             assert s is not None
             tail = (1,) * (s.dim() - grads.batch_dims - 1)
-            c = (w.reshape(w.shape + tail).to(s.dtype) * s).sum(grads.batch_dims)
+            c = (wb.reshape(wb.shape + tail).to(s.dtype) * s).sum(grads.batch_dims)
         else:
             assert grads.rows is not None
             for k, row in enumerate(grads.rows):
                 g = row[i]
                 if g is not None:
-                    c = torch.mul(g, w[k].to(g.dtype)) if c is None else c.addcmul_(g, w[k].to(g.dtype))
+                    c = torch.mul(g, wb[k].to(g.dtype)) if c is None else c.addcmul_(g, wb[k].to(g.dtype))
         assert c is not None
-        if into is None:
-            out[i] = c
-        else:
-            accumulate_grad(into[i], c.view(into[i].shape))
-    return [] if into is not None else out
+        d = direction[b] if direction is not None else None
+        if wd is not None and d is not None and grads.stacked is not None:
+            c = c + wd.reshape(wd.shape + (1,) * (c.dim() - wd.dim())).to(c.dtype) * d.to(c.dtype)
+        elif wd is not None and d is not None:
+            c.addcmul_(d.view(c.shape).to(c.dtype), wd.to(c.dtype))
+        out[i] = c
+    return out
+
+
+def apply_per_tensor(grads: TaskGradients, weights: Tensor, into: Sequence[Tensor] | None) -> list[Tensor | None]:
+    """``sum_k w[l, k] g_k`` on each present tensor ``l`` with its own row of ``weights`` (``(L, *B, K)``):
+    accumulated into the ``.grad`` of ``into`` (the shared parameters; ``[]`` returned), or returned as new
+    tensors (``None`` where no task reaches a tensor)."""
+    out = combined_tensors(grads, weights, per_tensor=True)
+    if into is None:
+        return out
+    for p, c in zip(into, out):
+        if c is not None:
+            accumulate_grad(p, c.view(p.shape))
+    return []
 
 
 def write_rows(
