@@ -15,7 +15,7 @@ from torch import nn
 from lightning_gradsim.core.tensor_ops import is_dtensor
 from lightning_gradsim.parallel.fsdp2 import FSDPShards
 
-from .scale_utils import HIDDEN, IN, BatchList, TinyNet, make_batches, rank_slice
+from .scale_utils import HIDDEN, IN, BatchList, TinyNet, join_as_torchrun, make_batches, rank_slice
 
 
 class CpuSyncBatchNorm1d(nn.BatchNorm1d):
@@ -85,11 +85,7 @@ def sharded_worker(rank: int, world: int, port: int, out_dir: str, scenarios: li
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
-    torch.set_num_threads(1)
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-        NODE_RANK="0", GROUP_RANK="0", RANK=str(rank), PL_DISABLE_FORK="1",
-    )  # fmt: skip
+    join_as_torchrun(rank, world, port)
     real = {name: getattr(dist, name) for name in COLLECTIVES}
     real_task_gradients = FSDPShards.task_gradients
     for sc in scenarios:

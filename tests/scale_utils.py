@@ -4,6 +4,7 @@ deterministic data split by rank, a resumable loader, and the DDP worker entry p
 from __future__ import annotations
 
 import os
+import socket
 import warnings
 from typing import Any
 
@@ -213,13 +214,16 @@ class DroppedCalls(Callback):
 
 
 # ---------------------------------------------------------------------- DDP worker
-def ddp_worker(rank: int, world: int, port: int, out_dir: str, scenarios: list[dict[str, Any]]) -> None:
-    """Entry point of one DDP rank (``torch.multiprocessing.spawn``): like ``torchrun``, the
-    environment names the rank, and Lightning's ``strategy="ddp"`` joins the gloo group. Runs
-    every scenario and saves each rank's final weights and gate log to ``out_dir``."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.strategies import DDPStrategy
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
+
+def join_as_torchrun(rank: int, world: int, port: int) -> None:
+    """Start one spawned rank as ``torchrun`` would: one torch thread, and the environment that names the
+    rank, so that Lightning's DDP / ModelParallel strategies join the gloo group without launching."""
     torch.set_num_threads(1)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -231,6 +235,16 @@ def ddp_worker(rank: int, world: int, port: int, out_dir: str, scenarios: list[d
         RANK=str(rank),
         PL_DISABLE_FORK="1",
     )
+
+
+def ddp_worker(rank: int, world: int, port: int, out_dir: str, scenarios: list[dict[str, Any]]) -> None:
+    """Entry point of one DDP rank (``torch.multiprocessing.spawn``): like ``torchrun``, the
+    environment names the rank, and Lightning's ``strategy="ddp"`` joins the gloo group. Runs
+    every scenario and saves each rank's final weights and gate log to ``out_dir``."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.strategies import DDPStrategy
+
+    join_as_torchrun(rank, world, port)
     for sc in scenarios:
         model = TinyNet(**sc["model"])
         if sc.get("inject_rank", rank) != rank:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -38,7 +37,7 @@ import torch.multiprocessing as mp
 
 from lightning_gradsim.rules import list_rules
 
-from ..scale_utils import DroppedCalls, TinyNet, ddp_worker, fit, make_batches, params
+from ..scale_utils import DroppedCalls, TinyNet, ddp_worker, fit, free_port, make_batches, params
 from .test_precision import scaler_plugin
 
 _spec = importlib.util.spec_from_file_location("_soak_benchmark", Path(__file__).parents[2] / "benchmarks" / "soak.py")
@@ -204,16 +203,10 @@ for _sc in list(DDP_SCENARIOS):  # each with its reference: the same DDP run wit
     _sc["model"] = {**_sc["model"], "inject": _sc["inject"]}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ddp_soak(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp_soak")
-    mp.spawn(ddp_worker, args=(WORLD, _free_port(), str(out), DDP_SCENARIOS), nprocs=WORLD, join=True)
+    mp.spawn(ddp_worker, args=(WORLD, free_port(), str(out), DDP_SCENARIOS), nprocs=WORLD, join=True)
     return {
         sc["name"]: [
             torch.load(os.path.join(out, f"{sc['name']}_rank{r}.pt"), weights_only=False) for r in range(WORLD)

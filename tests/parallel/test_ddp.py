@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ import torch.multiprocessing as mp
 
 from lightning_gradsim.parallel.collectives import all_reduce_mean, world_size
 
-from ..scale_utils import TinyNet, ddp_worker, fit, make_batches, merge_pairs, params, rank_slice
+from ..scale_utils import TinyNet, ddp_worker, fit, free_port, make_batches, merge_pairs, params, rank_slice
 
 pytestmark = [pytest.mark.ddp, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -65,16 +64,10 @@ for sc in SCENARIOS:
     sc.setdefault("batch_size", BATCH)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(ddp_worker, args=(WORLD, _free_port(), str(out), SCENARIOS), nprocs=WORLD, join=True)
+    mp.spawn(ddp_worker, args=(WORLD, free_port(), str(out), SCENARIOS), nprocs=WORLD, join=True)
     return {
         sc["name"]: [
             torch.load(os.path.join(out, f"{sc['name']}_rank{r}.pt"), weights_only=False) for r in range(WORLD)

@@ -5,39 +5,21 @@ of a gloo "Connection closed by peer" mid-run."""
 from __future__ import annotations
 
 import os
-import socket
 import warnings
 
 import pytest
-import torch
 import torch.multiprocessing as mp
 
-from ..scale_utils import BatchList, TinyNet, make_batches
+from ..scale_utils import BatchList, TinyNet, free_port, join_as_torchrun, make_batches
 
 pytestmark = pytest.mark.ddp
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def worker(rank: int, world: int, port: int, out_dir: str, sizes: list[int]) -> None:
     import lightning as L
     from lightning.pytorch.strategies import DDPStrategy
 
-    torch.set_num_threads(1)
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        NODE_RANK="0",
-        GROUP_RANK="0",
-        RANK=str(rank),
-        PL_DISABLE_FORK="1",
-    )
+    join_as_torchrun(rank, world, port)
     batches = make_batches(sizes[rank], 4, seed=rank)  # this rank's own, uneven, list of batches
     trainer = L.Trainer(
         accelerator="cpu",
@@ -64,7 +46,7 @@ def worker(rank: int, world: int, port: int, out_dir: str, sizes: list[int]) -> 
 
 @pytest.mark.slow
 def test_uneven_batch_counts_are_refused_before_the_first_step(tmp_path):
-    mp.spawn(worker, args=(2, _free_port(), str(tmp_path), [14, 11]), nprocs=2, join=True)
+    mp.spawn(worker, args=(2, free_port(), str(tmp_path), [14, 11]), nprocs=2, join=True)
     for rank in range(2):
         text = (tmp_path / f"rank{rank}.txt").read_text()
         assert "different numbers of training batches per epoch (rank 0: 14, rank 1: 11)" in text, text
