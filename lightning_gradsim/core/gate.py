@@ -281,6 +281,7 @@ class GradientGate(CheckpointedGate):
         aux: Sequence[Tensor | Sequence[Tensor]] | Mapping[str, Tensor | Sequence[Tensor]],
         batch_dims: int = 0,
         reference: Tensor | Sequence[Tensor] | None = None,
+        weights_applied: bool = False,
     ) -> tuple[Tensor | list[Tensor], GateStats]:
         """Apply the rule to given update vectors (not necessarily gradients of a loss).
 
@@ -289,6 +290,8 @@ class GradientGate(CheckpointedGate):
         index independent problems (e.g. one gridworld each), each gated on its own with its own
         state. ``reference``: a vector of the same structure to measure the cosines against instead of
         ``main`` (a held-out estimate of the main direction); the update is still ``main + sum_k w_k aux_k``.
+        ``weights_applied``: the vectors already carry this gate's loss weighting (the caller scaled them and
+        tells the weighting what it saw); a gate with a ``loss_weighting`` combines vectors only then.
         Returns the combined update, in ``main``'s structure, and the statistics.
 
         >>> main, aux = torch.tensor([1.0, 0.0]), {"distill": torch.tensor([1.0, 1.0])}
@@ -296,10 +299,11 @@ class GradientGate(CheckpointedGate):
         >>> update, stats.weight
         (tensor([1.7071, 0.7071]), tensor([0.7071]))
         """
-        if self.loss_weighting is not None:
+        if self.loss_weighting is not None and not weights_applied:
             raise NotImplementedError(
                 f"This gate weights task *losses* ({type(self.loss_weighting).__name__}); it has no combine() on given "
-                "vectors. Call gate.backward(main_loss, aux_losses, shared_params) (the mixin does)."
+                "vectors. Call gate.backward(main_loss, aux_losses, shared_params) (the mixin does), or scale the "
+                "vectors by the weighting yourself and pass weights_applied=True."
             )
         names, main_list, aux_lists, single = check_update_vectors(main, aux, batch_dims)
         if reference is not None:  # measured against, never added: the last stacked vector

@@ -209,10 +209,6 @@ def _weighted_combine(group: RunGroup, grads: TaskGradients, aux_names: list[str
         name: [g[sl, k + 1] * scale[:, k + 1 : k + 2].reshape((r,) + (1,) * (g.dim() - 2)) for g in grads.trunk]
         for k, name in enumerate(aux_names)
     }
-    gate.loss_weighting = None  # combine() gates given vectors; the weights are already in them
-    try:
-        combined, stats = gate.combine(main, aux, batch_dims=1)
-    finally:
-        gate.loss_weighting = lw
+    combined, stats = gate.combine(main, aux, batch_dims=1, weights_applied=True)  # the weights are in them
     lw.observe_losses(loss.detach(), stats.finite.all())
     return combined, stats  # type: ignore[return-value]

@@ -115,6 +115,22 @@ def test_uncertainty_task_count_errors():
         named.combine(torch.ones(2), [torch.ones(2)])
 
 
+def test_combine_with_weights_applied_is_the_rule_on_the_given_vectors():
+    """A gate with a loss weighting combines vectors the caller has already scaled, as the same rule
+    without a weighting does, and leaves the weighting alone (the caller tells it what it saw)."""
+    weighted = make_gate("dwa", rule="weighted", period=2)
+    plain = GradientGate(rule="weighted")
+    before = {k: v.clone() for k, v in weighted.loss_weighting.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        main, aux = torch.randn(5, generator=g), torch.randn(5, generator=g)
+        got, stats = weighted.combine(main, {"aux": aux}, weights_applied=True)
+        want, want_stats = plain.combine(main, {"aux": aux})
+        assert torch.equal(got, want) and torch.equal(stats.weight, want_stats.weight)
+    after = weighted.loss_weighting.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
 class _Net(GradSimMixin, L.LightningModule):
     def __init__(self, gate):
         super().__init__()
