@@ -36,6 +36,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..rules.base import ShapedOnLoad
+
 __all__ = ["LossWeighting", "check_aux_weight"]
 
 
@@ -67,7 +69,7 @@ def check_aux_weight(aux_weight: float | Mapping[str, float]) -> float | dict[st
     return out[""] if not isinstance(aux_weight, Mapping) else out
 
 
-class LossWeighting(nn.Module):
+class LossWeighting(ShapedOnLoad, nn.Module):
     """Base class of loss weightings (see the module docstring).
 
     Attributes:

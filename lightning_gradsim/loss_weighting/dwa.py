@@ -64,6 +64,8 @@ class DWA(LossWeighting):
     ``make_gate("dwa", ...)`` builds ``GradientGate(rule="sum", loss_weighting=DWA(...))``.
     """
 
+    shaped_on_load = ("task_weights", "period_losses", "running")
+
     task_weights: Tensor
     period_losses: Tensor
     running: Tensor
@@ -161,24 +163,6 @@ class DWA(LossWeighting):
             setattr(self, name, torch.zeros(0, device=device))
         self.running_steps.zero_()
         self.periods.zero_()
-
-    def _load_from_state_dict(
-        self,
-        state_dict: Mapping[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        for name in ("task_weights", "period_losses", "running"):
-            key = prefix + name
-            if key in state_dict:
-                setattr(self, name, torch.empty_like(state_dict[key], device=self.periods.device))
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, period={self.period}, aux_weight={self.aux_weight}"

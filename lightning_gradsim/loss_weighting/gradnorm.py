@@ -73,6 +73,8 @@ class GradNorm(LossWeighting):
     tensor([1.3333, 0.6667])
     """
 
+    shaped_on_load = ("task_weights", "initial_losses")
+
     task_weights: Tensor
     initial_losses: Tensor
     weight_updates: Tensor
@@ -175,24 +177,6 @@ class GradNorm(LossWeighting):
         self.task_weights = torch.zeros(0, device=self.weight_updates.device)
         self.initial_losses = torch.zeros(0, device=self.weight_updates.device)
         self.weight_updates.zero_()
-
-    def _load_from_state_dict(
-        self,
-        state_dict: Mapping[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        for name in ("task_weights", "initial_losses"):
-            key = prefix + name
-            if key in state_dict:
-                setattr(self, name, torch.empty_like(state_dict[key], device=self.weight_updates.device))
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, lr={self.lr}, aux_weight={self.aux_weight}"

@@ -46,6 +46,8 @@ class RLW(LossWeighting):
     ``make_gate("rlw", ...)`` builds ``GradientGate(rule="sum", loss_weighting=RLW(...))``.
     """
 
+    shaped_on_load = ("task_weights",)
+
     task_weights: Tensor
     draws: Tensor
     #: The next draw happens in ``observe``, once per measured parameter step: the gate refuses
@@ -128,23 +130,6 @@ class RLW(LossWeighting):
     def set_extra_state(self, state: Any) -> None:
         if state and state.get("generator") is not None:
             self.generator.set_state(state["generator"])
-
-    def _load_from_state_dict(
-        self,
-        state_dict: Mapping[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        key = prefix + "task_weights"
-        if key in state_dict:
-            self.task_weights = torch.empty_like(state_dict[key], device=self.draws.device)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
 
     def extra_repr(self) -> str:
         return f"seed={self.seed}, scale={self.scale}, aux_weight={self.aux_weight}"

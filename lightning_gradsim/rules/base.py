@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -47,6 +47,7 @@ __all__ = [
     "rule_options",
     "TORCHJD_PREFIX",
     "exact_gradients",
+    "ShapedOnLoad",
 ]
 
 #: Names ``"torchjd:<Name>"`` are torchjd's ``<Name>Weighting`` (see :mod:`lightning_gradsim.rules.torchjd`).
@@ -68,6 +69,45 @@ def exact_gradients(per_layer: bool, similarity: str, every_n_steps: int) -> boo
     (True, False)
     """
     return not per_layer and similarity == "parameters" and every_n_steps == 1
+
+
+class ShapedOnLoad:
+    """For ``nn.Module`` classes whose buffers take their shape at the first step (one entry per task, per
+    tensor): loading a state dict first gives each buffer named in :attr:`shaped_on_load` the checkpoint's
+    shape (on the buffer's device), so a fresh module loads a trained one's state.
+
+    >>> import torch
+    >>> class Targets(ShapedOnLoad, torch.nn.Module):
+    ...     shaped_on_load = ("target",)
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.register_buffer("target", torch.zeros(0))
+    >>> fresh = Targets()
+    >>> _ = fresh.load_state_dict({"target": torch.ones(3)})
+    >>> fresh.target
+    tensor([1., 1., 1.])
+    """
+
+    #: the names of the buffers shaped by the first step
+    shaped_on_load: tuple[str, ...] = ()
+
+    def _load_from_state_dict(
+        self,
+        state_dict: Mapping[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        for name in self.shaped_on_load:
+            value = state_dict.get(prefix + name)
+            if isinstance(value, Tensor):
+                setattr(self, name, torch.empty_like(value, device=getattr(self, name).device))
+        super()._load_from_state_dict(  # type: ignore[misc]
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
 
 @dataclass

@@ -39,13 +39,10 @@ tensor([-0.3536])
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
-from .base import Rule, RuleInput, exact_gradients, register_rule
+from .base import Rule, RuleInput, ShapedOnLoad, exact_gradients, register_rule
 
 __all__ = ["GradVac", "gradvac_coefficients"]
 
@@ -77,7 +74,7 @@ def gradvac_coefficients(gram: Tensor, target: Tensor, eps: float = 0.0) -> tupl
 
 
 @register_rule("gradvac")
-class GradVac(Rule, nn.Module):
+class GradVac(ShapedOnLoad, Rule, nn.Module):
     """Asymmetric GradVac; see the module docstring.
 
     Args:
@@ -91,6 +88,7 @@ class GradVac(Rule, nn.Module):
 
     target: Tensor
     updates: Tensor
+    shaped_on_load = ("target",)
 
     def __init__(
         self, beta: float = 0.01, per_tensor: bool = False, min_target: float | None = None, eps: float = 0.0
@@ -176,23 +174,6 @@ class GradVac(Rule, nn.Module):
         self.target = torch.zeros(0, device=self.updates.device)
         self.updates.zero_()
         self._adjusted = None
-
-    def _load_from_state_dict(
-        self,
-        state_dict: Mapping[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        key = prefix + "target"
-        if key in state_dict:
-            self.target = torch.empty_like(state_dict[key], device=self.updates.device)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
 
     def __repr__(self) -> str:
         return f"GradVac(beta={self.beta}, per_tensor={self.per_tensor}, min_target={self.min_target}, eps={self.eps})"
