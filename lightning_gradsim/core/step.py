@@ -242,7 +242,7 @@ class GateStep:
                 "The main loss does not depend on the marked features: mark the tensor the main head reads."
             )
         mark = self.state.rng_mark(self.config.rule.deterministic)
-        weights, stats, direction = self._decide(grads, None, None, [self.raw, grads.others_norms()])
+        weights, stats, direction = self._decide(grads, None, self.pipeline, [self.raw, grads.others_norms()])
         present = grads.present()
         feature_grad = grads.apply(weights, direction)
         trunk = backpropagate([feats[i] for i in present], [feature_grad[i] for i in present], self.shared)  # type: ignore[misc]
