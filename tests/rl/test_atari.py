@@ -121,7 +121,7 @@ def test_gate_on_the_two_update_vectors_matches_hand_gating(cosine_of):
             logits, values = single(obs)
             logits = logits.reshape(1, t_len + 1, n, -1).transpose(0, 1)
             values = values.reshape(1, t_len + 1, n).transpose(0, 1)
-            rl = actor_critic_losses(
+            member = (
                 logits[:-1],
                 values[:-1],
                 values[-1],
@@ -129,22 +129,11 @@ def test_gate_on_the_two_update_vectors_matches_hand_gating(cosine_of):
                 b.behaviour_logits[:, i : i + 1],
                 b.rewards[:, i : i + 1],
                 0.99 * (~b.dones[:, i : i + 1]).float(),
-                0.01,
-                0.5,
             )
+            rl = actor_critic_losses(*member, 0.01, 0.5)
             t_logits, _ = teacher(b.obs[:-1, i : i + 1].reshape(1, t_len * n, *shape))
             kl = distillation_loss(logits[:-1], t_logits.reshape(t_len, 1, n, -1))
-            pg = actor_critic_losses(  # the policy-gradient term alone: no baseline, no entropy
-                logits[:-1],
-                values[:-1],
-                values[-1],
-                b.actions[:, i : i + 1],
-                b.behaviour_logits[:, i : i + 1],
-                b.rewards[:, i : i + 1],
-                0.99 * (~b.dones[:, i : i + 1]).float(),
-                0.0,
-                0.0,
-            )
+            pg = actor_critic_losses(*member, 0.0, 0.0)  # the policy-gradient term alone: no baseline, no entropy
             g_rl = torch.autograd.grad(rl.sum(), shared + heads, retain_graph=True)
             g_pg = torch.autograd.grad(pg.sum(), shared, retain_graph=True)
             g_kl = torch.autograd.grad(kl.sum(), shared)

@@ -31,6 +31,18 @@ def _vectors(steps: int, num_aux: int, dim: int = 5, seed: int = 0, shift: float
     return out
 
 
+def _moved(g, main, t, eps=0.0):
+    """The paper's move of ``g`` toward ``main`` when their cosine is below the target ``t``: ``(moved, cos)``."""
+    cos = float(g @ main / (g.norm() * main.norm() + eps))
+    if cos >= t:
+        return g, cos
+    coef = g.norm() * (t * math.sqrt(1 - cos**2) - cos * math.sqrt(1 - t**2))
+    moved = g + coef / (main.norm() * math.sqrt(1 - t**2) + eps) * main
+    # independent check of the formula: the moved vector's cosine with main is the target
+    assert float(moved @ main / (moved.norm() * main.norm())) == pytest.approx(t, abs=1e-12)
+    return moved, cos
+
+
 def _reference(steps, beta, lam, eps=0.0, min_target=None):
     """The paper's update on explicit vectors: g_k moved toward g_main when cos < target; EMA every step."""
     targets = [0.0] * len(steps[0][1])
@@ -38,16 +50,9 @@ def _reference(steps, beta, lam, eps=0.0, min_target=None):
     for main, auxes in steps:
         out = main.clone()
         for k, g in enumerate(auxes):
-            cos = float(g @ main / (g.norm() * main.norm() + eps))
             t = targets[k] if min_target is None else max(targets[k], min_target)
-            moved = g
-            if cos < t:
-                coef = g.norm() * (t * math.sqrt(1 - cos**2) - cos * math.sqrt(1 - t**2))
-                coef = coef / (main.norm() * math.sqrt(1 - t**2) + eps)
-                moved = g + coef * main
-                # independent check of the formula: the moved vector's cosine with main is the target
-                assert float(moved @ main / (moved.norm() * main.norm())) == pytest.approx(t, abs=1e-12)
-                adjusted_any = True
+            moved, cos = _moved(g, main, t, eps)
+            adjusted_any |= moved is not g
             out = out + lam[k] * moved
             targets[k] = (1 - beta) * targets[k] + beta * cos
         outs.append(out)
@@ -181,18 +186,9 @@ def _per_tensor_reference(layers, beta, lam, targets):
     for li, (main, auxes) in enumerate(layers):
         acc = main.clone()
         for k, g in enumerate(auxes):
-            cos = float(g @ main / (g.norm() * main.norm()))
-            t = targets[li][k]
-            moved = g
-            if cos < t:
-                coef = (
-                    g.norm()
-                    * (t * math.sqrt(1 - cos**2) - cos * math.sqrt(1 - t**2))
-                    / (main.norm() * math.sqrt(1 - t**2))
-                )
-                moved = g + coef * main
+            moved, cos = _moved(g, main, targets[li][k])
             acc = acc + lam[k] * moved
-            new[li][k] = (1 - beta) * t + beta * cos
+            new[li][k] = (1 - beta) * targets[li][k] + beta * cos
         out.append(acc)
     return out, new
 
