@@ -313,9 +313,11 @@ class GradientGate(CheckpointedGate):
         stacked = [torch.stack([m] + [a[i] for a in aux_lists], dim=batch_dims) for i, m in enumerate(main_list)]
         grads = TaskGradients(stacked=list(stacked), batch_dims=batch_dims)
         aux_weight = self.aux_weight_tensor(names, stacked[0])
+        mark = self.state.rng_mark(self.rule.deterministic)
         weights, stats, direction = decide_step(
             self.config, self.state, grads, names, aux_weight, reference=reference is not None
         )
+        self.state.undo_draws(mark, stats.finite)  # a skipped step draws nothing from the gate's generator
         self.last_stats = stats
         combined = grads.apply(weights, direction, per_tensor=self.rule.per_tensor_weights)
         return (combined[0] if single else combined), stats  # type: ignore[return-value]
@@ -329,8 +331,7 @@ class GradientGate(CheckpointedGate):
         ``gradsim/<name>``: the loss weighting's (e.g. ``task_weight/<task>``), else nothing."""
         if self.loss_weighting is None:
             return {}
-        metrics: dict[str, Tensor] = self.loss_weighting.extra_metrics([MAIN_TASK] + list(self.aux_names or []))
-        return metrics
+        return self.loss_weighting.extra_metrics([MAIN_TASK] + list(self.aux_names or []))  # type: ignore[no-any-return]
 
     def reset_state(self) -> None:
         """Forget the smoothed cosine, the main-gradient EMA, the counters (and a loss weighting's adapted state)."""

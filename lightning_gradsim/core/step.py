@@ -21,7 +21,7 @@ gradient), so a NaN/inf never reaches the optimizer unnoticed: the step is repor
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -49,12 +49,15 @@ def decide_step(
     scale: Tensor | None = None,
     checks: Sequence[Tensor | None] = (),
     reference: bool = False,
+    settle: Callable[[Tensor, list[Tensor] | None], Tensor | None] | None = None,
 ) -> tuple[Tensor, GateStats, list[Tensor] | None]:
     """Gramian -> (reduce) -> rule and ``state``; the loss weighting observes. Writes no gradient.
 
     ``aux_weight``: the lambdas of the auxiliary ``names``; ``reference``: the last row of ``grads`` is a
-    held-out reference gradient to measure the cosines against (:func:`_decide_on_reference`). Returns the
-    weights, the step's statistics and the direction vectors (``None``: the main gradient).
+    held-out reference gradient to measure the cosines against (:func:`_decide_on_reference`). ``settle``:
+    (weights, direction) -> finiteness, the caller's work that must succeed before the state moves (see
+    :func:`decide`; not with ``reference``). Returns the weights, the step's statistics and the direction
+    vectors (``None``: the main gradient).
     """
     if reference:
         return _decide_on_reference(config, state, grads, names, aux_weight, finite, pipeline, scale, checks)
@@ -78,6 +81,7 @@ def decide_step(
         direction=direction,
         checks=checks,
         agree=pipeline.agree if pipeline else None,
+        settle=None if settle is None else lambda w: settle(w, direction),
     )
     return weights, _observed(config, grads, names, gram, k, scale, stats), direction
 
@@ -242,11 +246,18 @@ class GateStep:
                 "The main loss does not depend on the marked features: mark the tensor the main head reads."
             )
         mark = self.state.rng_mark(self.config.rule.deterministic)
-        weights, stats, direction = self._decide(grads, None, self.pipeline, [self.raw, grads.others_norms()])
         present = grads.present()
-        feature_grad = grads.apply(weights, direction)
-        trunk = backpropagate([feats[i] for i in present], [feature_grad[i] for i in present], self.shared)  # type: ignore[misc]
-        stats = self._recheck(stats, all_finite([g for g in trunk if g is not None]))
+        trunk: list[Tensor | None] = []
+
+        def through_trunk(weights: Tensor, direction: list[Tensor] | None) -> Tensor | None:
+            # before the state moves: a NaN/inf the trunk's backward makes skips the step like any other
+            feature_grad = grads.apply(weights, direction)
+            trunk.extend(backpropagate([feats[i] for i in present], [feature_grad[i] for i in present], self.shared))  # type: ignore[misc]
+            return all_finite([g for g in trunk if g is not None])
+
+        weights, stats, _ = self._decide(
+            grads, None, self.pipeline, [self.raw, grads.others_norms()], settle=through_trunk
+        )
         for p, g in zip(self.shared, trunk):
             if g is not None:
                 accumulate_grad(p, g)
@@ -293,7 +304,12 @@ class GateStep:
 
     # ------------------------------------------------------------------ shared ends
     def _decide(
-        self, grads: TaskGradients, finite: Tensor | None, pipeline: Transforms | None, checks: Sequence[Tensor | None]
+        self,
+        grads: TaskGradients,
+        finite: Tensor | None,
+        pipeline: Transforms | None,
+        checks: Sequence[Tensor | None],
+        settle: Callable[[Tensor, list[Tensor] | None], Tensor | None] | None = None,
     ) -> tuple[Tensor, GateStats, list[Tensor] | None]:
         return decide_step(
             self.config,
@@ -306,6 +322,7 @@ class GateStep:
             self.scale,
             checks,
             self.reference,
+            settle,
         )
 
     def _reusable(self, weights: Tensor) -> Tensor:
@@ -326,7 +343,8 @@ class GateStep:
         return self._recheck(stats, self.pipeline.combined(self.shared, self.others, stats.finite), measured)
 
     def _recheck(self, stats: GateStats, finite: Tensor | None, measured: bool = True) -> GateStats:
-        """A NaN/inf found after the decision (trunk backward, another rank): count the step as skipped."""
+        """A NaN/inf found once ``.grad`` is written (the transforms' last word, e.g. another rank): count the
+        step as skipped."""
         if finite is None or finite is stats.finite:
             return stats
         after = stats.finite & finite

@@ -41,6 +41,7 @@ def decide(
     checks: Sequence[Tensor | None] = (),
     cosine_layers: Tensor | None = None,
     agree: Callable[[Tensor], Tensor] | None = None,
+    settle: Callable[[Tensor], Tensor | None] | None = None,
 ) -> tuple[Tensor, GateStats]:
     """Weights and statistics from per-layer Gramians ``(L, *B, V, V)``, and the state update.
 
@@ -53,8 +54,10 @@ def decide(
     reference in the main slot). A rule with ``per_tensor_weights`` gets the per-layer Gramians and returns
     ``(L, *B, K)`` weights (the statistics report their mean over the layers). ``agree``: the step's
     finiteness as this process found it -> as every process takes it (e.g. over the ranks of the
-    ``local`` sync), before any state moves. Returns ``weights`` (``(*B, K)``, ``(*B, K+1)`` or
-    ``(L, *B, K)``) and the step's :class:`GateStats`.
+    ``local`` sync), before any state moves. ``settle``: the caller's work that needs the weights before the
+    state may move (the feature path's backward through the trunk): weights -> the finiteness of what it
+    made (``None``: nothing to check), which joins the step's before ``agree``. Returns ``weights``
+    (``(*B, K)``, ``(*B, K+1)`` or ``(L, *B, K)``) and the step's :class:`GateStats`.
     """
     k = layer_gram.shape[-1] if num_tasks is None else num_tasks
     gram = layer_gram.sum(0)
@@ -97,6 +100,9 @@ def decide(
     ok = torch.isfinite(torch.cat(parts, dim=-1)).all(-1)  # one check
     if finite is not None:
         ok = ok & finite
+    settled = settle(weights) if settle is not None else None
+    if settled is not None:
+        ok = ok & settled
     if agree is not None:
         ok = agree(ok)
     commit = getattr(rule, "commit", None)

@@ -19,7 +19,9 @@ first, so every rank computes the same weights), accumulation, ``every_n_steps``
   orders) draw the same on every rank, resume exactly and leave the global generator alone.
 * State: the weighting is a submodule of the rule (so of the gate): its buffers (GradVac's
   ``_phi_t``, ...) are in the gate's ``state_dict`` under ``rule.weighting.``; its other plain
-  attributes (step counters, Nash-MTL's previous weights as tensors) are the rule's extra state.
+  attributes (step counters, Nash-MTL's previous weights as tensors) are the rule's extra state. A skipped
+  step leaves it as it was: a non-finite Gramian is not handed to the weighting, and a step found
+  non-finite after the weighting ran puts the state back (:meth:`TorchJDRule.commit`).
 * A batch of problems (``combine(..., batch_dims=1)``, ``gradsim table1``) runs the weighting once per
   problem, in order, with one weighting (a stateful weighting would then mix the problems' states:
   refused, use one gate per problem).
@@ -31,6 +33,7 @@ used; install it with ``pip install "lightning-gradsim[torchjd]"``.
 
 from __future__ import annotations
 
+import copy
 import importlib
 from collections.abc import Mapping
 from typing import Any
@@ -143,6 +146,7 @@ class TorchJDRule(Rule, nn.Module):
         if not lazy_nash and not isinstance(weighting, agg.Weighting):
             raise TypeError(f"TorchJDRule wraps a torchjd.aggregation.Weighting, got {type(weighting).__name__}.")
         self._nash_options: dict[str, Any] | None = None
+        self._before: tuple[dict[str, Any] | None] | None = None  # the state before this step (stateful weightings)
         if lazy_nash:
             self._nash_options = {}
             weighting = None
@@ -197,7 +201,13 @@ class TorchJDRule(Rule, nn.Module):
                 "states. Use one gate per problem."
             )
         seed = int(torch.randint(0, 2**62, (1,), generator=inp.generator)) if inp.generator is not None else 0
-        out = [self._call(g, seed + i) for i, g in enumerate(flat.unbind(0))]
+        self._before = self._snapshot() if self._stateful() else None
+        # A non-finite Gramian (the step will be skipped) is not handed to the weighting: its state stays and
+        # its solvers do not fail on it; the main task alone stands in for its weights.
+        main_only = torch.zeros(k, dtype=flat.dtype, device=flat.device)
+        main_only[0] = 1
+        usable = torch.isfinite(flat).flatten(1).all(1).tolist()  # one host sync; torchjd's solvers sync anyway
+        out = [self._call(g, seed + i) if ok else main_only for i, (g, ok) in enumerate(zip(flat.unbind(0), usable))]
         w = torch.stack(out).reshape(batch + (k,))
         return w.to(gram.dtype) * lam
 
@@ -213,6 +223,29 @@ class TorchJDRule(Rule, nn.Module):
             with torch.no_grad():
                 weights: Tensor = weighting(stat.detach()).to(device=gram.device)
         return weights
+
+    def commit(self, finite: Tensor) -> None:
+        """A stateful weighting's state moves on finite steps only: on a step found non-finite after it ran
+        (a head, a loss, another rank), it is put back as :meth:`weights` found it (a host sync, for the
+        stateful weightings only)."""
+        before, self._before = self._before, None
+        if before is not None and not bool(finite.all()):
+            self._restore(before)
+
+    def _snapshot(self) -> tuple[dict[str, Any] | None]:
+        """The weighting's state as a checkpoint holds it (``(None,)``: Nash-MTL not built yet)."""
+        return (None if self.weighting is None else copy.deepcopy(self.state_dict()),)
+
+    def _restore(self, before: tuple[dict[str, Any] | None]) -> None:
+        (saved,) = before
+        if saved is None:  # Nash-MTL was built on the skipped step: build it afresh on the next one
+            self.weighting = None
+            return
+        for path, module in self.weighting.named_modules():  # buffers created on the skipped step go again
+            for name in list(module._buffers):
+                if "weighting." + (f"{path}." if path else "") + name not in saved:
+                    module._buffers[name] = None
+        self.load_state_dict(saved)
 
     def _weighting(self, k: int) -> Any:
         if self.weighting is None:  # Nash-MTL needs the number of tasks

@@ -1,6 +1,7 @@
 """``gradsim_sync="local"`` (``AllReduceCombined``): a step skipped for another rank's NaN leaves this rank's gate
-state as it was, on both of the gate's paths that decide (parameter and feature gradients). Two real gloo
-processes, plain ``gate.backward`` (the Lightning soak test covers the mixin)."""
+state as it was, on both of the gate's paths that decide (parameter and feature gradients), also when the NaN
+is made by rank 1's backward through the trunk after the feature path decided. Two real gloo processes, plain
+``gate.backward`` (the Lightning soak test covers the mixin)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from .._poison import PoisonGrad
 from ..scale_utils import free_port, join_as_torchrun
 
-WORLD, STEPS, POISONED = 2, 4, 2  # rank 1's main loss is NaN at step 2
+WORLD, STEPS, POISONED = 2, 4, 2  # rank 1's main loss (or its trunk's backward) is NaN at step 2
+CASES = ("parameters", "features", "features_trunk")
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
@@ -24,7 +27,8 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     join_as_torchrun(rank, world, port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     states = {}
-    for similarity in ("parameters", "features"):
+    for case in CASES:
+        similarity, in_trunk = case.split("_")[0], case.endswith("trunk")
         torch.manual_seed(0)
         trunk, heads = nn.Linear(4, 6), nn.ModuleList([nn.Linear(6, 1) for _ in range(2)])
         gate = GradientGate(rule="weighted", cosine_ema=0.5, similarity=similarity)
@@ -32,18 +36,19 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         after = []
         for step in range(STEPS):
             x, y = torch.randn(8, 4, generator=g), torch.randn(8, 2, generator=g)
-            h = trunk(x)
+            poisoned = rank == 1 and step == POISONED
+            h = PoisonGrad.apply(trunk(x), poisoned and in_trunk)
             if similarity == "features":
                 h = gate.mark_features(h)
             main = ((heads[0](h).squeeze(-1) - y[:, 0]) ** 2).mean()
-            if rank == 1 and step == POISONED:
+            if poisoned and not in_trunk:
                 main = main * float("nan")
             aux = ((heads[1](h).squeeze(-1) + y[:, 0] - y[:, 1]) ** 2).mean()
             trunk.zero_grad(set_to_none=True)
             heads.zero_grad(set_to_none=True)
             gate.backward(main, [aux], trunk.parameters(), heads.parameters(), transforms=[AllReduceCombined()])
             after.append({k: v.clone() for k, v in gate.state_dict().items() if isinstance(v, torch.Tensor)})
-        states[similarity] = after
+        states[case] = after
     torch.save(states, os.path.join(out, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
@@ -58,14 +63,14 @@ def runs(tmp_path_factory):
 
 @pytest.mark.ddp
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("similarity", ["parameters", "features"])
-def test_a_step_skipped_for_another_ranks_nan_leaves_this_ranks_state(runs, similarity):
+@pytest.mark.parametrize("case", CASES)
+def test_a_step_skipped_for_another_ranks_nan_leaves_this_ranks_state(runs, case):
     for rank in range(WORLD):  # rank 0 saw a finite step, rank 1 the NaN
-        before, after = runs[rank][similarity][POISONED - 1], runs[rank][similarity][POISONED]
+        before, after = runs[rank][case][POISONED - 1], runs[rank][case][POISONED]
         assert int(after["state.skipped_steps"]) == int(before["state.skipped_steps"]) + 1, rank
         for key, value in before.items():
             if not key.endswith(("skipped_steps", "state.step")):
                 torch.testing.assert_close(after[key], value, rtol=0, atol=0, msg=f"rank {rank}: {key}")
         # not vacuous: the finite steps around it move the smoothed cosine
-        moved = runs[rank][similarity][POISONED + 1]["state.cosine_state"]
+        moved = runs[rank][case][POISONED + 1]["state.cosine_state"]
         assert not torch.equal(moved, after["state.cosine_state"]), rank

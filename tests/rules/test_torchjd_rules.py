@@ -21,6 +21,8 @@ from lightning_gradsim.methods import make_gate
 from lightning_gradsim.rules import get_rule
 from lightning_gradsim.rules.torchjd import TorchJDRule
 
+from .._poison import PoisonGrad
+
 torch.set_num_threads(1)
 DT = torch.float64
 LAMBDAS = (0.5, 2.0)
@@ -161,3 +163,68 @@ def test_a_batch_of_problems_runs_the_weighting_per_problem():
         torch.testing.assert_close(batched[i], alone)
     with pytest.raises(ValueError, match="keeps state"):
         make_gate("torchjd:GradVac").combine(mains, auxes, batch_dims=1)
+
+
+@pytest.mark.parametrize("name", ["torchjd:GradVac", "torchjd:NashMTL"])
+@pytest.mark.parametrize("poison", [0, 3])  # the first step (Nash-MTL builds its problem on it) or a later one
+def test_a_skipped_step_leaves_a_stateful_weightings_state_as_without_that_step(name, poison):
+    """A NaN auxiliary vector skips the step: the weighting's state (GradVac's EMA targets, Nash-MTL's step
+    count and previous weights) must be that of the run without the step, and so must every later result
+    (torchjd's GradVac would otherwise keep the NaN in its targets for good)."""
+    pytest.importorskip("cvxpy", reason='Nash-MTL needs cvxpy: pip install -e ".[torchjd]"')
+    steps = _steps(7, seed=5)
+    poisoned, reference = make_gate(name), make_gate(name)
+    got, want = [], []
+    for i, (main, aux) in enumerate(steps):
+        if i == poison:
+            _, stats = poisoned.combine(main, [aux[0] * float("nan"), aux[1]])
+            assert not bool(stats.finite)
+            continue
+        got.append(poisoned.combine(main, aux)[0])
+        want.append(reference.combine(main, aux)[0])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    mine, theirs = poisoned.state_dict(), reference.state_dict()
+    assert int(mine["state.skipped_steps"]) == 1
+    rule_keys = [k for k in theirs if k.startswith("rule.") and isinstance(theirs[k], torch.Tensor)]
+    assert rule_keys == [k for k in mine if k.startswith("rule.") and isinstance(mine[k], torch.Tensor)]
+    for key in rule_keys:
+        torch.testing.assert_close(mine[key], theirs[key], rtol=0, atol=0, msg=key)
+    assert repr(mine["rule._extra_state"]) == repr(theirs["rule._extra_state"])
+
+
+@pytest.mark.parametrize("name", ["torchjd:GradVac", "torchjd:NashMTL"])
+def test_a_step_skipped_after_the_weighting_ran_puts_its_state_back(name):
+    """The Gramian is finite, so the weighting runs and moves its state, but an auxiliary head's gradient is
+    NaN: the step is skipped, and the weighting's state must be that of the run without the batch."""
+    pytest.importorskip("cvxpy", reason='Nash-MTL needs cvxpy: pip install -e ".[torchjd]"')
+
+    def run(poison: int | None, skip: int | None):
+        net, gate = Net(), make_gate(name)
+        g = torch.Generator().manual_seed(3)
+        grads = []
+        for step in range(5):
+            x, ys = torch.randn(16, 5, generator=g, dtype=DT), torch.randn(3, 16, 1, generator=g, dtype=DT)
+            if step == skip:
+                continue
+            net.zero_grad(set_to_none=True)
+            h = net.trunk(x)
+            head = net.heads[1]  # its weight's gradient is NaN, the trunk's is not
+            aux = nn.functional.linear(h, PoisonGrad.apply(head.weight, step == poison), head.bias)
+            losses = [((net.heads[0](h) - ys[0]) ** 2).mean(), ((aux - ys[1]) ** 2).mean()]
+            losses.append(((net.heads[2](h) - ys[2]) ** 2).mean())
+            stats = gate.backward(losses[0], losses[1:], net.trunk.parameters(), net.heads.parameters())
+            assert bool(stats.finite) == (step != poison)
+            if step != poison:
+                grads.append([p.grad.clone() for p in net.trunk.parameters()])
+        return gate.state_dict(), grads
+
+    for poison in (0, 2):
+        (mine, got), (theirs, want) = run(poison, None), run(None, poison)
+        for a, b in zip(got, want):
+            for x, y in zip(a, b):
+                torch.testing.assert_close(x, y, rtol=0, atol=0)
+        keys = [k for k in theirs if k.startswith("rule.") and isinstance(theirs[k], torch.Tensor)]
+        for key in keys:
+            torch.testing.assert_close(mine[key], theirs[key], rtol=0, atol=0, msg=key)
+        assert repr(mine["rule._extra_state"]) == repr(theirs["rule._extra_state"])
