@@ -14,7 +14,11 @@ element of a batched matmul, and the gate is handed each run's trunk gradient as
 per-layer Gramians -- a reduction over ``(layers, runs, ...)`` whose summation path depends on how
 many runs share the group. Gates with ``per_layer=True`` or a per-tensor rule (``gradvac`` with
 ``per_tensor=True``) need the per-layer Gramians: they get the per-layer tensors, and their runs
-can differ in the last bits with the group's size.
+can differ in the last bits with the group's size. Random methods draw for their whole group from one
+generator (RLW's ``(runs, tasks)`` weights, torchjd's random weightings seeded by position in the group,
+PCGrad's visiting orders), so their runs depend on which runs share the group whenever the draws
+matter (checked: ``rlw`` and ``torchjd:Random`` runs at 90 degrees differ between ``--angles 0,45,90`` and
+``--angles 90``; ``pcgrad`` with one auxiliary task, where the order does not matter, and ``dwa`` do not).
 
 Example:
 

@@ -269,6 +269,24 @@ def test_a_run_does_not_depend_on_what_else_is_stacked(digits):
     assert torch.equal(open_full[where], open_sub)
 
 
+def test_stateful_methods_runs_do_not_depend_on_what_else_is_stacked(digits):
+    """The same for methods with per-run state (DWA's loss history, GradVac's targets) and PCGrad with one
+    auxiliary task; the random ones (RLW, torchjd's Random) are documented exceptions."""
+    data = type(digits)(digits.train_x[:384], digits.train_y[:384], digits.test_x, digits.test_y, "digits", "subset")
+    common = dict(source="digits", seeds=2, epochs=2, batch_size=64, hidden=16, depth=2, progress=False)
+    methods = ["dwa", "gradvac", "pcgrad"]
+    full = build_protocol(Table1Config(angles=[0, 45, 90], methods=methods, **common), data)
+    sub = build_protocol(Table1Config(angles=[90], methods=methods[::-1], **common), data)
+    labels = [s.label for s in full.specs]
+    where = [full.runs.index((labels.index(sub.specs[m].label), a, s)) for m, a, s in sub.runs]
+    for _ in range(2):
+        cos_full, loss_full = full.train_epoch()
+        cos_sub, loss_sub = sub.train_epoch()
+        assert torch.equal(cos_full[where], cos_sub) and torch.equal(loss_full[where], loss_sub)
+    for p_full, p_sub in zip(full.model.parameters(), sub.model.parameters()):
+        assert torch.equal(p_full.detach()[where], p_sub.detach())
+
+
 def _heldout_run(method, seed, data, angle_k, steps, batch, lr, hidden, depth):
     """One held-out run alone: nn.Linear modules, gate.backward(..., reference_loss=...) on the same batches."""
     net = _Run(seed, data.train_x[0].numel(), hidden, depth)
