@@ -10,6 +10,7 @@ gradients (:mod:`~lightning_gradsim.core.gradients`) -> gradient transforms
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -43,8 +44,8 @@ from .options import (
 )
 from .state import GateState
 from .stats import GateStats
-from .step import GateStep, decide_step
-from .task_gradients import TaskGradients
+from .step import GateStep, combine_vectors
+from .streams import check_keys
 from .tensor_ops import is_dtensor
 from .transforms import GradientTransform, Transforms, as_transforms
 
@@ -282,6 +283,7 @@ class GradientGate(CheckpointedGate):
         batch_dims: int = 0,
         reference: Tensor | Sequence[Tensor] | None = None,
         weights_applied: bool = False,
+        problem_keys: Sequence[int] | None = None,
     ) -> tuple[Tensor | list[Tensor], GateStats]:
         """Apply the rule to given update vectors (not necessarily gradients of a loss).
 
@@ -292,6 +294,8 @@ class GradientGate(CheckpointedGate):
         ``main`` (a held-out estimate of the main direction); the update is still ``main + sum_k w_k aux_k``.
         ``weights_applied``: the vectors already carry this gate's loss weighting (the caller scaled them and
         tells the weighting what it saw); a gate with a ``loss_weighting`` combines vectors only then.
+        ``problem_keys``: one int per problem (the batch flattened): a random rule draws each problem's numbers
+        from its own stream keyed by (``seed``, key, finite steps so far), not by its place in the batch.
         Returns the combined update, in ``main``'s structure, and the statistics.
 
         >>> main, aux = torch.tensor([1.0, 0.0]), {"distill": torch.tensor([1.0, 1.0])}
@@ -306,20 +310,16 @@ class GradientGate(CheckpointedGate):
                 "vectors by the weighting yourself and pass weights_applied=True."
             )
         names, main_list, aux_lists, single = check_update_vectors(main, aux, batch_dims)
+        keys = None if problem_keys is None else check_keys(problem_keys, math.prod(main_list[0].shape[:batch_dims]))
         if reference is not None:  # measured against, never added: the last stacked vector
             _, _, (ref_list,), _ = check_update_vectors(main, [reference], batch_dims)
             aux_lists = [*aux_lists, ref_list]
         self.aux_names = check_names(names, self.aux_names, self.aux_weight)
-        stacked = [torch.stack([m] + [a[i] for a in aux_lists], dim=batch_dims) for i, m in enumerate(main_list)]
-        grads = TaskGradients(stacked=list(stacked), batch_dims=batch_dims)
-        aux_weight = self.aux_weight_tensor(names, stacked[0])
-        mark = self.state.rng_mark(self.rule.deterministic)
-        weights, stats, direction = decide_step(
-            self.config, self.state, grads, names, aux_weight, reference=reference is not None
+        aux_weight = self.aux_weight_tensor(names, main_list[0])
+        combined, stats = combine_vectors(
+            self.config, self.state, names, main_list, aux_lists, batch_dims, aux_weight, reference is not None, keys
         )
-        self.state.undo_draws(mark, stats.finite)  # a skipped step draws nothing from the gate's generator
         self.last_stats = stats
-        combined = grads.apply(weights, direction, per_tensor=self.rule.per_tensor_weights)
         return (combined[0] if single else combined), stats  # type: ignore[return-value]
 
     def open_fraction(self) -> Tensor:

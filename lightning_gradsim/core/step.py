@@ -35,7 +35,7 @@ from .task_gradients import TaskGradients, accumulate_grad, all_finite
 from .transforms import NON_FINITE, PENDING, READY, Transforms
 from .weights import decide
 
-__all__ = ["GateStep", "decide_step"]
+__all__ = ["GateStep", "decide_step", "combine_vectors"]
 
 
 def decide_step(
@@ -50,17 +50,20 @@ def decide_step(
     checks: Sequence[Tensor | None] = (),
     reference: bool = False,
     settle: Callable[[Tensor, list[Tensor] | None], Tensor | None] | None = None,
+    problem_keys: Sequence[int] | None = None,
 ) -> tuple[Tensor, GateStats, list[Tensor] | None]:
     """Gramian -> (reduce) -> rule and ``state``; the loss weighting observes. Writes no gradient.
 
     ``aux_weight``: the lambdas of the auxiliary ``names``; ``reference``: the last row of ``grads`` is a
     held-out reference gradient to measure the cosines against (:func:`_decide_on_reference`). ``settle``:
     (weights, direction) -> finiteness, the caller's work that must succeed before the state moves (see
-    :func:`decide`; not with ``reference``). Returns the weights, the step's statistics and the direction
-    vectors (``None``: the main gradient).
+    :func:`decide`; not with ``reference``); ``problem_keys``: see :func:`decide`. Returns the weights, the
+    step's statistics and the direction vectors (``None``: the main gradient).
     """
     if reference:
-        return _decide_on_reference(config, state, grads, names, aux_weight, finite, pipeline, scale, checks)
+        return _decide_on_reference(
+            config, state, grads, names, aux_weight, finite, pipeline, scale, checks, problem_keys
+        )
     direction = None
     if config.rule.uses_main_direction and config.main_grad_ema > 0:
         direction = state.direction(grads.main(), config.main_grad_ema)
@@ -82,8 +85,32 @@ def decide_step(
         checks=checks,
         agree=pipeline.agree if pipeline else None,
         settle=None if settle is None else lambda w: settle(w, direction),
+        problem_keys=problem_keys,
     )
     return weights, _observed(config, grads, names, gram, k, scale, stats), direction
+
+
+def combine_vectors(
+    config: GateConfig,
+    state: GateState,
+    names: list[str],
+    main: list[Tensor],
+    aux: list[list[Tensor]],
+    batch_dims: int,
+    aux_weight: Tensor,
+    reference: bool = False,
+    problem_keys: Sequence[int] | None = None,
+) -> tuple[list[Tensor | None], GateStats]:
+    """``GradientGate.combine`` once its inputs are checked: ``[main, aux..., (reference)]`` stacked per tensor,
+    decided (a skipped step draws nothing from the gate's generator) and applied, in ``main``'s structure."""
+    stacked: list[Tensor | None] = [torch.stack([m] + [a[i] for a in aux], dim=batch_dims) for i, m in enumerate(main)]
+    grads = TaskGradients(stacked=list(stacked), batch_dims=batch_dims)
+    mark = state.rng_mark(config.rule.deterministic)
+    weights, stats, direction = decide_step(
+        config, state, grads, names, aux_weight, reference=reference, problem_keys=problem_keys
+    )
+    state.undo_draws(mark, stats.finite)
+    return grads.apply(weights, direction, per_tensor=config.rule.per_tensor_weights), stats
 
 
 def _observed(
@@ -121,6 +148,7 @@ def _decide_on_reference(
     pipeline: Transforms | None,
     scale: Tensor | None,
     checks: Sequence[Tensor | None],
+    problem_keys: Sequence[int] | None = None,
 ) -> tuple[Tensor, GateStats, list[Tensor] | None]:
     """:func:`decide_step` when the last of ``grads``' rows is a held-out reference gradient ``g_ref``.
 
@@ -158,6 +186,7 @@ def _decide_on_reference(
         checks=[*checks, every],
         cosine_layers=_select(full, against),
         agree=pipeline.agree if pipeline else None,
+        problem_keys=problem_keys,
     )
     main_norm = full.sum(0)[..., 0, 0].clamp(min=0).sqrt()
     stats = stats._replace(main_norm=main_norm.detach(), against_reference=True)

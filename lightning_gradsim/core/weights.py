@@ -22,8 +22,9 @@ from torch import Tensor
 from ..rules import Rule, RuleInput
 from .state import GateState
 from .stats import GateStats
+from .streams import keyed_generators
 
-__all__ = ["GateStats", "decide", "cosine_from_gram"]
+__all__ = ["GateStats", "decide", "cosine_from_gram", "problem_streams"]
 
 
 def decide(
@@ -42,6 +43,7 @@ def decide(
     cosine_layers: Tensor | None = None,
     agree: Callable[[Tensor], Tensor] | None = None,
     settle: Callable[[Tensor], Tensor | None] | None = None,
+    problem_keys: Sequence[int] | None = None,
 ) -> tuple[Tensor, GateStats]:
     """Weights and statistics from per-layer Gramians ``(L, *B, V, V)``, and the state update.
 
@@ -56,7 +58,9 @@ def decide(
     finiteness as this process found it -> as every process takes it (e.g. over the ranks of the
     ``local`` sync), before any state moves. ``settle``: the caller's work that needs the weights before the
     state may move (the feature path's backward through the trunk): weights -> the finiteness of what it
-    made (``None``: nothing to check), which joins the step's before ``agree``. Returns ``weights``
+    made (``None``: nothing to check), which joins the step's before ``agree``. ``problem_keys``: one int per
+    problem of the batch; a random rule then draws each problem's numbers from its own keyed stream
+    (:func:`problem_streams`). Returns ``weights``
     (``(*B, K)``, ``(*B, K+1)`` or ``(L, *B, K)``) and the step's :class:`GateStats`.
     """
     k = layer_gram.shape[-1] if num_tasks is None else num_tasks
@@ -87,6 +91,7 @@ def decide(
         aux_weight=aux_weight,
         threshold=threshold,
         generator=state.rng(),
+        problem_generators=None if problem_keys is None else problem_streams(state, problem_keys),
     )
     weights = rule.weights(inp)
     summary = weights.mean(0) if per_tensor else weights  # the statistics' weights: the mean over the tensors
@@ -129,6 +134,13 @@ def decide(
         measured=measured.detach(),
     )
     return weights, stats
+
+
+def problem_streams(state: GateState, keys: Sequence[int]) -> tuple[torch.Generator, ...]:
+    """One generator per keyed problem, seeded from (the gate's ``seed``, the key, the finite measured steps
+    so far): a problem draws the same whatever shares its batch, a skipped step draws again, and a resumed
+    run (the counter is in ``state_dict``) draws on. One host read of the counter."""
+    return keyed_generators(state.seed, keys, int(state.measured_steps))
 
 
 def cosine_from_gram(gram: Tensor, per_layer: bool = False) -> Tensor:

@@ -99,6 +99,8 @@ class StackedMLP:
                 f"got {depth}, {hidden}, {num_tasks}, {list(seeds)}."
             )
         self.num_runs, self.num_tasks, self.depth = len(seeds), num_tasks, depth
+        #: each run's seed (its initialisation, data order and, in a gate, its random draws)
+        self.seeds = [int(s) for s in seeds]
         self.input_dim, self.hidden, self.num_classes = input_dim, hidden, num_classes
         cache: dict[int, list[tuple[Tensor, Tensor]]] = {}
         per_run = []

@@ -14,11 +14,10 @@ element of a batched matmul, and the gate is handed each run's trunk gradient as
 per-layer Gramians -- a reduction over ``(layers, runs, ...)`` whose summation path depends on how
 many runs share the group. Gates with ``per_layer=True`` or a per-tensor rule (``gradvac`` with
 ``per_tensor=True``) need the per-layer Gramians: they get the per-layer tensors, and their runs
-can differ in the last bits with the group's size. Random methods draw for their whole group from one
-generator (RLW's ``(runs, tasks)`` weights, torchjd's random weightings seeded by position in the group,
-PCGrad's visiting orders), so their runs depend on which runs share the group whenever the draws
-matter (checked: ``rlw`` and ``torchjd:Random`` runs at 90 degrees differ between ``--angles 0,45,90`` and
-``--angles 90``; ``pcgrad`` with one auxiliary task, where the order does not matter, and ``dwa`` do not).
+can differ in the last bits with the group's size. Random methods (PCGrad's visiting orders, torchjd's
+random weightings, RLW's weights) draw each run's numbers from a stream keyed by the run's seed
+(``combine(..., problem_keys=...)``, ``RLW.batched_weights(..., keys=...)``), not by its place in the
+group, so runs with the same seed draw alike whatever their angle, as they share initialisation and data.
 
 Example:
 
@@ -170,22 +169,23 @@ class StackedTrainer:
         gate_open = torch.empty(r, t - 1, dtype=torch.bool, device=grads.loss.device)
         for group, views in zip(self.groups, self._trunk_views):
             sl = group.runs
+            keys = self.model.seeds[sl]  # a random method's draws follow the run, not its place in the group
             lw = group.gate.loss_weighting
             combined: Tensor | list[Tensor]
             ref = None
             if group.reference and reference is not None:  # a held-out gate: its runs' reference gradients
                 ref = self.model.head_trunk_gradient(reference[0][sl], reference[1][sl], sl, task=0)
             if lw is not None:
-                combined, stats = _weighted_combine(group, grads, self.aux_names)
+                combined, stats = _weighted_combine(group, grads, self.aux_names, keys)
             elif group.gate.per_layer or group.gate.rule.per_tensor_weights or ref is not None:
                 # per layer: the per-layer cosines; a per-tensor rule (GradVac's per_tensor); a reference
                 main = [g[sl, 0] for g in grads.trunk]
                 aux = {name: [g[sl, k + 1] for g in grads.trunk] for k, name in enumerate(self.aux_names)}
-                combined, stats = group.gate.combine(main, aux, batch_dims=1, reference=ref)
+                combined, stats = group.gate.combine(main, aux, batch_dims=1, reference=ref, problem_keys=keys)
             else:  # one flat vector per run and task: the Gramian is one matmul per run (see the module doc)
                 flat = torch.cat([g[sl].flatten(2) for g in grads.trunk], dim=2)  # (R_g, T, P)
                 aux_flat = {name: flat[:, k + 1] for k, name in enumerate(self.aux_names)}
-                whole, stats = group.gate.combine(flat[:, 0], aux_flat, batch_dims=1)
+                whole, stats = group.gate.combine(flat[:, 0], aux_flat, batch_dims=1, problem_keys=keys)
                 combined = [c.view(p.shape) for c, p in zip(torch.split(whole, self._sizes, dim=1), views)]  # type: ignore[arg-type]
             for p, c in zip(views, combined):
                 p.grad = c
@@ -195,7 +195,9 @@ class StackedTrainer:
         return StepRecord(grads.loss, cosine, gate_open)
 
 
-def _weighted_combine(group: RunGroup, grads: TaskGradients, aux_names: list[str]) -> tuple[list[Tensor], GateStats]:
+def _weighted_combine(
+    group: RunGroup, grads: TaskGradients, aux_names: list[str], keys: list[int]
+) -> tuple[list[Tensor], GateStats]:
     """A gate with a loss weighting (one that has ``batched_weights``: DWA, RLW) over its runs: every task's
     gradients (trunk and heads) scaled by the run's ``w_i lambda_i``, as the weighted losses would give
     them, then the gate's rule on the scaled trunk gradients; the weighting observes the runs' losses."""
@@ -204,7 +206,7 @@ def _weighted_combine(group: RunGroup, grads: TaskGradients, aux_names: list[str
     assert lw is not None
     loss = grads.loss[sl]
     r, t = loss.shape
-    scale = lw.batched_weights((r,), t, loss) * lw.lambdas(aux_names, loss)
+    scale = lw.batched_weights((r,), t, loss, keys=keys) * lw.lambdas(aux_names, loss)
     for h in grads.heads:  # (R, T, ...): task t's gradient of head t, weighted like its loss
         view = h[sl]
         view.mul_(scale.reshape(scale.shape + (1,) * (view.dim() - 2)).to(view.dtype))
@@ -213,6 +215,6 @@ def _weighted_combine(group: RunGroup, grads: TaskGradients, aux_names: list[str
         name: [g[sl, k + 1] * scale[:, k + 1 : k + 2].reshape((r,) + (1,) * (g.dim() - 2)) for g in grads.trunk]
         for k, name in enumerate(aux_names)
     }
-    combined, stats = gate.combine(main, aux, batch_dims=1, weights_applied=True)  # the weights are in them
+    combined, stats = gate.combine(main, aux, batch_dims=1, weights_applied=True, problem_keys=keys)  # weighted
     lw.observe_losses(loss.detach(), stats.finite.all())
     return combined, stats  # type: ignore[return-value]

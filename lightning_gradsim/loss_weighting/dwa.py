@@ -109,9 +109,12 @@ class DWA(LossWeighting):
         self.period_losses = torch.zeros((2,) + shape, dtype=dtype, device=like.device)
         self.running = torch.zeros(shape, dtype=dtype, device=like.device)
 
-    def batched_weights(self, batch: tuple[int, ...], num_tasks: int, like: Tensor) -> Tensor:
+    def batched_weights(
+        self, batch: tuple[int, ...], num_tasks: int, like: Tensor, keys: Sequence[int] | None = None
+    ) -> Tensor:
         """The ``(*batch, K)`` weights of independent problems (e.g. stacked runs), each with its own
-        loss history; :meth:`record` their ``(*batch, K)`` losses after each step."""
+        loss history; :meth:`record` their ``(*batch, K)`` losses after each step. ``keys`` is accepted as
+        RLW takes it and not needed: DWA draws nothing, a problem's weights come from its own losses."""
         self._ensure(num_tasks, like, tuple(batch))
         return self.task_weights.clone()
 

@@ -20,6 +20,7 @@ uninterrupted one would have (the generator's state is in ``state_dict``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -28,6 +29,7 @@ from torch import Tensor
 
 from ..core.gate import GradientGate
 from ..core.loss_weighting import LossWeighting
+from ..core.streams import check_keys, keyed_generators
 from ._gate import weighting_gate
 
 __all__ = ["make_gate", "RLW"]
@@ -63,12 +65,20 @@ class RLW(LossWeighting):
         self.seed, self.scale = seed, float(scale)
         self.generator = torch.Generator()
         self.generator.manual_seed(seed)
+        #: one key per problem of a batch (:meth:`batched_weights`), or ``None``: draw from ``generator``.
+        self.problem_keys: tuple[int, ...] | None = None
         self.register_buffer("task_weights", torch.zeros(0))
         self.register_buffer("draws", torch.zeros((), dtype=torch.long))
 
     def draw(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
-        """A new ``scale * softmax(z)`` of ``shape`` (``(*B, K)``), ``z`` standard normal, on ``like``'s device."""
-        z = torch.randn(shape, generator=self.generator, dtype=torch.float64)
+        """A new ``scale * softmax(z)`` of ``shape`` (``(*B, K)``), ``z`` standard normal, on ``like``'s device;
+        with :attr:`problem_keys`, each problem's ``z`` from its own stream keyed by (``seed``, key, draws so far)."""
+        keys = self.problem_keys
+        if keys is not None and len(keys) == math.prod(shape[:-1]):
+            streams = keyed_generators(self.seed, keys, int(self.draws))
+            z = torch.stack([torch.randn(shape[-1], generator=g, dtype=torch.float64) for g in streams]).reshape(shape)
+        else:
+            z = torch.randn(shape, generator=self.generator, dtype=torch.float64)
         dtype = like.dtype if like.is_floating_point() else torch.float32
         self.draws.add_(1)
         return (self.scale * torch.softmax(z, dim=-1)).to(dtype=dtype, device=like.device)
@@ -77,9 +87,14 @@ class RLW(LossWeighting):
         self._ensure((num_tasks,), like)
         return list(self.task_weights.clone().unbind(-1))
 
-    def batched_weights(self, batch: tuple[int, ...], num_tasks: int, like: Tensor) -> Tensor:
+    def batched_weights(
+        self, batch: tuple[int, ...], num_tasks: int, like: Tensor, keys: Sequence[int] | None = None
+    ) -> Tensor:
         """This step's ``(*batch, K)`` weights of independent problems (e.g. stacked runs), one draw each;
-        :meth:`observe_losses` draws the next ones."""
+        :meth:`observe_losses` draws the next ones. ``keys`` (one int per problem, e.g. each stacked run's
+        seed): every problem draws from its own stream, so its weights do not depend on the other problems."""
+        if keys is not None:
+            self.problem_keys = check_keys(keys, math.prod(batch))
         self._ensure(tuple(batch) + (num_tasks,), like)
         return self.task_weights.clone()
 

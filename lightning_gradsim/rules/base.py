@@ -122,6 +122,9 @@ class RuleInput:
         aux_weight: ``(K-1,)`` the lambda of each auxiliary task.
         threshold: the gate's threshold on the cosine.
         generator: a seeded ``torch.Generator`` for rules that need randomness, or ``None``.
+        problem_generators: with keyed problems (``gate.combine(..., problem_keys=...)``), one generator per
+            problem of the flattened batch, to draw from instead of ``generator`` so that a problem's draws do
+            not depend on the others (:mod:`lightning_gradsim.core.streams`); else ``None``.
     """
 
     gramian: Tensor
@@ -130,6 +133,7 @@ class RuleInput:
     aux_weight: Tensor
     threshold: float
     generator: torch.Generator | None = None
+    problem_generators: tuple[torch.Generator, ...] | None = None
 
     @property
     def num_aux(self) -> int:

@@ -27,14 +27,21 @@ __all__ = ["PCGrad", "pcgrad_coefficients", "draw_pcgrad_orders"]
 
 
 def draw_pcgrad_orders(
-    batch_shape: tuple[int, ...], num_tasks: int, generator: torch.Generator | None = None
+    batch_shape: tuple[int, ...],
+    num_tasks: int,
+    generator: torch.Generator | None = None,
+    problem_generators: tuple[torch.Generator, ...] | None = None,
 ) -> Tensor:
     """Random visiting orders, ``(*batch_shape, K, K)`` long: row ``i`` is a permutation of the tasks.
 
     Drawn on the CPU from ``generator`` (the gate's seeded generator), one permutation per task and
-    per independent problem.
+    per independent problem; with ``problem_generators`` (keyed problems) each problem's from its own.
     """
-    keys = torch.rand(tuple(batch_shape) + (num_tasks, num_tasks), generator=generator)
+    shape = (num_tasks, num_tasks)
+    if problem_generators is None:
+        keys = torch.rand(tuple(batch_shape) + shape, generator=generator)
+    else:
+        keys = torch.stack([torch.rand(shape, generator=g) for g in problem_generators]).reshape(batch_shape + shape)
     return keys.argsort(dim=-1)
 
 
@@ -120,7 +127,7 @@ class PCGrad(Rule):
     def weights(self, inp: RuleInput) -> Tensor:
         gram = inp.gramian
         k = gram.shape[-1]
-        orders = draw_pcgrad_orders(tuple(gram.shape[:-2]), k, inp.generator)
+        orders = draw_pcgrad_orders(tuple(gram.shape[:-2]), k, inp.generator, inp.problem_generators)
         coef = pcgrad_coefficients(gram, orders)  # (..., K, K)
         lam = torch.cat([torch.ones(1, dtype=gram.dtype, device=gram.device), inp.aux_weight.to(gram.dtype)])
         return (lam.unsqueeze(-1) * coef).sum(-2)

@@ -200,14 +200,18 @@ class TorchJDRule(Rule, nn.Module):
                 f"{self.name} keeps state between steps; over a batch of {flat.shape[0]} problems it would mix their "
                 "states. Use one gate per problem."
             )
-        seed = int(torch.randint(0, 2**62, (1,), generator=inp.generator)) if inp.generator is not None else 0
+        if inp.problem_generators is not None:  # keyed problems: each its own seed
+            seeds = [int(torch.randint(0, 2**62, (1,), generator=g)) for g in inp.problem_generators]
+        else:
+            seed = int(torch.randint(0, 2**62, (1,), generator=inp.generator)) if inp.generator is not None else 0
+            seeds = [seed + i for i in range(flat.shape[0])]
         self._before = self._snapshot() if self._stateful() else None
         # A non-finite Gramian (the step will be skipped) is not handed to the weighting: its state stays and
         # its solvers do not fail on it; the main task alone stands in for its weights.
         main_only = torch.zeros(k, dtype=flat.dtype, device=flat.device)
         main_only[0] = 1
         usable = torch.isfinite(flat).flatten(1).all(1).tolist()  # one host sync; torchjd's solvers sync anyway
-        out = [self._call(g, seed + i) if ok else main_only for i, (g, ok) in enumerate(zip(flat.unbind(0), usable))]
+        out = [self._call(g, sd) if ok else main_only for g, ok, sd in zip(flat.unbind(0), usable, seeds)]
         w = torch.stack(out).reshape(batch + (k,))
         return w.to(gram.dtype) * lam
 
