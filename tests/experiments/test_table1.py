@@ -223,7 +223,7 @@ def test_stacked_runs_equal_separate_runs(digits, methods, gate_kwargs):
 
 def test_stacked_loss_weighting_scales_each_run_by_its_own_weights():
     """RLW over stacked runs: each run's trunk gradient is w_main g_main + w_aux lambda g_aux and its heads'
-    gradients are scaled by their task's weight, with the draws of RLW's seeded generator, one per run."""
+    gradients are scaled by their task's weight, each run's draw from RLW's stream keyed by the run's seed."""
     from lightning_gradsim.loss_weighting import RLW
 
     torch.manual_seed(0)
@@ -234,7 +234,7 @@ def test_stacked_loss_weighting_scales_each_run_by_its_own_weights():
     grads = model.task_gradients(x, y)
     trunk = [g.clone() for g in grads.trunk]
     heads = [h.clone() for h in grads.heads]
-    w = RLW(seed=7).batched_weights((3,), 2, torch.zeros(())) * torch.tensor([1.0, 0.5])
+    w = RLW(seed=7).batched_weights((3,), 2, torch.zeros(()), keys=[3, 4, 5]) * torch.tensor([1.0, 0.5])
     trainer.step(x, y)
     for p, g in zip(trainer._trunk_views[0], trunk):
         want = (
@@ -269,12 +269,12 @@ def test_a_run_does_not_depend_on_what_else_is_stacked(digits):
     assert torch.equal(open_full[where], open_sub)
 
 
-def test_stateful_methods_runs_do_not_depend_on_what_else_is_stacked(digits):
-    """The same for methods with per-run state (DWA's loss history, GradVac's targets) and PCGrad with one
-    auxiliary task; the random ones (RLW, torchjd's Random) are documented exceptions."""
+def test_stateful_and_random_methods_runs_do_not_depend_on_what_else_is_stacked(digits):
+    """The same for methods with per-run state (DWA's loss history, GradVac's targets) and random ones (RLW's
+    weights, PCGrad's orders): their draws are keyed by the run's seed, not its place in the group."""
     data = type(digits)(digits.train_x[:384], digits.train_y[:384], digits.test_x, digits.test_y, "digits", "subset")
     common = dict(source="digits", seeds=2, epochs=2, batch_size=64, hidden=16, depth=2, progress=False)
-    methods = ["dwa", "gradvac", "pcgrad"]
+    methods = ["dwa", "gradvac", "pcgrad", "rlw"]
     full = build_protocol(Table1Config(angles=[0, 45, 90], methods=methods, **common), data)
     sub = build_protocol(Table1Config(angles=[90], methods=methods[::-1], **common), data)
     labels = [s.label for s in full.specs]
