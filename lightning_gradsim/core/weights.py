@@ -59,8 +59,8 @@ def decide(
     ``local`` sync), before any state moves. ``settle``: the caller's work that needs the weights before the
     state may move (the feature path's backward through the trunk): weights -> the finiteness of what it
     made (``None``: nothing to check), which joins the step's before ``agree``. ``problem_keys``: one int per
-    problem of the batch; a random rule then draws each problem's numbers from its own keyed stream
-    (:func:`problem_streams`). Returns ``weights``
+    problem of the batch; a random rule (``rule.deterministic`` false) then draws each problem's numbers
+    from its own keyed stream (:func:`problem_streams`). Returns ``weights``
     (``(*B, K)``, ``(*B, K+1)`` or ``(L, *B, K)``) and the step's :class:`GateStats`.
     """
     k = layer_gram.shape[-1] if num_tasks is None else num_tasks
@@ -91,7 +91,7 @@ def decide(
         aux_weight=aux_weight,
         threshold=threshold,
         generator=state.rng(),
-        problem_generators=None if problem_keys is None else problem_streams(state, problem_keys),
+        problem_generators=None if problem_keys is None or rule.deterministic else problem_streams(state, problem_keys),
     )
     weights = rule.weights(inp)
     summary = weights.mean(0) if per_tensor else weights  # the statistics' weights: the mean over the tensors

@@ -254,14 +254,7 @@ def test_a_run_does_not_depend_on_what_else_is_stacked(digits):
     common = dict(source="digits", seeds=3, epochs=2, batch_size=64, hidden=100, depth=3, progress=False)
     full = build_protocol(Table1Config(angles=[0, 45, 90, 135, 180], **common), data)  # 4 methods x 5 x 3 = 60
     sub = build_protocol(Table1Config(angles=[90, 45], methods=["weighted", "sum"], **common), data)
-    labels = [s.label for s in full.specs]
-    where = [full.runs.index((labels.index(sub.specs[m].label), a, s)) for m, a, s in sub.runs]
-    for _ in range(2):
-        cos_full, loss_full = full.train_epoch()
-        cos_sub, loss_sub = sub.train_epoch()
-        assert torch.equal(cos_full[where], cos_sub) and torch.equal(loss_full[where], loss_sub)
-    for p_full, p_sub in zip(full.model.parameters(), sub.model.parameters()):
-        assert torch.equal(p_full.detach()[where], p_sub.detach())
+    where = _train_both_and_compare(full, sub)
     test_x = data.test_x.reshape(len(data.test_y), -1)
     assert torch.equal(full.model.error(test_x, data.test_y)[where], sub.model.error(test_x, data.test_y))
     open_full = torch.cat([g.gate.open_fraction().reshape(-1) for g in full.trainer.groups])
@@ -277,14 +270,21 @@ def test_stateful_and_random_methods_runs_do_not_depend_on_what_else_is_stacked(
     methods = ["dwa", "gradvac", "pcgrad", "rlw"]
     full = build_protocol(Table1Config(angles=[0, 45, 90], methods=methods, **common), data)
     sub = build_protocol(Table1Config(angles=[90], methods=methods[::-1], **common), data)
+    _train_both_and_compare(full, sub)
+
+
+def _train_both_and_compare(full, sub, epochs: int = 2) -> list[int]:
+    """Train both protocols; every epoch's cosines and losses, and the parameters, of ``sub``'s runs equal
+    those of the same runs in ``full`` bitwise. Returns where ``sub``'s runs are in ``full``."""
     labels = [s.label for s in full.specs]
     where = [full.runs.index((labels.index(sub.specs[m].label), a, s)) for m, a, s in sub.runs]
-    for _ in range(2):
+    for _ in range(epochs):
         cos_full, loss_full = full.train_epoch()
         cos_sub, loss_sub = sub.train_epoch()
         assert torch.equal(cos_full[where], cos_sub) and torch.equal(loss_full[where], loss_sub)
     for p_full, p_sub in zip(full.model.parameters(), sub.model.parameters()):
         assert torch.equal(p_full.detach()[where], p_sub.detach())
+    return where
 
 
 def _heldout_run(method, seed, data, angle_k, steps, batch, lr, hidden, depth):
