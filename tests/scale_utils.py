@@ -4,7 +4,6 @@ deterministic data split by rank, a resumable loader, and the DDP worker entry p
 from __future__ import annotations
 
 import os
-import socket
 import warnings
 from typing import Any
 
@@ -214,13 +213,6 @@ class DroppedCalls(Callback):
 
 
 # ---------------------------------------------------------------------- DDP worker
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 for a process group's rendezvous."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def join_as_torchrun(rank: int, world: int, port: int) -> None:
     """Start one spawned rank as ``torchrun`` would: one torch thread, and the environment that names the
     rank, so that Lightning's DDP / ModelParallel strategies join the gloo group without launching."""

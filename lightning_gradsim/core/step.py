@@ -104,7 +104,7 @@ def combine_vectors(
     """``GradientGate.combine`` once its inputs are checked: ``[main, aux..., (reference)]`` stacked per tensor,
     decided (a skipped step draws nothing from the gate's generator) and applied, in ``main``'s structure."""
     stacked: list[Tensor | None] = [torch.stack([m] + [a[i] for a in aux], dim=batch_dims) for i, m in enumerate(main)]
-    grads = TaskGradients(stacked=list(stacked), batch_dims=batch_dims)
+    grads = TaskGradients(stacked=stacked, batch_dims=batch_dims)
     mark = state.rng_mark(config.rule.deterministic)
     weights, stats, direction = decide_step(
         config, state, grads, names, aux_weight, reference=reference, problem_keys=problem_keys

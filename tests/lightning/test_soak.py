@@ -37,7 +37,8 @@ import torch.multiprocessing as mp
 
 from lightning_gradsim.rules import list_rules
 
-from ..scale_utils import DroppedCalls, TinyNet, ddp_worker, fit, free_port, make_batches, params
+from .._spawn import free_port
+from ..scale_utils import DroppedCalls, TinyNet, ddp_worker, fit, make_batches, params
 from .test_precision import scaler_plugin
 
 _spec = importlib.util.spec_from_file_location("_soak_benchmark", Path(__file__).parents[2] / "benchmarks" / "soak.py")

@@ -36,6 +36,8 @@ from lightning_gradsim.parallel.fsdp2 import ShardSpec
 from lightning_gradsim.parallel.registry import SYNC_MODES, SyncMode, SyncSettings
 from lightning_gradsim.rules import get_rule, list_rules
 
+from .._spawn import save_rank
+
 IN, HIDDEN, FEATURES = 4, 8, 6
 AUX = ("agrees", "conflicts")  # the auxiliary tasks: one pulls the trunk with the main task, one against it
 STEPS, BATCH, LR, SEED = 4, 16, 0.05, 0
@@ -326,5 +328,5 @@ def worker(rank: int, world: int, port: int, out_dir: str, combos: list[Combo]) 
             except Exception as err:  # recorded for the test to report
                 results[combo.key] = {"error": f"{type(err).__name__}: {err}"}
     finally:
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        save_rank(out_dir, rank, results)
         dist.destroy_process_group()

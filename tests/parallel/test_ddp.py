@@ -17,7 +17,8 @@ import torch.multiprocessing as mp
 
 from lightning_gradsim.parallel.collectives import all_reduce_mean, world_size
 
-from ..scale_utils import TinyNet, ddp_worker, fit, free_port, make_batches, merge_pairs, params, rank_slice
+from .._spawn import free_port
+from ..scale_utils import TinyNet, ddp_worker, fit, make_batches, merge_pairs, params, rank_slice
 
 pytestmark = [pytest.mark.ddp, pytest.mark.slow, pytest.mark.timeout(300)]
 

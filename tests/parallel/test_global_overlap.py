@@ -5,12 +5,12 @@ processes."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
+
+from .._spawn import save_rank, spawn_ranks
 
 pytestmark = [pytest.mark.ddp, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -38,7 +38,7 @@ class Net(nn.Module):
         return list(self.main_head.parameters()) + list(self.aux_head.parameters())
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+def _worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
     from lightning_gradsim import GradientGate
@@ -59,7 +59,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
     results: dict = {}
     for overlap in (False, True):
         net, gate = Net(), GradientGate(rule="weighted", cosine_ema=0.5)
@@ -91,19 +91,14 @@ def _worker(rank: int, port: int, out: str) -> None:
                 }
             )
         results[overlap] = steps
-    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    save_rank(out, rank, results)
     dist.barrier()
     dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("overlap")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(port, str(out)), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return spawn_ranks(_worker, WORLD, tmp_path_factory.mktemp("overlap"))
 
 
 def _equal(a, b) -> bool:

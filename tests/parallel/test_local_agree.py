@@ -5,16 +5,14 @@ is made by rank 1's backward through the trunk after the feature path decided. T
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from .._poison import PoisonGrad
-from ..scale_utils import free_port, join_as_torchrun
+from .._spawn import save_rank, spawn_ranks
+from ..scale_utils import join_as_torchrun
 
 WORLD, STEPS, POISONED = 2, 4, 2  # rank 1's main loss (or its trunk's backward) is NaN at step 2
 CASES = ("parameters", "features", "features_trunk")
@@ -49,16 +47,14 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             gate.backward(main, [aux], trunk.parameters(), heads.parameters(), transforms=[AllReduceCombined()])
             after.append({k: v.clone() for k, v in gate.state_dict().items() if isinstance(v, torch.Tensor)})
         states[case] = after
-    torch.save(states, os.path.join(out, f"rank{rank}.pt"))
+    save_rank(out, rank, states)
     dist.barrier()
     dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("local_agree")
-    mp.spawn(_worker, args=(WORLD, free_port(), str(out)), nprocs=WORLD, join=True)
-    return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+    return spawn_ranks(_worker, WORLD, tmp_path_factory.mktemp("local_agree"))
 
 
 @pytest.mark.ddp

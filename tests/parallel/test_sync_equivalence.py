@@ -17,16 +17,14 @@ or loss weighting is tested as soon as it is registered. All of them run in ONE 
 from __future__ import annotations
 
 import dataclasses
-import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from lightning_gradsim.parallel.registry import SYNC_MODES
 from lightning_gradsim.rules import list_rules
 
+from .._spawn import spawn_ranks
 from ._sync_tester import (
     AUX,
     RULE_VARIANTS,
@@ -61,13 +59,8 @@ OVER_REFUSED: set[tuple[str, str]] = set()
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sync_equivalence")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     refused = [combo for combo, refusals in all_combos() if refusals]
-    mp.spawn(worker, args=(WORLD, port, str(out), ACCEPTED + refused), nprocs=WORLD, join=True)
-    ranks = [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+    ranks = spawn_ranks(worker, WORLD, tmp_path_factory.mktemp("sync_equivalence"), ACCEPTED + refused)
     return {key: [rank[key] for rank in ranks] for key in ranks[0]}
 
 

@@ -10,7 +10,8 @@ import warnings
 import pytest
 import torch.multiprocessing as mp
 
-from ..scale_utils import BatchList, TinyNet, free_port, join_as_torchrun, make_batches
+from .._spawn import free_port
+from ..scale_utils import BatchList, TinyNet, join_as_torchrun, make_batches
 
 pytestmark = pytest.mark.ddp
 
